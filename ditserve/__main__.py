@@ -1,0 +1,5 @@
+import sys
+
+from ditserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""`ditserve generate | bench | make-tiny` (and the subcommands other modules register).
+
+Errors a user can fix (a bad flag, a missing folder) print one line on stderr and exit with status 2; nothing
+prints a traceback unless DITSERVE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS, ConfigError
+
+
+class UsageError(Exception):
+    """A user error; the message is shown as is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def field_to_flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to our progress bar and summary: the libraries' own bars and notices are noise here."""
+    warnings.filterwarnings("ignore")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="diffusers model folder, preset name, or built-in (default: tiny-flux)"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from ditserve.config import EngineArgs
+
+    return EngineArgs(
+        model=ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        load_format=ns.load_format,
+        attention_backend=ns.attention_backend,
+    )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-inference-steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--true-cfg-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int, default=None)
+
+
+def _format_summary(result, paths) -> str:
+    t = result.timings
+    steps = t.get("steps") or []
+    per_step = f"; {sum(steps) / len(steps):.3f} s/step" if steps else ""
+    stages = ", ".join(f"{k} {t[k]:.2f} s" for k in ("encode", "prepare", "denoise", "decode") if k in t)
+    peak = f"{result.peak_memory_mb:.0f} MiB" if result.peak_memory_mb is not None else "n/a on cpu"
+    wrote = ", ".join(str(p) for p in paths)
+    return (
+        f"{len(result.images)} image(s) in {t['total']:.2f} s ({stages}{per_step}); "
+        f"peak memory {peak}; seed {result.seed}; wrote {wrote}"
+    )
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ditserve.config import SamplingParams
+    from ditserve.engine.engine import Engine
+    from ditserve.utils.media import image_format, save_images
+
+    try:
+        image_format(os.path.splitext(ns.output)[1] or ".png")
+    except ValueError as e:
+        raise UsageError(f"ditserve: --output: {e}") from None
+    params = SamplingParams(
+        prompt=ns.prompt,
+        negative_prompt=ns.negative_prompt,
+        height=ns.height,
+        width=ns.width,
+        num_inference_steps=ns.num_inference_steps,
+        guidance_scale=ns.guidance_scale,
+        true_cfg_scale=ns.true_cfg_scale,
+        seed=ns.seed,
+        num_images=ns.num_images,
+        max_sequence_length=ns.max_sequence_length,
+    )
+    params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
+    engine = Engine(engine_args_from(ns))
+    bars: list[tqdm] = []
+
+    def on_step(i: int, n: int) -> None:
+        if not bars:  # created at the first step, so validation errors print without a bar
+            bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr, leave=False))
+        bars[0].update(1)
+
+    try:
+        result = engine.run(params, on_step)
+    finally:
+        for bar in bars:
+            bar.close()
+    paths = save_images(result.images, ns.output)
+    print(_format_summary(result, paths))
+    return 0
+
+
+def cmd_make_tiny(ns: argparse.Namespace) -> int:
+    from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+
+    if ns.family != "flux":
+        raise UsageError(f"make-tiny: unknown family {ns.family!r}; known: flux")
+    spec = TinyFluxSpec(guidance_embeds=not ns.schnell, dynamic_shift=not ns.schnell, shard_transformer=ns.sharded)
+    path = make_tiny_flux(ns.dir, spec)
+    print(f"wrote a tiny random FLUX.1 ({'schnell' if ns.schnell else 'dev'}-style) to {path}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from ditserve.bench import run_bench
+
+    return run_bench(ns)
+
+
+# Other modules (the server, later) add their subcommands here: name → (register(subparsers), handler).
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="make images from a prompt")
+    add_engine_flags(gen)
+    add_sampling_flags(gen)
+    gen.add_argument("--output", default="out.png", help="file to write (.png, .jpg, .webp); numbered if several")
+    gen.set_defaults(handler=cmd_generate)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random model folder in diffusers layout")
+    tiny.add_argument("family", help="model family (flux)")
+    tiny.add_argument("dir", help="output folder")
+    tiny.add_argument("--schnell", action="store_true", help="no guidance embedding, no dynamic shift")
+    tiny.add_argument("--sharded", action="store_true", help="write the transformer as several shards")
+    tiny.set_defaults(handler=cmd_make_tiny)
+
+    bench = sub.add_parser("bench", help="time ditserve against diffusers on the same GPU, same weights")
+    add_engine_flags(bench)
+    bench.set_defaults(model="flux.1-dev", load_format="dummy")
+    bench.add_argument("--height", type=int, default=1024)
+    bench.add_argument("--width", type=int, default=1024)
+    bench.add_argument("--num-inference-steps", type=int, default=28)
+    bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
+    bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")
+    bench.add_argument("--compile", action="store_true", help="also time both with torch.compile")
+    bench.add_argument("--json", default=None, help="write the results to this file")
+    bench.set_defaults(handler=cmd_bench)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ditserve.loader.weights import LoaderError
+
+    debug = os.environ.get("DITSERVE_DEBUG") == "1"
+    try:
+        ns = build_parser().parse_args(argv)
+        if not debug:
+            quiet_libraries()
+        return ns.handler(ns)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"ditserve: {field_to_flag(e.field)}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+        return 2
+    except LoaderError as e:
+        print(f"ditserve: --model: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditserve: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line, details with DITSERVE_DEBUG=1
+        if debug:
+            raise
+        print(f"ditserve: error: {type(e).__name__}: {e} (set DITSERVE_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Every engine flag and every per-request setting, in one place, with validation.
+
+`EngineArgs` says how a model is loaded and run; `SamplingParams` says what one request asks for. Both are plain
+dataclasses so they can cross process boundaries as data. Validation raises `ConfigError` whose message names the
+field, so the CLI and the server can show it to the user as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+LOAD_FORMATS = ("auto", "dummy")
+OUTPUT_TYPES = ("pil", "np", "latent")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+
+# Bounds that keep one request from exhausting the machine; generous for real use.
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_IMAGES = 16
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the setting (`field`) and says what is allowed."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def parse_dtype(value: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise ConfigError(field_name, f"unknown dtype {value!r}; use one of float32, bfloat16, float16") from None
+
+
+@dataclass
+class EngineArgs:
+    """How a model is loaded and run. `None` means: pick what suits the device."""
+
+    model: str | None = None  # folder in diffusers layout, or a preset name; None = the built-in default
+    device: str | None = None  # "cuda", "cuda:1", "cpu"; None = cuda if available
+    dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
+    load_format: str = "auto"  # "auto": weights from the folder; "dummy": real architecture, random weights
+    attention_backend: str = "auto"
+    seed_for_dummy_weights: int = 0
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                "attention_backend", f"{self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        self.dtype = parse_dtype(self.dtype)
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError("device", f"cannot parse device {self.device!r}; use cpu or cuda[:N]") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("device", "cuda was asked for but no CUDA device is available")
+            if dev.type not in ("cpu", "cuda"):
+                raise ConfigError("device", f"unsupported device type {dev.type!r}; use cpu or cuda")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype  # type: ignore[return-value]
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for. `None` means the model's default (the diffusers pipeline's default)."""
+
+    prompt: str | list[str] = ""
+    negative_prompt: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    max_sequence_length: int | None = None
+    output_type: str = "pil"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
+        """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("prompt", "must be a string or a non-empty list of strings")
+        if self.negative_prompt is not None:
+            negs = [self.negative_prompt] if isinstance(self.negative_prompt, str) else self.negative_prompt
+            if not isinstance(negs, list) or not all(isinstance(p, str) for p in negs):
+                raise ConfigError("negative_prompt", "must be a string or a list of strings")
+            if len(negs) not in (1, len(prompts)):
+                raise ConfigError("negative_prompt", f"has {len(negs)} entries for {len(prompts)} prompts")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(name, f"must be an integer, got {value!r}")
+            if not spatial_multiple <= value <= MAX_SIDE:
+                raise ConfigError(name, f"must be between {spatial_multiple} and {MAX_SIDE}, got {value}")
+            if value % spatial_multiple:
+                raise ConfigError(name, f"must be a multiple of {spatial_multiple}, got {value}")
+        steps = self.num_inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+            raise ConfigError("num_inference_steps", f"must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) > 1e4:
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
+        if self.true_cfg_scale is not None and self.true_cfg_scale < 0:
+            raise ConfigError("true_cfg_scale", f"must be >= 0, got {self.true_cfg_scale}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise ConfigError("seed", f"must be an integer from 0 to 2**63-1, got {self.seed!r}")
+        n = self.num_images
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+            raise ConfigError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")
+        msl = self.max_sequence_length
+        if msl is not None:
+            limit = max_sequence_length_limit or 512
+            if isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= limit:
+                raise ConfigError("max_sequence_length", f"must be an integer from 1 to {limit}, got {msl!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ConfigError("output_type", f"{self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+
+    def replace(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)

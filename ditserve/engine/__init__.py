@@ -1,0 +1,1 @@
+"""The request lifecycle: loading, validation, running, results."""

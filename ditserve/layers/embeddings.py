@@ -1,0 +1,31 @@
+"""Timestep and conditioning embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditserve.layers.linear import ReplicatedLinear
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[N] timesteps → [N, dim] float32 embedding, cosines first (diffusers' flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """linear → SiLU → linear: lifts a timestep embedding or a pooled text vector to the model width."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim)
+        self.linear_2 = ReplicatedLinear(hidden_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

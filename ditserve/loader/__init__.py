@@ -1,0 +1,5 @@
+"""Reading diffusers model folders: the DiT into our modules, everything else through diffusers/transformers."""
+
+from ditserve.loader.weights import LoaderError
+
+__all__ = ["LoaderError"]

@@ -1,0 +1,175 @@
+"""Resolving what the user named (a folder, a preset, a built-in model) and loading its components.
+
+Only the DiT is ours: it is built on the meta device and filled from the folder's safetensors through the model's
+key map. Text encoders and tokenizers come from transformers, the VAE and scheduler from diffusers, each from its
+own subfolder exactly as diffusers would load them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ditserve.loader.weights import (
+    LoaderError,
+    build_on_meta,
+    checkpoint_files,
+    default_dtype,
+    init_dummy_weights,
+    iter_checkpoint,
+    load_checkpoint,
+    materialize,
+)
+from ditserve.registry import BUILTIN_MODELS, DEFAULT_MODEL, FAMILIES, PRESETS, REQUIRED_COMPONENTS, get_preset
+
+
+@dataclass
+class ModelSource:
+    """Where a model's configs (and maybe weights) come from: a folder, or a preset's configs alone."""
+
+    name: str
+    family: str
+    folder: Path | None = None
+    preset_configs: dict[str, dict] = field(default_factory=dict)
+
+    def config(self, component: str) -> dict:
+        if self.folder is None:
+            return dict(self.preset_configs[component])
+        sub = self.folder / component
+        for filename in ("config.json", "scheduler_config.json"):
+            if (sub / filename).is_file():
+                try:
+                    return json.loads((sub / filename).read_text())
+                except json.JSONDecodeError as e:
+                    raise LoaderError(f"{sub / filename}: invalid JSON ({e})") from None
+        raise LoaderError(f"{sub}: no config.json")
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
+    """Turn a --model value into a ModelSource, with an error that says what to do when it can't."""
+    name = model or DEFAULT_MODEL
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        from ditserve.tiny import builtin_model_path
+
+        return _folder_source(builtin_model_path(name), name)
+    if name in PRESETS and not Path(name).exists():
+        preset = get_preset(name)
+        if load_format != "dummy":
+            raise LoaderError(
+                f"{name!r} is a preset: it holds the real configs but no weights. Pass load_format='dummy' "
+                "(--load-format dummy) for random weights at full size, or give the path of a downloaded folder."
+            )
+        return ModelSource(name=name, family=preset.family, preset_configs=preset.configs)
+    path = Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join([*BUILTIN_MODELS, *sorted(PRESETS)])
+        raise LoaderError(f"model {name!r}: no such folder, and not a known model name ({known})")
+    if not path.is_dir():
+        raise LoaderError(f"model {name!r}: not a folder (expected a diffusers model folder with model_index.json)")
+    return _folder_source(path, name)
+
+
+def _folder_source(path: Path, name: str) -> ModelSource:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise LoaderError(f"{path}: no model_index.json; is this a diffusers model folder?")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoaderError(f"{index_file}: invalid JSON ({e})") from None
+    class_name = index.get("_class_name")
+    if class_name not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise LoaderError(f"{index_file}: pipeline class {class_name!r} is not supported (supported: {supported})")
+    family = FAMILIES[class_name]
+    missing = [c for c in REQUIRED_COMPONENTS[family] if not (path / c).is_dir()]
+    if missing:
+        raise LoaderError(f"{path}: missing component folder(s) {', '.join(missing)} needed by {class_name}")
+    return ModelSource(name=name, family=family, folder=path)
+
+
+def load_dit(
+    source: ModelSource,
+    factory,
+    key_map,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int = 0,
+) -> nn.Module:
+    """Build our DiT on meta, give it storage on `device`, then fill it from the checkpoint (or randomly)."""
+    model = materialize(build_on_meta(factory, dtype), device)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed=seed)
+    else:
+        folder = source.folder / "transformer"  # type: ignore[operator]
+        load_checkpoint(model, iter_checkpoint(checkpoint_files(folder)), key_map, where=str(folder))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Seed torch's RNG for a block and restore it after, so dummy weights are the same in every run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_transformers_model(
+    source: ModelSource,
+    component: str,
+    model_cls,
+    config_cls,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int = 0,
+) -> nn.Module:
+    """A text encoder through transformers: from the folder, or random weights at the configured size."""
+    if load_format == "dummy":
+        config = config_cls.from_dict(source.config(component))
+        # Built directly on the device: transformers' own init gives finite random weights, fast on a GPU.
+        with seeded(device, seed), torch.device(device), default_dtype(dtype):
+            model = model_cls(config)
+        return model.to(dtype).eval()
+    try:
+        model = model_cls.from_pretrained(source.folder / component, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise LoaderError(f"{source.folder / component}: cannot load {model_cls.__name__} ({e})") from None
+    return model.to(device).eval()
+
+
+def load_diffusers_model(
+    source: ModelSource,
+    component: str,
+    model_cls,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int = 0,
+) -> nn.Module:
+    if load_format == "dummy":
+        config = {k: v for k, v in source.config(component).items() if not k.startswith("_")}
+        with seeded(device, seed), torch.device(device), default_dtype(dtype):
+            model = model_cls.from_config(config)
+        return model.to(dtype).eval()
+    try:
+        model = model_cls.from_pretrained(source.folder / component, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise LoaderError(f"{source.folder / component}: cannot load {model_cls.__name__} ({e})") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: ModelSource, component: str, tokenizer_cls, fallback):
+    """A tokenizer from the folder; for presets (no files) one built in code with the same special tokens."""
+    if source.folder is not None and (source.folder / component).is_dir():
+        try:
+            return tokenizer_cls.from_pretrained(source.folder / component)
+        except (OSError, ValueError) as e:
+            raise LoaderError(f"{source.folder / component}: cannot load {tokenizer_cls.__name__} ({e})") from None
+    return fallback()

@@ -1,0 +1,158 @@
+"""Streaming safetensors checkpoints into models built on the meta device.
+
+A model is created on `meta` (no memory), given real but uninitialised storage in the target dtype on the target
+device (`to_empty`), and then filled one checkpoint tensor at a time: each tensor is read from disk, cast, and
+copied into its place by the parameter's `weight_loader`. Nothing is ever held twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ditserve.layers.linear import LinearBase, ShapeMismatchError
+
+
+class LoaderError(Exception):
+    """A model folder or checkpoint cannot be loaded; the message says what is wrong and where."""
+
+
+KeyMap = Callable[[str], "tuple[str, int | None] | None"]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_on_meta(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """Construct a module without allocating: parameters are meta tensors of `dtype`."""
+    with torch.device("meta"), default_dtype(dtype):
+        return factory()
+
+
+def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """Give a meta module uninitialised storage on `device` (to be filled by loading or dummy init)."""
+    return module.to_empty(device=device)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component folder: the shards an index names, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise LoaderError(f"{folder}: more than one safetensors index ({', '.join(p.name for p in indexes)})")
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoaderError(f"{indexes[0]}: not a safetensors index with a weight_map ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise LoaderError(f"{indexes[0]} names shards that are not in {folder}: {', '.join(missing[:5])}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoaderError(f"{folder}: no .safetensors weights (pass load_format='dummy' for random weights)")
+    if len(files) > 1:
+        raise LoaderError(f"{folder}: several .safetensors files but no index: {', '.join(f.name for f in files[:5])}")
+    return files
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one tensor in memory at a time."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, LoaderError):
+                raise
+            raise LoaderError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_checkpoint(
+    model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], key_map: KeyMap, where: str = "checkpoint"
+) -> None:
+    """Copy checkpoint tensors into a materialised model; raise one LoaderError listing every problem found."""
+    params = dict(model.named_parameters())
+    owners = {
+        name: module for module_name, module in model.named_modules() for name in _param_names(module_name, module)
+    }
+    filled: dict[str, set[int | None]] = {}
+    unexpected: list[str] = []
+    mis_shaped: list[str] = []
+    for name, tensor in tensors:
+        mapped = key_map(name)
+        if mapped is None or mapped[0] not in params:
+            unexpected.append(name)
+            continue
+        target, shard = mapped
+        param, owner = params[target], owners[target]
+        try:
+            if isinstance(owner, LinearBase):
+                owner.weight_loader(param, tensor.to(param.dtype), shard)
+            else:
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ShapeMismatchError(f"checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
+                param.data.copy_(tensor)
+        except ShapeMismatchError as e:
+            mis_shaped.append(f"{name} ({e})")
+            continue
+        filled.setdefault(target, set()).add(shard)
+
+    missing = []
+    for target in params:
+        owner = owners.get(target)
+        needed = owner.expected_shards() if isinstance(owner, LinearBase) else 1
+        if len(filled.get(target, ())) < needed:
+            missing.append(target)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} weights: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys: {_first(unexpected)}")
+    if mis_shaped:
+        problems.append(f"{len(mis_shaped)} mis-shaped: {_first(mis_shaped, 3)}")
+    if problems:
+        raise LoaderError(f"{where} does not fit the model: " + "; ".join(problems))
+
+
+def _param_names(module_name: str, module: nn.Module) -> Iterator[str]:
+    for pname, _ in module.named_parameters(recurse=False):
+        yield f"{module_name}.{pname}" if module_name else pname
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights for speed measurement: N(0, std) for matrices, zeros for biases, ones for norm scales.
+
+    The values keep activations finite through deep stacks, so timings are those of real data, not of NaNs.
+    """
+    for name, param in model.named_parameters():
+        # A stable per-name seed: the same weights in every process and run.
+        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if param.dim() >= 2:
+            param.normal_(0.0, std, generator=gen)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)

@@ -1,0 +1,336 @@
+"""FLUX.1 diffusion transformer (dev and schnell), built from ditserve layers.
+
+Reads top to bottom: config → blocks → model → the key map from diffusers' checkpoint names to ours.
+
+The arithmetic follows diffusers' FluxTransformer2DModel operation for operation (same norms, same float32 RoPE,
+same order of residual adds), so outputs match it to float rounding. What differs is layout:
+- q, k and v of each stream are one fused GEMM; in single-stream blocks q, k, v and the MLP up-projection are one.
+- single-stream blocks keep text and image tokens in one sequence instead of concatenating and splitting them
+  in every block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from ditserve.layers.activation import gelu_tanh
+from ditserve.layers.attention import Attention
+from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
+from ditserve.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from ditserve.layers.modulation import Modulation, modulate
+from ditserve.layers.norm import RMSNorm, layer_norm
+from ditserve.layers.rotary import apply_rope, multi_axis_rope
+from ditserve.parallel.state import tp_group
+
+
+@dataclass
+class FluxConfig:
+    """diffusers' transformer/config.json for FluxTransformer2DModel (unknown keys are ignored)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> FluxConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in known}
+        if "axes_dims_rope" in values:
+            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.patch_size != 1:
+            raise ValueError(
+                f"FLUX.1 uses patch_size 1 (latents are packed 2×2 by the pipeline); got {self.patch_size}"
+            )
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {list(self.axes_dims_rope)} must add up to attention_head_dim {self.attention_head_dim}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+
+
+class FeedForward(nn.Module):
+    """fc1 → GELU(tanh) → fc2, with fc1 column- and fc2 row-parallel."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(dim, hidden)
+        self.fc2 = RowParallelLinear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class StreamAttention(nn.Module):
+    """One stream's share of joint attention: fused QKV projection, QK-norm, output projection."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = MergedColumnParallelLinear(dim, [dim, dim, dim])
+        self.norm = QKNorm(head_dim)
+        self.proj = RowParallelLinear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
+        return self.norm.norm_q(q), self.norm.norm_k(k), v
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image tokens keep their own weights and attend jointly (MMDiT block)."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.img_mod = Modulation(dim, 6)
+        self.txt_mod = Modulation(dim, 6)
+        self.img_attn = StreamAttention(dim, cfg.attention_head_dim)
+        self.txt_attn = StreamAttention(dim, cfg.attention_head_dim)
+        self.attn = Attention()
+        self.img_mlp = FeedForward(dim, 4 * dim)
+        self.txt_mlp = FeedForward(dim, 4 * dim)
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(temb)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+        # Joint sequence is [text, image], the order the RoPE ids were built in.
+        q = apply_rope(torch.cat([txt_q, img_q], dim=1), *rope)
+        k = apply_rope(torch.cat([txt_k, img_k], dim=1), *rope)
+        v = torch.cat([txt_v, img_v], dim=1)
+        out = self.attn(q, k, v).flatten(2)
+        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_out)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_out)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One sequence of [text, image] tokens; attention and MLP run in parallel off one fused projection."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        dim, mlp_dim = cfg.inner_dim, 4 * cfg.inner_dim
+        self.head_dim = cfg.attention_head_dim
+        self.mod = Modulation(dim, 3)
+        self.qkv_mlp = MergedColumnParallelLinear(dim, [dim, dim, dim, mlp_dim])
+        self.norm = QKNorm(cfg.attention_head_dim)
+        self.attn = Attention()
+        self.proj_out = RowParallelLinear(dim + mlp_dim, dim, input_sizes=[dim, mlp_dim])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift, scale, gate = self.mod(temb)
+        q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(modulate(layer_norm(x), shift, scale)))
+        q = self.norm.norm_q(q.unflatten(-1, (-1, self.head_dim)))
+        k = self.norm.norm_k(k.unflatten(-1, (-1, self.head_dim)))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        out = self.attn(apply_rope(q, *rope), apply_rope(k, *rope), v).flatten(2)
+        x = x + gate[:, None] * self.proj_out(torch.cat([out, gelu_tanh(mlp)], dim=-1))
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+
+class FluxTransformer(nn.Module):
+    """Inputs and outputs as diffusers' FluxTransformer2DModel.forward (packed latents, 2-D ids)."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.num_attention_heads % tp_group().size:
+            raise ValueError(f"{cfg.num_attention_heads} heads cannot be split over {tp_group().size} ranks")
+        self.config = cfg
+        dim = cfg.inner_dim
+        self.x_embedder = ReplicatedLinear(cfg.in_channels, dim)
+        self.context_embedder = ReplicatedLinear(cfg.joint_attention_dim, dim)
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if cfg.guidance_embeds else None
+        self.text_embedder = MLPEmbedder(cfg.pooled_projection_dim, dim)
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)])
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
+        self.norm_out = Modulation(dim, 2)
+        self.proj_out = ReplicatedLinear(dim, cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The blocks that offload, caching and regional compile work on, in execution order."""
+        return [*self.double_blocks, *self.single_blocks]
+
+    def conditioning(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # Timesteps arrive in [0, 1]; rounding to the activation dtype before scaling matches the reference.
+        t = timestep.to(dtype) * 1000
+        temb = self.timestep_embedder(sinusoidal_embedding(t).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this FLUX model is guidance-distilled (dev): pass `guidance`")
+            g = guidance.to(dtype) * 1000
+            temb = temb + self.guidance_embedder(sinusoidal_embedding(g).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        img = self.x_embedder(hidden_states)
+        temb = self.conditioning(timestep, guidance, pooled_projections, img.dtype)
+        txt = self.context_embedder(encoder_hidden_states)
+        rope = multi_axis_rope(torch.cat([txt_ids, img_ids], dim=0), list(self.config.axes_dims_rope))
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, temb, rope)
+        txt_len = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = block(x, temb, rope)
+        img = x[:, txt_len:]
+
+        scale, shift = self.norm_out(temb.to(img.dtype))  # diffusers' AdaLayerNormContinuous: scale first
+        return self.proj_out(modulate(layer_norm(img), shift, scale))
+
+
+# ---- diffusers checkpoint names → ours ------------------------------------------------------------------------
+# One table per block kind: diffusers' suffix → (our suffix, shard index inside a fused linear or None).
+_DOUBLE_BLOCK_KEYS: dict[str, tuple[str, int | None]] = {
+    "norm1.linear": ("img_mod.linear", None),
+    "norm1_context.linear": ("txt_mod.linear", None),
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.norm_q": ("img_attn.norm.norm_q", None),
+    "attn.norm_k": ("img_attn.norm.norm_k", None),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.norm_added_q": ("txt_attn.norm.norm_q", None),
+    "attn.norm_added_k": ("txt_attn.norm.norm_k", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.net.0.proj": ("img_mlp.fc1", None),
+    "ff.net.2": ("img_mlp.fc2", None),
+    "ff_context.net.0.proj": ("txt_mlp.fc1", None),
+    "ff_context.net.2": ("txt_mlp.fc2", None),
+}
+_SINGLE_BLOCK_KEYS: dict[str, tuple[str, int | None]] = {
+    "norm.linear": ("mod.linear", None),
+    "attn.to_q": ("qkv_mlp", 0),
+    "attn.to_k": ("qkv_mlp", 1),
+    "attn.to_v": ("qkv_mlp", 2),
+    "proj_mlp": ("qkv_mlp", 3),
+    "attn.norm_q": ("norm.norm_q", None),
+    "attn.norm_k": ("norm.norm_k", None),
+    "proj_out": ("proj_out", None),
+}
+_TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
+    "x_embedder": ("x_embedder", None),
+    "context_embedder": ("context_embedder", None),
+    "time_text_embed.timestep_embedder.linear_1": ("timestep_embedder.linear_1", None),
+    "time_text_embed.timestep_embedder.linear_2": ("timestep_embedder.linear_2", None),
+    "time_text_embed.guidance_embedder.linear_1": ("guidance_embedder.linear_1", None),
+    "time_text_embed.guidance_embedder.linear_2": ("guidance_embedder.linear_2", None),
+    "time_text_embed.text_embedder.linear_1": ("text_embedder.linear_1", None),
+    "time_text_embed.text_embedder.linear_2": ("text_embedder.linear_2", None),
+    "norm_out.linear": ("norm_out.linear", None),
+    "proj_out": ("proj_out", None),
+}
+_BLOCK_KEY = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
+_TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
+    """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
+    if m := _BLOCK_KEY.match(name):
+        kind, index, suffix, tensor = m.groups()
+        table, ours = (
+            (_DOUBLE_BLOCK_KEYS, "double_blocks")
+            if kind == "transformer_blocks"
+            else (_SINGLE_BLOCK_KEYS, "single_blocks")
+        )
+        if suffix in table:
+            target, shard = table[suffix]
+            return f"{ours}.{index}.{target}.{tensor}", shard
+        return None
+    if (m := _TOP_KEY.match(name)) and m.group(1) in _TOP_LEVEL_KEYS:
+        target, shard = _TOP_LEVEL_KEYS[m.group(1)]
+        return f"{target}.{m.group(2)}", shard
+    return None
+
+
+def to_diffusers_state_dict(model: FluxTransformer) -> dict[str, torch.Tensor]:
+    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model.
+
+    Used to run diffusers on exactly our dummy weights in benchmarks and parity checks. Single rank only.
+    """
+    if tp_group().size != 1:
+        raise RuntimeError("to_diffusers_state_dict works on an unsharded model only")
+    ours = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+
+    def emit(diffusers_name: str, our_name: str, shard: int | None) -> None:
+        tensor = ours[our_name]
+        if shard is not None:
+            layer = modules[our_name.rsplit(".", 1)[0]]
+            tensor = tensor.split(layer.local_sizes, dim=0)[shard]
+        out[diffusers_name] = tensor
+
+    for suffix, (target, shard) in _TOP_LEVEL_KEYS.items():
+        for t in ("weight", "bias"):
+            if f"{target}.{t}" in ours:
+                emit(f"{suffix}.{t}", f"{target}.{t}", shard)
+    for kind, ours_kind, table, n in (
+        ("transformer_blocks", "double_blocks", _DOUBLE_BLOCK_KEYS, len(model.double_blocks)),
+        ("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK_KEYS, len(model.single_blocks)),
+    ):
+        for i in range(n):
+            for suffix, (target, shard) in table.items():
+                for t in ("weight", "bias"):
+                    if f"{ours_kind}.{i}.{target}.{t}" in ours:
+                        emit(f"{kind}.{i}.{suffix}.{t}", f"{ours_kind}.{i}.{target}.{t}", shard)
+    return out

@@ -1,0 +1,65 @@
+"""What every pipeline family provides to the engine.
+
+A pipeline is a short sequence of stages (encode → prepare latents → denoise → decode). It takes a validated
+`SamplingParams` with `None`s filled from `defaults()`, and returns images plus timings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ditserve.config import SamplingParams
+
+# Called after every denoising step with (step_index, num_steps). It may raise to abort the request.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Any]  # PIL images, numpy arrays (H, W, 3) in [0, 1], or latent tensors
+    timings: dict = field(default_factory=dict)
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian noise exactly as diffusers draws it for `generator=torch.Generator("cpu").manual_seed(seed)`.
+
+    Drawn on the CPU, in the target dtype, then moved: the same numbers on every device.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype, device="cpu").to(device)
+
+
+class Pipeline:
+    family: str = ""
+    device: torch.device
+    dtype: torch.dtype
+
+    def defaults(self) -> SamplingParams:
+        raise NotImplementedError
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        raise NotImplementedError
+
+    @property
+    def max_sequence_length_limit(self) -> int:
+        raise NotImplementedError
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """Validate, then fill every `None` from the model's defaults."""
+        params.validate(self.spatial_multiple, self.max_sequence_length_limit)
+        defaults = self.defaults()
+        filled = {
+            name: getattr(defaults, name) if getattr(params, name) is None else getattr(params, name)
+            for name in ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale")
+        }
+        filled["max_sequence_length"] = params.max_sequence_length or defaults.max_sequence_length
+        return params.replace(**filled)
+
+    def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
+        raise NotImplementedError

@@ -1,0 +1,251 @@
+"""FLUX.1 text-to-image: CLIP pooled + T5 encoding → packed latents → flow-matching Euler → VAE decode.
+
+Every stage reproduces diffusers' FluxPipeline (0.42.1) step for step, so that the same folder and seed give the
+same image: the same tokenizer settings, the same noise draw, the same sigma schedule with dynamic shift, the same
+scheduler, the same decode and post-processing. Only the DiT is ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditserve.config import SamplingParams
+from ditserve.loader.folder import (
+    ModelSource,
+    load_diffusers_model,
+    load_dit,
+    load_tokenizer,
+    load_transformers_model,
+)
+from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
+from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
+from ditserve.utils.timing import StageTimer
+
+
+@dataclass
+class FluxComponents:
+    transformer: FluxTransformer
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    text_encoder_2: nn.Module
+    tokenizer_2: object
+    scheduler: object
+
+
+def load_flux_components(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
+) -> FluxComponents:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from ditserve.tiny import clip_tokenizer, t5_tokenizer
+
+    cfg = FluxConfig.from_dict(source.config("transformer"))
+    transformer = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, load_format, seed)
+    return FluxComponents(
+        transformer=transformer,  # type: ignore[arg-type]
+        vae=load_diffusers_model(source, "vae", AutoencoderKL, device, dtype, load_format, seed + 1),
+        text_encoder=load_transformers_model(
+            source, "text_encoder", CLIPTextModel, CLIPTextConfig, device, dtype, load_format, seed + 2
+        ),
+        tokenizer=load_tokenizer(source, "tokenizer", CLIPTokenizer, clip_tokenizer),
+        text_encoder_2=load_transformers_model(
+            source, "text_encoder_2", T5EncoderModel, T5Config, device, dtype, load_format, seed + 3
+        ),
+        tokenizer_2=load_tokenizer(source, "tokenizer_2", T5TokenizerFast, t5_tokenizer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(source.config("scheduler")),
+    )
+
+
+def calculate_shift(seq_len: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
+    """The resolution-dependent shift μ of the sigma schedule (linear in the number of image tokens)."""
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return seq_len * m + (base_shift - m * base_len)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/2)(W/2), 4C]: 2×2 patches become tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of pack_latents for a latent grid of h × w."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, h, w)
+
+
+def latent_image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[(h2·w2), 3] position ids (0, row, col) of the packed image tokens."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = torch.arange(h2)[:, None]
+    ids[..., 2] = torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+class FluxPipeline(Pipeline):
+    family = "flux"
+
+    def __init__(self, components: FluxComponents, device: torch.device, dtype: torch.dtype):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.c = components
+        self.device = device
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.latent_channels = components.transformer.config.in_channels // 4
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
+    ) -> FluxPipeline:
+        return cls(load_flux_components(source, device, dtype, load_format, seed), device, dtype)
+
+    # ---- defaults, as diffusers' FluxPipeline.__call__ has them -------------------------------------------------
+    def defaults(self) -> SamplingParams:
+        side = 128 * self.vae_scale_factor
+        return SamplingParams(
+            height=side,
+            width=side,
+            num_inference_steps=28,
+            guidance_scale=3.5,
+            true_cfg_scale=1.0,
+            max_sequence_length=512,
+        )
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def max_sequence_length_limit(self) -> int:
+        return 512
+
+    # ---- stages -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompts: list[str], num_images: int, max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T5 sequence embeddings, CLIP pooled embedding, text position ids), repeated num_images times."""
+        clip_ids = self.c.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.c.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = self.c.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        pooled = pooled.to(self.c.text_encoder.dtype).repeat_interleave(num_images, dim=0)
+
+        t5_ids = self.c.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            return_length=False,
+            return_overflowing_tokens=False,
+            return_tensors="pt",
+        ).input_ids
+        embeds = self.c.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        embeds = embeds.to(self.c.text_encoder_2.dtype).repeat_interleave(num_images, dim=0)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.c.text_encoder.dtype)
+        return embeds, pooled, text_ids
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        return 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
+
+    def prepare_latents(
+        self, seed: int, batch: int, height: int, width: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = self.latent_grid(height, width)
+        noise = seeded_noise((batch, self.latent_channels, h, w), seed, dtype, self.device)
+        return pack_latents(noise), latent_image_ids(h // 2, w // 2, self.device, dtype)
+
+    def make_scheduler(self, num_steps: int, image_seq_len: int):
+        """A fresh scheduler per request (it keeps a step index), set to the request's sigma schedule."""
+        scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
+        cfg = scheduler.config
+        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        img_ids: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        params: SamplingParams,
+        timer: StageTimer,
+        on_step: StepCallback | None,
+    ) -> torch.Tensor:
+        scheduler = self.make_scheduler(params.num_inference_steps, latents.shape[1])  # type: ignore[arg-type]
+        batch = latents.shape[0]
+        guidance = None
+        if self.c.transformer.config.guidance_embeds:
+            guidance = torch.full([1], params.guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            timer.step_begin()
+            timestep = t.expand(batch).to(latents.dtype) / 1000
+            noise_pred = self.c.transformer(latents, cond[0], cond[1], timestep, img_ids, cond[2], guidance)
+            if uncond is not None:
+                neg = self.c.transformer(latents, uncond[0], uncond[1], timestep, img_ids, uncond[2], guidance)
+                noise_pred = neg + params.true_cfg_scale * (noise_pred - neg)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            timer.step_end()
+            if on_step is not None:
+                on_step(i, len(timesteps))
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:
+        if output_type == "latent":
+            return list(latents)
+        h, w = self.latent_grid(height, width)
+        x = unpack_latents(latents, h, w)
+        x = x / self.c.vae.config.scaling_factor + self.c.vae.config.shift_factor
+        image = self.c.vae.decode(x, return_dict=False)[0]
+        out = self.image_processor.postprocess(image, output_type=output_type)
+        return list(out)
+
+    def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
+        timer = StageTimer(self.device)
+        prompts = [params.prompt] if isinstance(params.prompt, str) else list(params.prompt)
+        with timer.stage("encode"):
+            cond = self.encode_prompt(prompts, params.num_images, params.max_sequence_length)  # type: ignore[arg-type]
+            uncond = None
+            if params.true_cfg_scale > 1 and params.negative_prompt is not None:  # type: ignore[operator]
+                negs = [params.negative_prompt] if isinstance(params.negative_prompt, str) else params.negative_prompt
+                if len(negs) == 1 and len(prompts) > 1:
+                    negs = negs * len(prompts)
+                uncond = self.encode_prompt(negs, params.num_images, params.max_sequence_length)  # type: ignore[arg-type]
+        with timer.stage("prepare"):
+            latents, img_ids = self.prepare_latents(
+                params.seed,  # type: ignore[arg-type]
+                len(prompts) * params.num_images,
+                params.height,  # type: ignore[arg-type]
+                params.width,  # type: ignore[arg-type]
+                cond[0].dtype,
+            )
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, img_ids, cond, uncond, params, timer, on_step)
+        with timer.stage("decode"):
+            images = self.decode(latents, params.height, params.width, params.output_type)  # type: ignore[arg-type]
+        return PipelineOutput(images=images, timings=timer.summary())

@@ -1,0 +1,1 @@
+"""Memory and timing stats, media encoding."""

@@ -1,0 +1,63 @@
+"""Per-request stage and step timings.
+
+Stage times are wall-clock with a device synchronisation at each boundary, so they add up to the request's time.
+Step times use CUDA events (no synchronisation inside the loop), read once after the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stages: dict[str, float] = {}
+        self._step_events: list[tuple] = []
+        self._step_wall: list[float] = []
+        self._step_start: float | None = None
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+    def step_begin(self) -> None:
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._step_events.append((start,))
+        else:
+            self._step_start = time.perf_counter()
+
+    def step_end(self) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._step_events[-1] = (self._step_events[-1][0], end)
+        else:
+            self._step_wall.append(time.perf_counter() - self._step_start)  # type: ignore[operator]
+
+    def step_times(self) -> list[float]:
+        if self._step_events:
+            synchronize(self.device)
+            return [start.elapsed_time(end) / 1000.0 for start, end in self._step_events]
+        return list(self._step_wall)
+
+    def summary(self) -> dict:
+        synchronize(self.device)
+        return {**self.stages, "total": time.perf_counter() - self._start, "steps": self.step_times()}

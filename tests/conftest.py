@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+
+warnings.filterwarnings("ignore")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The built-in default model is written to a cache; tests use their own."""
+    os.environ["DITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory):
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-dev"), TinyFluxSpec(seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell(tmp_path_factory):
+    spec = TinyFluxSpec(guidance_embeds=False, dynamic_shift=False, seed=2, num_layers=1, num_single_layers=3)
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-schnell"), spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded(tmp_path_factory):
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-sharded"), TinyFluxSpec(seed=3, shard_transformer=True))
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe():
+    """diffusers' FluxPipeline for a folder, cached per folder."""
+    from diffusers import FluxPipeline
+
+    cache = {}
+
+    def get(path, dtype=torch.float32, device="cpu"):
+        key = (str(path), dtype, device)
+        if key not in cache:
+            pipe = FluxPipeline.from_pretrained(path, dtype=dtype).to(device)
+            pipe.set_progress_bar_config(disable=True)
+            cache[key] = pipe
+        return cache[key]
+
+    return get

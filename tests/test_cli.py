@@ -1,0 +1,151 @@
+"""The CLI end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run_cli(*args, cache=None, timeout=300):
+    env = dict(os.environ)
+    if cache is not None:
+        env["DITSERVE_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", "ditserve", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_generate_default_model_writes_image(tmp_path):
+    out = tmp_path / "fox.png"
+    proc = run_cli(
+        "generate",
+        "--prompt",
+        "a red fox",
+        "--seed",
+        "3",
+        "--num-inference-steps",
+        "3",
+        "--output",
+        str(out),
+        cache=tmp_path / "cache",
+    )
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(out)
+    assert image.size == (256, 256)
+    summary = proc.stdout.strip().splitlines()[-1]
+    for part in ("1 image(s) in", "encode", "denoise", "decode", "s/step", "peak memory", "seed 3", str(out)):
+        assert part in summary
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_folder_several_images_jpeg_matches_api(tiny_dev, tmp_path):
+    out = tmp_path / "img.jpg"
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(tiny_dev),
+        "--prompt",
+        "x",
+        "--num-images",
+        "2",
+        "--seed",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-inference-steps",
+        "2",
+        "--output",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(tmp_path.glob("img-*.jpg"))
+    assert [f.name for f in files] == ["img-0.jpg", "img-1.jpg"]
+    assert Image.open(files[0]).format == "JPEG" and Image.open(files[0]).size == (48, 32)
+
+    png = tmp_path / "same.png"
+    assert (
+        run_cli(
+            "generate",
+            "--model",
+            str(tiny_dev),
+            "--prompt",
+            "x",
+            "--seed",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-inference-steps",
+            "2",
+            "--output",
+            str(png),
+        ).returncode
+        == 0
+    )
+    from ditserve import Engine
+
+    api = Engine.from_pretrained(str(tiny_dev)).generate("x", seed=1, height=32, width=48, num_inference_steps=2)
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(api.images[0]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--height", "30"], "--height: must be a multiple of 4"),
+        (["--num-inference-steps", "0"], "--num-inference-steps: must be an integer from 1"),
+        (["--num-images", "99"], "--num-images: must be an integer from 1 to 16"),
+        (["--model", "/no/such/model"], "--model: model '/no/such/model': no such folder"),
+        (["--model", "flux.1-dev"], "--load-format dummy"),
+        (["--output", "x.gif"], "--output: unsupported image format"),
+        (["--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+        (["--device", "tpu"], "--device:"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--height", "abc"], "argument --height: invalid int value: 'abc'"),
+    ],
+)
+def test_bad_flags_one_line_no_traceback(args, message, tmp_path):
+    proc = run_cli(
+        "generate",
+        "--prompt",
+        "x",
+        "--num-inference-steps",
+        "1",
+        "--output",
+        str(tmp_path / "o.png"),
+        *args,
+        cache=tmp_path / "cache",
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_prompt_is_one_line():
+    proc = run_cli("generate")
+    assert proc.returncode == 2
+    assert "--prompt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_make_tiny_folder_loads_in_diffusers(tmp_path):
+    proc = run_cli("make-tiny", "flux", str(tmp_path / "t"), "--schnell", "--sharded")
+    assert proc.returncode == 0, proc.stderr
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tmp_path / "t")
+    assert pipe.transformer.config.guidance_embeds is False
+    assert list((tmp_path / "t" / "transformer").glob("*.index.json"))
+
+
+def test_make_tiny_unknown_family(tmp_path):
+    proc = run_cli("make-tiny", "sd15", str(tmp_path / "t"))
+    assert proc.returncode == 2 and "unknown family" in proc.stderr

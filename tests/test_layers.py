@@ -1,0 +1,75 @@
+"""Shared layers against plain torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb, get_timestep_embedding
+
+from ditserve.layers import linear as linear_mod
+from ditserve.layers.attention import attention, attention_reference
+from ditserve.layers.embeddings import sinusoidal_embedding
+from ditserve.layers.rotary import apply_rope, multi_axis_rope
+from ditserve.parallel.state import TensorParallelGroup
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "reference"])
+def test_attention_backends_match_reference(backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 3, 16, generator=g) for _ in range(3))
+    out = attention(q, k, v, backend)
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert out.shape == q.shape
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_rope_matches_diffusers():
+    ids = torch.cat(
+        [
+            torch.zeros(5, 3),
+            torch.stack(
+                torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), indexing="ij"), -1
+            ).reshape(-1, 3),
+        ]
+    )
+    ours = multi_axis_rope(ids, [4, 6, 6])
+    theirs = FluxPosEmbed(10000, [4, 6, 6])(ids)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    x = torch.randn(2, ids.shape[0], 3, 16)
+    assert torch.equal(apply_rope(x, *ours), apply_rotary_emb(x, theirs, sequence_dim=1))
+
+
+def test_sinusoidal_embedding_matches_diffusers():
+    t = torch.tensor([0.0, 1.5, 999.0, 500.25])
+    expected = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert torch.equal(sinusoidal_embedding(t, 256), expected)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tensor_parallel_shards_reassemble(monkeypatch, rank):
+    """Each rank's shards, computed as the layers load them, reassemble into the full layer's output."""
+    size = 2
+    monkeypatch.setattr(linear_mod, "tp_group", lambda: TensorParallelGroup(None, rank, size))
+    g = torch.Generator().manual_seed(1)
+    wq, wk, wmlp = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.randn(12, 6, generator=g)
+    bq = torch.randn(8, generator=g)
+    merged = linear_mod.MergedColumnParallelLinear(6, [8, 8, 12])
+    for i, (w, b) in enumerate(((wq, bq), (wk, bq), (wmlp, torch.zeros(12)))):
+        merged.weight_loader(merged.weight, w, i)
+        merged.weight_loader(merged.bias, b, i)
+    x = torch.randn(3, 6, generator=g)
+    q, k, m = merged.split(merged(x))
+    assert torch.allclose(q, (x @ wq.T + bq)[:, rank * 4 : (rank + 1) * 4], atol=1e-6)
+    assert torch.allclose(m, (x @ wmlp.T)[:, rank * 6 : (rank + 1) * 6], atol=1e-6)
+
+    w_out = torch.randn(5, 20, generator=g)  # reads [attention (8) | mlp (12)]
+    row = linear_mod.RowParallelLinear(20, 5, input_sizes=[8, 12])
+    row.weight_loader(row.weight, w_out)
+    expected_cols = torch.cat([w_out[:, rank * 4 : (rank + 1) * 4], w_out[:, 8 + rank * 6 : 8 + (rank + 1) * 6]], 1)
+    assert torch.equal(row.weight.data, expected_cols)
+
+
+def test_shape_mismatch_is_reported():
+    layer = linear_mod.MergedColumnParallelLinear(4, [4, 4])
+    with pytest.raises(linear_mod.ShapeMismatchError, match=r"part 1.*\(3, 4\)"):
+        layer.weight_loader(layer.weight, torch.zeros(3, 4), 1)
