@@ -51,6 +51,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -62,6 +63,7 @@ def engine_args_from(ns: argparse.Namespace):
         dtype=ns.dtype,
         load_format=ns.load_format,
         attention_backend=ns.attention_backend,
+        compile=ns.compile,
     )
 
 
@@ -179,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-inference-steps", type=int, default=28)
     bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")
-    bench.add_argument("--compile", action="store_true", help="also time both with torch.compile")
     bench.add_argument("--json", default=None, help="write the results to this file")
     bench.set_defaults(handler=cmd_bench)
 

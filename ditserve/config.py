@@ -56,6 +56,7 @@ class EngineArgs:
     dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
     load_format: str = "auto"  # "auto": weights from the folder; "dummy": real architecture, random weights
     attention_backend: str = "auto"
+    compile: bool = False  # torch.compile each repeated DiT block (first request pays the compile time)
     seed_for_dummy_weights: int = 0
 
     def __post_init__(self) -> None:

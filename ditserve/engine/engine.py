@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ditserve.accel.compile import compile_repeated_blocks
 from ditserve.config import EngineArgs, SamplingParams
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import resolve_model
@@ -40,7 +41,10 @@ class Engine:
         self.pipeline: Pipeline = cls.load(  # type: ignore[attr-defined]
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
-        set_attention_backend(self.pipeline.c.transformer, args.attention_backend)  # type: ignore[attr-defined]
+        transformer = self.pipeline.c.transformer  # type: ignore[attr-defined]
+        set_attention_backend(transformer, args.attention_backend)
+        if args.compile:
+            compile_repeated_blocks(transformer)
         # One request at a time per engine: the pipeline's modules are shared state.
         self._lock = threading.Lock()
 

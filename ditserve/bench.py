@@ -1,0 +1,256 @@
+"""`ditserve bench`: ditserve against diffusers in one process, on the same device, with the same weights.
+
+diffusers' FluxTransformer2DModel is built on the meta device and given *our* tensors (its separate q/k/v are
+row-slices of our fused weights, so no memory is added); text encoders, VAE, tokenizers and scheduler are the same
+objects. Both pipelines then run the same prompt, size, steps and seed. Reported per engine:
+- DiT forward time (median of repeated forwards at the request's shapes, batch 1);
+- denoising step time (median over the steps of the timed generations);
+- whole generation time (text encoding to decoded image) and peak device memory;
+- the relative difference between the two DiTs' outputs on the same inputs (a full-size parity check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from ditserve.utils.timing import synchronize
+
+PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
+
+
+def _time_calls(fn, device: torch.device, warmup: int = 2, iters: int = 10) -> float:
+    """Median seconds of fn() (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def diffusers_transformer_sharing(ours) -> torch.nn.Module:
+    """diffusers' FluxTransformer2DModel holding our tensors (no copy)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ditserve.models.flux import to_diffusers_state_dict
+
+    cfg = ours.config
+    config = dict(
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.joint_attention_dim,
+        pooled_projection_dim=cfg.pooled_projection_dim,
+        guidance_embeds=cfg.guidance_embeds,
+        axes_dims_rope=list(cfg.axes_dims_rope),
+    )
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    model.load_state_dict(to_diffusers_state_dict(ours), strict=True, assign=True)
+    return model.eval()
+
+
+def _forward_inputs(pipeline, height: int, width: int, guidance_scale: float):
+    cond = pipeline.encode_prompt([PROMPT], 1, 512)
+    latents, img_ids = pipeline.prepare_latents(0, 1, height, width, cond[0].dtype)
+    t = torch.full((1,), 0.7, device=pipeline.device, dtype=latents.dtype)
+    guidance = None
+    if pipeline.c.transformer.config.guidance_embeds:
+        guidance = torch.full((1,), guidance_scale, device=pipeline.device, dtype=torch.float32)
+    return dict(
+        hidden_states=latents,
+        encoder_hidden_states=cond[0],
+        pooled_projections=cond[1],
+        timestep=t,
+        img_ids=img_ids,
+        txt_ids=cond[2],
+        guidance=guidance,
+    )
+
+
+def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
+    device = engine.device
+    model = engine.pipeline.c.transformer
+    with torch.no_grad():
+        forward_s = _time_calls(lambda: model(**inputs), device)
+    engine.generate(**{**gen, "num_inference_steps": 2})  # warm-up
+    totals, steps, peaks = [], [], []
+    for _ in range(repeat):
+        result = engine.generate(**gen)
+        totals.append(result.timings["total"])
+        steps.extend(result.timings["steps"])
+        peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
+        stages = {k: result.timings[k] for k in ("encode", "prepare", "denoise", "decode")}
+    return dict(
+        forward_ms=forward_s * 1000,
+        step_ms=statistics.median(steps) * 1000,
+        generation_s=statistics.median(totals),
+        peak_gib=max(peaks) if peaks[0] is not None else None,
+        stages_s=stages,
+    )
+
+
+def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.device) -> dict:
+    with torch.no_grad():
+        forward_s = _time_calls(lambda: pipe.transformer(**inputs, return_dict=False), device)
+    kwargs = dict(
+        prompt=gen["prompt"],
+        height=gen["height"],
+        width=gen["width"],
+        num_inference_steps=gen["num_inference_steps"],
+        guidance_scale=gen["guidance_scale"],
+    )
+    pipe(**{**kwargs, "num_inference_steps": 2}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
+    totals, steps, peaks = [], [], []
+    for _ in range(repeat):
+        marks: list = []
+
+        def on_step_end(_pipe, _i, _t, callback_kwargs, marks=marks):
+            if device.type == "cuda":
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append(event)
+            else:
+                marks.append(time.perf_counter())
+            return callback_kwargs
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(gen["seed"]), callback_on_step_end=on_step_end)
+        synchronize(device)
+        totals.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            steps.extend(a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:]))
+        else:
+            steps.extend(b - a for a, b in zip(marks, marks[1:]))
+        peaks.append(_peak_gib(device))
+    return dict(
+        forward_ms=forward_s * 1000,
+        step_ms=statistics.median(steps) * 1000 if steps else float("nan"),
+        generation_s=statistics.median(totals),
+        peak_gib=max(peaks) if peaks[0] is not None else None,
+    )
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def run_bench(ns: argparse.Namespace) -> int:
+    from diffusers import FluxPipeline as DiffusersFluxPipeline
+
+    from ditserve.cli import engine_args_from
+    from ditserve.engine.engine import Engine
+
+    args = engine_args_from(ns)
+    engine = Engine(args)
+    pipeline = engine.pipeline
+    device = engine.device
+    gen = dict(
+        prompt=PROMPT,
+        height=ns.height,
+        width=ns.width,
+        num_inference_steps=ns.num_inference_steps,
+        guidance_scale=pipeline.defaults().guidance_scale,
+        seed=0,
+    )
+    inputs = _forward_inputs(pipeline, ns.height, ns.width, gen["guidance_scale"])
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": engine.model_name,
+        "load_format": args.load_format,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "height": ns.height,
+        "width": ns.width,
+        "steps": ns.num_inference_steps,
+        "compile": args.compile,
+        "attention_backend": args.attention_backend,
+        "results": {},
+    }
+    t0 = time.perf_counter()
+    report["results"]["ditserve"] = _bench_ours(engine, gen, ns.repeat, inputs)
+    if args.compile:
+        report["ditserve_compile_and_bench_s"] = time.perf_counter() - t0
+
+    if not ns.no_diffusers:
+        import diffusers
+
+        report["diffusers"] = diffusers.__version__
+        c = pipeline.c
+        dt = diffusers_transformer_sharing(c.transformer)
+        with torch.no_grad():
+            ours_out = c.transformer(**inputs).float()
+            ref_out = dt(**inputs, return_dict=False)[0].float()
+        report["dit_relative_difference"] = ((ours_out - ref_out).norm() / ref_out.norm()).item()
+        del ours_out, ref_out
+        if args.compile:
+            dt.compile_repeated_blocks(fullgraph=True)
+        pipe = DiffusersFluxPipeline(
+            scheduler=copy.deepcopy(c.scheduler),
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            transformer=dt,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        report["results"]["diffusers"] = _bench_diffusers(pipe, gen, ns.repeat, inputs, device)
+        ours, theirs = report["results"]["ditserve"], report["results"]["diffusers"]
+        report["speedup"] = {
+            "forward": theirs["forward_ms"] / ours["forward_ms"],
+            "step": theirs["step_ms"] / ours["step_ms"],
+            "generation": theirs["generation_s"] / ours["generation_s"],
+        }
+
+    print(
+        f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {ns.num_inference_steps} steps, "
+        f"{report['dtype']}, compile={args.compile}, on {report['device']}"
+    )
+    print(f"{'engine':<10} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
+    for name, r in report["results"].items():
+        print(
+            f"{name:<10} {r['forward_ms']:>11.1f} {r['step_ms']:>9.1f} {r['generation_s']:>13.3f} "
+            f"{_fmt(r['peak_gib'], '>9.2f')}"
+        )
+    if "speedup" in report:
+        s = report["speedup"]
+        print(
+            f"speed-up over diffusers: forward {s['forward']:.2f}x, step {s['step']:.2f}x, "
+            f"generation {s['generation']:.2f}x; DiT outputs differ by {report['dit_relative_difference']:.2e} "
+            "(relative L2)"
+        )
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
