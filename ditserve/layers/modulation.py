@@ -19,8 +19,3 @@ class Modulation(nn.Module):
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(F.silu(c)).chunk(self.chunks, dim=-1)
-
-
-def modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift with [B, dim] vectors broadcast over the sequence."""
-    return x_normed * (1 + scale[:, None]) + shift[:, None]

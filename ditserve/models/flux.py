@@ -26,9 +26,9 @@ from ditserve.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from ditserve.layers.modulation import Modulation, modulate
-from ditserve.layers.norm import RMSNorm, layer_norm
-from ditserve.layers.rotary import apply_rope, multi_axis_rope
+from ditserve.layers.modulation import Modulation
+from ditserve.layers.norm import QKNorm, layer_norm_modulate
+from ditserve.layers.rotary import multi_axis_rope
 from ditserve.parallel.state import tp_group
 
 
@@ -73,13 +73,6 @@ class FluxConfig:
         return self.num_attention_heads * self.attention_head_dim
 
 
-class QKNorm(nn.Module):
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.norm_q = RMSNorm(head_dim)
-        self.norm_k = RMSNorm(head_dim)
-
-
 class FeedForward(nn.Module):
     """fc1 → GELU(tanh) → fc2, with fc1 column- and fc2 row-parallel."""
 
@@ -103,8 +96,9 @@ class StreamAttention(nn.Module):
         self.proj = RowParallelLinear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, S, H, D] views of one fused projection (q and k not yet normed)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
-        return self.norm.norm_q(q), self.norm.norm_k(k), v
+        return q, k, v
 
 
 class DoubleStreamBlock(nn.Module):
@@ -127,19 +121,23 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(temb)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
-        # Joint sequence is [text, image], the order the RoPE ids were built in.
-        q = apply_rope(torch.cat([txt_q, img_q], dim=1), *rope)
-        k = apply_rope(torch.cat([txt_k, img_k], dim=1), *rope)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, txt_shift1, txt_scale1))
+        # Joint sequence is [text, image], the order the RoPE ids were built in. Norm and RoPE write straight
+        # into the joint q and k, so the concatenation costs no extra pass.
+        txt_len = txt.shape[1]
+        joint_shape = (img.shape[0], txt_len + img.shape[1], *img_q.shape[2:])
+        q, k = img_q.new_empty(joint_shape), img_k.new_empty(joint_shape)
+        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0)
+        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
         v = torch.cat([txt_v, img_v], dim=1)
         out = self.attn(q, k, v).flatten(2)
-        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+        txt_out, img_out = out.split([txt_len, img.shape[1]], dim=1)
 
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_out)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_out)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        img = torch.addcmul(img, img_gate1[:, None], self.img_attn.proj(img_out))
+        img = torch.addcmul(img, img_gate2[:, None], self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1[:, None], self.txt_attn.proj(txt_out))
+        txt = torch.addcmul(txt, txt_gate2[:, None], self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2)))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -160,12 +158,12 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift, scale, gate = self.mod(temb)
-        q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(modulate(layer_norm(x), shift, scale)))
-        q = self.norm.norm_q(q.unflatten(-1, (-1, self.head_dim)))
-        k = self.norm.norm_k(k.unflatten(-1, (-1, self.head_dim)))
-        v = v.unflatten(-1, (-1, self.head_dim))
-        out = self.attn(apply_rope(q, *rope), apply_rope(k, *rope), v).flatten(2)
-        x = x + gate[:, None] * self.proj_out(torch.cat([out, gelu_tanh(mlp)], dim=-1))
+        q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(layer_norm_modulate(x, shift, scale)))
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        q_roped, k_roped = q.new_empty(q.shape), k.new_empty(k.shape)
+        self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
+        out = self.attn(q_roped, k_roped, v).flatten(2)
+        x = torch.addcmul(x, gate[:, None], self.proj_out(torch.cat([out, gelu_tanh(mlp)], dim=-1)))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -232,7 +230,7 @@ class FluxTransformer(nn.Module):
         img = x[:, txt_len:]
 
         scale, shift = self.norm_out(temb.to(img.dtype))  # diffusers' AdaLayerNormContinuous: scale first
-        return self.proj_out(modulate(layer_norm(img), shift, scale))
+        return self.proj_out(layer_norm_modulate(img, shift, scale))
 
 
 # ---- diffusers checkpoint names → ours ------------------------------------------------------------------------

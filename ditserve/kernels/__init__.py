@@ -1,0 +1,1 @@
+"""Triton kernels. Each has a torch reference beside it, which is what runs where Triton cannot (CPU, compile)."""

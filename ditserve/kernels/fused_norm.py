@@ -1,0 +1,211 @@
+"""Fused norm kernels for DiT blocks, each beside the torch reference it is tested against.
+
+Eager PyTorch runs each elementwise step of these as its own kernel, with float32 temporaries for RoPE: measured
+on FLUX.1 at 1024², the QK-norm + RoPE of one block moves about 1.2 GB instead of the 0.1 GB it must. Each kernel
+here reads its input once and writes its output once.
+
+- `layer_norm_modulate`: LayerNorm (no affine) then x·(1 + scale) + shift, per-sample [B, D] modulation.
+- `rms_norm_rope_into`: RMS norm over each head, then interleaved-pair rotary embedding, written into a slice of
+  a (joint) output sequence, so the concatenation of text and image tokens costs nothing extra.
+
+The references are what the models ran before these kernels existed; they stay the semantics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch references serve
+    triton = None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if triton is None or os.environ.get("DITSERVE_DISABLE_TRITON") == "1":
+        return False
+    if torch.compiler.is_compiling():  # under torch.compile, Inductor fuses the reference itself
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- LayerNorm + modulation -------------------------------------------------------------------------------------
+def layer_norm_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_modulate_kernel(
+        x_ptr,
+        shift_ptr,
+        scale_ptr,
+        out_ptr,
+        seq_len,
+        dim,
+        x_stride_b,
+        x_stride_s,
+        mod_batch_stride,
+        eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        batch = row // seq_len
+        pos = row % seq_len
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        x = tl.load(x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / dim
+        centered = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
+        scale = tl.load(scale_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        out = centered * rstd * (1.0 + scale) + shift
+        tl.store(out_ptr + row * dim + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]."""
+    if not _use_triton(x) or x.stride(-1) != 1 or shift.stride(-1) != 1 or scale.stride(-1) != 1:
+        return layer_norm_modulate_reference(x, shift, scale, eps)
+    b, s, d = x.shape
+    if shift.stride(0) != scale.stride(0):
+        return layer_norm_modulate_reference(x, shift, scale, eps)
+    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(d)
+    _layer_norm_modulate_kernel[(b * s,)](
+        x,
+        shift,
+        scale,
+        out,
+        s,
+        d,
+        x.stride(0),
+        x.stride(1),
+        shift.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return out
+
+
+# ---- RMS norm per head + rotary embedding -----------------------------------------------------------------------
+def rms_norm_rope_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """RMS-normalise each head of x [B, S, H, D], then rotate interleaved pairs by cos/sin [S, D] (float32)."""
+    from ditserve.layers.rotary import apply_rope
+
+    return apply_rope(F.rms_norm(x, (x.shape[-1],), weight, eps), cos, sin)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_rope_kernel(
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        seq_len,
+        heads,
+        seq_offset,
+        x_stride_b,
+        x_stride_s,
+        x_stride_h,
+        o_stride_b,
+        o_stride_s,
+        o_stride_h,
+        eps,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        # One program per token: all its heads, each head's D values as HALF (even, odd) pairs.
+        token = tl.program_id(0)
+        b = token // seq_len
+        s = token % seq_len
+        h = tl.arange(0, BLOCK_H)[:, None]
+        i = tl.arange(0, HALF)[None, :]
+        mask = h < heads
+        x_base = x_ptr + b * x_stride_b + s * x_stride_s + h * x_stride_h
+        x_even = tl.load(x_base + 2 * i, mask=mask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        mean_square = (tl.sum(x_even * x_even, axis=1) + tl.sum(x_odd * x_odd, axis=1)) / (2 * HALF)
+        rstd = tl.rsqrt(mean_square + eps)[:, None]
+        w_even = tl.load(w_ptr + 2 * i).to(tl.float32)
+        w_odd = tl.load(w_ptr + 2 * i + 1).to(tl.float32)
+        # Round the normed values to the activation dtype, as the reference's separate norm does.
+        y_even = (x_even * rstd * w_even).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y_odd = (x_odd * rstd * w_odd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        pos = (seq_offset + s) * (2 * HALF)  # row of the [S_total, D] cos/sin tables
+        cos_even = tl.load(cos_ptr + pos + 2 * i)
+        sin_even = tl.load(sin_ptr + pos + 2 * i)
+        cos_odd = tl.load(cos_ptr + pos + 2 * i + 1)
+        sin_odd = tl.load(sin_ptr + pos + 2 * i + 1)
+        out_even = y_even * cos_even - y_odd * sin_even
+        out_odd = y_odd * cos_odd + y_even * sin_odd
+        o_base = out_ptr + b * o_stride_b + s * o_stride_s + h * o_stride_h
+        tl.store(o_base + 2 * i, out_even.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_base + 2 * i + 1, out_odd.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_rope_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seq_offset: int = 0,
+) -> torch.Tensor:
+    """out[:, seq_offset : seq_offset + S] = rope(rms_norm(x)), positions taken from cos/sin rows seq_offset + s.
+
+    x [B, S, H, D] may be a strided view (a part of a fused QKV output); `out` is the joint [B, S_total, H, D].
+    """
+    b, s, h, d = x.shape
+    target = out[:, seq_offset : seq_offset + s]
+    usable = (
+        _use_triton(x)
+        and x.stride(-1) == 1
+        and target.stride(-1) == 1
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.dtype == torch.float32
+        and d % 2 == 0
+        and (d // 2) & (d // 2 - 1) == 0  # power-of-two half width (FLUX: 64; tiny test models: 8, 16)
+    )
+    if not usable:
+        target.copy_(
+            rms_norm_rope_reference(x, weight, eps, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
+        )
+        return out
+    _rms_norm_rope_kernel[(b * s,)](
+        x,
+        weight,
+        cos,
+        sin,
+        target,
+        s,
+        h,
+        seq_offset,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        target.stride(0),
+        target.stride(1),
+        target.stride(2),
+        eps,
+        HALF=d // 2,
+        BLOCK_H=triton.next_power_of_2(h),
+        num_warps=4,
+    )
+    return out
