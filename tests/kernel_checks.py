@@ -54,11 +54,23 @@ def check_rms_norm_rope(
     assert rel(joint, ref) < tol, (rel(joint, ref), b, s_txt, s_img, h, d)
 
 
+def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    from ditserve.kernels import fused_residual as r
+
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.randn(b, s, d, generator=g).to(device, dtype) for _ in range(2))
+    gate = torch.randn(b, 6 * d, generator=g).to(device, dtype).chunk(6, dim=-1)[2]  # a strided [B, D] view
+    out = r.gated_residual(x, gate, y)
+    ref = r.gated_residual_reference(x.double(), gate.double(), y.double())
+    assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
+
+
 def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -> None:
     for seed, (b, s, d) in enumerate(
         [(1, 7, 48), (2, 33, 96), (2, 5, 3072)] if sizes == "small" else [(1, 4608, 3072), (2, 4096, 3072)]
     ):
         check_layer_norm_modulate(device, dtype, b, s, d, tol, seed)
+        check_gated_residual(device, dtype, b, s, d, tol, seed)
     shapes = (
         [(1, 3, 5, 3, 16), (2, 4, 9, 2, 32), (1, 2, 6, 24, 128)]
         if sizes == "small"

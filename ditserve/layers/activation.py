@@ -6,5 +6,8 @@ import torch
 import torch.nn.functional as F
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+def gelu_tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU with the tanh approximation; with `out`, written into that (possibly strided) tensor."""
+    if out is None:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention
 from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
@@ -134,10 +135,10 @@ class DoubleStreamBlock(nn.Module):
         out = self.attn(q, k, v).flatten(2)
         txt_out, img_out = out.split([txt_len, img.shape[1]], dim=1)
 
-        img = torch.addcmul(img, img_gate1[:, None], self.img_attn.proj(img_out))
-        img = torch.addcmul(img, img_gate2[:, None], self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1[:, None], self.txt_attn.proj(txt_out))
-        txt = torch.addcmul(txt, txt_gate2[:, None], self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2)))
+        img = gated_residual(img, img_gate1, self.img_attn.proj(img_out))
+        img = gated_residual(img, img_gate2, self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2)))
+        txt = gated_residual(txt, txt_gate1, self.txt_attn.proj(txt_out))
+        txt = gated_residual(txt, txt_gate2, self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2)))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -163,7 +164,11 @@ class SingleStreamBlock(nn.Module):
         q_roped, k_roped = q.new_empty(q.shape), k.new_empty(k.shape)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
         out = self.attn(q_roped, k_roped, v).flatten(2)
-        x = torch.addcmul(x, gate[:, None], self.proj_out(torch.cat([out, gelu_tanh(mlp)], dim=-1)))
+        # proj_out reads [attention | gelu(mlp)]: write both into one buffer instead of concatenating copies.
+        joined = out.new_empty((*out.shape[:-1], out.shape[-1] + mlp.shape[-1]))
+        joined[..., : out.shape[-1]] = out
+        gelu_tanh(mlp, out=joined[..., out.shape[-1] :])
+        x = gated_residual(x, gate, self.proj_out(joined))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
