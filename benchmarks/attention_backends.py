@@ -21,7 +21,7 @@ def main() -> None:
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ref = attention_reference(q[:, :1024], k, v).float() if s <= 4608 else None
         flops = 4 * b * h * s * s * d
-        for backend in ("auto", "sdpa", "cudnn", "flash", "efficient"):
+        for backend in ("sdpa", "cudnn", "flash", "efficient"):
             try:
                 out = attention(q, k, v, backend)
             except RuntimeError as e:

@@ -13,7 +13,7 @@ from ditserve.layers.rotary import apply_rope, multi_axis_rope
 from ditserve.parallel.state import TensorParallelGroup
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "cudnn", "math", "reference"])
 def test_attention_backends_match_reference(backend):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 37, 3, 16, generator=g) for _ in range(3))
@@ -21,6 +21,17 @@ def test_attention_backends_match_reference(backend):
     ref = attention_reference(q.double(), k.double(), v.double())
     assert out.shape == q.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "sdpa"])
+def test_attention_backends_cuda_bf16(backend):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 300, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    out = attention(q, k, v, backend)
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert out.shape == q.shape
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_rope_matches_diffusers():

@@ -42,7 +42,7 @@ class Engine:
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
         transformer = self.pipeline.c.transformer  # type: ignore[attr-defined]
-        set_attention_backend(transformer, args.attention_backend)
+        set_attention_backend(transformer, args.attention_backend, self.device)
         if args.compile:
             compile_repeated_blocks(transformer)
         # One request at a time per engine: the pipeline's modules are shared state.
