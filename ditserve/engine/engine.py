@@ -16,6 +16,7 @@ import torch
 from ditserve.config import EngineArgs, SamplingParams
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import resolve_model
+from ditserve.lora import LoRAManager, lora_targets
 from ditserve.pipelines import Pipeline, pipeline_class
 from ditserve.pipelines.base import StepCallback
 from ditserve.utils.memory import peak_mb, reset_peak
@@ -41,8 +42,10 @@ class Engine:
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
         set_attention_backend(self.pipeline.c.transformer, args.attention_backend)  # type: ignore[attr-defined]
-        # One request at a time per engine: the pipeline's modules are shared state.
+        # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
+        # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
+        self.lora = LoRAManager(lora_targets(self.pipeline))
 
     @classmethod
     def from_pretrained(
@@ -104,3 +107,33 @@ class Engine:
         return GenerationResult(
             images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
         )
+
+    # ---- LoRA (inputs and outputs are plain data, so the HTTP routes can pass them through) --------------------------
+    def set_lora(
+        self,
+        lora_nickname: str | list[str],
+        lora_path: str | list[str | None] | None = None,
+        strength: float | list[float] = 1.0,
+        target: str | list[str] = "all",
+    ) -> dict:
+        """Load (if new) and activate these adapters with these strengths on the target(s); `[]` turns LoRA off.
+
+        Raises `LoRAError` (a ValueError with `.field`) on any bad input, leaving the previous state unchanged.
+        Returns `list_loras()`.
+        """
+        with self._lock:
+            return self.lora.set_lora(lora_nickname, lora_path, strength, target)
+
+    def merge_lora_weights(self, strength: float = 1.0, target: str | list[str] = "all") -> dict:
+        """Fold the active adapters (times `strength`) into the weights, keeping W0 for an exact unmerge."""
+        with self._lock:
+            return self.lora.merge_lora_weights(strength, target)
+
+    def unmerge_lora_weights(self, target: str | list[str] = "all") -> dict:
+        """Restore W0 bit for bit; the target runs the base model until set_lora or merge_lora_weights."""
+        with self._lock:
+            return self.lora.unmerge_lora_weights(target)
+
+    def list_loras(self) -> dict:
+        with self._lock:
+            return self.lora.list_loras()
