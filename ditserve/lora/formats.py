@@ -116,7 +116,12 @@ def _config_alphas(config: dict) -> tuple[float | None, dict[str, float], dict[s
     if "peft" in config:
         c = config["peft"]
     elif "diffusers" in config:
-        c = {k.removeprefix("transformer."): v for k, v in config["diffusers"].items() if k.startswith("transformer.")}
+        meta = config["diffusers"]
+        # A pipeline's save_lora_weights prefixes each component's config; a model's save_lora_adapter does not.
+        if any(k.startswith("transformer.") for k in meta):
+            c = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
+        else:
+            c = meta
     else:
         return None, {}, {}, False
     if c.get("use_dora"):

@@ -56,7 +56,7 @@ class TargetState:
     touched: set[str] = field(default_factory=set)  # layers that currently hold adapters or a merge
 
 
-def _as_list(value, name: str) -> list:
+def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
@@ -77,7 +77,7 @@ class LoRAManager:
 
     # ---- input checking -----------------------------------------------------------------------------------------
     def resolve_targets(self, target: str | Sequence[str]) -> list[str]:
-        names = _as_list(target, "target")
+        names = _as_list(target)
         if not names or not all(isinstance(t, str) for t in names):
             raise LoRAError("target", f"must be 'all', a target name or a list of them, got {target!r}")
         if "all" in names:
@@ -94,21 +94,20 @@ class LoRAManager:
         return out
 
     def _requests(self, lora_nickname, lora_path, strength) -> list[tuple[str, str | None, float]]:
-        nicknames = _as_list(lora_nickname, "lora_nickname")
+        nicknames = _as_list(lora_nickname)
         for n in nicknames:
             if not isinstance(n, str) or not n.strip():
                 raise LoRAError("lora_nickname", f"must be a non-empty string or a list of them, got {n!r}")
         if len(set(nicknames)) != len(nicknames):
             raise LoRAError("lora_nickname", f"a nickname appears twice: {nicknames}")
-        paths = [None] * len(nicknames) if lora_path is None else _as_list(lora_path, "lora_path")
+        paths = [None] * len(nicknames) if lora_path is None else _as_list(lora_path)
         if len(paths) != len(nicknames):
             raise LoRAError("lora_path", f"{len(paths)} paths for {len(nicknames)} nicknames; give one per nickname")
         for p in paths:
             if p is not None and not isinstance(p, (str, Path)):
                 raise LoRAError("lora_path", f"must be a path string (or null for a loaded nickname), got {p!r}")
-        strengths = _as_list(strength, "strength")
-        if len(strengths) == 1 and len(nicknames) > 1:
-            strengths = strengths * len(nicknames)
+        # One number applies to every nickname; a list gives one each.
+        strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(nicknames)
         if len(strengths) != len(nicknames):
             raise LoRAError("strength", f"{len(strengths)} strengths for {len(nicknames)} nicknames")
         return [(n, None if p is None else str(p), check_strength(s)) for n, p, s in zip(nicknames, paths, strengths)]
