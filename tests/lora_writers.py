@@ -117,9 +117,8 @@ def write_peft_folder(folder: Path, out_dir: Path, seed: int = 2, rank: int = 4,
 
     Returns (folder, the PEFT-wrapped diffusers transformer), the latter to run diffusers with PEFT's own forward.
     """
-    from peft import LoraConfig, get_peft_model
-
     from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model
 
     model = FluxTransformer2DModel.from_pretrained(Path(folder) / "transformer")
     config = LoraConfig(
