@@ -198,3 +198,23 @@ def test_lora_shards_follow_tensor_parallel_layout(monkeypatch, rank):
     row.lora = [linear_mod.LinearLoRA(a, b, 1.0)]
     partial = row.apply_lora(x_local, torch.zeros(3, 5))  # what forward adds before its all-reduce
     assert torch.allclose(partial, x_local @ cols.T @ up.T, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_merged_matches_dynamic_and_unmerges_exactly(tiny_dev, files):
+    import numpy as np
+
+    engine = Engine.from_pretrained(str(tiny_dev), device="cuda", dtype="bfloat16")
+    t = engine.pipeline.c.transformer
+    w0 = {k: v.clone() for k, v in t.state_dict().items()}
+    call = dict(prompt="a fox", seed=3, num_inference_steps=4, height=64, width=64)
+    base = np.asarray(engine.generate(**call).images[0], dtype=np.int16)
+    engine.set_lora(["a", "k"], [str(files["a"]), str(files["k"])], [0.8, -0.3])
+    dynamic = np.asarray(engine.generate(**call).images[0], dtype=np.int16)
+    engine.merge_lora_weights()
+    merged = np.asarray(engine.generate(**call).images[0], dtype=np.int16)
+    assert np.abs(dynamic - base).mean() > 3
+    assert np.abs(merged - dynamic).mean() <= 1.0  # bf16: the merged weight is rounded once, dynamic per GEMM
+    engine.unmerge_lora_weights()
+    assert all(torch.equal(v, w0[k]) for k, v in t.state_dict().items())
+    assert np.array_equal(np.asarray(engine.generate(**call).images[0], dtype=np.int16), base)
