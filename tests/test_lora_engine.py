@@ -218,3 +218,31 @@ def test_cuda_bf16_merged_matches_dynamic_and_unmerges_exactly(tiny_dev, files):
     engine.unmerge_lora_weights()
     assert all(torch.equal(v, w0[k]) for k, v in t.state_dict().items())
     assert np.array_equal(np.asarray(engine.generate(**call).images[0], dtype=np.int16), base)
+
+
+def test_lora_change_waits_for_the_running_request(engine, files):
+    """A set_lora issued mid-request lands after it: the running request finishes with the state it started with."""
+    import threading
+    import time
+
+    import numpy as np
+
+    call = dict(prompt="a fox", seed=5, num_inference_steps=3, height=32, width=32)
+    engine.set_lora([])
+    base = np.asarray(engine.generate(**call).images[0])
+    started, result = threading.Event(), {}
+
+    def on_step(i, n):
+        started.set()
+        time.sleep(0.3)  # give the main thread time to try to change the LoRA mid-request
+
+    worker = threading.Thread(target=lambda: result.setdefault("r", engine.generate(on_step=on_step, **call)))
+    worker.start()
+    started.wait(timeout=60)
+    engine.set_lora("mid", str(files["a"]), 1.0)  # blocks until the request is done
+    worker.join()
+    try:
+        assert np.array_equal(np.asarray(result["r"].images[0]), base)
+        assert not np.array_equal(np.asarray(engine.generate(**call).images[0]), base)
+    finally:
+        engine.set_lora([])

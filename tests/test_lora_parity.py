@@ -134,3 +134,35 @@ def test_two_adapters_merged_and_dynamic(tiny_dev, tmp_path, engine, base_image,
     engine.set_lora([])
     assert all(torch.equal(v, w0[k]) for k, v in transformer.state_dict().items())
     assert engine.list_loras()["targets"]["transformer"]["mode"] == "off"
+
+
+def test_bfl_names_with_peft_keys_equal_kohya(tiny_dev, tmp_path, engine):
+    """The same tensors under ai-toolkit/ComfyUI's BFL naming (`diffusion_model.<dotted>.lora_A`) and under kohya's
+    give the same picture (kohya's is checked against diffusers above; diffusers has no loader for the former at
+    this size)."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = write_kohya(tiny_dev, tmp_path / "k.safetensors", seed=13, fused_single=True)
+    renamed = {}
+    for key, value in load_file(str(kohya)).items():
+        module, suffix = key.split(".", 1)
+        dotted = module.removeprefix("lora_unet_")
+        for a, b in (("double_blocks_", "double_blocks."), ("single_blocks_", "single_blocks.")):
+            dotted = dotted.replace(a, b)
+        dotted = dotted.replace("_img_", ".img_").replace("_txt_", ".txt_").replace("_attn_", "_attn.")
+        dotted = (
+            dotted.replace("_mlp_", "_mlp.")
+            .replace("_mod_lin", "_mod.lin")
+            .replace("_modulation_lin", ".modulation.lin")
+        )
+        dotted = dotted.replace("_linear", ".linear")
+        suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix)
+        renamed[f"diffusion_model.{dotted}.{suffix}"] = value
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in renamed
+    assert "diffusion_model.single_blocks.1.linear1.alpha" in renamed
+    bfl = tmp_path / "bfl.safetensors"
+    save_file(renamed, str(bfl))
+    a = ours(engine, "eq-kohya", kohya, 0.9)
+    b = ours(engine, "eq-bfl", bfl, 0.9)
+    assert next(e for e in engine.list_loras()["loaded"] if e["nickname"] == "eq-bfl")["format"] == "bfl-flux"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
