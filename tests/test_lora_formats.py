@@ -242,3 +242,25 @@ def test_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoRAError, match="no .safetensors file"):
         load_canonical(tmp_path / "empty")
+
+
+def test_diffusers_alpha_keys_and_kohya_on_diffusers_names():
+    a, b = pair(8, 8, rank=4)
+    lora = convert(
+        {
+            "transformer.single_transformer_blocks.0.proj_out.lora_A.weight": a,
+            "transformer.single_transformer_blocks.0.proj_out.lora_B.weight": b,
+            "transformer.single_transformer_blocks.0.proj_out.alpha": torch.tensor(1.0),
+        }
+    )
+    assert lora.format == "diffusers" and lora.modules[0].scale == pytest.approx(0.25)
+    mixture = convert(
+        {
+            "lora_transformer_single_transformer_blocks_3_attn_to_k.lora_down.weight": a,
+            "lora_transformer_single_transformer_blocks_3_attn_to_k.lora_up.weight": b,
+            "lora_transformer_single_transformer_blocks_3_attn_to_k.alpha": torch.tensor(8.0),
+        }
+    )
+    assert mixture.format == "kohya-diffusers-flux"
+    assert mixture.modules[0].targets == ("single_transformer_blocks.3.attn.to_k",)
+    assert mixture.modules[0].scale == pytest.approx(2.0)

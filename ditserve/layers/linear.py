@@ -151,7 +151,9 @@ class ColumnParallelLinear(LinearBase):
         super().lora_full_shape(first_part, num_parts)
         return self.full_out_features, self.in_features
 
-    def lora_shard(self, down, up, first_part=None, num_parts=1):
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         n = self.out_features
         return down, up.narrow(0, self.tp.rank * n, n), 0
 
@@ -183,7 +185,9 @@ class MergedColumnParallelLinear(LinearBase):
             raise ValueError(f"parts {first}..{first + num_parts - 1} of a {len(self.output_sizes)}-part projection")
         return sum(self.output_sizes[first : first + num_parts]), self.in_features
 
-    def lora_shard(self, down, up, first_part=None, num_parts=1):
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         # B's rows are the full outputs of the covered parts, in order; each rank keeps its share of every part.
         first = first_part or 0
         pieces, src = [], 0
@@ -225,7 +229,9 @@ class RowParallelLinear(LinearBase):
         super().lora_full_shape(first_part, num_parts)
         return self.out_features, sum(self.input_sizes)
 
-    def lora_shard(self, down, up, first_part=None, num_parts=1):
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         # A reads this rank's columns of every input part; the partial B(A x) are summed by the same all-reduce.
         cols, src = [], 0
         for full, local in zip(self.input_sizes, self.local_input_sizes):

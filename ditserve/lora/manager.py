@@ -77,6 +77,8 @@ class LoRAManager:
 
     # ---- input checking -----------------------------------------------------------------------------------------
     def resolve_targets(self, target: str | Sequence[str]) -> list[str]:
+        if not self.targets:
+            raise LoRAError("target", "LoRA is not supported for this model family yet")
         names = _as_list(target)
         if not names or not all(isinstance(t, str) for t in names):
             raise LoRAError("target", f"must be 'all', a target name or a list of them, got {target!r}")
@@ -216,22 +218,19 @@ class LoRAManager:
     def _apply(self, target: str) -> None:
         state, model = self.state[target], self.targets[target].model
         layers = dict(model.named_modules())
-        for name in state.touched:  # back to W0 with no adapters
+        per_layer: dict[str, list[LinearLoRA]] = {}
+        if state.mode != "off":
+            extra = state.merge_strength if state.mode == "merged" else 1.0
+            for nickname, strength in state.active:
+                for p in self.loaded[nickname].placed[target]:
+                    scaled = replace(p.adapter, scale=p.adapter.scale * strength * extra)
+                    per_layer.setdefault(p.layer, []).append(scaled)
+        for name in state.touched | set(per_layer):
             layer: LinearBase = layers[name]  # type: ignore[assignment]
             layer.lora = []
-            layer.unmerge_lora()
-        state.touched = set()
-        if state.mode == "off":
-            return
-        per_layer: dict[str, list[LinearLoRA]] = {}
-        extra = state.merge_strength if state.mode == "merged" else 1.0
-        for nickname, strength in state.active:
-            for p in self.loaded[nickname].placed[target]:
-                per_layer.setdefault(p.layer, []).append(replace(p.adapter, scale=p.adapter.scale * strength * extra))
-        for name, adapters in per_layer.items():
-            layer = layers[name]  # type: ignore[assignment]
-            if state.mode == "merged":
-                layer.merge_lora(adapters, self.backup_device)
+            if state.mode == "merged" and name in per_layer:
+                layer.merge_lora(per_layer[name], self.backup_device)  # from the kept W0: no restore round trip
             else:
-                layer.lora = adapters
+                layer.unmerge_lora()
+                layer.lora = per_layer.get(name, [])
         state.touched = set(per_layer)
