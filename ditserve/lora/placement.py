@@ -60,7 +60,11 @@ def place(lora: CanonicalLoRA, model: nn.Module, key_map: KeyMap, architecture: 
             unplaced.append("+".join(module.targets))
             continue
         name, first, count = where
-        full_out, full_in = layer.lora_full_shape(first, count)
+        try:
+            full_out, full_in = layer.lora_full_shape(first, count)
+        except ValueError:  # parts that this layer does not have
+            unplaced.append("+".join(module.targets))
+            continue
         if tuple(module.up.shape)[0] != full_out or tuple(module.down.shape)[1] != full_in:
             mis_shaped.append(
                 f"{'+'.join(module.targets)} (LoRA {tuple(module.up.shape)[0]}×{tuple(module.down.shape)[1]}, "
