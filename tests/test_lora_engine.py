@@ -239,6 +239,9 @@ def test_lora_change_waits_for_the_running_request(engine, files):
     worker = threading.Thread(target=lambda: result.setdefault("r", engine.generate(on_step=on_step, **call)))
     worker.start()
     started.wait(timeout=60)
+    t0 = time.perf_counter()
+    assert engine.list_loras()["targets"]["transformer"]["mode"] == "off"
+    assert time.perf_counter() - t0 < 0.2  # answered without waiting for the request
     engine.set_lora("mid", str(files["a"]), 1.0)  # blocks until the request is done
     worker.join()
     try:

@@ -264,3 +264,15 @@ def test_diffusers_alpha_keys_and_kohya_on_diffusers_names():
     assert mixture.format == "kohya-diffusers-flux"
     assert mixture.modules[0].targets == ("single_transformer_blocks.3.attn.to_k",)
     assert mixture.modules[0].scale == pytest.approx(2.0)
+
+
+def test_folder_with_one_safetensors_file(tmp_path):
+    """diffusers' save_lora_weights writes a folder holding pytorch_lora_weights.safetensors: the folder loads."""
+    a, b = pair(8, 8)
+    (tmp_path / "lora").mkdir()
+    save_file(
+        {"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b},
+        str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"),
+    )
+    lora = load_canonical(tmp_path / "lora")
+    assert lora.format == "diffusers" and lora.modules[0].targets == ("proj_out",)

@@ -6,6 +6,7 @@ validates a request, fills the model's defaults, runs the pipeline and returns i
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -135,5 +136,8 @@ class Engine:
             return self.lora.unmerge_lora_weights(target)
 
     def list_loras(self) -> dict:
-        with self._lock:
-            return self.lora.list_loras()
+        """Loaded adapters and, per target, the active ones with strengths and the mode (off, dynamic, merged).
+
+        Answered without waiting for a running request: it is the state as of the last completed LoRA change,
+        which is the state every request from now on runs with."""
+        return copy.deepcopy(self.lora.published)

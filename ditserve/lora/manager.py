@@ -13,6 +13,7 @@ error (`LoRAError`, naming the input at fault) leaves the previous state exactly
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ class LoRAManager:
         self.backup_device = backup_device
         self.loaded: dict[str, LoadedLoRA] = {}
         self.state: dict[str, TargetState] = {name: TargetState() for name in targets}
+        self.published = self.list_loras()  # the state as of the last completed change (see Engine.list_loras)
 
     # ---- input checking -----------------------------------------------------------------------------------------
     def resolve_targets(self, target: str | Sequence[str]) -> list[str]:
@@ -166,7 +168,7 @@ class LoRAManager:
             elif state.mode == "off":
                 state.mode = "dynamic"
             self._apply(t)
-        return self.list_loras()
+        return self._publish()
 
     def merge_lora_weights(self, strength: float = 1.0, target: str | list[str] = "all") -> dict:
         strength = check_strength(strength)
@@ -178,7 +180,7 @@ class LoRAManager:
             self.state[t].mode = "merged"
             self.state[t].merge_strength = strength
             self._apply(t)
-        return self.list_loras()
+        return self._publish()
 
     def unmerge_lora_weights(self, target: str | list[str] = "all") -> dict:
         targets = self.resolve_targets(target)
@@ -186,7 +188,11 @@ class LoRAManager:
             if self.state[t].mode == "merged":
                 self.state[t].mode = "off"
                 self._apply(t)
-        return self.list_loras()
+        return self._publish()
+
+    def _publish(self) -> dict:
+        self.published = self.list_loras()
+        return copy.deepcopy(self.published)
 
     def list_loras(self) -> dict:
         """Plain data (JSON-ready): what is loaded, and per target what is active, with strengths, and the mode."""
