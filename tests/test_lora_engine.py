@@ -168,6 +168,11 @@ def test_bf16_unmerge_is_bitwise_after_100_cycles(tiny_dev, files):
         assert all(torch.equal(v, w0[k]) for k, v in t.state_dict().items()), f"drift after cycle {i}"
     engine.merge_lora_weights(strength=1.0)  # merging is recomputed from W0: the same bits every time
     assert all(torch.equal(v, merged_once[k]) for k, v in t.state_dict().items())
+    engine.merge_lora_weights(strength=0.5)  # re-merging from the kept W0 copy, not from the merged weight
+    engine.merge_lora_weights(strength=1.0)
+    assert all(torch.equal(v, merged_once[k]) for k, v in t.state_dict().items())
+    engine.unmerge_lora_weights()
+    assert all(torch.equal(v, w0[k]) for k, v in t.state_dict().items())
 
 
 @pytest.mark.parametrize("rank", [0, 1])

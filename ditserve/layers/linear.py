@@ -114,7 +114,9 @@ class LinearBase(nn.Module):
         """W = W0 + Σ scale·BA, always computed from W0 (merging twice never stacks), in float32 then rounded once."""
         if self.lora_w0 is None:
             self.lora_w0 = self.weight.detach().to(backup_device, copy=True)
-        merged = self.lora_w0.to(self.weight.device, torch.float32, copy=True)
+            merged = self.weight.detach().to(torch.float32, copy=True)  # W0 is still in place: no copy back
+        else:
+            merged = self.lora_w0.to(self.weight.device, torch.float32, copy=True)
         for a in adapters:
             delta = a.delta_weight().to(merged.device)
             merged.narrow(0, a.row_offset, delta.shape[0]).add_(delta)
