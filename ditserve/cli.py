@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 
 from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS, ConfigError
+from ditserve.lora.cli import add_lora_flags
 
 
 class UsageError(Exception):
@@ -98,6 +99,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from ditserve.config import SamplingParams
     from ditserve.engine.engine import Engine
+    from ditserve.lora.cli import apply_lora_flags, lora_request
     from ditserve.utils.media import image_format, save_images
 
     try:
@@ -117,7 +119,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         max_sequence_length=ns.max_sequence_length,
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
+    lora_request(ns)
     engine = Engine(engine_args_from(ns))
+    apply_lora_flags(engine, ns)
     bars: list[tqdm] = []
 
     def on_step(i: int, n: int) -> None:
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make images from a prompt")
     add_engine_flags(gen)
     add_sampling_flags(gen)
+    add_lora_flags(gen)
     gen.add_argument("--output", default="out.png", help="file to write (.png, .jpg, .webp); numbered if several")
     gen.set_defaults(handler=cmd_generate)
 

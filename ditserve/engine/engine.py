@@ -6,6 +6,7 @@ validates a request, fills the model's defaults, runs the pipeline and returns i
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ditserve.accel.compile import compile_repeated_blocks
 from ditserve.config import EngineArgs, SamplingParams
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import resolve_model
+from ditserve.lora import LoRAManager, lora_targets
 from ditserve.pipelines import Pipeline, pipeline_class
 from ditserve.pipelines.base import StepCallback
 from ditserve.utils.memory import peak_mb, reset_peak
@@ -45,8 +47,10 @@ class Engine:
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.compile:
             compile_repeated_blocks(transformer)
-        # One request at a time per engine: the pipeline's modules are shared state.
+        # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
+        # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
+        self.lora = LoRAManager(lora_targets(self.pipeline))
 
     @classmethod
     def from_pretrained(
@@ -108,3 +112,36 @@ class Engine:
         return GenerationResult(
             images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
         )
+
+    # ---- LoRA (inputs and outputs are plain data, so the HTTP routes can pass them through) --------------------------
+    def set_lora(
+        self,
+        lora_nickname: str | list[str],
+        lora_path: str | list[str | None] | None = None,
+        strength: float | list[float] = 1.0,
+        target: str | list[str] = "all",
+    ) -> dict:
+        """Load (if new) and activate these adapters with these strengths on the target(s); `[]` turns LoRA off.
+
+        Raises `LoRAError` (a ValueError with `.field`) on any bad input, leaving the previous state unchanged.
+        Returns `list_loras()`.
+        """
+        with self._lock:
+            return self.lora.set_lora(lora_nickname, lora_path, strength, target)
+
+    def merge_lora_weights(self, strength: float = 1.0, target: str | list[str] = "all") -> dict:
+        """Fold the active adapters (times `strength`) into the weights, keeping W0 for an exact unmerge."""
+        with self._lock:
+            return self.lora.merge_lora_weights(strength, target)
+
+    def unmerge_lora_weights(self, target: str | list[str] = "all") -> dict:
+        """Restore W0 bit for bit; the target runs the base model until set_lora or merge_lora_weights."""
+        with self._lock:
+            return self.lora.unmerge_lora_weights(target)
+
+    def list_loras(self) -> dict:
+        """Loaded adapters and, per target, the active ones with strengths and the mode (off, dynamic, merged).
+
+        Answered without waiting for a running request: it is the state as of the last completed LoRA change,
+        which is the state every request from now on runs with."""
+        return copy.deepcopy(self.lora.published)

@@ -1,4 +1,4 @@
-"""Linear layers: the unit of tensor-parallel sharding, fused projections, and (later) LoRA and FP8.
+"""Linear layers: the unit of tensor-parallel sharding, fused projections, LoRA, and (later) FP8.
 
 Every weight in a DiT that a checkpoint stores as a `nn.Linear` lives in one of these. Each layer has a
 `weight_loader(param, tensor, shard_id)` that copies a checkpoint tensor into its place: the right slice of a fused
@@ -11,9 +11,17 @@ loader is a method of the layer, not an attribute of the parameter, because `to_
 - `RowParallelLinear`: input features split across ranks, partial results summed (attention out, MLP down).
   `input_sizes` describes an input that is itself a concatenation of column-sharded parts (FLUX's single-stream
   `proj_out` reads [attention, mlp]), so each rank takes its shard of every part.
+
+LoRA enters here and nowhere else (models never see it). A layer holds `LinearLoRA` adapters and either applies
+them in its forward (dynamic: y = W0 x + Σ s·B(A x), restricted to the output rows of the parts an adapter targets)
+or folds them into its weight (merged), keeping a copy of W0 so that unmerging restores it bit for bit.
+`lora_shard` is the LoRA twin of `weight_loader`: it cuts a full-size (A, B) pair down to this rank's share, so
+tensor parallelism needs nothing from the LoRA code above the layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,6 +46,20 @@ def _check_shape(param_name: str, expected: torch.Size, got: torch.Size) -> None
         raise ShapeMismatchError(f"{param_name}: checkpoint has shape {tuple(got)}, model expects {tuple(expected)}")
 
 
+@dataclass
+class LinearLoRA:
+    """One adapter on one layer, already cut to this rank: y[..., rows] += scale · B (A x)."""
+
+    down: torch.Tensor  # A: [rank, in_per_rank]
+    up: torch.Tensor  # B: [rows, rank]
+    scale: float  # strength · alpha / rank
+    row_offset: int = 0  # first output row (in this rank's layout) that B writes
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B A in float32: the change this adapter makes to its rows of the weight."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
 class LinearBase(nn.Module):
     """y = x Wᵀ + b, with W of shape [out_per_rank, in_per_rank]."""
 
@@ -50,6 +72,8 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.lora: list[LinearLoRA] = []  # applied in forward (dynamic mode)
+        self.lora_w0: torch.Tensor | None = None  # the unmerged weight, kept while a merge is in effect
 
     # Subclasses say which slices of a checkpoint tensor belong to this rank and where they go.
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
@@ -61,7 +85,49 @@ class LinearBase(nn.Module):
         return 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.apply_lora(x, F.linear(x, self.weight, self.bias))
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------------
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        """(out, in) of the full, unsharded weight rows that an adapter on these parts covers."""
+        if first_part not in (None, 0) or num_parts != 1:
+            raise ValueError(f"{type(self).__name__} is not fused: an adapter covers it whole")
+        return self.out_features, self.in_features
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Full-size (A, B) of an adapter on `num_parts` parts from `first_part` → this rank's (A, B, row offset)."""
+        return down, up, 0
+
+    def apply_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for a in self.lora:
+            delta = F.linear(F.linear(x, a.down), a.up) * a.scale
+            if delta.shape[-1] == y.shape[-1]:
+                y = y + delta
+            else:  # one part of a fused projection: only its rows change
+                y.narrow(-1, a.row_offset, delta.shape[-1]).add_(delta)
+        return y
+
+    @torch.no_grad()
+    def merge_lora(self, adapters: list[LinearLoRA], backup_device: torch.device | str = "cpu") -> None:
+        """W = W0 + Σ scale·BA, always computed from W0 (merging twice never stacks), in float32 then rounded once."""
+        if self.lora_w0 is None:
+            self.lora_w0 = self.weight.detach().to(backup_device, copy=True)
+            merged = self.weight.detach().to(torch.float32, copy=True)  # W0 is still in place: no copy back
+        else:
+            merged = self.lora_w0.to(self.weight.device, torch.float32, copy=True)
+        for a in adapters:
+            delta = a.delta_weight().to(merged.device)
+            merged.narrow(0, a.row_offset, delta.shape[0]).add_(delta)
+        self.weight.data.copy_(merged)
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        """Put W0 back exactly (a copy, not a subtraction, so nothing drifts in low precision)."""
+        if self.lora_w0 is not None:
+            self.weight.data.copy_(self.lora_w0)
+            self.lora_w0 = None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -82,6 +148,16 @@ class ColumnParallelLinear(LinearBase):
         _check_shape("weight" if param.dim() == 2 else "bias", torch.Size(expected), loaded.shape)
         n = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
+
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        super().lora_full_shape(first_part, num_parts)
+        return self.full_out_features, self.in_features
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n = self.out_features
+        return down, up.narrow(0, self.tp.rank * n, n), 0
 
 
 class MergedColumnParallelLinear(LinearBase):
@@ -104,6 +180,26 @@ class MergedColumnParallelLinear(LinearBase):
         n = self.local_sizes[shard_id]
         offset = sum(self.local_sizes[:shard_id])
         param.data.narrow(0, offset, n).copy_(loaded.narrow(0, self.tp.rank * n, n))
+
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        first = first_part or 0
+        if first + num_parts > len(self.output_sizes) or num_parts < 1:
+            raise ValueError(f"parts {first}..{first + num_parts - 1} of a {len(self.output_sizes)}-part projection")
+        return sum(self.output_sizes[first : first + num_parts]), self.in_features
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # B's rows are the full outputs of the covered parts, in order; each rank keeps its share of every part.
+        first = first_part or 0
+        pieces, src = [], 0
+        for full, local in zip(
+            self.output_sizes[first : first + num_parts], self.local_sizes[first : first + num_parts]
+        ):
+            pieces.append(up.narrow(0, src + self.tp.rank * local, local))
+            src += full
+        local_up = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return down, local_up, sum(self.local_sizes[:first])
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split this layer's output back into its parts (this rank's share of each)."""
@@ -131,8 +227,22 @@ class RowParallelLinear(LinearBase):
             src += full
             dst += local
 
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        super().lora_full_shape(first_part, num_parts)
+        return self.out_features, sum(self.input_sizes)
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # A reads this rank's columns of every input part; the partial B(A x) are summed by the same all-reduce.
+        cols, src = [], 0
+        for full, local in zip(self.input_sizes, self.local_input_sizes):
+            cols.append(down.narrow(1, src + self.tp.rank * local, local))
+            src += full
+        return (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)), up, 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.apply_lora(x, F.linear(x, self.weight, self.bias))
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y

@@ -1,0 +1,220 @@
+"""Module names of each LoRA naming scheme → diffusers module names.
+
+A scheme is a table of patterns; `{i}` is a block index. A pattern matches its dotted form
+(`double_blocks.0.img_attn.qkv`) and kohya's flattened form (`double_blocks_0_img_attn_qkv`) alike, so one table
+serves every trainer that writes that model's names. A row's right side is one diffusers name, or several when the
+source module is a fused projection whose output is those modules' outputs concatenated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# (down, up) → (down, up): a change of output-row order between the two namings.
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def swap_halves(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BFL's final modulation outputs (shift, scale); diffusers' norm_out.linear outputs (scale, shift)."""
+    shift, scale = up.chunk(2, dim=0)
+    return down, torch.cat([scale, shift], dim=0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    targets: tuple[str, ...]
+    transform: Transform | None = None
+
+
+@dataclass
+class Scheme:
+    name: str  # format label, e.g. "bfl-flux"
+    architecture: str
+    rules: list[Rule]
+
+    def __post_init__(self) -> None:
+        self._compiled = [(_compile(r.pattern), r) for r in self.rules]
+
+    def resolve(self, module: str) -> tuple[tuple[str, ...], Transform | None] | None:
+        for regex, rule in self._compiled:
+            if m := regex.fullmatch(module):
+                i = m.group(1) if m.groups() else None
+                return tuple(t.format(i=i) for t in rule.targets), rule.transform
+        return None
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    parts = [re.escape(p).replace(r"\{i\}", r"(\d+)") for p in pattern.split(".")]
+    return re.compile("[._]".join(parts))
+
+
+def _rules(table: dict[str, str | tuple[str, ...]]) -> list[Rule]:
+    return [Rule(k, (v,) if isinstance(v, str) else v) for k, v in table.items()]
+
+
+# ---- FLUX.1 -----------------------------------------------------------------------------------------------------
+_D, _S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+FLUX_DIFFUSERS = Scheme(
+    "diffusers",
+    "flux",
+    _rules(
+        {
+            f"{_D}.norm1.linear": f"{_D}.norm1.linear",
+            f"{_D}.norm1_context.linear": f"{_D}.norm1_context.linear",
+            **{f"{_D}.attn.{n}": f"{_D}.attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0", "to_add_out")},
+            **{f"{_D}.attn.{n}": f"{_D}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")},
+            **{f"{_D}.{n}": f"{_D}.{n}" for n in ("ff.net.0.proj", "ff.net.2")},
+            **{f"{_D}.{n}": f"{_D}.{n}" for n in ("ff_context.net.0.proj", "ff_context.net.2")},
+            f"{_S}.norm.linear": f"{_S}.norm.linear",
+            **{f"{_S}.attn.{n}": f"{_S}.attn.{n}" for n in ("to_q", "to_k", "to_v")},
+            f"{_S}.proj_mlp": f"{_S}.proj_mlp",
+            f"{_S}.proj_out": f"{_S}.proj_out",
+            **{
+                n: n
+                for n in (
+                    "x_embedder",
+                    "context_embedder",
+                    "norm_out.linear",
+                    "proj_out",
+                    *(
+                        f"time_text_embed.{e}.linear_{j}"
+                        for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
+                        for j in (1, 2)
+                    ),
+                )
+            },
+        }
+    ),
+)
+
+# Black Forest Labs' own module names (the original flux repo, ComfyUI, kohya's sd-scripts, ai-toolkit's BFL
+# output), plus XLabs' attention-processor LoRAs, which sit on the same blocks.
+FLUX_BFL = Scheme(
+    "bfl-flux",
+    "flux",
+    [
+        *_rules(
+            {
+                "double_blocks.{i}.img_attn.qkv": (f"{_D}.attn.to_q", f"{_D}.attn.to_k", f"{_D}.attn.to_v"),
+                "double_blocks.{i}.img_attn.proj": f"{_D}.attn.to_out.0",
+                "double_blocks.{i}.img_mlp.0": f"{_D}.ff.net.0.proj",
+                "double_blocks.{i}.img_mlp.2": f"{_D}.ff.net.2",
+                "double_blocks.{i}.img_mod.lin": f"{_D}.norm1.linear",
+                "double_blocks.{i}.txt_attn.qkv": (
+                    f"{_D}.attn.add_q_proj",
+                    f"{_D}.attn.add_k_proj",
+                    f"{_D}.attn.add_v_proj",
+                ),
+                "double_blocks.{i}.txt_attn.proj": f"{_D}.attn.to_add_out",
+                "double_blocks.{i}.txt_mlp.0": f"{_D}.ff_context.net.0.proj",
+                "double_blocks.{i}.txt_mlp.2": f"{_D}.ff_context.net.2",
+                "double_blocks.{i}.txt_mod.lin": f"{_D}.norm1_context.linear",
+                "single_blocks.{i}.linear1": (
+                    f"{_S}.attn.to_q",
+                    f"{_S}.attn.to_k",
+                    f"{_S}.attn.to_v",
+                    f"{_S}.proj_mlp",
+                ),
+                "single_blocks.{i}.linear2": f"{_S}.proj_out",
+                "single_blocks.{i}.modulation.lin": f"{_S}.norm.linear",
+                "img_in": "x_embedder",
+                "txt_in": "context_embedder",
+                "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+                "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+                "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+                "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+                "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+                "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+                "final_layer.linear": "proj_out",
+                # XLabs: LoRA on the attention processor; qkv_lora1/proj_lora1 image stream, *2 text stream.
+                "double_blocks.{i}.processor.qkv_lora1": (f"{_D}.attn.to_q", f"{_D}.attn.to_k", f"{_D}.attn.to_v"),
+                "double_blocks.{i}.processor.proj_lora1": f"{_D}.attn.to_out.0",
+                "double_blocks.{i}.processor.qkv_lora2": (
+                    f"{_D}.attn.add_q_proj",
+                    f"{_D}.attn.add_k_proj",
+                    f"{_D}.attn.add_v_proj",
+                ),
+                "double_blocks.{i}.processor.proj_lora2": f"{_D}.attn.to_add_out",
+                # A single block's qkv_lora covers q, k, v only: the first three parts of linear1.
+                "single_blocks.{i}.processor.qkv_lora": (f"{_S}.attn.to_q", f"{_S}.attn.to_k", f"{_S}.attn.to_v"),
+                "single_blocks.{i}.processor.proj_lora": f"{_S}.proj_out",
+            }
+        ),
+        Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves),
+    ],
+)
+
+# ---- Qwen-Image (its native names are diffusers' names) ----------------------------------------------------------
+_Q = "transformer_blocks.{i}"
+QWEN_IMAGE = Scheme(
+    "qwen-image",
+    "qwen-image",
+    _rules(
+        {
+            **{
+                f"{_Q}.{n}": f"{_Q}.{n}"
+                for n in (
+                    "img_mod.1",
+                    "txt_mod.1",
+                    "attn.to_q",
+                    "attn.to_k",
+                    "attn.to_v",
+                    "attn.to_out.0",
+                    "attn.add_q_proj",
+                    "attn.add_k_proj",
+                    "attn.add_v_proj",
+                    "attn.to_add_out",
+                    "img_mlp.net.0.proj",
+                    "img_mlp.net.2",
+                    "txt_mlp.net.0.proj",
+                    "txt_mlp.net.2",
+                )
+            },
+            **{
+                n: n
+                for n in (
+                    "img_in",
+                    "txt_in",
+                    "norm_out.linear",
+                    "proj_out",
+                    "time_text_embed.timestep_embedder.linear_1",
+                    "time_text_embed.timestep_embedder.linear_2",
+                )
+            },
+        }
+    ),
+)
+
+# ---- Wan 2.x: the original repo's names (LightX2V, musubi-tuner, ComfyUI) → diffusers' WanTransformer3DModel ----
+_W = "blocks.{i}"
+_WAN_NATIVE_TO_DIFFUSERS: dict[str, str] = {
+    **{f"{_W}.self_attn.{o}": f"{_W}.attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    **{f"{_W}.cross_attn.{o}": f"{_W}.attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    f"{_W}.cross_attn.k_img": f"{_W}.attn2.add_k_proj",
+    f"{_W}.cross_attn.v_img": f"{_W}.attn2.add_v_proj",
+    f"{_W}.ffn.0": f"{_W}.ffn.net.0.proj",
+    f"{_W}.ffn.2": f"{_W}.ffn.net.2",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+}
+WAN_NATIVE = Scheme("wan", "wan", _rules(_WAN_NATIVE_TO_DIFFUSERS))
+WAN_DIFFUSERS = Scheme("diffusers", "wan", _rules({v: v for v in _WAN_NATIVE_TO_DIFFUSERS.values()}))
+
+SCHEMES: list[Scheme] = [FLUX_DIFFUSERS, FLUX_BFL, QWEN_IMAGE, WAN_NATIVE, WAN_DIFFUSERS]
+
+
+def schemes_for(preferred_architecture: str | None) -> list[Scheme]:
+    """Every scheme, the loaded model's architecture first: names some families share (Qwen-Image and FLUX both
+    have `transformer_blocks.N.attn.to_q`) resolve to the same diffusers names either way, only the label differs."""
+    return sorted(SCHEMES, key=lambda s: s.architecture != preferred_architecture)
