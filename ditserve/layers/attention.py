@@ -4,11 +4,12 @@
 so the engine can choose the backend per model, and sequence parallelism (Ulysses all-to-all, Ring K/V passing)
 can wrap the module without touching model code.
 
-Backends are PyTorch's attention kernels chosen explicitly: on Hopper the cuDNN kernel runs about twice as fast
-as the flash kernel at DiT shapes (shared/PERF-FACTS.md; 0.40 vs 0.80 ms at FLUX 1024² on H200), but SDPA's own
-default order picks flash. `auto` resolves, per device, to `cudnn` on CUDA and `sdpa` elsewhere
-(`resolve_attention_backend`). `cudnn` calls the cuDNN op directly rather than through a `sdpa_kernel` context,
-because torch.compile does not honour that context, and falls back to SDPA for inputs cuDNN cannot take.
+Backends are PyTorch's attention kernels chosen explicitly. On Hopper the cuDNN kernel runs about twice as fast
+as the flash kernel at DiT shapes (0.40 vs 0.80 ms at FLUX 1024² on H200). torch 2.11's SDPA picks cuDNN there by
+default, but that default has moved between torch releases and any `sdpa_kernel(..., set_priority=True)` elsewhere
+in the process changes it (seen here: diffusers fell back to flash after one). So `auto` resolves, per device, to
+`cudnn` on CUDA and `sdpa` elsewhere (`resolve_attention_backend`), and `cudnn` calls the cuDNN op directly, which
+torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
 """
 
 from __future__ import annotations
