@@ -1,0 +1,272 @@
+"""Sequence parallelism for joint-attention DiTs: Ulysses (all-to-all over heads), Ring (K/V passed around a ring,
+partial results merged by log-sum-exp), and both at once (USP: Ulysses inside, Ring outside).
+
+It attaches from outside the model, at two seams:
+- the model's forward is wrapped: inputs are split along the sequence (text and image tokens each, so both streams'
+  own weights still see their own tokens), every rank runs the model on its shard, and the image output is
+  gathered back;
+- every `Attention` module's forward is replaced: each rank holds all heads of a sequence shard, attention needs
+  every key, and the two schemes provide them.
+
+Sequences that do not divide by the degree are padded at the end of each shard. Padded keys are removed before
+attention (their positions are known on every rank), so the result is exactly that of the unpadded sequence;
+padded queries produce rows that the final gather drops.
+
+Rank layout inside the sequence-parallel group: sp_rank = ring_rank · ulysses_size + ulysses_rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditserve.layers.attention import Attention, _cudnn_can_take
+
+
+@dataclass(frozen=True)
+class SequenceParallelGroups:
+    ulysses_group: dist.ProcessGroup | None
+    ulysses_size: int
+    ulysses_rank: int
+    ring_group: dist.ProcessGroup | None
+    ring_size: int
+    ring_rank: int
+    sp_group: dist.ProcessGroup | None  # all ulysses × ring ranks, for sharding and the final gather
+    ring_ranks: tuple[int, ...] = ()  # global ranks of this ring, in ring order (for send/recv)
+
+    @property
+    def size(self) -> int:
+        return self.ulysses_size * self.ring_size
+
+    @property
+    def rank(self) -> int:
+        return self.ring_rank * self.ulysses_size + self.ulysses_rank
+
+
+def build_sequence_parallel_groups(
+    ulysses: int, ring: int, sp_ranks: list[int] | None = None
+) -> SequenceParallelGroups:
+    """Create the groups for one world of ulysses × ring ranks (every rank calls this with the same arguments).
+
+    `sp_ranks` lists the global ranks of this process's sequence-parallel group in sp-rank order; by default the
+    whole world. Groups for the other sp groups of a larger world are created too, since new_group is collective.
+    """
+    world = dist.get_world_size()
+    size = ulysses * ring
+    all_sp = [sp_ranks] if sp_ranks is not None else [list(range(world))]
+    if sp_ranks is None and world != size:
+        raise ValueError(f"world size {world} is not ulysses {ulysses} × ring {ring}")
+    me = dist.get_rank()
+    mine: dict = {}
+    for ranks in all_sp:
+        sp = dist.new_group(ranks)
+        for r in range(ring):
+            members = ranks[r * ulysses : (r + 1) * ulysses]
+            g = dist.new_group(members)
+            if me in members:
+                mine["ulysses"] = (g, members.index(me))
+        for u in range(ulysses):
+            members = [ranks[r * ulysses + u] for r in range(ring)]
+            g = dist.new_group(members)
+            if me in members:
+                mine["ring"] = (g, members.index(me), tuple(members))
+        if me in ranks:
+            mine["sp"] = sp
+    return SequenceParallelGroups(
+        ulysses_group=mine["ulysses"][0],
+        ulysses_size=ulysses,
+        ulysses_rank=mine["ulysses"][1],
+        ring_group=mine["ring"][0],
+        ring_size=ring,
+        ring_rank=mine["ring"][1],
+        sp_group=mine["sp"],
+        ring_ranks=mine["ring"][2],
+    )
+
+
+# ---- sharding with padding --------------------------------------------------------------------------------------
+def shard_lengths(total: int, parts: int) -> tuple[int, list[int]]:
+    """(padded shard length, valid tokens in each shard) for a sequence of `total` split into `parts`."""
+    local = math.ceil(total / parts)
+    return local, [max(0, min(local, total - i * local)) for i in range(parts)]
+
+
+def shard_sequence(x: torch.Tensor, dim: int, parts: int, index: int) -> torch.Tensor:
+    """Shard `index` of x along `dim`, zero-padded to the common shard length."""
+    local, valid = shard_lengths(x.shape[dim], parts)
+    piece = x.narrow(dim, index * local, valid[index]) if valid[index] else x.narrow(dim, 0, 0)
+    if valid[index] < local:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = local - valid[index]
+        piece = torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
+    return piece
+
+
+@dataclass
+class JointLayout:
+    """Where the valid tokens are in each sp rank's local joint sequence [text shard | image shard]."""
+
+    txt_local: int
+    img_local: int
+    txt_valid: list[int]  # per sp rank
+    img_valid: list[int]
+    _cache: dict = field(default_factory=dict)
+
+    def valid_positions(self, sp_rank: int) -> list[int]:
+        return list(range(self.txt_valid[sp_rank])) + [self.txt_local + i for i in range(self.img_valid[sp_rank])]
+
+    def key_index(self, sp_ranks: list[int], device: torch.device) -> torch.Tensor | None:
+        """Indices of valid keys in the concatenation of these ranks' local sequences (None: all valid)."""
+        key = (tuple(sp_ranks), str(device))
+        if key not in self._cache:
+            local = self.txt_local + self.img_local
+            idx = [i * local + p for i, r in enumerate(sp_ranks) for p in self.valid_positions(r)]
+            full = len(idx) == local * len(sp_ranks)
+            self._cache[key] = None if full else torch.tensor(idx, device=device, dtype=torch.long)
+        return self._cache[key]
+
+
+# ---- attention pieces -------------------------------------------------------------------------------------------
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention [B, S, H, D] plus the log-sum-exp of the scores [B, H, S] (float32), for merging partial results."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _cudnn_can_take(q):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
+        return out.transpose(1, 2), lse.float().reshape(q.shape[0], q.shape[2], q.shape[1])
+    scores = (qt.float() @ kt.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ vt.float()
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, size: int) -> torch.Tensor:
+    """Split x into `size` chunks along scatter_dim, exchange, concatenate what arrives along gather_dim."""
+    inputs = [c.contiguous() for c in x.chunk(size, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather_dim)
+
+
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SequenceParallelGroups, block_keys
+) -> torch.Tensor:
+    """q against the K/V blocks of every ring rank. block_keys(j) gives the valid-key index of ring rank j's block."""
+    out = lse = None
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    size, rank = groups.ring_size, groups.ring_rank
+    for step in range(size):
+        source = (rank - step) % size  # whose block we hold at this step
+        if step < size - 1:  # start passing this block on while we compute with it
+            k_next, v_next = torch.empty_like(k_cur), torch.empty_like(v_cur)
+            ops = [
+                dist.P2POp(dist.isend, k_cur, groups.ring_ranks[(rank + 1) % size], groups.ring_group),
+                dist.P2POp(dist.isend, v_cur, groups.ring_ranks[(rank + 1) % size], groups.ring_group),
+                dist.P2POp(dist.irecv, k_next, groups.ring_ranks[(rank - 1) % size], groups.ring_group),
+                dist.P2POp(dist.irecv, v_next, groups.ring_ranks[(rank - 1) % size], groups.ring_group),
+            ]
+            requests = dist.batch_isend_irecv(ops)
+        idx = block_keys(source)
+        kb, vb = (k_cur, v_cur) if idx is None else (k_cur.index_select(1, idx), v_cur.index_select(1, idx))
+        if kb.shape[1]:
+            o, l_ = attention_with_lse(q, kb, vb)
+            if out is None:
+                out, lse = o.float(), l_
+            else:
+                new_lse = torch.logaddexp(lse, l_)
+                # lse is [B, H, S]; outputs are [B, S, H, D]
+                w_old = torch.exp(lse - new_lse).transpose(1, 2)[..., None]
+                w_new = torch.exp(l_ - new_lse).transpose(1, 2)[..., None]
+                out = out * w_old + o.float() * w_new
+                lse = new_lse
+        if step < size - 1:
+            for req in requests:
+                req.wait()
+            k_cur, v_cur = k_next, v_next
+    return out.to(q.dtype)  # type: ignore[union-attr]
+
+
+class SequenceParallelAttention(nn.Module):
+    """USP attention: Ulysses all-to-all (heads ↔ sequence) around Ring attention over the gathered shards."""
+
+    def __init__(self, inner: Attention, groups: SequenceParallelGroups):
+        super().__init__()
+        self.inner = inner
+        self.groups = groups
+        self.layout: JointLayout | None = None  # set by the model wrapper for each forward
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g, layout = self.groups, self.layout
+        if layout is None:
+            raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
+        if g.ulysses_size > 1:
+            if q.shape[2] % g.ulysses_size:
+                raise ValueError(f"{q.shape[2]} heads cannot be split over ulysses degree {g.ulysses_size}")
+            q, k, v = (_all_to_all(t, 2, 1, g.ulysses_group, g.ulysses_size) for t in (q, k, v))
+
+        def block_keys(ring_rank: int) -> torch.Tensor | None:
+            ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
+            return layout.key_index(ranks, q.device)
+
+        if g.ring_size > 1:
+            out = ring_attention(q, k, v, g, block_keys)
+        else:
+            idx = block_keys(0)
+            if idx is not None:
+                k, v = k.index_select(1, idx), v.index_select(1, idx)
+            out = self.inner(q, k, v)
+        if g.ulysses_size > 1:
+            out = _all_to_all(out, 1, 2, g.ulysses_group, g.ulysses_size)
+        return out
+
+
+def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups) -> nn.Module:
+    """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring)."""
+    if groups.size == 1:
+        return model
+    wrappers: list[SequenceParallelAttention] = []
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Attention):
+                wrapper = SequenceParallelAttention(child, groups)
+                setattr(module, child_name, wrapper)
+                wrappers.append(wrapper)
+    original_forward = model.forward
+
+    def forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+        n, r = groups.size, groups.rank
+        img_local, img_valid = shard_lengths(hidden_states.shape[1], n)
+        txt_local, txt_valid = shard_lengths(encoder_hidden_states.shape[1], n)
+        layout = JointLayout(txt_local, img_local, txt_valid, img_valid)
+        for wrapper in wrappers:
+            wrapper.layout = layout
+        out = original_forward(
+            shard_sequence(hidden_states, 1, n, r),
+            shard_sequence(encoder_hidden_states, 1, n, r),
+            pooled_projections,
+            timestep,
+            shard_sequence(img_ids, 0, n, r),
+            shard_sequence(txt_ids, 0, n, r),
+            guidance,
+        )
+        gathered = [torch.empty_like(out) for _ in range(n)]
+        dist.all_gather(gathered, out.contiguous(), group=groups.sp_group)
+        return torch.cat([piece[:, : img_valid[i]] for i, piece in enumerate(gathered)], dim=1)
+
+    model.forward = forward  # type: ignore[method-assign]
+    return model
+
+
+__all__ = [
+    "JointLayout",
+    "SequenceParallelAttention",
+    "SequenceParallelGroups",
+    "attention_with_lse",
+    "build_sequence_parallel_groups",
+    "enable_sequence_parallel",
+    "shard_lengths",
+    "shard_sequence",
+]
