@@ -53,6 +53,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
+    par = p.add_argument_group("several GPUs (on the CPU: processes); num-gpus = ulysses × ring × cfg × tp")
+    par.add_argument("--num-gpus", type=int, default=1)
+    par.add_argument("--ulysses-degree", type=int, default=1, help="sequence parallel: all-to-all over heads")
+    par.add_argument("--ring-degree", type=int, default=1, help="sequence parallel: K/V passed around a ring")
+    par.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on two halves of the ranks")
+    par.add_argument("--tp-size", type=int, default=1, help="tensor parallel: linears sharded across ranks")
+    par.add_argument("--nnodes", type=int, default=1)
+    par.add_argument("--node-rank", type=int, default=0)
+    par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (several nodes)")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -65,6 +74,14 @@ def engine_args_from(ns: argparse.Namespace):
         load_format=ns.load_format,
         attention_backend=ns.attention_backend,
         compile=ns.compile,
+        num_gpus=ns.num_gpus,
+        ulysses_degree=ns.ulysses_degree,
+        ring_degree=ns.ring_degree,
+        cfg_parallel=ns.cfg_parallel,
+        tp_size=ns.tp_size,
+        nnodes=ns.nnodes,
+        node_rank=ns.node_rank,
+        dist_init_addr=ns.dist_init_addr,
     )
 
 
@@ -121,6 +138,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)
     engine = Engine(engine_args_from(ns))
+    if not engine.is_driver:  # another rank of a torchrun or multi-node launch: follow rank 0
+        engine.follow()
+        return 0
     apply_lora_flags(engine, ns)
     bars: list[tqdm] = []
 
@@ -134,6 +154,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
+        engine.close()
     paths = save_images(result.images, ns.output)
     print(_format_summary(result, paths))
     return 0

@@ -58,6 +58,16 @@ class EngineArgs:
     attention_backend: str = "auto"
     compile: bool = False  # torch.compile each repeated DiT block (first request pays the compile time)
     seed_for_dummy_weights: int = 0
+    # Several GPUs (on the CPU: several processes); num_gpus = ulysses · ring · (2 if cfg_parallel) · tp_size.
+    num_gpus: int = 1
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_parallel: bool = False
+    tp_size: int = 1
+    # Several machines: each runs the same command with its node rank; rank 0's address is the rendezvous.
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of node 0
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -76,6 +86,40 @@ class EngineArgs:
                 raise ConfigError("device", "cuda was asked for but no CUDA device is available")
             if dev.type not in ("cpu", "cuda"):
                 raise ConfigError("device", f"unsupported device type {dev.type!r}; use cpu or cuda")
+        from ditserve.parallel.groups import ParallelConfigError
+
+        try:
+            self.parallel_config().validate()
+        except ParallelConfigError as e:
+            raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError("node_rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.num_gpus % self.nnodes:
+            raise ConfigError("nnodes", f"{self.num_gpus} ranks cannot be spread evenly over {self.nnodes} nodes")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError("dist_init_addr", "several nodes need the host:port of node 0")
+        if self.num_gpus > 1 and self.resolved_device().type == "cuda":
+            local = self.num_gpus // self.nnodes
+            if local > torch.cuda.device_count():
+                raise ConfigError("num_gpus", f"{local} ranks per node but {torch.cuda.device_count()} CUDA devices")
+
+    def parallel_config(self):
+        from ditserve.parallel.groups import ParallelConfig
+
+        return ParallelConfig(
+            num_gpus=self.num_gpus,
+            ulysses_degree=self.ulysses_degree,
+            ring_degree=self.ring_degree,
+            cfg_parallel=self.cfg_parallel,
+            tp_size=self.tp_size,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain data (dtype as its name), for sending to other processes."""
+        data = dataclasses.asdict(self)
+        if isinstance(self.dtype, torch.dtype):
+            data["dtype"] = str(self.dtype).replace("torch.", "")
+        return data
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:

@@ -10,7 +10,11 @@ from torch import nn
 
 
 def compile_repeated_blocks(model: nn.Module, mode: str | None = None) -> nn.Module:
-    blocks = model.repeated_blocks()  # type: ignore[operator]
-    for block in blocks:
-        block.compile(fullgraph=True, dynamic=False, mode=mode)
+    # Sequence-parallel attention runs collectives that dynamo does not trace: it is left out of the graph
+    # (torch.compiler.disable), so those blocks compile as two graphs around it instead of one.
+    from ditserve.parallel.sequence import SequenceParallelAttention
+
+    split = any(isinstance(m, SequenceParallelAttention) for m in model.modules())
+    for block in model.repeated_blocks():  # type: ignore[operator]
+        block.compile(fullgraph=not split, dynamic=False, mode=mode)
     return model

@@ -6,22 +6,41 @@ validates a request, fills the model's defaults, runs the pipeline and returns i
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
+import dataclasses
 import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ditserve.accel.compile import compile_repeated_blocks
-from ditserve.config import EngineArgs, SamplingParams
+from ditserve.config import ConfigError, EngineArgs, SamplingParams
+from ditserve.engine.distributed import (
+    RankPlacement,
+    broadcast_json,
+    free_port,
+    init_process_group,
+    rank_main,
+    torchrun_placement,
+)
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import resolve_model
 from ditserve.lora import LoRAManager, lora_targets
+from ditserve.parallel.groups import ParallelConfigError, ParallelGroups, init_parallel_groups
+from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline, pipeline_class
 from ditserve.pipelines.base import StepCallback
 from ditserve.utils.memory import peak_mb, reset_peak
+
+
+class _StoppedByDriver(Exception):
+    """Rank 0 ended the running request early (it was cancelled); the other ranks drop it too."""
 
 
 @dataclass
@@ -34,16 +53,48 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, placement: RankPlacement | None = None):
         self.args = args
+        self.parallel = args.parallel_config()
+        self.groups: ParallelGroups | None = None
+        self._control = None  # gloo group rank 0 broadcasts operations on
+        self._rank_processes: list = []
+        self._closed = False
+        self.rank = 0
         self.device = args.resolved_device()
         self.dtype = args.resolved_dtype()
         self.source = resolve_model(args.model, args.load_format)
+        if self.parallel.world_size > 1:
+            # Refuse a split the model cannot take before any process is started.
+            try:
+                self.parallel.check_model(int(self.source.config("transformer").get("num_attention_heads", 1)))
+            except ParallelConfigError as e:
+                raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+        try:
+            self._load(args, placement)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _load(self, args: EngineArgs, placement: RankPlacement | None) -> None:
+        if self.parallel.world_size > 1:
+            placement = placement or torchrun_placement() or self._start_ranks()
+            init_process_group(placement, self.device.type)
+            self.rank = placement.rank
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", placement.local_rank)
+            # Groups first: tensor-parallel layers read their group while the model is built.
+            self.groups = init_parallel_groups(self.parallel)
+            self._control = dist.new_group(backend="gloo")
         cls = pipeline_class(self.source.family)
         self.pipeline: Pipeline = cls.load(  # type: ignore[attr-defined]
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
         transformer = self.pipeline.c.transformer  # type: ignore[attr-defined]
+        if self.groups is not None:
+            self.pipeline.parallel = self.groups
+            if self.groups.sequence is not None:
+                enable_sequence_parallel(transformer, self.groups.sequence)
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.compile:
             compile_repeated_blocks(transformer)
@@ -51,6 +102,109 @@ class Engine:
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
         self.lora = LoRAManager(lora_targets(self.pipeline))
+        if self.is_driver and self.parallel.world_size > 1:
+            atexit.register(self.close)
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 takes requests; the other ranks `follow()` it."""
+        return self.rank == 0
+
+    def _start_ranks(self) -> RankPlacement:
+        """Spawn this node's other ranks; return this process's place (the node's first rank)."""
+        args = self.args
+        local_world = self.parallel.world_size // args.nnodes
+        if args.nnodes == 1:
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            init_method = f"tcp://{args.dist_init_addr}"
+        base = args.node_rank * local_world
+        context = mp.get_context("spawn")
+        for local in range(1, local_world):
+            placement = RankPlacement(base + local, self.parallel.world_size, local, init_method)
+            process = context.Process(target=rank_main, args=(args.to_dict(), dataclasses.asdict(placement)))
+            process.start()
+            self._rank_processes.append(process)
+        return RankPlacement(base, self.parallel.world_size, 0, init_method)
+
+    def _broadcast(self, message: dict | None) -> dict:
+        return broadcast_json(message, self._control)
+
+    def _synced_steps(self, on_step: StepCallback | None) -> StepCallback | None:
+        """With several ranks, a step callback that raises (a cancelled request) must stop every rank at the same
+        step, or the others would wait forever in the next collective: rank 0 broadcasts the outcome each step."""
+        if self.parallel.world_size == 1:
+            return on_step
+
+        def synced(i: int, n: int) -> None:
+            error = None
+            if self.is_driver and on_step is not None:
+                try:
+                    on_step(i, n)
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
+                    error = e
+            flag = torch.tensor([1 if error is not None else 0], dtype=torch.int64)
+            dist.broadcast(flag, src=0, group=self._control)
+            if error is not None:
+                raise error
+            if flag.item():
+                raise _StoppedByDriver()
+
+        return synced
+
+    def follow(self) -> None:
+        """Run what rank 0 broadcasts until it says stop (for ranks other than 0)."""
+        while True:
+            message = self._broadcast(None)
+            op = message["op"]
+            if op == "stop":
+                break
+            if op == "run":
+                params = SamplingParams(**message["params"]).replace(output_type="latent")  # rank 0 decodes
+                with contextlib.suppress(_StoppedByDriver):
+                    self.pipeline(params, self._synced_steps(None))
+            elif op == "lora":
+                getattr(self.lora, message["method"])(**message["kwargs"])
+        self._shutdown()
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0) and leave the process group. Safe to call twice."""
+        if self._closed or self.parallel.world_size == 1:
+            self._closed = True
+            return
+        self._closed = True
+        if self.is_driver:
+            with self._lock:
+                self._broadcast({"op": "stop"})
+        self._shutdown()
+
+    def _abandon(self) -> None:
+        """A failed start: stop the ranks this process started and leave the process group."""
+        self._closed = True
+        for process in self._rank_processes:
+            process.terminate()
+            process.join(timeout=30)
+        self._rank_processes.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        from ditserve.parallel.state import set_tensor_parallel_group
+
+        set_tensor_parallel_group(None)
+
+    def _shutdown(self) -> None:
+        for process in self._rank_processes:
+            process.join(timeout=60)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        from ditserve.parallel.state import set_tensor_parallel_group
+
+        set_tensor_parallel_group(None)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(
@@ -105,9 +259,12 @@ class Engine:
         if resolved.seed is None:
             # A drawn seed is reported back, so any image can be made again.
             resolved = resolved.replace(seed=secrets.randbits(63))
+        self._check_driver()
         with self._lock:
+            if self.parallel.world_size > 1:
+                self._broadcast({"op": "run", "params": dataclasses.asdict(resolved)})
             reset_peak(self.device)
-            out = self.pipeline(resolved, on_step)
+            out = self.pipeline(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return GenerationResult(
             images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
@@ -126,18 +283,33 @@ class Engine:
         Raises `LoRAError` (a ValueError with `.field`) on any bad input, leaving the previous state unchanged.
         Returns `list_loras()`.
         """
-        with self._lock:
-            return self.lora.set_lora(lora_nickname, lora_path, strength, target)
+        return self._lora_op(
+            "set_lora", lora_nickname=lora_nickname, lora_path=lora_path, strength=strength, target=target
+        )
 
     def merge_lora_weights(self, strength: float = 1.0, target: str | list[str] = "all") -> dict:
         """Fold the active adapters (times `strength`) into the weights, keeping W0 for an exact unmerge."""
-        with self._lock:
-            return self.lora.merge_lora_weights(strength, target)
+        return self._lora_op("merge_lora_weights", strength=strength, target=target)
 
     def unmerge_lora_weights(self, target: str | list[str] = "all") -> dict:
         """Restore W0 bit for bit; the target runs the base model until set_lora or merge_lora_weights."""
+        return self._lora_op("unmerge_lora_weights", target=target)
+
+    def _lora_op(self, method: str, **kwargs) -> dict:
+        """Run a LoRA change here; with several ranks, once it succeeded (inputs are validated before anything is
+        applied), every other rank makes the same change to its shard of the weights."""
+        self._check_driver()
         with self._lock:
-            return self.lora.unmerge_lora_weights(target)
+            result = getattr(self.lora, method)(**kwargs)
+            if self.parallel.world_size > 1:
+                self._broadcast({"op": "lora", "method": method, "kwargs": kwargs})
+            return result
+
+    def _check_driver(self) -> None:
+        if not self.is_driver:
+            raise RuntimeError(f"rank {self.rank} follows rank 0: call follow(), not the request API")
+        if self._closed and self.parallel.world_size > 1:
+            raise RuntimeError("this engine was closed")
 
     def list_loras(self) -> dict:
         """Loaded adapters and, per target, the active ones with strengths and the mode (off, dynamic, merged).

@@ -48,34 +48,37 @@ class SequenceParallelGroups:
 
 
 def build_sequence_parallel_groups(
-    ulysses: int, ring: int, sp_ranks: list[int] | None = None
+    ulysses: int, ring: int, all_sp_ranks: list[list[int]] | None = None
 ) -> SequenceParallelGroups:
-    """Create the groups for one world of ulysses × ring ranks (every rank calls this with the same arguments).
+    """Create the groups for ulysses × ring sequence parallelism (every rank calls this with the same arguments).
 
-    `sp_ranks` lists the global ranks of this process's sequence-parallel group in sp-rank order; by default the
-    whole world. Groups for the other sp groups of a larger world are created too, since new_group is collective.
+    `all_sp_ranks` lists every sequence-parallel group of the world, each as its global ranks in sp-rank order;
+    by default the whole world is one group. Groups are made for all of them, since new_group is collective.
     """
     world = dist.get_world_size()
     size = ulysses * ring
-    all_sp = [sp_ranks] if sp_ranks is not None else [list(range(world))]
-    if sp_ranks is None and world != size:
-        raise ValueError(f"world size {world} is not ulysses {ulysses} × ring {ring}")
+    if all_sp_ranks is None:
+        all_sp_ranks = [list(range(world))]
+    if any(len(ranks) != size for ranks in all_sp_ranks):
+        raise ValueError(f"sequence-parallel groups must have ulysses {ulysses} × ring {ring} = {size} ranks")
     me = dist.get_rank()
     mine: dict = {}
-    for ranks in all_sp:
+    for ranks in all_sp_ranks:
         sp = dist.new_group(ranks)
-        for r in range(ring):
-            members = ranks[r * ulysses : (r + 1) * ulysses]
-            g = dist.new_group(members)
-            if me in members:
-                mine["ulysses"] = (g, members.index(me))
-        for u in range(ulysses):
-            members = [ranks[r * ulysses + u] for r in range(ring)]
-            g = dist.new_group(members)
-            if me in members:
-                mine["ring"] = (g, members.index(me), tuple(members))
         if me in ranks:
             mine["sp"] = sp
+        for r in range(ring):
+            members = ranks[r * ulysses : (r + 1) * ulysses]
+            group = dist.new_group(members)
+            if me in members:
+                mine["ulysses"] = (group, members.index(me))
+        for u in range(ulysses):
+            members = [ranks[r * ulysses + u] for r in range(ring)]
+            group = dist.new_group(members)
+            if me in members:
+                mine["ring"] = (group, members.index(me), tuple(members))
+    if "sp" not in mine:
+        raise ValueError(f"rank {me} is in none of the sequence-parallel groups {all_sp_ranks}")
     return SequenceParallelGroups(
         ulysses_group=mine["ulysses"][0],
         ulysses_size=ulysses,
@@ -198,6 +201,7 @@ class SequenceParallelAttention(nn.Module):
         self.groups = groups
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
 
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, layout = self.groups, self.layout
         if layout is None:

@@ -37,6 +37,9 @@ class Pipeline:
     family: str = ""
     device: torch.device
     dtype: torch.dtype
+    # Set by the engine when it runs over several ranks (ditserve.parallel.groups.ParallelGroups); stages that
+    # can split work across ranks (CFG branches) read it.
+    parallel = None
 
     def defaults(self) -> SamplingParams:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ditserve.config import SamplingParams
@@ -204,15 +205,34 @@ class FluxPipeline(Pipeline):
         for i, t in enumerate(timesteps):
             timer.step_begin()
             timestep = t.expand(batch).to(latents.dtype) / 1000
-            noise_pred = self.c.transformer(latents, cond[0], cond[1], timestep, img_ids, cond[2], guidance)
-            if uncond is not None:
-                neg = self.c.transformer(latents, uncond[0], uncond[1], timestep, img_ids, uncond[2], guidance)
-                noise_pred = neg + params.true_cfg_scale * (noise_pred - neg)
+            noise_pred = self.predict_noise(latents, img_ids, cond, uncond, timestep, guidance, params.true_cfg_scale)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             timer.step_end()
             if on_step is not None:
                 on_step(i, len(timesteps))
         return latents
+
+    def predict_noise(self, latents, img_ids, cond, uncond, timestep, guidance, true_cfg_scale) -> torch.Tensor:
+        """The DiT's velocity, with true CFG when a negative branch exists.
+
+        With CFG parallelism the two branches run at once on the two halves of the ranks, and an all-gather gives
+        every rank both predictions (so every rank takes the same scheduler step).
+        """
+
+        def branch(embeds):
+            return self.c.transformer(latents, embeds[0], embeds[1], timestep, img_ids, embeds[2], guidance)
+
+        if uncond is None:
+            return branch(cond)
+        cfg_group = self.parallel.cfg_group if self.parallel is not None else None
+        if cfg_group is None:
+            positive, negative = branch(cond), branch(uncond)
+        else:
+            mine = branch(cond if self.parallel.cfg_index == 0 else uncond).contiguous()
+            both = [torch.empty_like(mine), torch.empty_like(mine)]
+            dist.all_gather(both, mine, group=cfg_group)
+            positive, negative = both
+        return negative + true_cfg_scale * (positive - negative)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:

@@ -1,0 +1,86 @@
+"""One engine over several ranks: starting them, and what rank 0 tells the others.
+
+Rank 0 (the driver) is the process that called `Engine(...)`: it takes requests. The other ranks are started here
+(or by torchrun, or on other nodes), build the same pipeline with their shard of the model, and then follow the
+driver: each operation (a generation, a LoRA change, stop) is broadcast from rank 0 as JSON over a gloo group
+(plain data, never pickle), and every rank runs it, so the collectives inside the model line up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+INIT_TIMEOUT = datetime.timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_placement() -> RankPlacement | None:
+    """This process's place when started by torchrun (or any launcher that sets RANK/WORLD_SIZE)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return RankPlacement(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+        init_method="env://",
+    )
+
+
+def init_process_group(placement: RankPlacement, device_type: str) -> None:
+    if dist.is_initialized():
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(placement.local_rank)
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        init_method=placement.init_method,
+        rank=placement.rank,
+        world_size=placement.world_size,
+        timeout=INIT_TIMEOUT,
+    )
+
+
+def broadcast_json(obj, group, src: int = 0):
+    """Send a JSON-able object from `src` to every rank of `group` (a gloo group); returns it on every rank."""
+    if dist.get_rank() == src:
+        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+    else:
+        payload, size = None, torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=src, group=group)
+    if payload is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=src, group=group)
+    return json.loads(bytes(payload.numpy()).decode())
+
+
+def rank_main(engine_args: dict, placement: dict) -> None:
+    """Entry point of a spawned non-driver rank: build the engine, then follow rank 0 until it says stop."""
+    from ditserve.cli import quiet_libraries
+    from ditserve.config import EngineArgs
+    from ditserve.engine.engine import Engine
+
+    if os.environ.get("DITSERVE_DEBUG") != "1":
+        quiet_libraries()
+    engine = Engine(EngineArgs(**engine_args), placement=RankPlacement(**placement))
+    engine.follow()
