@@ -103,3 +103,18 @@ def test_shard_lengths():
     assert shard_lengths(8, 2) == (4, [4, 4])
     assert shard_lengths(7, 2) == (4, [4, 3])
     assert shard_lengths(5, 4) == (2, [2, 2, 1, 0])
+
+
+def test_disable_restores_the_plain_model():
+    from ditserve.layers.attention import Attention
+    from ditserve.parallel.sequence import SequenceParallelGroups, disable_sequence_parallel
+
+    model = make_model()
+    groups = SequenceParallelGroups(None, 2, 0, None, 1, 0, None)
+    enable_sequence_parallel(model, groups)
+    assert "forward" in model.__dict__
+    disable_sequence_parallel(model)
+    assert "forward" not in model.__dict__
+    assert all(type(m.attn) is Attention for m in model.repeated_blocks())
+    with torch.no_grad():
+        assert model(**make_inputs(2, 2, 3)).shape == (2, 4, 16)

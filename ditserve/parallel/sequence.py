@@ -264,12 +264,23 @@ def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups) -
     return model
 
 
+def disable_sequence_parallel(model: nn.Module) -> nn.Module:
+    """Undo enable_sequence_parallel: the plain forward and the plain attention modules again."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, SequenceParallelAttention):
+                setattr(module, child_name, child.inner)
+    model.__dict__.pop("forward", None)
+    return model
+
+
 __all__ = [
     "JointLayout",
     "SequenceParallelAttention",
     "SequenceParallelGroups",
     "attention_with_lse",
     "build_sequence_parallel_groups",
+    "disable_sequence_parallel",
     "enable_sequence_parallel",
     "shard_lengths",
     "shard_sequence",
