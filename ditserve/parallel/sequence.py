@@ -146,12 +146,29 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return out.transpose(1, 2).to(q.dtype), lse
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, size: int) -> torch.Tensor:
-    """Split x into `size` chunks along scatter_dim, exchange, concatenate what arrives along gather_dim."""
-    inputs = [c.contiguous() for c in x.chunk(size, dim=scatter_dim)]
-    outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=gather_dim)
+def _heads_to_sequence(tensors: list[torch.Tensor], group, size: int) -> list[torch.Tensor]:
+    """Ulysses forward exchange, one collective for all of q, k, v: each [B, S, H, D] with all heads of a sequence
+    shard becomes [B, size·S, H/size, D] with the whole (gathered) sequence for this rank's heads."""
+    n = len(tensors)
+    b, s, h, d = tensors[0].shape
+    send = tensors[0].new_empty((size, n, b, s, h // size, d))
+    for i, t in enumerate(tensors):  # head group u goes to rank u
+        send[:, i].copy_(t.view(b, s, size, h // size, d).permute(2, 0, 1, 3, 4))
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    # received[u] is rank u's sequence shard of our heads: put the shards in rank order along the sequence.
+    gathered = received.permute(1, 2, 0, 3, 4, 5).reshape(n, b, size * s, h // size, d)
+    return list(gathered.unbind(0))
+
+
+def _sequence_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Ulysses backward exchange: [B, size·S, H/size, D] → [B, S, H, D]."""
+    b, total, hl, d = x.shape
+    s = total // size
+    send = x.view(b, size, s, hl, d).permute(1, 0, 2, 3, 4).contiguous()  # sequence shard u goes to rank u
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return received.permute(1, 2, 0, 3, 4).reshape(b, s, size * hl, d)
 
 
 def ring_attention(
@@ -159,21 +176,20 @@ def ring_attention(
 ) -> torch.Tensor:
     """q against the K/V blocks of every ring rank. block_keys(j) gives the valid-key index of ring rank j's block."""
     out = lse = None
-    k_cur, v_cur = k.contiguous(), v.contiguous()
+    kv = torch.stack([k, v])  # one buffer, so each step passes one message on
     size, rank = groups.ring_size, groups.ring_rank
     for step in range(size):
         source = (rank - step) % size  # whose block we hold at this step
         if step < size - 1:  # start passing this block on while we compute with it
-            k_next, v_next = torch.empty_like(k_cur), torch.empty_like(v_cur)
-            ops = [
-                dist.P2POp(dist.isend, k_cur, groups.ring_ranks[(rank + 1) % size], groups.ring_group),
-                dist.P2POp(dist.isend, v_cur, groups.ring_ranks[(rank + 1) % size], groups.ring_group),
-                dist.P2POp(dist.irecv, k_next, groups.ring_ranks[(rank - 1) % size], groups.ring_group),
-                dist.P2POp(dist.irecv, v_next, groups.ring_ranks[(rank - 1) % size], groups.ring_group),
-            ]
-            requests = dist.batch_isend_irecv(ops)
+            kv_next = torch.empty_like(kv)
+            requests = dist.batch_isend_irecv(
+                [
+                    dist.P2POp(dist.isend, kv, groups.ring_ranks[(rank + 1) % size], groups.ring_group),
+                    dist.P2POp(dist.irecv, kv_next, groups.ring_ranks[(rank - 1) % size], groups.ring_group),
+                ]
+            )
         idx = block_keys(source)
-        kb, vb = (k_cur, v_cur) if idx is None else (k_cur.index_select(1, idx), v_cur.index_select(1, idx))
+        kb, vb = kv.unbind(0) if idx is None else kv.index_select(2, idx).unbind(0)
         if kb.shape[1]:
             o, l_ = attention_with_lse(q, kb, vb)
             if out is None:
@@ -186,9 +202,9 @@ def ring_attention(
                 out = out * w_old + o.float() * w_new
                 lse = new_lse
         if step < size - 1:
-            for req in requests:
-                req.wait()
-            k_cur, v_cur = k_next, v_next
+            for request in requests:
+                request.wait()
+            kv = kv_next
     return out.to(q.dtype)  # type: ignore[union-attr]
 
 
@@ -209,7 +225,7 @@ class SequenceParallelAttention(nn.Module):
         if g.ulysses_size > 1:
             if q.shape[2] % g.ulysses_size:
                 raise ValueError(f"{q.shape[2]} heads cannot be split over ulysses degree {g.ulysses_size}")
-            q, k, v = (_all_to_all(t, 2, 1, g.ulysses_group, g.ulysses_size) for t in (q, k, v))
+            q, k, v = _heads_to_sequence([q, k, v], g.ulysses_group, g.ulysses_size)
 
         def block_keys(ring_rank: int) -> torch.Tensor | None:
             ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
@@ -223,7 +239,7 @@ class SequenceParallelAttention(nn.Module):
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
             out = self.inner(q, k, v)
         if g.ulysses_size > 1:
-            out = _all_to_all(out, 1, 2, g.ulysses_group, g.ulysses_size)
+            out = _sequence_to_heads(out, g.ulysses_group, g.ulysses_size)
         return out
 
 
