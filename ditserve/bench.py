@@ -171,6 +171,13 @@ def run_bench(ns: argparse.Namespace) -> int:
     from ditserve.engine.engine import Engine
 
     args = engine_args_from(ns)
+    if args.num_gpus > 1:
+        from ditserve.cli import UsageError
+
+        raise UsageError(
+            "ditserve bench: --num-gpus > 1 is measured by benchmarks/parallel_scaling.py (run with torchrun), "
+            "which times every parallel mode beside diffusers' context parallelism"
+        )
     engine = Engine(args)
     pipeline = engine.pipeline
     device = engine.device
