@@ -60,6 +60,16 @@ class LinearLoRA:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
+def _backup(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of W0 for exact unmerging. A host copy of a GPU weight goes to pinned memory: copies both ways then
+    run at full PCIe speed and asynchronously (measured on FLUX.1-dev: pageable copies made a merge take 15 s)."""
+    if device.type == "cpu" and weight.is_cuda:
+        backup = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
+        backup.copy_(weight, non_blocking=True)  # ordered before any later write to the weight on this stream
+        return backup
+    return weight.to(device, copy=True)
+
+
 class LinearBase(nn.Module):
     """y = x Wᵀ + b, with W of shape [out_per_rank, in_per_rank]."""
 
@@ -113,10 +123,10 @@ class LinearBase(nn.Module):
     def merge_lora(self, adapters: list[LinearLoRA], backup_device: torch.device | str = "cpu") -> None:
         """W = W0 + Σ scale·BA, always computed from W0 (merging twice never stacks), in float32 then rounded once."""
         if self.lora_w0 is None:
-            self.lora_w0 = self.weight.detach().to(backup_device, copy=True)
+            self.lora_w0 = _backup(self.weight.detach(), torch.device(backup_device))
             merged = self.weight.detach().to(torch.float32, copy=True)  # W0 is still in place: no copy back
         else:
-            merged = self.lora_w0.to(self.weight.device, torch.float32, copy=True)
+            merged = self.lora_w0.to(self.weight.device, non_blocking=True).to(torch.float32, copy=True)
         for a in adapters:
             delta = a.delta_weight().to(merged.device)
             merged.narrow(0, a.row_offset, delta.shape[0]).add_(delta)
@@ -126,7 +136,9 @@ class LinearBase(nn.Module):
     def unmerge_lora(self) -> None:
         """Put W0 back exactly (a copy, not a subtraction, so nothing drifts in low precision)."""
         if self.lora_w0 is not None:
-            self.weight.data.copy_(self.lora_w0)
+            # From pinned memory this copy is asynchronous; torch's pinned allocator keeps the buffer alive until
+            # the copy has run, so dropping our reference right away is safe.
+            self.weight.data.copy_(self.lora_w0, non_blocking=True)
             self.lora_w0 = None
 
     def extra_repr(self) -> str:
