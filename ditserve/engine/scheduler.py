@@ -144,8 +144,8 @@ class Scheduler:
             self._wakeup.set()
             await asyncio.sleep(0.05)
         self._fail_all("worker_died" if not self.process.is_alive() else "cancelled", "the server is shutting down")
-        with contextlib.suppress(Exception):
-            await self._sock.send_multipart(msg.encode({"type": "shutdown"}))
+        if self.process.is_alive():
+            self._send_nowait(msg.encode({"type": "shutdown"}))
         await asyncio.to_thread(self.process.join, 10)
         if self.process.is_alive():
             self.process.kill()
@@ -207,13 +207,22 @@ class Scheduler:
                     pending.future.exception()  # mark retrieved: nobody may be awaiting it any more
                 return True
         if request_id in self.running:
-            asyncio.ensure_future(self._send_cancel([request_id]))
+            self._send_nowait(msg.encode({"type": "cancel", "request_ids": [request_id]}))
             return True
         return False
 
-    async def _send_cancel(self, ids: list[str]) -> None:
-        with contextlib.suppress(Exception):
-            await self._sock.send_multipart(msg.encode({"type": "cancel", "request_ids": ids}))
+    def _send_nowait(self, frames: list[bytes]) -> bool:
+        """Send without ever blocking: a PAIR socket whose worker is gone would otherwise wait forever."""
+        import zmq
+
+        try:
+            sent = self._sock.send_multipart(frames, flags=zmq.NOBLOCK)  # a Future, already settled with NOBLOCK
+        except zmq.ZMQError:
+            return False
+        if not sent.done():
+            sent.cancel()
+            return False
+        return sent.exception() is None
 
     def retry_after(self) -> int:
         per_batch = sum(self._recent_batch_s) / len(self._recent_batch_s) if self._recent_batch_s else 1.0
@@ -252,7 +261,8 @@ class Scheduler:
                 pending.batch_size = len(batch)
                 self.running[pending.item.request_id] = pending
             self._idle.clear()
-            await self._sock.send_multipart(msg.run_message(self._batch_id, [p.item for p in batch]))
+            if not self._send_nowait(msg.run_message(self._batch_id, [p.item for p in batch])):
+                self._fail_all("worker_died", "the worker process is not reachable")
 
     async def _receive_loop(self) -> None:
         while True:
