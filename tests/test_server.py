@@ -250,8 +250,14 @@ def test_client_disconnect_cancels_the_request(server):
 
 
 # ---- servers of their own ---------------------------------------------------------------------------------------
-def test_auth_on(tiny_dev, tmp_path):
-    s = start_server(str(tiny_dev), env={**TESTING, "DITSERVE_API_KEY": "s3cret"}, log_path=str(tmp_path / "log"))
+def test_auth_on_and_url_expiry(tiny_dev, tmp_path):
+    s = start_server(
+        str(tiny_dev),
+        "--url-ttl",
+        "1",
+        env={**TESTING, "DITSERVE_API_KEY": "s3cret"},
+        log_path=str(tmp_path / "log"),
+    )
     try:
         body = {"prompt": "x", **FAST}
         assert post(s.url, body).status_code == 401
@@ -264,6 +270,18 @@ def test_auth_on(tiny_dev, tmp_path):
 
         ok = OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
         assert ok.images.generate(prompt="x", size="32x32", extra_body={"num_inference_steps": 2}).data
+
+        def url_image() -> str:
+            r = ok.images.generate(
+                prompt="x", size="32x32", response_format="url", extra_body={"num_inference_steps": 2}
+            )
+            return r.data[0].url
+
+        first = url_image()
+        assert httpx.get(first).status_code == 200  # image urls need no key: they are unguessable instead
+        time.sleep(1.5)
+        second = url_image()  # writing a new one removes those past --url-ttl
+        assert httpx.get(first).status_code == 404 and httpx.get(second).status_code == 200
     finally:
         s.stop()
 

@@ -68,10 +68,10 @@ def test_run_batch_refuses_mixed_shapes(engine):
         )
 
 
-def _pending(rid: str, key: tuple) -> _Pending:
+def _pending(rid: str, key: tuple, n: int = 1) -> _Pending:
     loop = asyncio.new_event_loop()
     try:
-        return _Pending(msg.WorkItem(rid, {"prompt": rid}), key, loop.create_future())
+        return _Pending(msg.WorkItem(rid, {"prompt": rid, "num_images": n}), key, loop.create_future())
     finally:
         loop.close()
 
@@ -85,6 +85,15 @@ def test_batches_take_the_head_and_later_compatible_requests_in_order():
     assert [p.item.request_id for p in s.queue] == ["b", "e"]
     s.info.supports_batching = False
     assert [p.item.request_id for p in s._next_batch()] == ["b"]
+    # The limit counts images: a request of n images counts n, and the head goes even when it alone is larger.
+    s.info.supports_batching = True
+    s.queue.clear()
+    for rid, n in (("f", 2), ("g", 2), ("h", 1), ("i", 1)):
+        s.queue.append(_pending(rid, (32,), n))
+    assert [p.item.request_id for p in s._next_batch()] == ["f", "h"]
+    s.queue.clear()
+    s.queue.extend([_pending("big", (32,), 5), _pending("small", (32,))])
+    assert [p.item.request_id for p in s._next_batch()] == ["big"]
 
 
 def test_cancel_removes_a_queued_request():

@@ -34,7 +34,7 @@ MONITOR_S = 0.2  # how often the worker's liveness is checked
 @dataclass
 class SchedulerConfig:
     max_queue: int = 256  # requests waiting (not counting the running batch); more → QueueFull
-    max_batch_size: int = 8  # requests run together in one batched forward
+    max_batch_size: int = 8  # images (summed over compatible requests) run together in one batched forward
     request_timeout: float = 600.0  # seconds from admission to answer, queue time included
     load_timeout: float = 3600.0  # seconds the worker may take to load the model
 
@@ -78,6 +78,12 @@ class _Pending:
     batch_size: int = 1
     progress: float = 0.0
     on_progress: Callable[[float], None] | None = None
+
+
+def _images(pending: _Pending) -> int:
+    prompt = pending.item.params.get("prompt")
+    prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
+    return prompts * int(pending.item.params.get("num_images") or 1)
 
 
 class Scheduler:
@@ -234,16 +240,19 @@ class Scheduler:
 
     # ---- background loops -----------------------------------------------------------------------------------
     def _next_batch(self) -> list[_Pending]:
+        """The head of the queue plus later requests with its key, while the batch holds at most max_batch_size
+        images (a request of n images counts n; the head always goes, even if it alone is larger)."""
         head = self.queue.popleft()
         batch = [head]
         limit = self.config.max_batch_size if self.info and self.info.supports_batching else 1
-        if limit > 1:
-            for pending in list(self.queue):
-                if len(batch) >= limit:
-                    break
-                if pending.key == head.key and pending.item.task == head.item.task:
-                    self.queue.remove(pending)
-                    batch.append(pending)
+        total = _images(head)
+        for pending in list(self.queue):
+            if total >= limit:
+                break
+            if pending.key == head.key and pending.item.task == head.item.task and total + _images(pending) <= limit:
+                self.queue.remove(pending)
+                batch.append(pending)
+                total += _images(pending)
         return batch
 
     async def _dispatch_loop(self) -> None:

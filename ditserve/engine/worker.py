@@ -146,8 +146,11 @@ class Worker:
 
         engine = self.engine
         pipe = engine.pipeline  # type: ignore[union-attr]
+        tasks = getattr(pipe, "tasks", ("text-to-image",))
         resolved = []
         for item in items:
+            if item.task not in tasks:
+                raise ValueError(f"this model does {', '.join(tasks)}, not {item.task}")
             params = pipe.resolve(msg.params_from_dict(item.params))
             if params.seed is None:
                 params = params.replace(seed=secrets.randbits(63))

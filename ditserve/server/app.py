@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ class ServerSettings:
     max_body_bytes: int = 16 * 2**20
     max_prompt_chars: int = 8192
     max_input_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
+    url_ttl_s: float = 3600.0  # url images are deleted after this long, so the folder cannot grow without bound
 
 
 class ApiError(Exception):
@@ -219,12 +221,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
         metrics.batch_size.observe(result.batch_size)
         return result
 
+    written: deque[tuple[float, Path]] = deque()  # url images, oldest first
+
+    def keep_url_image(blob: bytes, ext: str) -> str:
+        now = time.monotonic()
+        while written and now - written[0][0] > settings.url_ttl_s:
+            with contextlib.suppress(OSError):
+                written.popleft()[1].unlink()
+        name = f"{uuid.uuid4().hex}.{ext}"  # 122 random bits: a url cannot be guessed
+        (image_dir / name).write_bytes(blob)
+        written.append((now, image_dir / name))
+        return name
+
     def image_response(request: Request, body: ImageOptions, params, result) -> dict:
         data = []
         for blob in result.images:
             if body.response_format == "url":
-                name = f"{uuid.uuid4().hex}.{body.output_format}"
-                (image_dir / name).write_bytes(blob)
+                name = keep_url_image(blob, body.output_format)
                 data.append({"url": str(request.url_for("get_file", name=name))})
             else:
                 data.append({"b64_json": base64.b64encode(blob).decode()})

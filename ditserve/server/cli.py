@@ -17,11 +17,17 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or set DITSERVE_API_KEY)"
     )
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
-    serve.add_argument("--max-batch-size", type=int, default=4, help="compatible requests run together, up to this")
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=4,
+        help="images per batched forward: compatible waiting requests are run together up to this many images",
+    )
     serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queue included")
     serve.add_argument("--output-dir", default=None, help="where url images are kept (default: a temporary folder)")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted")
     serve.add_argument("--max-prompt-chars", type=int, default=8192)
+    serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=cmd_serve)
 
@@ -47,7 +53,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from ditserve.loader.folder import resolve_model
     from ditserve.server.app import ServerSettings, create_app
 
-    for name in ("max_queue", "max_batch_size", "request_timeout", "max_body_mb", "max_prompt_chars", "port"):
+    for name in (
+        "max_queue",
+        "max_batch_size",
+        "request_timeout",
+        "max_body_mb",
+        "max_prompt_chars",
+        "port",
+        "url_ttl",
+    ):
         _check_positive(name.replace("_", "-"), getattr(ns, name))
     engine_args = engine_args_from(ns)  # validates every engine flag before anything starts
     resolve_model(engine_args.model, engine_args.load_format)  # a wrong --model fails here, not in the worker
@@ -68,6 +82,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         output_dir=ns.output_dir,
         max_body_bytes=int(ns.max_body_mb * 2**20),
         max_prompt_chars=ns.max_prompt_chars,
+        url_ttl_s=ns.url_ttl,
     )
     app = create_app(settings)
     print(f"ditserve: serving on http://{ns.host}:{ns.port} (model loads in the background; see /health)", flush=True)
