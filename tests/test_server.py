@@ -152,11 +152,18 @@ def test_bad_input_is_400_naming_the_field(server, body, param, words):
 def test_malformed_bodies(server):
     url = f"{server.url}/v1/images/generations"
     not_json = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
-    assert not_json.status_code == 400 and "error" in not_json.json()
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
     wrong_model = post(server.url, {"prompt": "x", "model": "dall-e-3", **FAST})
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
     too_big = httpx.post(url, json={"prompt": "x" * (2 * 2**20)}, timeout=30)
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(40):
+            yield b"x" * 65536
+
+    streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "body_too_large"
 
 
 def test_edits_answer_a_clear_400(server):

@@ -118,9 +118,11 @@ class Scheduler:
         self._sock = self._ctx.socket(zmq.PAIR)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(address)
+        # Not a daemon: the engine may start processes of its own (one per extra GPU rank), which daemons cannot.
+        # A worker whose server is gone exits by itself (it watches its parent).
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
-            target=worker_main, args=(json.dumps(self.engine_args), address, 0), name="ditserve-worker-0", daemon=True
+            target=worker_main, args=(json.dumps(self.engine_args), address, 0), name="ditserve-worker-0"
         )
         self.process.start()
         self.state = "loading"

@@ -73,12 +73,17 @@ class Worker:
             spatial_multiple=pipe.spatial_multiple,
             max_sequence_length_limit=pipe.max_sequence_length_limit,
             defaults=msg.params_to_dict(pipe.defaults()),
-            supports_batching=type(pipe).run_batch is not Pipeline.run_batch,
+            supports_batching=type(pipe).run_batch is not Pipeline.run_batch and self._batched_path(),
             device=str(self.engine.device),
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
         )
         self.sock.send_multipart(msg.ready_message(info))
+
+    def _batched_path(self) -> bool:
+        """Whether batches can go to the pipeline directly: one rank, or an Engine that runs batches on all ranks."""
+        world = getattr(getattr(self.engine, "parallel", None), "world_size", 1)
+        return world == 1 or hasattr(self.engine, "run_batch")
 
     def serve(self) -> None:
         import zmq
@@ -141,6 +146,7 @@ class Worker:
 
     def _run(self, batch_id: str, items: list[msg.WorkItem]) -> None:
         """Run items as one batch and send a result per item; raises if the batch fails."""
+        from ditserve.pipelines.base import PipelineOutput
         from ditserve.utils.media import encode_image
         from ditserve.utils.memory import peak_mb, reset_peak
 
@@ -155,9 +161,17 @@ class Worker:
             if params.seed is None:
                 params = params.replace(seed=secrets.randbits(63))
             resolved.append(params)
-        reset_peak(engine.device)  # type: ignore[union-attr]
-        outputs = pipe.run_batch(resolved, self._step_hook(batch_id, items))
-        peak = peak_mb(engine.device)  # type: ignore[union-attr]
+        on_step = self._step_hook(batch_id, items)
+        if self._batched_path():
+            reset_peak(engine.device)  # type: ignore[union-attr]
+            outputs = pipe.run_batch(resolved, on_step)
+            peak = peak_mb(engine.device)  # type: ignore[union-attr]
+        else:
+            # Several ranks and an Engine that cannot broadcast a batch: run each request through Engine.run, which
+            # makes every rank take part (calling the pipeline directly here would leave the other ranks waiting).
+            results = [engine.run(params, on_step) for params in resolved]  # type: ignore[union-attr]
+            outputs = [PipelineOutput(images=r.images, timings=r.timings) for r in results]
+            peak = max((r.peak_memory_mb for r in results if r.peak_memory_mb is not None), default=None)
         for item, params, out in zip(items, resolved, outputs):
             if item.request_id in self.cancelled:
                 continue

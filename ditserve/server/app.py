@@ -98,8 +98,8 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise ApiError(413, self._message(), "invalid_request_error", None, "body_too_large")
+                if received > self.limit:  # a streamed body: FastAPI passes an HTTPException through as is
+                    raise StarletteHTTPException(413, self._message())
             return message
 
         return await self.app(scope, counting_receive, send)
@@ -172,6 +172,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            return error_response(
+                400, f"the body is not valid JSON: {detail}", "invalid_request_error", None, "invalid_json"
+            )
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header", "form")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
@@ -179,7 +184,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error", None, None)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), "invalid_request_error", None, code)
 
     # ---- shared request path ------------------------------------------------------------------------------------
     def ready_info() -> msg.ModelInfo:

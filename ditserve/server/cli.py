@@ -45,6 +45,20 @@ def _check_positive(name: str, value: float) -> None:
         raise UsageError(f"ditserve serve: --{name} must be positive, got {value}")
 
 
+def plain_engine_args(args) -> dict:
+    """EngineArgs as JSON-able data for the worker: every field, so every engine flag of `generate` reaches it."""
+    import dataclasses
+
+    import torch
+
+    if hasattr(args, "to_dict"):
+        return args.to_dict()
+    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    if isinstance(data.get("dtype"), torch.dtype):
+        data["dtype"] = str(data["dtype"]).removeprefix("torch.")
+    return data
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
@@ -68,13 +82,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.output_dir is not None and os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
     settings = ServerSettings(
-        engine_args={
-            "model": ns.model,
-            "device": ns.device,
-            "dtype": ns.dtype,
-            "load_format": ns.load_format,
-            "attention_backend": ns.attention_backend,
-        },
+        engine_args=plain_engine_args(engine_args),
         scheduler=SchedulerConfig(
             max_queue=ns.max_queue, max_batch_size=ns.max_batch_size, request_timeout=ns.request_timeout
         ),
