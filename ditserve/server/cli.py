@@ -92,6 +92,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_prompt_chars=ns.max_prompt_chars,
         url_ttl_s=ns.url_ttl,
     )
+    if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(
+            f"ditserve: warning: serving on {ns.host} without --api-key: anyone who can reach it can use it", flush=True
+        )
     app = create_app(settings)
     print(f"ditserve: serving on http://{ns.host}:{ns.port} (model loads in the background; see /health)", flush=True)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, waits for in-flight requests, then runs our shutdown,

@@ -27,7 +27,11 @@ class ServerMetrics:
             "ditserve_queue_time_seconds", "Time spent waiting in the queue", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.stage_time = Histogram(
-            "ditserve_stage_seconds", "Pipeline stage time per batch", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+            "ditserve_stage_seconds",
+            "Pipeline stage time of each request (requests of one batch share it)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "ditserve_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
