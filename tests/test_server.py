@@ -206,6 +206,7 @@ def test_files_route_reads_only_its_own_files(server):
 
 
 def test_models_health_metrics_info(server):
+    post(server.url, {"prompt": "x", "size": "oops"})
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == server.info()["model"]["name"]
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -219,6 +220,7 @@ def test_models_health_metrics_info(server):
         "ditserve_queue_time_seconds_bucket",
         'ditserve_stage_seconds_count{stage="denoise"}',
         "ditserve_peak_memory_mb",
+        'ditserve_requests_total{endpoint="images/generations",outcome="invalid"}',
     ):
         assert name in text, name
     info = server.info()

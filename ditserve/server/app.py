@@ -163,14 +163,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _api_error(request: Request, e: ApiError):
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers or None)
 
+    def count_invalid(request: Request) -> None:
+        route = request.scope.get("route")
+        path = getattr(route, "path", "")
+        if path.startswith("/v1/") and request.method == "POST":  # known routes only: bounded label values
+            metrics.requests.labels(path.removeprefix("/v1/"), "invalid").inc()
+
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, e: InvalidRequest):
+        count_invalid(request)
         return error_response(
             e.status, f"{e.param}: {e.message}" if e.param else e.message, "invalid_request_error", e.param, e.code
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
+        count_invalid(request)
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", "")
