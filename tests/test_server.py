@@ -191,6 +191,19 @@ def test_videos_answer_a_clear_400_and_jobs_are_empty(server):
     assert r.status_code == 400 and "does not generate video" in r.json()["error"]["message"]
     bad = httpx.post(f"{server.url}/v1/videos", json={"prompt": "x", "size": "wide"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+    videos = f"{server.url}/v1/videos"
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "green").save(png, format="PNG")
+    multipart = httpx.post(
+        videos, files={"input_reference": ("ref.png", png.getvalue(), "image/png")}, data={"prompt": "x"}
+    )
+    assert multipart.status_code == 400 and "does not generate video" in multipart.json()["error"]["message"]
+    garbage = httpx.post(
+        videos, files={"input_reference": ("ref.png", b"\x00" * 64, "image/png")}, data={"prompt": "x"}
+    )
+    assert garbage.status_code == 400 and garbage.json()["error"]["param"] == "input_reference"
+    unknown = httpx.post(videos, json={"prompt": "x", "fps": 24})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "fps"
     listing = httpx.get(f"{server.url}/v1/videos").json()
     assert listing["object"] == "list" and listing["data"] == []
     for method, path in (("GET", "video_abc"), ("GET", "video_abc/content"), ("DELETE", "video_abc")):
