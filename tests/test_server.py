@@ -51,6 +51,8 @@ def server(tiny_dev, tmp_path_factory):
         "1",
         "--output-dir",
         str(out),
+        "--served-model-name",
+        "tiny-dev",
         env=TESTING,
         log_path=str(tmp_path_factory.mktemp("logs") / "server.log"),
     )
@@ -155,6 +157,7 @@ def test_malformed_bodies(server):
     assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
     wrong_model = post(server.url, {"prompt": "x", "model": "dall-e-3", **FAST})
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+    assert "serves 'tiny-dev'" in wrong_model.json()["error"]["message"]
     too_big = httpx.post(url, json={"prompt": "x" * (2 * 2**20)}, timeout=30)
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
 
@@ -221,7 +224,9 @@ def test_files_route_reads_only_its_own_files(server):
 def test_models_health_metrics_info(server):
     post(server.url, {"prompt": "x", "size": "oops"})
     models = httpx.get(f"{server.url}/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == server.info()["model"]["name"]
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-dev"  # from --served-model-name
+    named = post(server.url, {"prompt": "x", "model": "tiny-dev", **FAST})
+    assert named.status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
     post(server.url, {"prompt": "metrics", **FAST})
     text = httpx.get(f"{server.url}/metrics").text

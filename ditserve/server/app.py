@@ -59,6 +59,7 @@ class ServerSettings:
     max_body_bytes: int = 16 * 2**20
     max_prompt_chars: int = 8192
     max_input_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
+    served_model_name: str | None = None  # the model id clients see and send; None = the model folder's name
     url_ttl_s: float = 3600.0  # url images are deleted after this long, so the folder cannot grow without bound
 
 
@@ -201,11 +202,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise ApiError(503, scheduler.describe_unavailable(), "server_error", None, "unavailable")
         return scheduler.info
 
+    def served_name(info: msg.ModelInfo) -> str:
+        """The model's id in the API: --served-model-name, else the folder's name (a full path would leak)."""
+        return settings.served_model_name or Path(info.name.rstrip("/")).name or info.name
+
     def check_model(info: msg.ModelInfo, model: str | None) -> None:
-        if model is not None and model not in (info.name, "default"):
+        if model is not None and model not in (info.name, served_name(info), "default"):
             raise ApiError(
                 404,
-                f"model {model!r} is not served here; this server serves {info.name!r}",
+                f"model {model!r} is not served here; this server serves {served_name(info)!r}",
                 "invalid_request_error",
                 "model",
                 "model_not_found",
@@ -350,7 +355,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         to_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars)
         # No pipeline edits images yet; one that does lists "image-edit" in its tasks and gets a route here.
         raise InvalidRequest(
-            "model", f"model {info.name!r} cannot edit images (it does: {', '.join(info.tasks)})", "unsupported_task"
+            "model",
+            f"model {served_name(info)!r} cannot edit images (it does: {', '.join(info.tasks)})",
+            "unsupported_task",
         )
 
     async def video_request(request: Request) -> VideoRequest:
@@ -392,7 +399,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # `jobs.run` with the scheduler's submit.
         raise InvalidRequest(
             "model",
-            f"model {info.name!r} does not generate video (it does: {', '.join(info.tasks)})",
+            f"model {served_name(info)!r} does not generate video (it does: {', '.join(info.tasks)})",
             "unsupported_task",
         )
 
@@ -447,7 +454,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         info = ready_info()
         return {
             "object": "list",
-            "data": [{"id": info.name, "object": "model", "created": int(started), "owned_by": "ditserve"}],
+            "data": [{"id": served_name(info), "object": "model", "created": int(started), "owned_by": "ditserve"}],
         }
 
     @app.get("/health")

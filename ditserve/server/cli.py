@@ -27,6 +27,7 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--output-dir", default=None, help="where url images are kept (default: a temporary folder)")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted")
     serve.add_argument("--max-prompt-chars", type=int, default=8192)
+    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=cmd_serve)
@@ -91,6 +92,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_body_bytes=int(ns.max_body_mb * 2**20),
         max_prompt_chars=ns.max_prompt_chars,
         url_ttl_s=ns.url_ttl,
+        served_model_name=ns.served_model_name,
     )
     if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(
