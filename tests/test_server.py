@@ -443,3 +443,28 @@ def test_serve_rejects_bad_flags_before_starting(tmp_path):
             [sys.executable, "-m", "ditserve", "serve", *args], capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_health_is_503_while_the_model_loads(tiny_dev, tmp_path):
+    s = start_server(str(tiny_dev), log_path=str(tmp_path / "log"), wait_ready=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{s.url}/health", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.05)
+                continue
+            seen.append((r.status_code, r.json()["status"]))
+            if r.status_code == 503 and len(seen) == 1:
+                early = post(s.url, {"prompt": "x", **FAST})
+                assert early.status_code == 503 and "still loading" in early.json()["error"]["message"]
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        # uvicorn answers within a second; loading the model (in the worker) takes longer than that
+        assert seen[0] == (503, "loading") and seen[-1] == (200, "ok")
+        assert post(s.url, {"prompt": "x", **FAST}).status_code == 200
+    finally:
+        s.stop()
