@@ -1,4 +1,4 @@
-"""`ditserve generate | bench | make-tiny` (and the subcommands other modules register).
+"""`ditserve generate | bench | make-tiny | serve | bench-serve` (and the subcommands other modules register).
 
 Errors a user can fix (a bad flag, a missing folder) print one line on stderr and exit with status 2; nothing
 prints a traceback unless DITSERVE_DEBUG=1.
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the results to this file")
     bench.set_defaults(handler=cmd_bench)
 
+    from ditserve.server.cli import register_server_commands
+
+    register_server_commands(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

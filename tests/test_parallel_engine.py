@@ -81,3 +81,16 @@ def test_heads_that_cannot_split_are_refused(tiny_dev):
     # tiny_dev has 2 heads: Ulysses over 4 ranks cannot split them.
     with pytest.raises(Exception, match="ulysses_degree: 2 heads"):
         Engine.from_pretrained(str(tiny_dev), device="cpu", num_gpus=4, ulysses_degree=4)
+
+
+def test_batches_run_on_every_rank(tiny_4_heads):
+    """Engine.run_batch (what the server's worker calls) broadcasts the batch: same images as one process."""
+    from ditserve.config import SamplingParams
+
+    batch = [SamplingParams(**{**REQUEST, "seed": s}) for s in (1, 2)]
+    alone = Engine.from_pretrained(str(tiny_4_heads)).run_batch(batch)
+    with Engine.from_pretrained(str(tiny_4_heads), device="cpu", num_gpus=2, ring_degree=2) as engine:
+        together = engine.run_batch(batch)
+    assert [r.seed for r in together] == [1, 2]
+    for a, b in zip(alone, together):
+        assert np.abs(a.images[0] - b.images[0]).max() < 1e-3

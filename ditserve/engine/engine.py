@@ -163,6 +163,10 @@ class Engine:
                 params = SamplingParams(**message["params"]).replace(output_type="latent")  # rank 0 decodes
                 with contextlib.suppress(_StoppedByDriver):
                     self.pipeline(params, self._synced_steps(None))
+            elif op == "run_batch":
+                batch = [SamplingParams(**p).replace(output_type="latent") for p in message["params"]]
+                with contextlib.suppress(_StoppedByDriver):
+                    self.pipeline.run_batch(batch, self._synced_steps(None))
             elif op == "lora":
                 getattr(self.lora, message["method"])(**message["kwargs"])
         self._shutdown()
@@ -269,6 +273,25 @@ class Engine:
         return GenerationResult(
             images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
         )
+
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[GenerationResult]:
+        """Requests with the same batch key (shape and settings) as one batched run; one result per request, each
+        with its own seed's noise. With several ranks every rank runs the batch."""
+        resolved = []
+        for params in batch:
+            r = self.pipeline.resolve(params)
+            resolved.append(r if r.seed is not None else r.replace(seed=secrets.randbits(63)))
+        self._check_driver()
+        with self._lock:
+            if self.parallel.world_size > 1:
+                self._broadcast({"op": "run_batch", "params": [dataclasses.asdict(r) for r in resolved]})
+            reset_peak(self.device)
+            outputs = self.pipeline.run_batch(resolved, self._synced_steps(on_step))
+            peak = peak_mb(self.device)
+        return [
+            GenerationResult(images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak)
+            for r, o in zip(resolved, outputs)
+        ]
 
     # ---- LoRA (inputs and outputs are plain data, so the HTTP routes can pass them through) --------------------------
     def set_lora(

@@ -66,3 +66,28 @@ class Pipeline:
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         raise NotImplementedError
+
+    # ---- batches of requests --------------------------------------------------------------------------------------
+    def batch_key(self, params: SamplingParams) -> tuple:
+        """Requests with equal keys (resolved params) can run as one batch: same shape and the same settings.
+
+        Prompts, seeds and image counts may differ; everything that shapes the computation must not.
+        """
+        uses_negative = params.negative_prompt is not None and (params.true_cfg_scale or 0) > 1
+        return (
+            params.height,
+            params.width,
+            params.num_inference_steps,
+            params.guidance_scale,
+            params.true_cfg_scale,
+            params.max_sequence_length,
+            uses_negative,
+            params.output_type,
+        )
+
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """Run resolved requests of one `batch_key`, returning one output per request, in order.
+
+        This default runs them one after another; families that can, override it with one batched forward.
+        """
+        return [self(params, on_step) for params in batch]

@@ -269,3 +269,55 @@ class FluxPipeline(Pipeline):
         with timer.stage("decode"):
             images = self.decode(latents, params.height, params.width, params.output_type)  # type: ignore[arg-type]
         return PipelineOutput(images=images, timings=timer.summary())
+
+    # ---- several requests as one batched forward --------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_repeated(
+        self, prompts: list[str], repeats: list[int], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """encode_prompt for prompts that each want a different number of images: one encoder call, then repeat."""
+        embeds, pooled, text_ids = self.encode_prompt(prompts, 1, max_sequence_length)
+        counts = torch.tensor(repeats, device=embeds.device)
+        return embeds.repeat_interleave(counts, dim=0), pooled.repeat_interleave(counts, dim=0), text_ids
+
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """Resolved requests of one batch_key as one batch: one encode, one denoise loop, one decode.
+
+        Each request keeps its own seed: the initial noise is each request's own draw (as it would be alone),
+        concatenated. Results match the requests run alone up to float rounding of the larger matmuls.
+        """
+        if len(batch) == 1:
+            return [self(batch[0], on_step)]
+        if len({self.batch_key(p) for p in batch}) != 1:
+            raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
+        first = batch[0]
+        timer = StageTimer(self.device)
+        prompt_lists = [[p.prompt] if isinstance(p.prompt, str) else list(p.prompt) for p in batch]
+        repeats = [p.num_images for p, prompts in zip(batch, prompt_lists) for _ in prompts]
+        with timer.stage("encode"):
+            flat = [text for prompts in prompt_lists for text in prompts]
+            cond = self._encode_repeated(flat, repeats, first.max_sequence_length)  # type: ignore[arg-type]
+            uncond = None
+            if first.true_cfg_scale > 1 and first.negative_prompt is not None:  # type: ignore[operator]
+                negs: list[str] = []
+                for p, prompts in zip(batch, prompt_lists):
+                    own = [p.negative_prompt] if isinstance(p.negative_prompt, str) else list(p.negative_prompt)  # type: ignore[arg-type]
+                    negs += own * len(prompts) if len(own) == 1 else own
+                uncond = self._encode_repeated(negs, repeats, first.max_sequence_length)  # type: ignore[arg-type]
+        counts = [len(prompts) * p.num_images for p, prompts in zip(batch, prompt_lists)]
+        with timer.stage("prepare"):
+            parts = [
+                self.prepare_latents(p.seed, n, p.height, p.width, cond[0].dtype)  # type: ignore[arg-type]
+                for p, n in zip(batch, counts)
+            ]
+            latents, img_ids = torch.cat([lat for lat, _ in parts]), parts[0][1]
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, img_ids, cond, uncond, first, timer, on_step)
+        with timer.stage("decode"):
+            images = self.decode(latents, first.height, first.width, first.output_type)  # type: ignore[arg-type]
+        timings = {**timer.summary(), "batch_size": len(batch)}
+        outputs, start = [], 0
+        for n in counts:
+            outputs.append(PipelineOutput(images=images[start : start + n], timings=dict(timings)))
+            start += n
+        return outputs

@@ -1,0 +1,113 @@
+"""What crosses the boundary between the HTTP process and a worker: plain data, never pickle.
+
+A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with a "type", and any further frames are
+raw binary blobs (encoded images) that the JSON refers to by position. JSON cannot run code when it is read, so a
+compromised or confused peer can at worst send a wrong answer, never execute anything in the other process.
+
+Server → worker: `run` (a batch of requests), `cancel` (request ids), `shutdown`.
+Worker → server: `ready` (model info), `load_failed`, `progress`, `result`, `error`, `batch_done`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ditserve.config import SamplingParams
+
+# Fields of SamplingParams that travel; `extra` stays behind on purpose (it may hold non-JSON values).
+_PARAM_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "seed",
+    "num_images",
+    "max_sequence_length",
+)
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this module's format (a bug on one side, never user input)."""
+
+
+def params_to_dict(params: SamplingParams) -> dict:
+    return {name: getattr(params, name) for name in _PARAM_FIELDS}
+
+
+def params_from_dict(data: dict) -> SamplingParams:
+    return SamplingParams(**{name: data.get(name) for name in _PARAM_FIELDS if name in data})
+
+
+@dataclass
+class WorkItem:
+    """One request as the worker sees it."""
+
+    request_id: str
+    params: dict  # params_to_dict(SamplingParams)
+    output_format: str = "png"
+    task: str = "text-to-image"
+
+
+@dataclass
+class ModelInfo:
+    """What the worker tells the server once the model is loaded, so requests can be validated without it."""
+
+    name: str
+    family: str
+    tasks: list[str]
+    spatial_multiple: int
+    max_sequence_length_limit: int
+    defaults: dict
+    supports_batching: bool
+    device: str
+    dtype: str
+    pid: int
+    extra: dict = field(default_factory=dict)
+
+
+def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:
+    if "type" not in message:
+        raise ProtocolError("a message needs a 'type'")
+    return [json.dumps(message, separators=(",", ":")).encode(), *(blobs or [])]
+
+
+def decode(frames: list[bytes]) -> tuple[dict, list[bytes]]:
+    if not frames:
+        raise ProtocolError("empty message")
+    try:
+        message = json.loads(frames[0])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"header is not JSON: {e}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("header must be a JSON object with a string 'type'")
+    return message, list(frames[1:])
+
+
+def run_message(batch_id: str, items: list[WorkItem]) -> list[bytes]:
+    return encode({"type": "run", "batch_id": batch_id, "items": [dataclasses.asdict(i) for i in items]})
+
+
+def items_from(message: dict) -> list[WorkItem]:
+    try:
+        return [WorkItem(**item) for item in message["items"]]
+    except (KeyError, TypeError) as e:
+        raise ProtocolError(f"bad run message: {e}") from None
+
+
+def ready_message(info: ModelInfo) -> list[bytes]:
+    return encode({"type": "ready", "info": dataclasses.asdict(info)})
+
+
+def info_from(message: dict) -> ModelInfo:
+    return ModelInfo(**message["info"])
+
+
+def result_message(request_id: str, images: list[bytes], meta: dict[str, Any]) -> list[bytes]:
+    """Images travel as raw frames 1..n; `meta` (seed, timings, peak memory) in the header."""
+    return encode({"type": "result", "request_id": request_id, "num_images": len(images), **meta}, images)

@@ -1,0 +1,249 @@
+"""A worker process: loads the engine once, then runs batches the server sends it, until told to stop.
+
+One worker per GPU rank; rank 0 holds the socket to the HTTP process (the only rank there is today: multi-GPU
+ranks will get their batches from rank 0 over the process group). The worker never sees HTTP, and the HTTP process
+never runs model work. Everything on the socket is `messages` (JSON plus raw image bytes).
+
+A batch that raises is retried request by request, so that one bad request fails alone. Out-of-memory frees the
+CUDA cache before the retry. A cancel message that arrives during a run is read between denoising steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+import traceback
+
+from ditserve.engine import messages as msg
+
+# Test-only hooks, honoured only when DITSERVE_TESTING=1 is in the worker's environment, so that a production
+# prompt can never trigger them: "[[fail]]" raises inside the denoising loop, "[[sleep=S]]" sleeps S seconds per
+# step (to hold requests in flight).
+_FAIL_MARK = "[[fail]]"
+_SLEEP_MARK = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
+POLL_MS = 500  # how often an idle worker checks that its parent is still alive
+
+
+class Cancelled(Exception):
+    """Every request of the running batch was cancelled."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook."""
+
+
+def _prompts(params: dict) -> list[str]:
+    p = params.get("prompt")
+    return [p] if isinstance(p, str) else list(p or [])
+
+
+class Worker:
+    def __init__(self, engine_args: dict, address: str, rank: int = 0):
+        import zmq
+
+        self.rank = rank
+        self.parent = os.getppid()
+        self.testing = os.environ.get("DITSERVE_TESTING") == "1"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(address)
+        self.engine_args = engine_args
+        self.engine = None
+        self.cancelled: set[str] = set()
+        self.stopping = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        from ditserve.config import EngineArgs
+        from ditserve.engine.engine import Engine
+        from ditserve.pipelines.base import Pipeline
+
+        self.engine = Engine(EngineArgs(**self.engine_args))
+        pipe = self.engine.pipeline
+        info = msg.ModelInfo(
+            name=self.engine.model_name,
+            family=pipe.family,
+            tasks=list(getattr(pipe, "tasks", ("text-to-image",))),
+            spatial_multiple=pipe.spatial_multiple,
+            max_sequence_length_limit=pipe.max_sequence_length_limit,
+            defaults=msg.params_to_dict(pipe.defaults()),
+            supports_batching=type(pipe).run_batch is not Pipeline.run_batch,
+            device=str(self.engine.device),
+            dtype=str(self.engine.dtype).replace("torch.", ""),
+            pid=os.getpid(),
+        )
+        self.sock.send_multipart(msg.ready_message(info))
+
+    def serve(self) -> None:
+        import zmq
+
+        while not self.stopping:
+            if not self.sock.poll(POLL_MS, zmq.POLLIN):
+                if os.getppid() != self.parent:  # the server died without telling us: nobody is left to answer
+                    return
+                continue
+            message, _ = msg.decode(self.sock.recv_multipart())
+            kind = message["type"]
+            if kind == "run":
+                self.run_batch(message["batch_id"], msg.items_from(message))
+            elif kind == "cancel":
+                pass  # nothing is running: the server only cancels what it has sent
+            elif kind == "shutdown":
+                self.stopping = True
+
+    # ---- running ------------------------------------------------------------------------------------------------
+    def _drain_control(self) -> None:
+        """Read cancel/shutdown messages that arrived while a batch runs (the server sends no work meanwhile)."""
+        import zmq
+
+        while self.sock.poll(0, zmq.POLLIN):
+            message, _ = msg.decode(self.sock.recv_multipart())
+            if message["type"] == "cancel":
+                self.cancelled.update(message.get("request_ids", []))
+            elif message["type"] == "shutdown":
+                self.stopping = True  # finish this batch first: accepted requests are answered
+
+    def _step_hook(self, batch_id: str, items: list[msg.WorkItem]):
+        prompts = [text for item in items for text in _prompts(item.params)]
+        sleep = 0.0
+        fail = False
+        if self.testing:
+            fail = any(_FAIL_MARK in text for text in prompts)
+            sleeps = [float(m.group(1)) for text in prompts for m in [_SLEEP_MARK.search(text)] if m]
+            sleep = max(sleeps, default=0.0)
+        ids = [item.request_id for item in items]
+        last_sent = [0.0]
+
+        def on_step(i: int, n: int) -> None:
+            if sleep:
+                time.sleep(sleep)
+            if fail:
+                raise InjectedFault("injected fault (test hook [[fail]])")
+            self._drain_control()
+            if all(rid in self.cancelled for rid in ids):
+                raise Cancelled
+            now = time.monotonic()
+            if now - last_sent[0] > 0.2 or i + 1 == n:  # progress at most 5 times a second
+                last_sent[0] = now
+                self.sock.send_multipart(
+                    msg.encode(
+                        {"type": "progress", "batch_id": batch_id, "request_ids": ids, "step": i + 1, "steps": n}
+                    )
+                )
+
+        return on_step
+
+    def _run(self, batch_id: str, items: list[msg.WorkItem]) -> None:
+        """Run items as one batch and send a result per item; raises if the batch fails."""
+        from ditserve.utils.media import encode_image
+
+        engine = self.engine
+        pipe = engine.pipeline  # type: ignore[union-attr]
+        tasks = getattr(pipe, "tasks", ("text-to-image",))
+        resolved = []
+        for item in items:
+            if item.task not in tasks:
+                raise ValueError(f"this model does {', '.join(tasks)}, not {item.task}")
+            params = pipe.resolve(msg.params_from_dict(item.params))
+            if params.seed is None:
+                params = params.replace(seed=secrets.randbits(63))
+            resolved.append(params)
+        on_step = self._step_hook(batch_id, items)
+        # Through the engine, which holds the LoRA lock and, with several ranks, makes every rank run the batch.
+        results = engine.run_batch(resolved, on_step)  # type: ignore[union-attr]
+        for item, result in zip(items, results):
+            if item.request_id in self.cancelled:
+                continue
+            blobs = [encode_image(image, item.output_format) for image in result.images]
+            meta = {"seed": result.seed, "timings": result.timings, "peak_memory_mb": result.peak_memory_mb}
+            self.sock.send_multipart(msg.result_message(item.request_id, blobs, meta))
+
+    def run_batch(self, batch_id: str, items: list[msg.WorkItem]) -> None:
+        try:
+            self._run_guarded(batch_id, items)
+        finally:
+            self.cancelled.difference_update(item.request_id for item in items)
+            self.sock.send_multipart(msg.encode({"type": "batch_done", "batch_id": batch_id}))
+
+    def _run_guarded(self, batch_id: str, items: list[msg.WorkItem]) -> None:
+        try:
+            self._run(batch_id, items)
+            return
+        except Cancelled:
+            for item in items:
+                self._send_error(item.request_id, "cancelled", "the request was cancelled")
+            return
+        except Exception as e:  # noqa: BLE001 - any failure of a request is reported, the worker lives on
+            self._free_memory()
+            if len(items) == 1:
+                self._send_error(items[0].request_id, *self._describe(e))
+                return
+        for item in items:  # the batch failed: run each alone so that only the request at fault fails
+            if item.request_id in self.cancelled:
+                self._send_error(item.request_id, "cancelled", "the request was cancelled")
+                continue
+            try:
+                self._run(batch_id, [item])
+            except Cancelled:
+                self._send_error(item.request_id, "cancelled", "the request was cancelled")
+            except Exception as e:  # noqa: BLE001
+                self._free_memory()
+                self._send_error(item.request_id, *self._describe(e))
+
+    @staticmethod
+    def _describe(e: Exception) -> tuple[str, str]:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return "out_of_memory", "the device ran out of memory; try a smaller size, fewer images or steps"
+        if os.environ.get("DITSERVE_DEBUG") == "1":
+            traceback.print_exc()
+        return "error", f"{type(e).__name__}: {e}"
+
+    @staticmethod
+    def _free_memory() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _send_error(self, request_id: str, kind: str, message: str) -> None:
+        self.sock.send_multipart(
+            msg.encode({"type": "error", "request_id": request_id, "kind": kind, "message": message})
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def worker_main(engine_args_json: str, address: str, rank: int = 0) -> None:
+    """Entry point of a spawned worker process. Arguments are JSON text, so nothing pickled is trusted."""
+    from ditserve.cli import quiet_libraries
+
+    # The server stops a worker with a message, after its in-flight batch; a Ctrl-C or SIGTERM sent to the whole
+    # process group must not kill the batch underneath it. (SIGKILL still works, and a worker whose parent is gone
+    # exits on its own.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("DITSERVE_DEBUG") != "1":
+        quiet_libraries()
+    worker = Worker(json.loads(engine_args_json), address, rank)
+    try:
+        try:
+            worker.load()
+        except Exception as e:  # noqa: BLE001 - report why, so the server can say it instead of waiting forever
+            worker.sock.send_multipart(msg.encode({"type": "load_failed", "message": f"{type(e).__name__}: {e}"}))
+            sys.exit(1)
+        worker.serve()
+    finally:
+        worker.close()

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server, in a registry of its own (no process-global state, so tests can run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_length = Gauge("ditserve_queue_length", "Requests waiting in the queue", registry=r)
+        self.running = Gauge("ditserve_running_requests", "Requests the worker is running now", registry=r)
+        self.requests = Counter(
+            "ditserve_requests", "Requests by endpoint and outcome", ["endpoint", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "ditserve_request_latency_seconds",
+            "Admission to answer",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "ditserve_queue_time_seconds", "Time spent waiting in the queue", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.stage_time = Histogram(
+            "ditserve_stage_seconds",
+            "Pipeline stage time of each request (requests of one batch share it)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ditserve_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.peak_memory = Gauge("ditserve_peak_memory_mb", "Largest peak device memory of any request", registry=r)
+        self.worker_up = Gauge("ditserve_worker_up", "1 while the worker is ready", registry=r)
+
+    def observe_result(self, endpoint: str, latency_s: float, queue_s: float, timings: dict, peak: float | None):
+        self.requests.labels(endpoint, "success").inc()
+        self.latency.labels(endpoint).observe(latency_s)
+        self.queue_time.observe(queue_s)
+        for stage in ("encode", "prepare", "denoise", "decode"):
+            if isinstance(timings.get(stage), int | float):
+                self.stage_time.labels(stage).observe(timings[stage])
+        if peak is not None and peak > (self.peak_memory._value.get() or 0):
+            self.peak_memory.set(peak)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

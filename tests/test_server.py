@@ -1,0 +1,470 @@
+"""The HTTP server end to end: a live `ditserve serve` on loopback with a tiny model, driven by real clients.
+
+Sizes are 32x32 and 2 steps so the whole file runs in a couple of minutes on two CPU cores. The worker runs with
+DITSERVE_TESTING=1, which enables its test-only prompt hooks: "[[fail]]" raises inside the denoising loop and
+"[[sleep=S]]" sleeps S seconds per step (to keep requests in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditserve.server.launch import start_server
+
+TESTING = {"DITSERVE_TESTING": "1"}
+FAST = {"size": "32x32", "num_inference_steps": 2}
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def b64_pixels(item: dict) -> np.ndarray:
+    return pixels(base64.b64decode(item["b64_json"]))
+
+
+def post(url: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=kw.pop("timeout", 120), **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dev, tmp_path_factory):
+    """One shared server: batching on (4), a small prompt limit, a small body limit."""
+    out = tmp_path_factory.mktemp("outputs")
+    s = start_server(
+        str(tiny_dev),
+        "--max-batch-size",
+        "4",
+        "--max-prompt-chars",
+        "200",
+        "--max-body-mb",
+        "1",
+        "--output-dir",
+        str(out),
+        "--served-model-name",
+        "tiny-dev",
+        env=TESTING,
+        log_path=str(tmp_path_factory.mktemp("logs") / "server.log"),
+    )
+    yield s
+    s.stop()
+
+
+def test_openai_client_b64_and_url(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    extra = {"num_inference_steps": 2, "seed": 7}
+    b64 = client.images.generate(prompt="a red fox", size="32x32", response_format="b64_json", extra_body=extra)
+    assert len(b64.data) == 1 and b64.data[0].b64_json
+    image = Image.open(io.BytesIO(base64.b64decode(b64.data[0].b64_json)))
+    assert image.size == (32, 32) and image.format == "PNG"
+
+    url = client.images.generate(prompt="a red fox", size="32x32", response_format="url", extra_body=extra)
+    link = url.data[0].url
+    assert link.startswith(server.url + "/files/images/")
+    fetched = httpx.get(link, timeout=30)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    # Same seed, same settings: the url image is the b64 image (the server is deterministic for a seed).
+    assert np.array_equal(pixels(fetched.content), b64_pixels(b64.data[0].model_dump()))
+
+
+def test_response_fields_formats_and_n(server):
+    for fmt, pil_format in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        r = post(server.url, {"prompt": "x", "n": 2, "output_format": fmt, "seed": 3, **FAST})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["data"]) == 2
+        assert {"created", "inference_time_s", "peak_memory_mb", "seed", "size"} <= set(body)
+        assert body["seed"] == 3 and body["size"] == "32x32" and body["inference_time_s"] > 0
+        for item in body["data"]:
+            image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+            assert image.format == pil_format and image.size == (32, 32)
+    wide = post(server.url, {"prompt": "x", "width": 48, "height": 32, "num_inference_steps": 2})
+    assert wide.status_code == 200 and b64_pixels(wide.json()["data"][0]).shape == (32, 48, 3)
+
+
+def test_32_concurrent_requests_all_answered_correctly(server):
+    """32 at once, two shapes: each answer is for its own request (checked against the same request sent alone),
+    none lost, none duplicated, and compatible requests were batched."""
+    before = server.info()["completed"]
+
+    def body(i: int) -> dict:
+        size = "32x32" if i % 2 == 0 else "48x32"
+        return {"prompt": f"request number {i}", "seed": 1000 + i, "size": size, "num_inference_steps": 2}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(client.post("/v1/images/generations", json=body(i)) for i in range(32)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+    bodies = [r.json() for r in responses]
+    assert [b["seed"] for b in bodies] == [1000 + i for i in range(32)]
+    assert [b["size"] for b in bodies] == [body(i)["size"] for i in range(32)]
+    images = [b64_pixels(b["data"][0]) for b in bodies]
+    assert len({img.tobytes() for img in images}) == 32  # no request got another's image
+    assert server.info()["completed"] - before == 32  # none lost, none run twice
+    assert max(b["batch_size"] for b in bodies) > 1  # batching happened
+    # A batched image equals the image of the same request alone, within 1 intensity level on average: on the
+    # CPU in float32 a batched matmul may differ from a single one in the last bits, nothing more.
+    for i in (0, 1, 17, 30):
+        alone = post(server.url, body(i))
+        assert alone.json()["batch_size"] == 1
+        assert np.abs(b64_pixels(alone.json()["data"][0]) - images[i]).mean() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"prompt": "x", "size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"prompt": "x", "size": "34x32"}, "size", "multiple of 4"),
+        ({"prompt": "x", "size": "32x32", "width": 48}, "width", "size says"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "greater than or equal"),
+        ({"prompt": "x", "num_inference_steps": 100000}, "num_inference_steps", "less than or equal"),
+        ({"prompt": "x", "n": 17}, "n", "less than or equal"),
+        ({"prompt": "x" * 201}, "prompt", "limit is 200"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format", "png"),
+        ({"prompt": "x", "response_format": "xml"}, "response_format", "b64_json"),
+        ({"prompt": "x", "colour": "red"}, "colour", "Extra inputs"),
+        ({"prompt": ""}, "prompt", "at least 1"),
+        ({"size": "32x32"}, "prompt", "required"),
+        ({"prompt": "x", "seed": -1}, "seed", "greater than or equal"),
+        ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale", "number"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(server, body, param, words):
+    r = post(server.url, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert words in error["message"] and param in error["message"]
+
+
+def test_malformed_bodies(server):
+    url = f"{server.url}/v1/images/generations"
+    not_json = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+    wrong_model = post(server.url, {"prompt": "x", "model": "dall-e-3", **FAST})
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+    assert "serves 'tiny-dev'" in wrong_model.json()["error"]["message"]
+    too_big = httpx.post(url, json={"prompt": "x" * (2 * 2**20)}, timeout=30)
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(40):
+            yield b"x" * 65536
+
+    streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "body_too_large"
+
+
+def test_edits_answer_a_clear_400(server):
+    from openai import BadRequestError, OpenAI
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(BadRequestError) as e:
+        client.images.edit(image=("in.png", png.getvalue(), "image/png"), prompt="make it blue", size="32x32")
+    assert "cannot edit images" in str(e.value)
+    edits = f"{server.url}/v1/images/edits"
+    garbage = httpx.post(edits, files={"image": ("x.png", b"not an image", "image/png")}, data={"prompt": "x"})
+    assert garbage.status_code == 400 and garbage.json()["error"]["param"] == "image"
+    missing = httpx.post(edits, data={"prompt": "x"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
+    bad_size = httpx.post(
+        edits, files={"image": ("x.png", png.getvalue(), "image/png")}, data={"prompt": "x", "size": "nope"}
+    )
+    assert bad_size.status_code == 400 and bad_size.json()["error"]["param"] == "size"
+
+
+def test_videos_answer_a_clear_400_and_jobs_are_empty(server):
+    r = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a fox running", "size": "32x32", "seconds": "4"})
+    assert r.status_code == 400 and "does not generate video" in r.json()["error"]["message"]
+    bad = httpx.post(f"{server.url}/v1/videos", json={"prompt": "x", "size": "wide"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+    videos = f"{server.url}/v1/videos"
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "green").save(png, format="PNG")
+    multipart = httpx.post(
+        videos, files={"input_reference": ("ref.png", png.getvalue(), "image/png")}, data={"prompt": "x"}
+    )
+    assert multipart.status_code == 400 and "does not generate video" in multipart.json()["error"]["message"]
+    garbage = httpx.post(
+        videos, files={"input_reference": ("ref.png", b"\x00" * 64, "image/png")}, data={"prompt": "x"}
+    )
+    assert garbage.status_code == 400 and garbage.json()["error"]["param"] == "input_reference"
+    unknown = httpx.post(videos, json={"prompt": "x", "fps": 24})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "fps"
+    listing = httpx.get(f"{server.url}/v1/videos").json()
+    assert listing["object"] == "list" and listing["data"] == []
+    for method, path in (("GET", "video_abc"), ("GET", "video_abc/content"), ("DELETE", "video_abc")):
+        missing = httpx.request(method, f"{server.url}/v1/videos/{path}")
+        assert missing.status_code == 404 and "no video job" in missing.json()["error"]["message"]
+
+
+def test_files_route_reads_only_its_own_files(server):
+    for name in ("..%2F..%2Fetc%2Fpasswd", "%2e%2e", "0" * 32 + ".png", "server.log"):
+        r = httpx.get(f"{server.url}/files/images/{name}")
+        assert r.status_code == 404
+    assert httpx.get(f"{server.url}/files/images/../../../etc/passwd").status_code == 404
+
+
+def test_models_health_metrics_info(server):
+    post(server.url, {"prompt": "x", "size": "oops"})
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-dev"  # from --served-model-name
+    named = post(server.url, {"prompt": "x", "model": "tiny-dev", **FAST})
+    assert named.status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    post(server.url, {"prompt": "metrics", **FAST})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "ditserve_queue_length",
+        "ditserve_running_requests",
+        'ditserve_requests_total{endpoint="images/generations",outcome="success"}',
+        "ditserve_request_latency_seconds_bucket",
+        "ditserve_queue_time_seconds_bucket",
+        'ditserve_stage_seconds_count{stage="denoise"}',
+        "ditserve_peak_memory_mb",
+        'ditserve_requests_total{endpoint="images/generations",outcome="invalid"}',
+    ):
+        assert name in text, name
+    info = server.info()
+    assert info["state"] == "ready" and info["worker_pid"] and info["max_batch_size"] == 4
+
+
+def test_a_failing_request_fails_alone(server):
+    failed = post(server.url, {"prompt": "boom [[fail]]", **FAST})
+    assert failed.status_code == 500 and "injected fault" in failed.json()["error"]["message"]
+    assert post(server.url, {"prompt": "fine", **FAST}).status_code == 200
+
+    async def together():  # batched with good requests: the batch is retried one by one, only the bad one fails
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            slow = c.post("/v1/images/generations", json={"prompt": "hold [[sleep=0.3]]", **FAST})
+            first = asyncio.ensure_future(slow)
+            await asyncio.sleep(0.2)
+            rest = [
+                c.post("/v1/images/generations", json={"prompt": p, "seed": 5, **FAST})
+                for p in ("ok one", "bad [[fail]]", "ok two")
+            ]
+            return [await first, *await asyncio.gather(*rest)]
+
+    codes = [r.status_code for r in asyncio.run(together())]
+    assert codes == [200, 200, 500, 200]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_client_disconnect_cancels_the_request(server):
+    with pytest.raises(httpx.ReadTimeout):
+        post(server.url, {"prompt": "slow [[sleep=0.5]]", "size": "32x32", "num_inference_steps": 40}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.info()["running"]:
+        time.sleep(0.1)
+    assert server.info()["running"] == 0  # cancelled long before its 20 s of steps
+    assert 'outcome="client_disconnected"' in httpx.get(f"{server.url}/metrics").text
+
+
+# ---- servers of their own ---------------------------------------------------------------------------------------
+def test_auth_on_and_url_expiry(tiny_dev, tmp_path):
+    s = start_server(
+        str(tiny_dev),
+        "--url-ttl",
+        "1",
+        env={**TESTING, "DITSERVE_API_KEY": "s3cret"},
+        log_path=str(tmp_path / "log"),
+    )
+    try:
+        body = {"prompt": "x", **FAST}
+        assert post(s.url, body).status_code == 401
+        wrong = post(s.url, body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert post(s.url, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{s.url}/v1/models").status_code == 401
+        assert httpx.get(f"{s.url}/health").status_code == 200  # probes need no key
+        from openai import OpenAI
+
+        ok = OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
+        assert ok.images.generate(prompt="x", size="32x32", extra_body={"num_inference_steps": 2}).data
+
+        def url_image() -> str:
+            r = ok.images.generate(
+                prompt="x", size="32x32", response_format="url", extra_body={"num_inference_steps": 2}
+            )
+            return r.data[0].url
+
+        first = url_image()
+        assert httpx.get(first).status_code == 200  # image urls need no key: they are unguessable instead
+        time.sleep(1.5)
+        second = url_image()  # writing a new one removes those past --url-ttl
+        assert httpx.get(first).status_code == 404 and httpx.get(second).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_queue_full_is_429_with_retry_after(tiny_dev, tmp_path):
+    s = start_server(
+        str(tiny_dev), "--max-queue", "2", "--max-batch-size", "1", env=TESTING, log_path=str(tmp_path / "log")
+    )
+    try:
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                slow = {"prompt": "hold [[sleep=0.5]]", **FAST}
+                running = asyncio.ensure_future(c.post("/v1/images/generations", json=slow))
+                await asyncio.sleep(0.5)
+                queued = [asyncio.ensure_future(c.post("/v1/images/generations", json=slow)) for _ in range(2)]
+                await asyncio.sleep(0.3)
+                refused = await c.post("/v1/images/generations", json=slow)
+                return refused, await asyncio.gather(running, *queued)
+
+        refused, accepted = asyncio.run(flood())
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert [r.status_code for r in accepted] == [200, 200, 200]
+    finally:
+        s.stop()
+
+
+def test_request_timeout_is_504_and_the_server_goes_on(tiny_dev, tmp_path):
+    s = start_server(str(tiny_dev), "--request-timeout", "2", env=TESTING, log_path=str(tmp_path / "log"))
+    try:
+        start = time.monotonic()
+        slow = post(s.url, {"prompt": "slow [[sleep=0.5]]", "size": "32x32", "num_inference_steps": 20})
+        assert slow.status_code == 504 and time.monotonic() - start < 6  # not the 10 s its steps would take
+        assert "longer than the server's limit of 2 s" in slow.json()["error"]["message"]
+        assert post(s.url, {"prompt": "quick", **FAST}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_killed_worker_turns_health_503_and_requests_fail_fast(tiny_dev, tmp_path):
+    s = start_server(str(tiny_dev), env=TESTING, log_path=str(tmp_path / "log"))
+    try:
+        pid = s.info()["worker_pid"]
+
+        async def kill_mid_request():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                body = {"prompt": "long [[sleep=0.5]]", "size": "32x32", "num_inference_steps": 40}
+                inflight = asyncio.ensure_future(c.post("/v1/images/generations", json=body))
+                await asyncio.sleep(1.0)
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                r = await inflight
+                return r, time.monotonic() - killed_at
+
+        r, waited = asyncio.run(kill_mid_request())
+        assert r.status_code == 503 and "worker process died" in r.json()["error"]["message"]
+        assert waited < 3
+        health = httpx.get(f"{s.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "dead"
+        start = time.monotonic()
+        after = post(s.url, {"prompt": "x", **FAST})
+        assert after.status_code == 503 and time.monotonic() - start < 1
+    finally:
+        s.stop()
+
+
+def test_sigterm_answers_every_accepted_request(tiny_dev, tmp_path):
+    s = start_server(str(tiny_dev), "--max-batch-size", "2", env=TESTING, log_path=str(tmp_path / "log"))
+
+    async def load_then_terminate():
+        async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+            tasks = [
+                asyncio.ensure_future(
+                    c.post(
+                        "/v1/images/generations",
+                        json={"prompt": f"p{i} [[sleep=0.2]]", "seed": i, "size": "32x32", "num_inference_steps": 3},
+                    )
+                )
+                for i in range(6)
+            ]
+            await asyncio.sleep(0.5)
+            info = (await c.get("/server_info")).json()
+            s.proc.send_signal(signal.SIGTERM)
+            return info, await asyncio.gather(*tasks)
+
+    info, responses = asyncio.run(load_then_terminate())
+    assert info["queue_length"] + info["running"] >= 4  # most were still waiting or running at SIGTERM
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [r.json()["seed"] for r in responses] == list(range(6))
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{s.url}/health", timeout=2)
+
+
+def test_load_failure_is_reported_by_health(tiny_dev, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dev, broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")  # the folder looks right: only the worker's load finds it broken
+    s = start_server(str(broken), log_path=str(tmp_path / "log"), wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        body = {}
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{s.url}/health", timeout=2)
+                body = r.json()
+                if body["status"] == "failed":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert body.get("status") == "failed" and "failed to load" in body["message"]
+        assert post(s.url, {"prompt": "x"}).status_code == 503
+    finally:
+        s.stop()
+
+
+def test_serve_rejects_bad_flags_before_starting(tmp_path):
+    import subprocess
+    import sys
+
+    for args, words in (
+        (["--model", str(tmp_path / "nowhere")], "--model"),
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--dtype", "float8"], "--dtype"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ditserve", "serve", *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_health_is_503_while_the_model_loads(tiny_dev, tmp_path):
+    s = start_server(str(tiny_dev), log_path=str(tmp_path / "log"), wait_ready=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{s.url}/health", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.05)
+                continue
+            seen.append((r.status_code, r.json()["status"]))
+            if r.status_code == 503 and len(seen) == 1:
+                early = post(s.url, {"prompt": "x", **FAST})
+                assert early.status_code == 503 and "still loading" in early.json()["error"]["message"]
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        # uvicorn answers within a second; loading the model (in the worker) takes longer than that
+        assert seen[0] == (503, "loading") and seen[-1] == (200, "ok")
+        assert post(s.url, {"prompt": "x", **FAST}).status_code == 200
+    finally:
+        s.stop()

@@ -1,0 +1,189 @@
+"""The server's parts on their own: batched pipeline runs, batch formation, the wire format, the job store, sizes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from ditserve.config import SamplingParams
+from ditserve.engine import messages as msg
+from ditserve.engine.scheduler import RequestFailed, Scheduler, SchedulerConfig, _Pending
+from ditserve.server.jobs import JobStore
+from ditserve.server.schemas import InvalidRequest, parse_size
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dev):
+    from ditserve.engine.engine import Engine
+
+    return Engine.from_pretrained(str(tiny_dev), device="cpu")
+
+
+def _resolved(engine, **kw) -> SamplingParams:
+    return engine.pipeline.resolve(SamplingParams(height=32, width=32, num_inference_steps=2, **kw))
+
+
+def test_run_batch_matches_each_request_alone(engine):
+    """Each batched result equals the request run alone, within 1 intensity level on average (on the CPU in
+    float32 a batched matmul can differ from a single one in the last bits); latents agree to 1e-4."""
+    pipe = engine.pipeline
+    batch = [
+        _resolved(engine, prompt="a red fox", seed=1),
+        _resolved(engine, prompt="a blue whale", seed=2, num_images=2),
+        _resolved(engine, prompt=["two", "prompts"], seed=3),
+    ]
+    batched = pipe.run_batch(batch)
+    assert [len(out.images) for out in batched] == [1, 2, 2]
+    assert all(out.timings["batch_size"] == 3 for out in batched)
+    for params, out in zip(batch, batched):
+        alone = pipe(params)
+        for a, b in zip(alone.images, out.images):
+            diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+            assert diff.mean() <= 1.0
+        lat_alone = pipe(params.replace(output_type="latent")).images
+        lat_batch = pipe.run_batch([p.replace(output_type="latent") for p in batch])[batch.index(params)].images
+        for a, b in zip(lat_alone, lat_batch):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Not merely similar images: different requests give different pictures.
+    assert not np.array_equal(np.asarray(batched[0].images[0]), np.asarray(batched[1].images[0]))
+
+
+def test_run_batch_with_true_cfg_matches_alone(engine):
+    pipe = engine.pipeline
+    batch = [
+        _resolved(engine, prompt="fox", negative_prompt="blur", true_cfg_scale=2.0, seed=4, output_type="latent"),
+        _resolved(engine, prompt="owl", negative_prompt="dark", true_cfg_scale=2.0, seed=5, output_type="latent"),
+    ]
+    for params, out in zip(batch, pipe.run_batch(batch)):
+        torch.testing.assert_close(pipe(params).images[0], out.images[0], atol=1e-4, rtol=1e-4)
+
+
+def test_run_batch_refuses_mixed_shapes(engine):
+    with pytest.raises(ValueError, match="batch_key"):
+        engine.pipeline.run_batch(
+            [_resolved(engine, prompt="a", seed=1), _resolved(engine, prompt="b", seed=1).replace(height=64)]
+        )
+
+
+def _pending(rid: str, key: tuple, n: int = 1) -> _Pending:
+    loop = asyncio.new_event_loop()
+    try:
+        return _Pending(msg.WorkItem(rid, {"prompt": rid, "num_images": n}), key, loop.create_future())
+    finally:
+        loop.close()
+
+
+def test_batches_take_the_head_and_later_compatible_requests_in_order():
+    s = Scheduler({}, SchedulerConfig(max_batch_size=3))
+    s.info = msg.ModelInfo("m", "flux", ["text-to-image"], 16, 512, {}, True, "cpu", "float32", 0)
+    for rid, key in (("a", (32,)), ("b", (64,)), ("c", (32,)), ("d", (32,)), ("e", (32,))):
+        s.queue.append(_pending(rid, key))
+    assert [p.item.request_id for p in s._next_batch()] == ["a", "c", "d"]
+    assert [p.item.request_id for p in s.queue] == ["b", "e"]
+    s.info.supports_batching = False
+    assert [p.item.request_id for p in s._next_batch()] == ["b"]
+    # The limit counts images: a request of n images counts n, and the head goes even when it alone is larger.
+    s.info.supports_batching = True
+    s.queue.clear()
+    for rid, n in (("f", 2), ("g", 2), ("h", 1), ("i", 1)):
+        s.queue.append(_pending(rid, (32,), n))
+    assert [p.item.request_id for p in s._next_batch()] == ["f", "h"]
+    s.queue.clear()
+    s.queue.extend([_pending("big", (32,), 5), _pending("small", (32,))])
+    assert [p.item.request_id for p in s._next_batch()] == ["big"]
+
+
+def test_cancel_removes_a_queued_request():
+    async def scenario():
+        s = Scheduler({}, SchedulerConfig())
+        s.queue.append(_Pending(msg.WorkItem("x", {}), (), asyncio.get_running_loop().create_future()))
+        future = s.queue[0].future
+        assert s.cancel("x") and not s.queue
+        with pytest.raises(RequestFailed, match="cancelled"):
+            await future
+        assert not s.cancel("x")
+
+    asyncio.run(scenario())
+
+
+def test_messages_round_trip_and_reject_garbage():
+    params = SamplingParams(prompt="p", height=32, width=48, seed=5, num_images=2)
+    frames = msg.run_message("b1", [msg.WorkItem("r1", msg.params_to_dict(params), "webp")])
+    message, blobs = msg.decode(frames)
+    item = msg.items_from(message)[0]
+    assert message["type"] == "run" and blobs == [] and item.output_format == "webp"
+    assert msg.params_from_dict(item.params) == params
+    message, blobs = msg.decode(msg.result_message("r1", [b"\x89PNG..", b"\x00\x01"], {"seed": 5}))
+    assert blobs == [b"\x89PNG..", b"\x00\x01"] and message["num_images"] == 2
+    for bad in ([], [b"\x80\x81"], [b"[1, 2]"], [b'{"no": "type"}']):
+        with pytest.raises(msg.ProtocolError):
+            msg.decode(bad)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("1024x768", (1024, 768)),
+        ("32X32", (32, 32)),
+        (" 16 x 48 ", (16, 48)),
+        ("auto", (None, None)),
+        (None, (None, None)),
+    ],
+)
+def test_parse_size(size, expected):
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["1024", "x32", "32x", "-32x32", "32x32x3", "3.5x32", "999999x32", ""])
+def test_parse_size_rejects(size):
+    with pytest.raises(InvalidRequest) as e:
+        parse_size(size)
+    assert e.value.param == "size"
+
+
+def test_job_store_lifecycle(tmp_path):
+    store = JobStore(tmp_path / "videos", max_jobs=3)
+
+    async def scenario():
+        done = store.create("m", "ok")
+
+        async def succeed(on_progress):
+            on_progress(0.5)
+            assert done.status == "in_progress" and done.progress == 50
+            return b"mp4 bytes"
+
+        await store.run(done, succeed)
+        assert done.status == "completed" and done.progress == 100
+        assert store.content_path(done).read_bytes() == b"mp4 bytes"
+
+        failed = store.create("m", "bad")
+
+        async def fail(on_progress):
+            raise RequestFailed("out_of_memory", "too big")
+
+        await store.run(failed, fail)
+        assert failed.status == "failed" and failed.error == {"code": "out_of_memory", "message": "too big"}
+
+        running = store.create("m", "slow")
+        gate = asyncio.Event()
+
+        async def wait(on_progress):
+            await gate.wait()
+            return b""
+
+        running.task = asyncio.create_task(store.run(running, wait))
+        await asyncio.sleep(0)
+        store.cancel(running)
+        await asyncio.gather(running.task, return_exceptions=True)
+        assert running.status == "cancelled"
+
+        assert [j.id for j in store.list()] == [running.id, failed.id, done.id]  # newest first
+        store.create("m", "fourth")  # over max_jobs: the oldest finished job goes, with its content
+        assert store.get(done.id) is None and not store.content_path(done).exists()
+
+    asyncio.run(scenario())
+    for bad in ("../../etc/passwd", "video_" + "g" * 32, "video_abc", ""):
+        assert store.get(bad) is None
