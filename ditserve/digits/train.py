@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import tempfile
 import time
@@ -52,7 +53,7 @@ class TrainConfig:
     attention_head_dim: int = 32
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
     text_dim: int = 32
-    dit_steps: int = 3000
+    dit_steps: int = 3500
     dit_lr: float = 1e-3
     dit_warmup: int = 100
     ema_decay: float = 0.999
@@ -181,7 +182,14 @@ def train_dit(model, latents_mean, latents_std, labels, seqs, pooled, cfg: Train
     txt_ids = torch.zeros(seqs.shape[2], 3, device=device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.dit_warmup))
+
+    # Linear warm-up, then cosine decay to zero: the last steps refine at a small rate.
+    def lr_factor(step: int) -> float:
+        if step < cfg.dit_warmup:
+            return (step + 1) / cfg.dit_warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.dit_warmup) / max(1, cfg.dit_steps - cfg.dit_warmup)))
+
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     n = len(labels)
     for step in range(cfg.dit_steps):
         idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
@@ -241,11 +249,23 @@ def save_folder(pipe, ema, cfg: TrainConfig, out: Path) -> None:
 
 
 def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> Path:
-    # Our Triton kernels have no backward: training takes their torch references (on CUDA too).
+    # Our Triton kernels have no backward: training takes their torch references (on CUDA too). Tiny weights and
+    # activations go subnormal during training, which is many times slower on CPUs. Both settings are undone after.
+    previous = os.environ.get("DITSERVE_DISABLE_TRITON")
     os.environ["DITSERVE_DISABLE_TRITON"] = "1"
-    torch.manual_seed(cfg.seed)
-    # Tiny weights and activations go subnormal during training, which is many times slower on CPUs.
     torch.set_flush_denormal(True)
+    try:
+        return _train(cfg, out, device)
+    finally:
+        torch.set_flush_denormal(False)
+        if previous is None:
+            os.environ.pop("DITSERVE_DISABLE_TRITON", None)
+        else:
+            os.environ["DITSERVE_DISABLE_TRITON"] = previous
+
+
+def _train(cfg: TrainConfig, out: Path, device: str) -> Path:
+    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.time()
     ink, labels_np = load_digits()
