@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ditserve.digits.data import IMAGE_SIZE, PROMPT_FORMS, load_digits, prompt, upsample
 from ditserve.loader.folder import SAMPLING_DEFAULTS_FILE
@@ -63,10 +64,6 @@ class TrainConfig:
     max_sequence_length: int = 24
     num_inference_steps: int = 20
     scheduler_shift: float = 3.0
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_channels) - 1)
 
 
 def log(msg: str) -> None:
@@ -103,7 +100,7 @@ def randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=gen).to(x.device)
 
 
-def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
+def train_vae(vae: nn.Module, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps)
@@ -125,7 +122,7 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator)
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and standard deviations of every image, in batches."""
     means, stds = [], []
     for chunk in images.split(256):
@@ -167,14 +164,18 @@ def new_transformer(pipe, cfg: TrainConfig, gen: torch.Generator):
     return model.requires_grad_(True).train()
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    from ditserve.pipelines.flux import pack_latents
-
-    return pack_latents(latents)
-
-
-def train_dit(model, latents_mean, latents_std, labels, seqs, pooled, cfg: TrainConfig, gen: torch.Generator):
-    from ditserve.pipelines.flux import latent_image_ids
+def train_dit(
+    model: nn.Module,
+    latents_mean: torch.Tensor,
+    latents_std: torch.Tensor,
+    labels: torch.Tensor,
+    seqs: torch.Tensor,
+    pooled: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+) -> nn.Module:
+    """Flow matching on normalised latents; returns the moving average of the weights (what is saved)."""
+    from ditserve.pipelines.flux import latent_image_ids, pack_latents
 
     h = latents_mean.shape[-1]
     device = latents_mean.device
@@ -196,7 +197,7 @@ def train_dit(model, latents_mean, latents_std, labels, seqs, pooled, cfg: Train
         form = torch.randint(seqs.shape[1], (cfg.batch_size,), generator=gen).to(device)
         digit = labels[idx]
         # A fresh posterior sample each time: the VAE's noise is free augmentation.
-        x0 = pack(latents_mean[idx] + latents_std[idx] * randn_like(latents_mean[idx], gen))
+        x0 = pack_latents(latents_mean[idx] + latents_std[idx] * randn_like(latents_mean[idx], gen))
         noise = randn_like(x0, gen)
         # Half logit-normal (as SD3/FLUX training: mid noise, where the shape is decided), half uniform (so the
         # last, low-noise steps that clean up the strokes are trained too).
@@ -222,7 +223,7 @@ def train_dit(model, latents_mean, latents_std, labels, seqs, pooled, cfg: Train
     return ema
 
 
-def save_folder(pipe, ema, cfg: TrainConfig, out: Path) -> None:
+def save_folder(pipe, ema: nn.Module, cfg: TrainConfig, out: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from ditserve.models.flux import to_diffusers_state_dict
@@ -236,6 +237,11 @@ def save_folder(pipe, ema, cfg: TrainConfig, out: Path) -> None:
         num_train_timesteps=1000, shift=cfg.scheduler_shift, use_dynamic_shifting=False
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    # diffusers records the temporary folder the pipeline was loaded from; drop it so reruns write the same files.
+    for config in [out / "model_index.json", *out.glob("*/config.json")]:
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     defaults = {
         "sampling_defaults": {
             "height": cfg.image_size,
