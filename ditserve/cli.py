@@ -46,7 +46,9 @@ def quiet_libraries() -> None:
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="diffusers model folder, preset name, or built-in (default: tiny-flux)"
+        "--model",
+        default=None,
+        help="diffusers model folder, preset name, or built-in: digits (the default), tiny-flux",
     )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")

@@ -160,10 +160,12 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# The model `generate` and `serve` use when no --model is given: a tiny FLUX.1 with random weights, written once
-# into the user's cache by `ditserve.tiny` (deterministic: the same weights on every machine).
-DEFAULT_MODEL = "tiny-flux"
-BUILTIN_MODELS = ("tiny-flux",)
+# The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
+# digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).
+# "tiny-flux" is a tiny FLUX.1 with random weights, written once into the user's cache by `ditserve.tiny`
+# (deterministic: the same weights on every machine).
+DEFAULT_MODEL = "digits"
+BUILTIN_MODELS = ("digits", "tiny-flux")
 
 
 def get_preset(name: str) -> Preset:

@@ -145,3 +145,16 @@ def test_presets_hold_the_real_architecture():
         assert (model.guidance_embedder is not None) == guidance
         # FLUX.1-dev has 11.90 B parameters in its transformer; schnell lacks the guidance embedder.
         assert abs(params - (11_901_408_320 if guidance else 11_891_178_560)) < 1e6, params
+
+
+def test_folder_sampling_defaults(tiny_schnell, tmp_path):
+    """A folder's ditserve.json replaces the pipeline's defaults it names; unknown names are refused."""
+    folder = copy_folder(tiny_schnell, tmp_path)
+    (folder / "ditserve.json").write_text(json.dumps({"sampling_defaults": {"height": 32, "num_inference_steps": 3}}))
+    result = Engine.from_pretrained(str(folder)).generate("x", seed=0)
+    p = result.params
+    assert (p.height, p.width, p.num_inference_steps, p.max_sequence_length) == (32, 256, 3, 512)
+    assert result.images[0].size == (256, 32)
+    (folder / "ditserve.json").write_text(json.dumps({"sampling_defaults": {"size": 32}}))
+    with pytest.raises(LoaderError, match="unknown sampling defaults"):
+        Engine.from_pretrained(str(folder))

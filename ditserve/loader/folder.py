@@ -27,6 +27,16 @@ from ditserve.loader.weights import (
 )
 from ditserve.registry import BUILTIN_MODELS, DEFAULT_MODEL, FAMILIES, PRESETS, REQUIRED_COMPONENTS, get_preset
 
+SAMPLING_DEFAULTS_FILE = "ditserve.json"
+SAMPLING_DEFAULT_FIELDS = (
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "max_sequence_length",
+)
+
 
 @dataclass
 class ModelSource:
@@ -49,14 +59,30 @@ class ModelSource:
                     raise LoaderError(f"{sub / filename}: invalid JSON ({e})") from None
         raise LoaderError(f"{sub}: no config.json")
 
+    def sampling_defaults(self) -> dict:
+        """Sampling settings the folder's `ditserve.json` asks for in place of the pipeline's defaults.
+
+        For models trained at one size and sequence length (the built-in digits model): diffusers' defaults
+        (e.g. 128 × vae_scale_factor pixels, 512 T5 tokens) would ask them for something they never saw.
+        """
+        if self.folder is None or not (self.folder / SAMPLING_DEFAULTS_FILE).is_file():
+            return {}
+        path = self.folder / SAMPLING_DEFAULTS_FILE
+        try:
+            values = json.loads(path.read_text()).get("sampling_defaults", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise LoaderError(f"{path}: invalid JSON object ({e})") from None
+        unknown = set(values) - set(SAMPLING_DEFAULT_FIELDS)
+        if unknown:
+            raise LoaderError(f"{path}: unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_DEFAULT_FIELDS}")
+        return dict(values)
+
 
 def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     """Turn a --model value into a ModelSource, with an error that says what to do when it can't."""
     name = model or DEFAULT_MODEL
     if name in BUILTIN_MODELS and not Path(name).exists():
-        from ditserve.tiny import builtin_model_path
-
-        return _folder_source(builtin_model_path(name), name)
+        return _folder_source(_builtin_model_path(name), name)
     if name in PRESETS and not Path(name).exists():
         preset = get_preset(name)
         if load_format != "dummy":
@@ -72,6 +98,19 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     if not path.is_dir():
         raise LoaderError(f"model {name!r}: not a folder (expected a diffusers model folder with model_index.json)")
     return _folder_source(path, name)
+
+
+def _builtin_model_path(name: str) -> Path:
+    if name == "digits":
+        from ditserve.digits import model_path
+
+        try:
+            return model_path()
+        except FileNotFoundError as e:
+            raise LoaderError(str(e)) from None
+    from ditserve.tiny import builtin_model_path
+
+    return builtin_model_path(name)
 
 
 def _folder_source(path: Path, name: str) -> ModelSource:

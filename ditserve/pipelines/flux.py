@@ -93,10 +93,17 @@ def latent_image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype)
 class FluxPipeline(Pipeline):
     family = "flux"
 
-    def __init__(self, components: FluxComponents, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        components: FluxComponents,
+        device: torch.device,
+        dtype: torch.dtype,
+        sampling_defaults: dict | None = None,
+    ):
         from diffusers.image_processor import VaeImageProcessor
 
         self.c = components
+        self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
         self.device = device
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -107,12 +114,13 @@ class FluxPipeline(Pipeline):
     def load(
         cls, source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
     ) -> FluxPipeline:
-        return cls(load_flux_components(source, device, dtype, load_format, seed), device, dtype)
+        components = load_flux_components(source, device, dtype, load_format, seed)
+        return cls(components, device, dtype, source.sampling_defaults())
 
-    # ---- defaults, as diffusers' FluxPipeline.__call__ has them -------------------------------------------------
+    # ---- defaults: diffusers' FluxPipeline.__call__'s, unless the folder names its own ---------------------------
     def defaults(self) -> SamplingParams:
         side = 128 * self.vae_scale_factor
-        return SamplingParams(
+        params = SamplingParams(
             height=side,
             width=side,
             num_inference_steps=28,
@@ -120,6 +128,7 @@ class FluxPipeline(Pipeline):
             true_cfg_scale=1.0,
             max_sequence_length=512,
         )
+        return params.replace(**self.sampling_defaults)
 
     @property
     def spatial_multiple(self) -> int:
