@@ -159,31 +159,7 @@ def seeded(device: torch.device, seed: int):
         yield
 
 
-def load_transformers_model(
-    source: ModelSource,
-    component: str,
-    model_cls,
-    config_cls,
-    device: torch.device,
-    dtype: torch.dtype,
-    load_format: str,
-    seed: int = 0,
-) -> nn.Module:
-    """A text encoder through transformers: from the folder, or random weights at the configured size."""
-    if load_format == "dummy":
-        config = config_cls.from_dict(source.config(component))
-        # Built directly on the device: transformers' own init gives finite random weights, fast on a GPU.
-        with seeded(device, seed), torch.device(device), default_dtype(dtype):
-            model = model_cls(config)
-        return model.to(dtype).eval()
-    try:
-        model = model_cls.from_pretrained(source.folder / component, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise LoaderError(f"{source.folder / component}: cannot load {model_cls.__name__} ({e})") from None
-    return model.to(device).eval()
-
-
-def load_diffusers_model(
+def load_library_model(
     source: ModelSource,
     component: str,
     model_cls,
@@ -191,11 +167,18 @@ def load_diffusers_model(
     dtype: torch.dtype,
     load_format: str,
     seed: int = 0,
+    config_cls=None,
 ) -> nn.Module:
+    """A text encoder (transformers: pass its `config_cls`) or VAE (diffusers): from the folder, or random weights
+    at the configured size."""
     if load_format == "dummy":
-        config = {k: v for k, v in source.config(component).items() if not k.startswith("_")}
+        raw = source.config(component)
+        # Built directly on the device: the libraries' own init gives finite random weights, fast on a GPU.
         with seeded(device, seed), torch.device(device), default_dtype(dtype):
-            model = model_cls.from_config(config)
+            if config_cls is not None:
+                model = model_cls(config_cls.from_dict(raw))
+            else:
+                model = model_cls.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
         return model.to(dtype).eval()
     try:
         model = model_cls.from_pretrained(source.folder / component, dtype=dtype)

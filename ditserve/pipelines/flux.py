@@ -17,10 +17,9 @@ from torch import nn
 from ditserve.config import SamplingParams
 from ditserve.loader.folder import (
     ModelSource,
-    load_diffusers_model,
     load_dit,
+    load_library_model,
     load_tokenizer,
-    load_transformers_model,
 )
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
 from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
@@ -50,13 +49,13 @@ def load_flux_components(
     transformer = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, load_format, seed)
     return FluxComponents(
         transformer=transformer,  # type: ignore[arg-type]
-        vae=load_diffusers_model(source, "vae", AutoencoderKL, device, dtype, load_format, seed + 1),
-        text_encoder=load_transformers_model(
-            source, "text_encoder", CLIPTextModel, CLIPTextConfig, device, dtype, load_format, seed + 2
+        vae=load_library_model(source, "vae", AutoencoderKL, device, dtype, load_format, seed + 1),
+        text_encoder=load_library_model(
+            source, "text_encoder", CLIPTextModel, device, dtype, load_format, seed + 2, CLIPTextConfig
         ),
         tokenizer=load_tokenizer(source, "tokenizer", CLIPTokenizer, clip_tokenizer),
-        text_encoder_2=load_transformers_model(
-            source, "text_encoder_2", T5EncoderModel, T5Config, device, dtype, load_format, seed + 3
+        text_encoder_2=load_library_model(
+            source, "text_encoder_2", T5EncoderModel, device, dtype, load_format, seed + 3, T5Config
         ),
         tokenizer_2=load_tokenizer(source, "tokenizer_2", T5TokenizerFast, t5_tokenizer),
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(source.config("scheduler")),
