@@ -52,9 +52,10 @@ class Unavailable(Exception):
 class RequestFailed(Exception):
     """The request was admitted but did not complete. `kind`: error, out_of_memory, timeout, cancelled, worker_died."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, param: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.param = param  # for kind "invalid": the request field at fault
 
 
 @dataclass
@@ -78,6 +79,7 @@ class _Pending:
     batch_size: int = 1
     progress: float = 0.0
     on_progress: Callable[[float], None] | None = None
+    control: dict | None = None  # a LoRA operation {"method", "kwargs"} instead of an image request
 
 
 def _images(pending: _Pending) -> int:
@@ -205,6 +207,26 @@ class Scheduler:
             self.cancel(item.request_id)
             raise
 
+    async def control(self, method: str, kwargs: dict) -> dict:
+        """Queue a LoRA operation behind the requests already accepted, and wait for the worker's answer."""
+        if self.state != "ready":
+            raise Unavailable(self.describe_unavailable())
+        if len(self.queue) >= self.config.max_queue:
+            raise QueueFull(self.retry_after())
+        request_id = self.new_request_id()
+        item = msg.WorkItem(request_id=request_id, params={}, task="lora")
+        future = asyncio.get_running_loop().create_future()
+        # A key of its own: an operation never joins a batch.
+        pending = _Pending(item, ("control", request_id), future, control={"method": method, "kwargs": kwargs})
+        self.queue.append(pending)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.request_timeout)
+        except TimeoutError:
+            raise RequestFailed(
+                "timeout", f"the operation took longer than the server's limit of {self.config.request_timeout:g} s"
+            ) from None
+
     def cancel(self, request_id: str) -> bool:
         """Drop a queued request, or ask the worker to stop a running one. True if there was one to cancel."""
         for pending in self.queue:
@@ -272,7 +294,18 @@ class Scheduler:
                 pending.batch_size = len(batch)
                 self.running[pending.item.request_id] = pending
             self._idle.clear()
-            if not self._send_nowait(msg.run_message(self._batch_id, [p.item for p in batch])):
+            if batch[0].control is not None:
+                frames = msg.encode(
+                    {
+                        "type": "lora",
+                        "batch_id": self._batch_id,
+                        "request_id": batch[0].item.request_id,
+                        **batch[0].control,
+                    }
+                )
+            else:
+                frames = msg.run_message(self._batch_id, [p.item for p in batch])
+            if not self._send_nowait(frames):
                 self._fail_all("worker_died", "the worker process is not reachable")
 
     async def _receive_loop(self) -> None:
@@ -316,10 +349,15 @@ class Scheduler:
                         batch_size=pending.batch_size,
                     )
                 )
+        elif kind == "lora_result":
+            pending = self.running.pop(message["request_id"], None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(message["result"])
         elif kind == "error":
             pending = self.running.pop(message["request_id"], None)
             if pending is not None and not pending.future.done():
-                pending.future.set_exception(RequestFailed(message.get("kind", "error"), message["message"]))
+                failure = RequestFailed(message.get("kind", "error"), message["message"], message.get("param"))
+                pending.future.set_exception(failure)
                 pending.future.exception()
         elif kind == "batch_done" and message["batch_id"] == self._batch_id:
             self._recent_batch_s.append(time.monotonic() - self._batch_started)

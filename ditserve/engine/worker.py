@@ -26,7 +26,9 @@ from ditserve.engine import messages as msg
 # step (to hold requests in flight).
 _FAIL_MARK = "[[fail]]"
 _SLEEP_MARK = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
-POLL_MS = 500  # how often an idle worker checks that its parent is still alive
+POLL_MS = 500
+LORA_METHODS = ("set_lora", "merge_lora_weights", "unmerge_lora_weights", "list_loras")
+STARTUP_LORA_KEY = "_startup_lora"  # in the worker's JSON arguments: serve's --lora-* flags, as set_lora kwargs  # how often an idle worker checks that its parent is still alive
 
 
 class Cancelled(Exception):
@@ -64,7 +66,11 @@ class Worker:
         from ditserve.engine.engine import Engine
         from ditserve.pipelines.base import Pipeline
 
-        self.engine = Engine(EngineArgs(**self.engine_args))
+        args = dict(self.engine_args)
+        startup_lora = args.pop(STARTUP_LORA_KEY, None)
+        self.engine = Engine(EngineArgs(**args))
+        if startup_lora:  # serve's --lora-* flags: applied before the first request, or the load fails
+            self.engine.set_lora(**startup_lora)
         pipe = self.engine.pipeline
         info = msg.ModelInfo(
             name=self.engine.model_name,
@@ -92,6 +98,8 @@ class Worker:
             kind = message["type"]
             if kind == "run":
                 self.run_batch(message["batch_id"], msg.items_from(message))
+            elif kind == "lora":
+                self.run_lora(message)
             elif kind == "cancel":
                 pass  # nothing is running: the server only cancels what it has sent
             elif kind == "shutdown":
@@ -215,6 +223,28 @@ class Worker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def run_lora(self, message: dict) -> None:
+        """A LoRA operation, queued by the server between batches like a request: it applies after every request
+        accepted before it and before every request accepted after it."""
+        from ditserve.lora import LoRAError
+
+        request_id = message["request_id"]
+        try:
+            if message["method"] not in LORA_METHODS:
+                raise ValueError(f"unknown LoRA operation {message['method']!r}")
+            result = getattr(self.engine, message["method"])(**message["kwargs"])
+            self.sock.send_multipart(msg.encode({"type": "lora_result", "request_id": request_id, "result": result}))
+        except LoRAError as e:
+            self.sock.send_multipart(
+                msg.encode(
+                    {"type": "error", "request_id": request_id, "kind": "invalid", "param": e.field, "message": str(e)}
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - the operation fails alone; the worker serves on
+            self._send_error(request_id, "error", f"{type(e).__name__}: {e}")
+        finally:
+            self.sock.send_multipart(msg.encode({"type": "batch_done", "batch_id": message["batch_id"]}))
 
     def _send_error(self, request_id: str, kind: str, message: str) -> None:
         self.sock.send_multipart(

@@ -39,6 +39,9 @@ from ditserve.server.schemas import (
     ImageOptions,
     ImagesResponse,
     InvalidRequest,
+    MergeLoraRequest,
+    SetLoraRequest,
+    UnmergeLoraRequest,
     VideoRequest,
     parse_size,
     to_sampling_params,
@@ -61,6 +64,7 @@ class ServerSettings:
     max_input_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
     served_model_name: str | None = None  # the model id clients see and send; None = the model folder's name
     url_ttl_s: float = 3600.0  # url images are deleted after this long, so the folder cannot grow without bound
+    lora_dir: Path | None = None  # the only folder POST /v1/set_lora may load from; None = loading LoRAs is off
 
 
 class ApiError(Exception):
@@ -448,6 +452,59 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if not _FILE_NAME.match(name) or not (image_dir / name).is_file():
             raise ApiError(404, "no such file", "invalid_request_error", "name", "not_found")
         return FileResponse(image_dir / name, media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]])
+
+    # ---- LoRA: queued behind accepted requests, so each request runs with one whole LoRA state ------------------
+    def lora_file(path: str | None) -> str | None:
+        """A path from the request, resolved inside --lora-dir; anything else is refused (nothing outside the
+        configured folders is ever read on a client's word)."""
+        if path is None:
+            return None
+        if settings.lora_dir is None:
+            raise ApiError(
+                400, "this server loads no LoRA files: start it with --lora-dir", "invalid_request_error", "lora_path"
+            )
+        root = Path(settings.lora_dir).resolve()
+        resolved = None if "\x00" in path else (root / path).resolve()
+        if resolved is None or not resolved.is_relative_to(root):
+            raise ApiError(
+                400, f"lora_path {path!r} is outside the server's LoRA folder", "invalid_request_error", "lora_path"
+            )
+        return str(resolved)
+
+    async def lora_operation(request: Request, method: str, kwargs: dict) -> dict:
+        try:
+            return await _unless_disconnected(request, scheduler.control(method, kwargs))
+        except QueueFull as e:
+            err = ApiError(429, f"{e}", "rate_limit_error", None, "queue_full")
+            err.headers = {"Retry-After": str(e.retry_after)}
+            raise err from None
+        except Unavailable as e:
+            raise ApiError(503, str(e), "server_error", None, "unavailable") from None
+        except RequestFailed as e:
+            if e.kind == "invalid":
+                raise ApiError(400, str(e), "invalid_request_error", e.param, "invalid_value") from None
+            raise ApiError(_FAILURE_STATUS.get(e.kind, 500), str(e), "server_error", None, e.kind) from None
+        except _ClientGone:
+            raise ApiError(499, "the client disconnected", "invalid_request_error", None, "cancelled") from None
+
+    @app.post("/v1/set_lora", responses=errors)
+    async def set_lora(request: Request, body: SetLoraRequest):
+        kwargs = body.model_dump()
+        paths = kwargs["lora_path"]
+        kwargs["lora_path"] = [lora_file(p) for p in paths] if isinstance(paths, list) else lora_file(paths)
+        return await lora_operation(request, "set_lora", kwargs)
+
+    @app.post("/v1/merge_lora_weights", responses=errors)
+    async def merge_lora_weights(request: Request, body: MergeLoraRequest):
+        return await lora_operation(request, "merge_lora_weights", body.model_dump())
+
+    @app.post("/v1/unmerge_lora_weights", responses=errors)
+    async def unmerge_lora_weights(request: Request, body: UnmergeLoraRequest):
+        return await lora_operation(request, "unmerge_lora_weights", body.model_dump())
+
+    @app.get("/v1/list_loras", responses=errors)
+    async def list_loras(request: Request):
+        return await lora_operation(request, "list_loras", {})
 
     @app.get("/v1/models", responses=errors)
     async def list_models():

@@ -30,6 +30,12 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--lora-dir", default=None, help="folder POST /v1/set_lora may load LoRA files from (default: none)"
+    )
+    from ditserve.lora.cli import add_lora_flags
+
+    add_lora_flags(serve)  # LoRAs active from the first request
     serve.set_defaults(handler=cmd_serve)
 
     bench = sub.add_parser("bench-serve", help="load-test a running server: throughput and latency percentiles")
@@ -82,8 +88,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     resolve_model(engine_args.model, engine_args.load_format)  # a wrong --model fails here, not in the worker
     if ns.output_dir is not None and os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
+    from ditserve.engine.worker import STARTUP_LORA_KEY
+    from ditserve.lora.cli import lora_request
+
+    worker_args = plain_engine_args(engine_args)
+    startup_lora = lora_request(ns)  # checks the --lora-* flags (paths exist, counts agree) before starting
+    if startup_lora:
+        worker_args[STARTUP_LORA_KEY] = startup_lora
+    if ns.lora_dir is not None and not os.path.isdir(ns.lora_dir):
+        raise UsageError(f"ditserve serve: --lora-dir {ns.lora_dir!r} is not a folder")
     settings = ServerSettings(
-        engine_args=plain_engine_args(engine_args),
+        engine_args=worker_args,
         scheduler=SchedulerConfig(
             max_queue=ns.max_queue, max_batch_size=ns.max_batch_size, request_timeout=ns.request_timeout
         ),
@@ -93,6 +108,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_prompt_chars=ns.max_prompt_chars,
         url_ttl_s=ns.url_ttl,
         served_model_name=ns.served_model_name,
+        lora_dir=ns.lora_dir,
     )
     if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(

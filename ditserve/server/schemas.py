@@ -139,3 +139,28 @@ def to_sampling_params(
             field = "size"  # the client sent size, so name size
         raise InvalidRequest(field, str(e).split(": ", 1)[1]) from None
     return params
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------------
+LoraTarget = str | list[str]
+
+
+class SetLoraRequest(BaseModel):
+    """POST /v1/set_lora: activate adapters (loading new ones from the server's --lora-dir); [] turns LoRA off."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_nickname: str | list[str]
+    lora_path: str | list[str | None] | None = None  # relative to --lora-dir
+    strength: float | list[float] = 1.0
+    target: LoraTarget = "all"
+
+
+class MergeLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strength: float = 1.0
+    target: LoraTarget = "all"
+
+
+class UnmergeLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: LoraTarget = "all"

@@ -1,0 +1,111 @@
+"""LoRA over HTTP on a live loopback server: set, list, merge, unmerge; errors name the field and change nothing;
+paths outside --lora-dir are refused; --lora-* flags on serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from lora_writers import write_ai_toolkit
+from PIL import Image
+
+from ditserve import Engine
+from ditserve.server.launch import start_server
+
+REQUEST = {"prompt": "a boat", "size": "32x32", "num_inference_steps": 2, "seed": 5, "response_format": "b64_json"}
+
+
+def image(base: str) -> np.ndarray:
+    r = httpx.post(f"{base}/v1/images/generations", json=REQUEST, timeout=120)
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_dev, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    write_ai_toolkit(tiny_dev, folder / "style.safetensors", seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dev, lora_dir, tmp_path_factory):
+    s = start_server(str(tiny_dev), "--lora-dir", str(lora_dir), log_path=str(tmp_path_factory.mktemp("l") / "log"))
+    yield s
+    s.stop()
+
+
+def test_set_merge_unmerge_over_http(server, tiny_dev, lora_dir):
+    base = image(server.url)
+    r = httpx.post(
+        f"{server.url}/v1/set_lora",
+        json={"lora_nickname": "style", "lora_path": "style.safetensors", "strength": 0.8},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    listed = httpx.get(f"{server.url}/v1/list_loras", timeout=60).json()
+    assert listed == r.json()
+    assert "style" in str(listed)
+    dynamic = image(server.url)
+    assert np.abs(dynamic - base).mean() > 1.0  # the adapter changes the picture
+
+    # The same LoRA through the Python API gives the same picture.
+    engine = Engine.from_pretrained(str(tiny_dev))
+    engine.set_lora("style", str(lora_dir / "style.safetensors"), strength=0.8)
+    api = engine.generate("a boat", height=32, width=32, num_inference_steps=2, seed=5).images[0]
+    assert np.abs(np.asarray(api, dtype=np.int16) - dynamic).mean() <= 1.0
+
+    assert httpx.post(f"{server.url}/v1/merge_lora_weights", json={}, timeout=120).status_code == 200
+    merged = image(server.url)
+    assert np.abs(merged - dynamic).mean() <= 1.0
+    assert httpx.post(f"{server.url}/v1/unmerge_lora_weights", json={}, timeout=120).status_code == 200
+    assert np.array_equal(image(server.url), base)  # W0 back, bit for bit
+    # Off again, for the other tests of this module.
+    assert httpx.post(f"{server.url}/v1/set_lora", json={"lora_nickname": []}, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"lora_nickname": "x", "lora_path": "../../etc/passwd"}, "lora_path"),
+        ({"lora_nickname": "x", "lora_path": "/etc/passwd"}, "lora_path"),
+        ({"lora_nickname": "x", "lora_path": "missing.safetensors"}, "lora_path"),
+        ({"lora_nickname": "never-loaded"}, "lora_nickname"),
+        ({"lora_nickname": "style", "lora_path": "style.safetensors", "target": "transformer_2"}, "target"),
+    ],
+)
+def test_bad_lora_requests_are_400_and_change_nothing(server, body, param):
+    before = httpx.get(f"{server.url}/v1/list_loras", timeout=60).json()
+    r = httpx.post(f"{server.url}/v1/set_lora", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert httpx.get(f"{server.url}/v1/list_loras", timeout=60).json() == before
+
+
+def test_schema_errors_name_the_field(server):
+    r = httpx.post(f"{server.url}/v1/merge_lora_weights", json={"strength": "strong"}, timeout=60)
+    assert r.status_code == 400 and "strength" in str(r.json()["error"]["param"])
+
+
+def test_serve_lora_flags_apply_from_the_first_request(tiny_dev, lora_dir, tmp_path):
+    s = start_server(
+        str(tiny_dev),
+        "--lora-path",
+        str(lora_dir / "style.safetensors"),
+        "--lora-scale",
+        "0.8",
+        log_path=str(tmp_path / "log"),
+    )
+    try:
+        listed = httpx.get(f"{s.url}/v1/list_loras", timeout=60).json()
+        assert "style" in str(listed)
+        # Without --lora-dir, the server loads no files on a client's word.
+        r = httpx.post(
+            f"{s.url}/v1/set_lora", json={"lora_nickname": "b", "lora_path": "style.safetensors"}, timeout=60
+        )
+        assert r.status_code == 400 and "--lora-dir" in r.json()["error"]["message"]
+    finally:
+        s.stop()
