@@ -254,29 +254,8 @@ class FluxPipeline(Pipeline):
         return list(out)
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
-        timer = StageTimer(self.device)
-        prompts = [params.prompt] if isinstance(params.prompt, str) else list(params.prompt)
-        with timer.stage("encode"):
-            cond = self.encode_prompt(prompts, params.num_images, params.max_sequence_length)  # type: ignore[arg-type]
-            uncond = None
-            if params.true_cfg_scale > 1 and params.negative_prompt is not None:  # type: ignore[operator]
-                negs = [params.negative_prompt] if isinstance(params.negative_prompt, str) else params.negative_prompt
-                if len(negs) == 1 and len(prompts) > 1:
-                    negs = negs * len(prompts)
-                uncond = self.encode_prompt(negs, params.num_images, params.max_sequence_length)  # type: ignore[arg-type]
-        with timer.stage("prepare"):
-            latents, img_ids = self.prepare_latents(
-                params.seed,  # type: ignore[arg-type]
-                len(prompts) * params.num_images,
-                params.height,  # type: ignore[arg-type]
-                params.width,  # type: ignore[arg-type]
-                cond[0].dtype,
-            )
-        with timer.stage("denoise"):
-            latents = self.denoise(latents, img_ids, cond, uncond, params, timer, on_step)
-        with timer.stage("decode"):
-            images = self.decode(latents, params.height, params.width, params.output_type)  # type: ignore[arg-type]
-        return PipelineOutput(images=images, timings=timer.summary())
+        """One request: a batch of one (the batch path does exactly what diffusers does for a single call)."""
+        return self.run_batch([params], on_step)[0]
 
     # ---- several requests as one batched forward --------------------------------------------------------------
     @torch.no_grad()
@@ -294,8 +273,6 @@ class FluxPipeline(Pipeline):
         Each request keeps its own seed: the initial noise is each request's own draw (as it would be alone),
         concatenated. Results match the requests run alone up to float rounding of the larger matmuls.
         """
-        if len(batch) == 1:
-            return [self(batch[0], on_step)]
         if len({self.batch_key(p) for p in batch}) != 1:
             raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
         first = batch[0]
