@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import platform
@@ -57,19 +58,8 @@ def diffusers_transformer_sharing(ours) -> torch.nn.Module:
     from ditserve.models.flux import to_diffusers_state_dict
 
     cfg = ours.config
-    config = dict(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers,
-        num_single_layers=cfg.num_single_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.joint_attention_dim,
-        pooled_projection_dim=cfg.pooled_projection_dim,
-        guidance_embeds=cfg.guidance_embeds,
-        axes_dims_rope=list(cfg.axes_dims_rope),
-    )
+    # FluxConfig's fields are diffusers' config names, so the config passes through as is.
+    config = {**dataclasses.asdict(cfg), "axes_dims_rope": list(cfg.axes_dims_rope)}
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
     model.load_state_dict(to_diffusers_state_dict(ours), strict=True, assign=True)

@@ -4,13 +4,12 @@ order; the single-process outputs are O(10))."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ditserve.engine.distributed import free_port
 from ditserve.loader.weights import build_on_meta, init_dummy_weights, materialize
 from ditserve.models.flux import FluxConfig, FluxTransformer
 from ditserve.parallel.sequence import build_sequence_parallel_groups, enable_sequence_parallel, shard_lengths
@@ -61,12 +60,6 @@ def _worker(rank: int, world: int, port: int, ulysses: int, ring: int, shape: tu
             queue.put(out.numpy())  # by value: the child exits before the parent reads
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_parallel(ulysses: int, ring: int, shape: tuple) -> torch.Tensor:

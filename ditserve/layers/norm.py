@@ -8,12 +8,7 @@ from torch import nn
 
 from ditserve.kernels.fused_norm import layer_norm_modulate, rms_norm_rope_into
 
-__all__ = ["QKNorm", "RMSNorm", "layer_norm", "layer_norm_modulate"]
-
-
-def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without learned affine: DiT blocks take scale and shift from the modulation instead."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+__all__ = ["QKNorm", "RMSNorm", "layer_norm_modulate"]
 
 
 class RMSNorm(nn.Module):
