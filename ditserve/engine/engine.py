@@ -187,15 +187,10 @@ class Engine:
         self._closed = True
         for process in self._rank_processes:
             process.terminate()
-            process.join(timeout=30)
-        self._rank_processes.clear()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        from ditserve.parallel.state import set_tensor_parallel_group
-
-        set_tensor_parallel_group(None)
+        self._shutdown()
 
     def _shutdown(self) -> None:
+        """Wait for the ranks this process started, leave the process group, forget the tensor-parallel group."""
         for process in self._rank_processes:
             process.join(timeout=60)
         if dist.is_initialized():
