@@ -2,6 +2,9 @@
 parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
+        [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
+
+Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
 With N = 1 it times the single-GPU baseline (one forward, and one true-CFG step = two forwards). With N > 1 it
 times every mode whose degrees multiply to N, and diffusers' `enable_parallelism(ContextParallelConfig(...))`
@@ -19,6 +22,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from ditserve.accel.cuda_graph import disable_cuda_graphs, enable_cuda_graphs
 from ditserve.bench import diffusers_transformer_sharing
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import load_dit, resolve_model
@@ -29,8 +33,11 @@ from ditserve.parallel.sequence import disable_sequence_parallel, enable_sequenc
 from ditserve.parallel.state import set_tensor_parallel_group
 from ditserve.pipelines.flux import latent_image_ids
 
+TIMING = dict(warmup=3, iters=10)
 
-def time_it(fn, warmup: int = 3, iters: int = 10) -> float:
+
+def time_it(fn) -> float:
+    warmup, iters = TIMING["warmup"], TIMING["iters"]
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -76,6 +83,56 @@ def modes_for(world: int) -> list[ParallelConfig]:
     return candidates
 
 
+KERNEL_KINDS = (
+    ("nccl", ("nccl",)),
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
+    ("triton", ("triton",)),
+)
+
+
+def kernel_breakdown(label: str, fn, rank: int) -> None:
+    """GPU time of one eager forward on rank 0 by kernel kind, and the wall time it took (the rest is idle GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA], enabled=rank == 0) as prof:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+    if rank != 0:
+        return
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us / 1000
+    busy = sum(totals.values())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+    print(f"profile {label}: wall {start.elapsed_time(end):.1f} ms, kernels {busy:.1f} ms ({parts})", flush=True)
+
+
+def mode_name(pc: ParallelConfig) -> str:
+    """U4, U2·R2, T2, U2+CFG, CFG: the degrees above 1."""
+    parts = [f"{k}{d}" for k, d in (("U", pc.ulysses_degree), ("R", pc.ring_degree), ("T", pc.tp_size)) if d > 1]
+    return "·".join(parts) + ("+CFG" if pc.cfg_parallel and parts else "CFG" if pc.cfg_parallel else "")
+
+
+def diffusers_degrees(kind: str, world: int) -> dict | None:
+    """'ulysses' / 'ring': that kind over every rank; 'U2R2'-style: both (None when it doesn't fill the world)."""
+    if kind in ("ulysses", "ring"):
+        return {kind: world}
+    u, _, r = kind.upper().lstrip("U").partition("R")
+    degrees = {"ulysses": int(u), "ring": int(r)}
+    return degrees if degrees["ulysses"] * degrees["ring"] == world else None
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -84,7 +141,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--modes", nargs="+", default=None, help="only these ditserve modes, named as printed, e.g. U4 U2·R2 U2+CFG"
+    )
+    ap.add_argument("--diffusers-modes", nargs="*", default=["ulysses", "ring"], help="ulysses, ring, or U2R2-style")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode (eager)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
     ns = ap.parse_args()
+    TIMING.update(warmup=ns.warmup, iters=ns.iters)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl")
@@ -103,18 +169,34 @@ def main() -> None:
             d = "" if diff is None else f"  diff {diff:.2e}"
             print(f"{size}² {world} GPU {engine:9} {mode:18} {ms:8.1f} ms{d}", flush=True)
 
+    def graphed(model):
+        return enable_cuda_graphs(model, device) if ns.cuda_graphs else None
+
+    def ungraphed(model, graphs):
+        if graphs is not None:
+            disable_cuda_graphs(model)
+            torch.cuda.empty_cache()
+
     for size in ns.sizes:
         x = inputs_for(cfg, size, seed=size)
         neg = dict(x, encoder_hidden_states=torch.randn_like(x["encoder_hidden_states"]))
         with torch.no_grad():
             reference = full(**x)
             if world == 1:
+                record(size, "ditserve", "1 GPU eager", time_it(lambda x=x: full(**x)))
+                if ns.profile:
+                    kernel_breakdown(f"{size}² 1 GPU", lambda x=x: full(**x), rank)
+                graphs = graphed(full)
                 record(size, "ditserve", "1 GPU", time_it(lambda x=x: full(**x)))
                 record(size, "ditserve", "1 GPU true-CFG", time_it(lambda x=x, n=neg: (full(**x), full(**n))))
+                ungraphed(full, graphs)
                 single = diffusers_transformer_sharing(full)
                 record(size, "diffusers", "1 GPU", time_it(lambda x=x, m=single: m(**x, return_dict=False)))
                 continue
             for pc in modes_for(world):
+                name = mode_name(pc)
+                if ns.modes is not None and name not in ns.modes:
+                    continue
                 groups = init_parallel_groups(pc)
                 model = full
                 if pc.tp_size > 1:  # each rank loads its shard of the same weights, as from a checkpoint
@@ -123,7 +205,7 @@ def main() -> None:
                     set_attention_backend(model, "auto", device)
                 if groups.sequence is not None:
                     enable_sequence_parallel(model, groups.sequence)
-                name = f"U{pc.ulysses_degree}·R{pc.ring_degree}·T{pc.tp_size}" + ("+CFG" if pc.cfg_parallel else "")
+                graphs = graphed(model)
                 if pc.cfg_parallel:
                     mine = x if groups.cfg_index == 0 else neg
 
@@ -139,6 +221,9 @@ def main() -> None:
                     ms = time_it(lambda model=model, x=x: model(**x))
                     diff = rel(model(**x), reference)
                 record(size, "ditserve", name, ms, diff)
+                ungraphed(model, graphs)
+                if ns.profile:
+                    kernel_breakdown(f"{size}² {name}", lambda model=model, x=x: model(**x), rank)
                 if groups.sequence is not None:
                     disable_sequence_parallel(model)
                 if pc.tp_size > 1:
@@ -147,18 +232,25 @@ def main() -> None:
                 set_tensor_parallel_group(None)
             from diffusers import ContextParallelConfig
 
-            for kind in ("ulysses", "ring"):
+            for kind in ns.diffusers_modes:
+                degrees = diffusers_degrees(kind, world)
+                if degrees is None:
+                    continue
+                label = "CP " + " ".join(f"{k}-{v}" for k, v in degrees.items())
                 dt = diffusers_transformer_sharing(full)
                 dt.set_attention_backend("_native_cudnn")
                 try:
-                    dt.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": world}))
+                    dt.enable_parallelism(
+                        config=ContextParallelConfig(**{f"{k}_degree": v for k, v in degrees.items()})
+                    )
                     ms = time_it(lambda dt=dt, x=x: dt(**x, return_dict=False))
                     diff = rel(dt(**x, return_dict=False)[0], reference)
-                    record(size, "diffusers", f"CP {kind}-{world}", ms, diff)
+                    record(size, "diffusers", label, ms, diff)
                 except Exception as e:  # report, don't hide: an unsupported diffusers mode is a result too
                     if rank == 0:
-                        print(f"{size}² diffusers CP {kind}-{world}: failed: {type(e).__name__}: {e}", flush=True)
+                        print(f"{size}² diffusers {label}: failed: {type(e).__name__}: {e}", flush=True)
                 del dt
+                torch.cuda.empty_cache()
     if rank == 0 and ns.json:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -55,6 +55,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay the DiT forward as a CUDA graph per image size (CUDA only; on by default)",
+    )
     par = p.add_argument_group("several GPUs (on the CPU: processes); num-gpus = ulysses × ring × cfg × tp")
     par.add_argument("--num-gpus", type=int, default=1)
     par.add_argument("--ulysses-degree", type=int, default=1, help="sequence parallel: all-to-all over heads")
@@ -76,6 +82,7 @@ def engine_args_from(ns: argparse.Namespace):
         load_format=ns.load_format,
         attention_backend=ns.attention_backend,
         compile=ns.compile,
+        cuda_graphs=ns.cuda_graphs,
         num_gpus=ns.num_gpus,
         ulysses_degree=ns.ulysses_degree,
         ring_degree=ns.ring_degree,

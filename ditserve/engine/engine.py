@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ditserve.accel.compile import compile_repeated_blocks
+from ditserve.accel.cuda_graph import CudaGraphs, enable_cuda_graphs
 from ditserve.config import ConfigError, EngineArgs, SamplingParams
 from ditserve.engine.distributed import (
     RankPlacement,
@@ -98,6 +99,9 @@ class Engine:
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.compile:
             compile_repeated_blocks(transformer)
+        self.cuda_graphs: CudaGraphs | None = None
+        if args.cuda_graphs and self.device.type == "cuda":
+            self.cuda_graphs = enable_cuda_graphs(transformer, self.device)
         # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
@@ -168,7 +172,7 @@ class Engine:
                 with contextlib.suppress(_StoppedByDriver):
                     self.pipeline.run_batch(batch, self._synced_steps(None))
             elif op == "lora":
-                getattr(self.lora, message["method"])(**message["kwargs"])
+                self._apply_lora(message["method"], message["kwargs"])
         self._shutdown()
 
     def close(self) -> None:
@@ -318,10 +322,18 @@ class Engine:
         applied), every other rank makes the same change to its shard of the weights."""
         self._check_driver()
         with self._lock:
-            result = getattr(self.lora, method)(**kwargs)
+            result = self._apply_lora(method, kwargs)
             if self.parallel.world_size > 1:
                 self._broadcast({"op": "lora", "method": method, "kwargs": kwargs})
             return result
+
+    def _apply_lora(self, method: str, kwargs: dict) -> dict:
+        try:
+            return getattr(self.lora, method)(**kwargs)
+        finally:
+            # Captured graphs hold the kernels and weight tensors of the LoRA state they were captured in.
+            if self.cuda_graphs is not None:
+                self.cuda_graphs.reset()
 
     def _check_driver(self) -> None:
         if not self.is_driver:

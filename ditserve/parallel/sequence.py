@@ -255,12 +255,18 @@ def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups) -
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)
     original_forward = model.forward
+    # One layout per sequence lengths, kept: its key indices are made once, on the first forward, not during a
+    # CUDA graph capture (which cannot copy from host memory).
+    layouts: dict[tuple[int, int], JointLayout] = {}
 
     def forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
         n, r = groups.size, groups.rank
         img_local, img_valid = shard_lengths(hidden_states.shape[1], n)
         txt_local, txt_valid = shard_lengths(encoder_hidden_states.shape[1], n)
-        layout = JointLayout(txt_local, img_local, txt_valid, img_valid)
+        lengths = (hidden_states.shape[1], encoder_hidden_states.shape[1])
+        if lengths not in layouts:
+            layouts[lengths] = JointLayout(txt_local, img_local, txt_valid, img_valid)
+        layout = layouts[lengths]
         for wrapper in wrappers:
             wrapper.layout = layout
         out = original_forward(

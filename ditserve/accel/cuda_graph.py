@@ -1,0 +1,140 @@
+"""CUDA graphs for the DiT forward: one graph per input shape, replayed every denoising step.
+
+Why: eager PyTorch spends CPU time launching every kernel (a FLUX.1 forward is ~2,000 launches plus one collective
+per attention or tensor-parallel layer on several GPUs). On one GPU that hides behind the GPU's own work, but split
+over 2 or 4 GPUs each rank's share of the work is shorter than the CPU's launch time, and the GPUs wait on Python.
+A replayed graph launches the whole forward at once.
+
+It attaches at one seam, the model's `forward` (as sequence parallelism does, and on top of it): the first call with
+a new set of input shapes runs eagerly twice (to settle cuDNN/cuBLAS workspaces and NCCL communicators), then is
+captured; later calls copy their inputs into the graph's static buffers, replay, and return a copy of the output.
+Graphs share one memory pool: each replay's intermediates are dead once its output is copied out, so a graph may
+reuse another's intermediate memory. Only the model's tensors are read in place, so anything that changes which
+kernels run or which tensors they read (LoRA changes) must call `reset()`.
+
+With several ranks, every rank captures the same graphs in the same order (they run the same forwards), so the
+collectives inside line up as in eager mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_WARMUP_RUNS = 2
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple | None:
+    """The graph key: shape, dtype, stride-free layout of every tensor input; None when a graph can't be used."""
+    key = []
+    for name, value in [*enumerate(args), *sorted(kwargs.items())]:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cuda":
+                return None
+            key.append((name, tuple(value.shape), value.dtype, value.device.index))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            key.append((name, value))
+        else:
+            return None
+    return tuple(key)
+
+
+class _Graph:
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, device: torch.device):
+        # Static inputs live outside the pool: the pool's blocks are rewritten by other graphs' replays.
+        def static(value):
+            if isinstance(value, torch.Tensor):
+                return torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
+            return value
+
+        self.args = tuple(static(a) for a in args)
+        self.kwargs = {k: static(v) for k, v in kwargs.items()}
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_RUNS):
+                fn(*self.args, **self.kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a server's other threads may touch CUDA (memory stats) while this thread captures.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = fn(*self.args, **self.kwargs)
+        if not isinstance(self.output, torch.Tensor):
+            raise TypeError(f"CUDA graphs need a tensor output, got {type(self.output).__name__}")
+
+    def replay(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        for mine, value in [*zip(self.args, args), *((self.kwargs[k], v) for k, v in kwargs.items())]:
+            if isinstance(mine, torch.Tensor):
+                mine.copy_(value)
+        self.graph.replay()
+        return self.output.clone()  # the pool's memory is reused by the next replay of any graph
+
+
+class CudaGraphs:
+    """Graphs of one model's forward, keyed by input shapes, at most `max_graphs` kept (least recently used goes)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 8):
+        self.model = model
+        self.device = device
+        self.max_graphs = max_graphs
+        self.eager_forward = model.forward  # whatever forward was there (the plain one, or a parallel wrapper)
+        self.wrapped_instance_forward = "forward" in model.__dict__
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.failed: set[tuple] = set()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captures = 0  # for tests and logs: how many graphs were captured since the start
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        key = _signature(args, kwargs)
+        if key is None or key in self.failed or torch.is_grad_enabled():
+            return self.eager_forward(*args, **kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = _Graph(self.eager_forward, args, kwargs, self.pool, self.device)
+            except Exception as e:  # noqa: BLE001 - a forward that can't be captured still runs, eagerly
+                log.warning("CUDA graph capture failed (%s: %s); running this shape eagerly", type(e).__name__, e)
+                self.failed.add(key)
+                torch.cuda.synchronize(self.device)
+                return self.eager_forward(*args, **kwargs)
+            self.captures += 1
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        return graph.replay(args, kwargs)
+
+    def reset(self) -> None:
+        """Forget every graph (after a change to the weights' tensors or to the code path, such as LoRA)."""
+        torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.failed.clear()
+
+
+def enable_cuda_graphs(model: nn.Module, device: torch.device, max_graphs: int = 8) -> CudaGraphs:
+    """Route `model(...)` through CUDA graphs (inference only: with grad enabled the eager forward runs)."""
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    graphs = CudaGraphs(model, device, max_graphs)
+    model.forward = graphs  # type: ignore[method-assign]
+    return graphs
+
+
+def disable_cuda_graphs(model: nn.Module) -> None:
+    """Undo enable_cuda_graphs: the forward that was there before."""
+    graphs = model.__dict__.get("forward")
+    if isinstance(graphs, CudaGraphs):
+        graphs.reset()
+        if graphs.wrapped_instance_forward:
+            model.forward = graphs.eager_forward  # type: ignore[method-assign]
+        else:
+            del model.forward
+
+
+__all__ = ["CudaGraphs", "disable_cuda_graphs", "enable_cuda_graphs"]
