@@ -15,6 +15,7 @@ output against the unsharded model on the same inputs (relative L2 in bf16).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -98,7 +99,7 @@ def kernel_breakdown(label: str, fn, rank: int) -> None:
     fn()
     torch.cuda.synchronize()
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CUDA], enabled=rank == 0) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) if rank == 0 else contextlib.nullcontext() as prof:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()

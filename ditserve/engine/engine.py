@@ -191,14 +191,19 @@ class Engine:
         self._closed = True
         for process in self._rank_processes:
             process.terminate()
+        for process in self._rank_processes:
+            process.join(timeout=60)
         self._shutdown()
 
     def _shutdown(self) -> None:
-        """Wait for the ranks this process started, leave the process group, forget the tensor-parallel group."""
-        for process in self._rank_processes:
-            process.join(timeout=60)
+        """Leave the process group, wait for the ranks this process started, forget the tensor-parallel group.
+
+        Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 must not wait for its
+        ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        for process in self._rank_processes:
+            process.join(timeout=60)
         from ditserve.parallel.state import set_tensor_parallel_group
 
         set_tensor_parallel_group(None)
