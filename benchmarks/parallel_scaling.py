@@ -147,6 +147,9 @@ def main() -> None:
     )
     ap.add_argument("--diffusers-modes", nargs="*", default=["ulysses", "ring"], help="ulysses, ring, or U2R2-style")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--ulysses-chunks", type=int, nargs="+", default=[2], help="head groups pipelined in pure Ulysses (each timed)"
+    )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode (eager)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -204,29 +207,32 @@ def main() -> None:
                     model = materialize(build_on_meta(lambda: FluxTransformer(cfg), torch.bfloat16), device)
                     load_checkpoint(model, iter(full_state.items()), map_diffusers_key)
                     set_attention_backend(model, "auto", device)
-                if groups.sequence is not None:
-                    enable_sequence_parallel(model, groups.sequence)
-                graphs = graphed(model)
-                if pc.cfg_parallel:
-                    mine = x if groups.cfg_index == 0 else neg
+                pipelined = pc.ulysses_degree > 1 and pc.ring_degree == 1
+                for chunks in ns.ulysses_chunks if pipelined else [1]:
+                    label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
+                    if groups.sequence is not None:
+                        enable_sequence_parallel(model, groups.sequence, ulysses_chunks=chunks)
+                    graphs = graphed(model)
+                    if pc.cfg_parallel:
+                        mine = x if groups.cfg_index == 0 else neg
 
-                    def step(model=model, mine=mine, group=groups.cfg_group):
-                        out = model(**mine)
-                        both = [torch.empty_like(out), torch.empty_like(out)]
-                        dist.all_gather(both, out.contiguous(), group=group)
-                        return both
+                        def step(model=model, mine=mine, group=groups.cfg_group):
+                            out = model(**mine)
+                            both = [torch.empty_like(out), torch.empty_like(out)]
+                            dist.all_gather(both, out.contiguous(), group=group)
+                            return both
 
-                    ms = time_it(step)
-                    diff = rel(step()[0], reference)
-                else:
-                    ms = time_it(lambda model=model, x=x: model(**x))
-                    diff = rel(model(**x), reference)
-                record(size, "ditserve", name, ms, diff)
-                ungraphed(model, graphs)
-                if ns.profile:
-                    kernel_breakdown(f"{size}² {name}", lambda model=model, x=x: model(**x), rank)
-                if groups.sequence is not None:
-                    disable_sequence_parallel(model)
+                        ms = time_it(step)
+                        diff = rel(step()[0], reference)
+                    else:
+                        ms = time_it(lambda model=model, x=x: model(**x))
+                        diff = rel(model(**x), reference)
+                    record(size, "ditserve", label, ms, diff)
+                    ungraphed(model, graphs)
+                    if ns.profile:
+                        kernel_breakdown(f"{size}² {label}", lambda model=model, x=x: model(**x), rank)
+                    if groups.sequence is not None:
+                        disable_sequence_parallel(model)
                 if pc.tp_size > 1:
                     del model
                     torch.cuda.empty_cache()

@@ -208,13 +208,53 @@ def ring_attention(
     return out.to(q.dtype)  # type: ignore[union-attr]
 
 
+def _head_chunk(t: torch.Tensor, size: int, chunks: int, j: int) -> torch.Tensor:
+    """[B, S, H, D] → [size, B, S, H/(size·chunks), D]: for each rank u, chunk j of the heads it will own."""
+    b, s, h, d = t.shape
+    return t.view(b, s, size, chunks, h // (size * chunks), d)[:, :, :, j].permute(2, 0, 1, 3, 4)
+
+
+def ulysses_pipelined(q, k, v, group, size: int, chunks: int, attend) -> torch.Tensor:
+    """Ulysses with the heads in `chunks` groups, so communication overlaps attention.
+
+    Every chunk's q/k/v exchange is queued at once (NCCL runs them in order on its own stream); attention on chunk j
+    waits only for chunk j's exchange, and its output is sent back while chunk j+1 is computed. Same result as
+    one exchange each way: attention is independent per head. `attend(q, k, v)` takes [B, S_total, h, D].
+    """
+    b, s, h, d = q.shape
+    hc = h // (size * chunks)
+    incoming = []
+    for j in range(chunks):
+        send = q.new_empty((size, 3, b, s, hc, d))
+        for i, t in enumerate((q, k, v)):
+            send[:, i].copy_(_head_chunk(t, size, chunks, j))
+        received = torch.empty_like(send)
+        work = dist.all_to_all_single(received, send, group=group, async_op=True)
+        incoming.append((received, work))
+    out = q.new_empty((b, s, h, d))
+    outgoing = []
+    for j, (received, work) in enumerate(incoming):
+        work.wait()
+        # received[u] is rank u's sequence shard of our chunk-j heads: shards in rank order along the sequence.
+        qj, kj, vj = received.permute(1, 2, 0, 3, 4, 5).reshape(3, b, size * s, hc, d).unbind(0)
+        oj = attend(qj, kj, vj)
+        send = oj.reshape(b, size, s, hc, d).permute(1, 0, 2, 3, 4).contiguous()  # sequence shard u goes to rank u
+        back = torch.empty_like(send)
+        outgoing.append((j, back, dist.all_to_all_single(back, send, group=group, async_op=True)))
+    for j, back, work in outgoing:
+        work.wait()
+        _head_chunk(out, size, chunks, j).copy_(back)  # back[u]: our tokens, rank u's chunk-j heads
+    return out
+
+
 class SequenceParallelAttention(nn.Module):
     """USP attention: Ulysses all-to-all (heads ↔ sequence) around Ring attention over the gathered shards."""
 
-    def __init__(self, inner: Attention, groups: SequenceParallelGroups):
+    def __init__(self, inner: Attention, groups: SequenceParallelGroups, ulysses_chunks: int = 2):
         super().__init__()
         self.inner = inner
         self.groups = groups
+        self.ulysses_chunks = ulysses_chunks  # head groups pipelined through pure Ulysses (1: one exchange each way)
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
 
     @torch.compiler.disable
@@ -222,14 +262,25 @@ class SequenceParallelAttention(nn.Module):
         g, layout = self.groups, self.layout
         if layout is None:
             raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
-        if g.ulysses_size > 1:
-            if q.shape[2] % g.ulysses_size:
-                raise ValueError(f"{q.shape[2]} heads cannot be split over ulysses degree {g.ulysses_size}")
-            q, k, v = _heads_to_sequence([q, k, v], g.ulysses_group, g.ulysses_size)
+        if g.ulysses_size > 1 and q.shape[2] % g.ulysses_size:
+            raise ValueError(f"{q.shape[2]} heads cannot be split over ulysses degree {g.ulysses_size}")
 
         def block_keys(ring_rank: int) -> torch.Tensor | None:
             ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
             return layout.key_index(ranks, q.device)
+
+        chunks = self.ulysses_chunks
+        if g.ulysses_size > 1 and g.ring_size == 1 and chunks > 1 and (q.shape[2] // g.ulysses_size) % chunks == 0:
+            idx = block_keys(0)
+
+            def attend(qj, kj, vj):
+                if idx is not None:
+                    kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
+                return self.inner(qj, kj, vj)
+
+            return ulysses_pipelined(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend)
+        if g.ulysses_size > 1:
+            q, k, v = _heads_to_sequence([q, k, v], g.ulysses_group, g.ulysses_size)
 
         if g.ring_size > 1:
             out = ring_attention(q, k, v, g, block_keys)
@@ -243,15 +294,18 @@ class SequenceParallelAttention(nn.Module):
         return out
 
 
-def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups) -> nn.Module:
-    """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring)."""
+def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int = 2) -> nn.Module:
+    """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
+
+    `ulysses_chunks`: with pure Ulysses, attention runs in this many head groups so that their exchanges overlap
+    the attention of the others (used when the heads per rank divide by it; 1 turns it off)."""
     if groups.size == 1:
         return model
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Attention):
-                wrapper = SequenceParallelAttention(child, groups)
+                wrapper = SequenceParallelAttention(child, groups, ulysses_chunks)
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)
     original_forward = model.forward
