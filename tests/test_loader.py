@@ -158,3 +158,22 @@ def test_folder_sampling_defaults(tiny_schnell, tmp_path):
     (folder / "ditserve.json").write_text(json.dumps({"sampling_defaults": {"size": 32}}))
     with pytest.raises(LoaderError, match="unknown sampling defaults"):
         Engine.from_pretrained(str(folder))
+
+
+def test_folder_negative_prompt_default(tiny_schnell, tmp_path):
+    """A default negative_prompt (with true_cfg_scale > 1) turns true CFG on for requests that name neither."""
+    folder = copy_folder(tiny_schnell, tmp_path)
+    defaults = {"height": 32, "width": 32, "num_inference_steps": 2, "true_cfg_scale": 3.0, "negative_prompt": "fog"}
+    (folder / "ditserve.json").write_text(json.dumps({"sampling_defaults": defaults}))
+    engine = Engine.from_pretrained(str(folder))
+    default = engine.generate("x", seed=0)
+    assert (default.params.negative_prompt, default.params.true_cfg_scale) == ("fog", 3.0)
+    explicit = engine.generate("x", seed=0, negative_prompt="fog", true_cfg_scale=3.0)
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(explicit.images[0]))
+    other = engine.generate("x", seed=0, negative_prompt="rain")  # a request's own negative prompt wins
+    assert other.params.negative_prompt == "rain"
+    off = engine.generate("x", seed=0, true_cfg_scale=1.0)  # and CFG can be turned off
+    assert not np.array_equal(np.asarray(default.images[0]), np.asarray(off.images[0]))
+    (folder / "ditserve.json").write_text(json.dumps({"sampling_defaults": {"negative_prompt": ["fog"]}}))
+    with pytest.raises(LoaderError, match="negative_prompt must be a string"):
+        Engine.from_pretrained(str(folder))

@@ -9,8 +9,9 @@ diffusers alike, plus `ditserve.json` with the sampling defaults the model was t
 2. the VAE is trained on the upsampled digits (reconstruction + a small KL term); `shift_factor` and
    `scaling_factor` are set from the latents' statistics, as FLUX's VAE config has them;
 3. our FluxTransformer is trained with FLUX's flow-matching objective on the packed latents: x_t = (1 - t)·x0 +
-   t·noise, target = noise - x0, t in [0, 1], both prompt forms; an exponential moving average of its weights is
-   what is saved, under diffusers' names (`to_diffusers_state_dict`).
+   t·noise, target = noise - x0, t in [0, 1], both prompt forms, and the empty prompt in place of the digit's for
+   a `cfg_dropout` fraction of samples (so true CFG against negative_prompt "" works); an exponential moving
+   average of its weights is what is saved, under diffusers' names (`to_diffusers_state_dict`).
 
 Everything is seeded; on the CPU the same command gives the same weights.
 """
@@ -59,11 +60,17 @@ class TrainConfig:
     dit_warmup: int = 100
     ema_decay: float = 0.999
     batch_size: int = 32
+    # Classifier-free guidance: this fraction of samples is trained on the empty prompt, so the model also learns
+    # the unconditional velocity that true CFG (negative_prompt "") extrapolates away from.
+    cfg_dropout: float = 0.1
     # Sampling the model is trained for (written to ditserve.json): a short T5 sequence (both prompt forms fit)
     # and a schedule that spends more steps at high noise, where the digit's shape is decided.
     max_sequence_length: int = 24
     num_inference_steps: int = 20
     scheduler_shift: float = 3.0
+    # True CFG against the empty prompt (what cfg_dropout trains): at 4 nearly every image shows the digit asked for.
+    true_cfg_scale: float = 4.0
+    negative_prompt: str = ""
 
 
 def log(msg: str) -> None:
@@ -133,8 +140,9 @@ def encode_latents(vae: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def prompt_embeddings(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 sequences [10, forms, S, D] and CLIP pooled [10, forms, D] of every prompt, as the pipeline encodes them."""
+def prompt_embeddings(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5 sequences [10, forms, S, D] and CLIP pooled [10, forms, D] of every prompt, as the pipeline encodes them,
+    then the T5 sequence [S, D] and CLIP pooled [D] of the negative prompt (the unconditional input of CFG)."""
     seqs, pooled = [], []
     for digit in range(10):
         prompts = [prompt(digit, form) for form in range(len(PROMPT_FORMS))]
@@ -146,7 +154,10 @@ def prompt_embeddings(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tenso
     flat = pooled_t.flatten(0, 1)
     dist = torch.cdist(flat, flat) + torch.eye(len(flat), device=flat.device) * 1e9
     log(f"text: closest two pooled embeddings {dist.min().item():.3f} apart (norm {flat.norm(dim=1).mean():.3f})")
-    return seqs_t, pooled_t
+    empty_seq, empty_pooled, _ = pipe.encode_prompt(
+        [cfg.negative_prompt], None, max_sequence_length=cfg.max_sequence_length
+    )
+    return seqs_t, pooled_t, empty_seq[0], empty_pooled[0]
 
 
 def new_transformer(pipe, cfg: TrainConfig, gen: torch.Generator):
@@ -171,10 +182,15 @@ def train_dit(
     labels: torch.Tensor,
     seqs: torch.Tensor,
     pooled: torch.Tensor,
+    empty_seq: torch.Tensor,
+    empty_pooled: torch.Tensor,
     cfg: TrainConfig,
     gen: torch.Generator,
 ) -> nn.Module:
-    """Flow matching on normalised latents; returns the moving average of the weights (what is saved)."""
+    """Flow matching on normalised latents; returns the moving average of the weights (what is saved).
+
+    A `cfg.cfg_dropout` fraction of the samples gets the negative prompt's embeddings in place of its digit's.
+    """
     from ditserve.pipelines.flux import latent_image_ids, pack_latents
 
     h = latents_mean.shape[-1]
@@ -207,7 +223,10 @@ def train_dit(
             torch.rand(cfg.batch_size, generator=gen),
         ).to(device)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = model(xt, seqs[digit, form], pooled[digit, form], t, img_ids, txt_ids)
+        drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout).to(device)
+        seq = torch.where(drop[:, None, None], empty_seq, seqs[digit, form])
+        pool = torch.where(drop[:, None], empty_pooled, pooled[digit, form])
+        pred = model(xt, seq, pool, t, img_ids, txt_ids)
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,6 +267,8 @@ def save_folder(pipe, ema: nn.Module, cfg: TrainConfig, out: Path) -> None:
             "width": cfg.image_size,
             "num_inference_steps": cfg.num_inference_steps,
             "max_sequence_length": cfg.max_sequence_length,
+            "true_cfg_scale": cfg.true_cfg_scale,
+            "negative_prompt": cfg.negative_prompt,
         },
         "trained_with": asdict(cfg),
     }
@@ -289,9 +310,10 @@ def _train(cfg: TrainConfig, out: Path, device: str) -> Path:
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     log(f"vae: shift_factor {shift}, scaling_factor {scale} ({time.time() - start:.0f} s so far)")
 
-    seqs, pooled = prompt_embeddings(pipe, cfg)
+    seqs, pooled, empty_seq, empty_pooled = prompt_embeddings(pipe, cfg)
     model = new_transformer(pipe, cfg, gen)
-    ema = train_dit(model, (mean - shift) * scale, std * scale, labels, seqs, pooled, cfg, gen)
+    latents = (mean - shift) * scale, std * scale
+    ema = train_dit(model, *latents, labels, seqs, pooled, empty_seq, empty_pooled, cfg, gen)
     save_folder(pipe, ema, cfg, out)
     log(f"wrote {out} in {time.time() - start:.0f} s")
     return out

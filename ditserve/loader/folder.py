@@ -34,6 +34,7 @@ SAMPLING_DEFAULT_FIELDS = (
     "num_inference_steps",
     "guidance_scale",
     "true_cfg_scale",
+    "negative_prompt",
     "max_sequence_length",
 )
 
@@ -63,7 +64,8 @@ class ModelSource:
         """Sampling settings the folder's `ditserve.json` asks for in place of the pipeline's defaults.
 
         For models trained at one size and sequence length (the built-in digits model): diffusers' defaults
-        (e.g. 128 × vae_scale_factor pixels, 512 T5 tokens) would ask them for something they never saw.
+        (e.g. 128 × vae_scale_factor pixels, 512 T5 tokens) would ask them for something they never saw. A
+        default `negative_prompt` with `true_cfg_scale` > 1 turns on true CFG for requests that name neither.
         """
         if self.folder is None or not (self.folder / SAMPLING_DEFAULTS_FILE).is_file():
             return {}
@@ -75,6 +77,8 @@ class ModelSource:
         unknown = set(values) - set(SAMPLING_DEFAULT_FIELDS)
         if unknown:
             raise LoaderError(f"{path}: unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_DEFAULT_FIELDS}")
+        if not isinstance(values.get("negative_prompt", ""), str):
+            raise LoaderError(f"{path}: the default negative_prompt must be a string")
         return dict(values)
 
 

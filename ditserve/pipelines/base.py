@@ -59,7 +59,14 @@ class Pipeline:
         defaults = self.defaults()
         filled = {
             name: getattr(defaults, name) if getattr(params, name) is None else getattr(params, name)
-            for name in ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale")
+            for name in (
+                "height",
+                "width",
+                "num_inference_steps",
+                "guidance_scale",
+                "true_cfg_scale",
+                "negative_prompt",
+            )
         }
         filled["max_sequence_length"] = params.max_sequence_length or defaults.max_sequence_length
         return params.replace(**filled)

@@ -279,7 +279,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def resolved_key(info: msg.ModelInfo, params, output_format: str) -> tuple:
         """The batch key, with the model's defaults filled in so that default and explicit values match."""
         d = info.defaults
-        uses_negative = params.negative_prompt is not None and (params.true_cfg_scale or d["true_cfg_scale"]) > 1
+        negative = params.negative_prompt if params.negative_prompt is not None else d.get("negative_prompt")
+        uses_negative = negative is not None and (params.true_cfg_scale or d["true_cfg_scale"]) > 1
         return (
             params.height or d["height"],
             params.width or d["width"],
