@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline, pipeline_class
 from ditserve.pipelines.base import StepCallback
 from ditserve.utils.memory import peak_mb, reset_peak
+
+log = logging.getLogger(__name__)
 
 
 class _StoppedByDriver(Exception):
@@ -204,6 +207,10 @@ class Engine:
             dist.destroy_process_group()
         for process in self._rank_processes:
             process.join(timeout=60)
+            if process.is_alive():  # close() must return: a rank stuck in its teardown is ended
+                log.warning("rank process %s did not exit within 60 s of stop; terminating it", process.pid)
+                process.terminate()
+                process.join(timeout=10)
         from ditserve.parallel.state import set_tensor_parallel_group
 
         set_tensor_parallel_group(None)
