@@ -56,6 +56,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
     p.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode large images in overlapping tiles (as diffusers' enable_tiling); spread over the GPUs",
+    )
+    p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -83,6 +88,7 @@ def engine_args_from(ns: argparse.Namespace):
         attention_backend=ns.attention_backend,
         compile=ns.compile,
         cuda_graphs=ns.cuda_graphs,
+        vae_tiling=ns.vae_tiling,
         num_gpus=ns.num_gpus,
         ulysses_degree=ns.ulysses_degree,
         ring_degree=ns.ring_degree,

@@ -57,6 +57,9 @@ class EngineArgs:
     load_format: str = "auto"  # "auto": weights from the folder; "dummy": real architecture, random weights
     attention_backend: str = "auto"
     compile: bool = False  # torch.compile each repeated DiT block (first request pays the compile time)
+    # Decode large images in overlapping tiles (diffusers' vae.enable_tiling(): less memory, and the tiles are
+    # shared out over the ranks when there are several); off by default, as in diffusers.
+    vae_tiling: bool = False
     cuda_graphs: bool = True  # replay the DiT forward as a CUDA graph per input shape (CUDA only; see accel/cuda_graph)
     seed_for_dummy_weights: int = 0
     # Several GPUs (on the CPU: several processes); num_gpus = ulysses · ring · (2 if cfg_parallel) · tp_size.

@@ -100,6 +100,10 @@ class Engine:
             if self.groups.sequence is not None:
                 enable_sequence_parallel(transformer, self.groups.sequence)
         set_attention_backend(transformer, args.attention_backend, self.device)
+        if args.vae_tiling:
+            self.pipeline.c.vae.enable_tiling()  # type: ignore[attr-defined]
+            if self.parallel.world_size > 1:
+                self.pipeline.decode_group = dist.group.WORLD
         if args.compile:
             compile_repeated_blocks(transformer)
         self.cuda_graphs: CudaGraphs | None = None
@@ -166,12 +170,14 @@ class Engine:
             op = message["op"]
             if op == "stop":
                 break
+            # Rank 0 returns the images: the others skip decoding, unless they decode VAE tiles with it.
+            output_type = "latent" if self.pipeline.decode_group is None else "np"
             if op == "run":
-                params = SamplingParams(**message["params"]).replace(output_type="latent")  # rank 0 decodes
+                params = SamplingParams(**message["params"]).replace(output_type=output_type)
                 with contextlib.suppress(_StoppedByDriver):
                     self.pipeline(params, self._synced_steps(None))
             elif op == "run_batch":
-                batch = [SamplingParams(**p).replace(output_type="latent") for p in message["params"]]
+                batch = [SamplingParams(**p).replace(output_type=output_type) for p in message["params"]]
                 with contextlib.suppress(_StoppedByDriver):
                     self.pipeline.run_batch(batch, self._synced_steps(None))
             elif op == "lora":

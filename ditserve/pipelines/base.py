@@ -40,6 +40,9 @@ class Pipeline:
     # Set by the engine when it runs over several ranks (ditserve.parallel.groups.ParallelGroups); stages that
     # can split work across ranks (CFG branches) read it.
     parallel = None
+    # Set by the engine when VAE tiles are decoded across all ranks (--vae-tiling with several ranks): every rank
+    # then takes part in decode, and a follower's decode of an image that fits one tile returns nothing.
+    decode_group = None
 
     def defaults(self) -> SamplingParams:
         raise NotImplementedError

@@ -22,6 +22,7 @@ from ditserve.loader.folder import (
     load_tokenizer,
 )
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
+from ditserve.parallel.vae import needs_tiling, tiled_decode
 from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
 from ditserve.utils.timing import StageTimer
 
@@ -249,7 +250,12 @@ class FluxPipeline(Pipeline):
         h, w = self.latent_grid(height, width)
         x = unpack_latents(latents, h, w)
         x = x / self.c.vae.config.scaling_factor + self.c.vae.config.shift_factor
-        image = self.c.vae.decode(x, return_dict=False)[0]
+        if needs_tiling(self.c.vae, x):
+            image = tiled_decode(self.c.vae, x, self.decode_group)
+        elif self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
+            return []  # one tile: rank 0 decodes it alone
+        else:
+            image = self.c.vae.decode(x, return_dict=False)[0]
         out = self.image_processor.postprocess(image, output_type=output_type)
         return list(out)
 
