@@ -106,6 +106,38 @@ def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
     )
 
 
+def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
+    """Our engine over several GPUs: whole generations, with the denoising step read from the engine's timings
+    (a bare DiT forward on rank 0 alone would leave the other ranks out of its collectives)."""
+    from ditserve.engine.engine import Engine
+
+    degrees = [("U", args.ulysses_degree), ("R", args.ring_degree), ("T", args.tp_size)]
+    label = "ditserve " + "·".join(f"{k}{d}" for k, d in degrees if d > 1) + ("+CFG" if args.cfg_parallel else "")
+    with Engine(args) as engine:
+        gen = dict(
+            prompt=PROMPT,
+            height=ns.height,
+            width=ns.width,
+            num_inference_steps=ns.num_inference_steps,
+            guidance_scale=engine.defaults().guidance_scale,
+            seed=0,
+        )
+        engine.generate(**{**gen, "num_inference_steps": 2})  # warm-up (and CUDA graph capture)
+        totals, steps, peaks = [], [], []
+        for _ in range(ns.repeat):
+            result = engine.generate(**gen)
+            totals.append(result.timings["total"])
+            steps.extend(result.timings["steps"])
+            peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
+    return label, dict(
+        forward_ms=None,
+        step_ms=statistics.median(steps) * 1000,
+        generation_s=statistics.median(totals),
+        peak_gib=max(peaks) if peaks[0] is not None else None,  # rank 0's
+        num_gpus=args.num_gpus,
+    )
+
+
 def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.device) -> dict:
     with torch.no_grad():
         forward_s = _time_calls(lambda: pipe.transformer(**inputs, return_dict=False), device)
@@ -161,12 +193,18 @@ def run_bench(ns: argparse.Namespace) -> int:
     from ditserve.engine.engine import Engine
 
     args = engine_args_from(ns)
+    parallel = None
     if args.num_gpus > 1:
-        from ditserve.cli import UsageError
+        # Several GPUs first (their ranks are started and stopped), then the 1-GPU run, which the ratio is
+        # against, and diffusers on that one GPU. diffusers' own context parallelism needs a process group
+        # per rank: benchmarks/parallel_scaling.py (torchrun) times it beside every one of our modes.
+        if args.nnodes > 1:
+            from ditserve.cli import UsageError
 
-        raise UsageError(
-            "ditserve bench: --num-gpus > 1 is measured by benchmarks/parallel_scaling.py (run with torchrun), "
-            "which times every parallel mode beside diffusers' context parallelism"
+            raise UsageError("ditserve bench: --nnodes > 1 is not measured; bench one node's GPUs")
+        parallel = _bench_parallel(args, ns)
+        args = dataclasses.replace(
+            args, num_gpus=1, ulysses_degree=1, ring_degree=1, cfg_parallel=False, tp_size=1, dist_init_addr=None
         )
     engine = Engine(args)
     pipeline = engine.pipeline
@@ -196,6 +234,15 @@ def run_bench(ns: argparse.Namespace) -> int:
     }
     t0 = time.perf_counter()
     report["results"]["ditserve"] = _bench_ours(engine, gen, ns.repeat, inputs)
+    if parallel is not None:
+        label, result = parallel
+        ours = report["results"]["ditserve"]
+        report["results"][label] = result
+        report["parallel_speedup"] = {
+            "mode": label,
+            "step": ours["step_ms"] / result["step_ms"],
+            "generation": ours["generation_s"] / result["generation_s"],
+        }
     if args.compile:
         report["ditserve_compile_and_bench_s"] = time.perf_counter() - t0
 
@@ -246,11 +293,17 @@ def run_bench(ns: argparse.Namespace) -> int:
         f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {ns.num_inference_steps} steps, "
         f"{report['dtype']}, compile={args.compile}, on {report['device']}"
     )
-    print(f"{'engine':<10} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
+    print(f"{'engine':<20} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
     for name, r in report["results"].items():
         print(
-            f"{name:<10} {r['forward_ms']:>11.1f} {r['step_ms']:>9.1f} {r['generation_s']:>13.3f} "
+            f"{name:<20} {_fmt(r['forward_ms'], '>11.1f')} {r['step_ms']:>9.1f} {r['generation_s']:>13.3f} "
             f"{_fmt(r['peak_gib'], '>9.2f')}"
+        )
+    if "parallel_speedup" in report:
+        s = report["parallel_speedup"]
+        print(
+            f"{s['mode']} over one GPU: step {s['step']:.2f}x, generation {s['generation']:.2f}x "
+            "(diffusers' context parallelism: benchmarks/parallel_scaling.py)"
         )
     if "speedup" in report:
         s = report["speedup"]

@@ -55,3 +55,25 @@ def test_compiled_engine_matches_eager(tiny_dev):
     eager = Engine.from_pretrained(str(tiny_dev)).generate(**kwargs).images[0]
     compiled = Engine.from_pretrained(str(tiny_dev), compile=True).generate(**kwargs).images[0]
     assert np.abs(eager - compiled).max() < 1e-3
+
+
+def test_bench_several_ranks_reports_the_speedup_over_one(tiny_dev, tmp_path):
+    """--num-gpus on the CPU: gloo ranks; the report holds the parallel run, the 1-rank run and their ratio."""
+    out = tmp_path / "bench.json"
+    args = ["--model", str(tiny_dev), "--device", "cpu", "--height", "32", "--width", "32"]
+    args += ["--num-inference-steps", "2", "--repeat", "1", "--no-diffusers", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditserve", "bench", *args, "--num-gpus", "2", "--ulysses-degree", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"ditserve", "ditserve U2"}
+    parallel = report["results"]["ditserve U2"]
+    assert parallel["num_gpus"] == 2 and parallel["step_ms"] > 0 and parallel["forward_ms"] is None
+    ratio = report["parallel_speedup"]
+    assert ratio["mode"] == "ditserve U2"
+    assert abs(ratio["step"] - report["results"]["ditserve"]["step_ms"] / parallel["step_ms"]) < 1e-9
+    assert "ditserve U2 over one GPU" in proc.stdout
