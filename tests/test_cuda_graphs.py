@@ -98,3 +98,52 @@ def test_graphs_with_collectives_match_one_gpu(tiny_4_heads, mode):
         again = engine.generate(**PARALLEL_CALL).images[0]  # replayed, not captured
     assert np.abs(got - want).max() < 1e-3
     np.testing.assert_array_equal(got, again)
+
+
+class _FakeGraph:
+    """Stands in for a captured graph on the CPU: records the capture, replays by calling the forward."""
+
+    made: list = []
+
+    def __init__(self, fn, args, kwargs, pool, device):
+        if kwargs.get("fail"):
+            raise RuntimeError("cannot capture")
+        self.fn = fn
+        _FakeGraph.made.append(tuple(a.shape for a in args))
+
+    def replay(self, args, kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def test_graph_cache_keys_eviction_and_fallback(monkeypatch):
+    """The dispatch around the graphs, on the CPU: one capture per shape, least recently used dropped, a failed
+    capture runs eagerly from then on, grad mode and CPU tensors never use a graph."""
+    import ditserve.accel.cuda_graph as cg
+
+    monkeypatch.setattr(cg, "_Graph", _FakeGraph)
+    monkeypatch.setattr(cg.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(cg.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cg, "_signature", lambda args, kwargs: tuple((a.shape, kwargs.get("fail")) for a in args))
+    _FakeGraph.made = []
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x, fail=False):
+            calls.append(x.shape)
+            return x * 2
+
+    model = Model()
+    graphs = cg.CudaGraphs(model, torch.device("cpu"), max_graphs=2)
+    model.forward = graphs
+    with torch.no_grad():
+        for n in (1, 2, 1, 3, 2):
+            assert torch.equal(model(torch.ones(n)), torch.full((n,), 2.0))
+        assert _FakeGraph.made == [(torch.Size([1]),), (torch.Size([2]),), (torch.Size([3]),), (torch.Size([2]),)]
+        assert list(graphs.graphs) == [((torch.Size([3]), None),), ((torch.Size([2]), None),)]  # 1 was dropped
+        assert torch.equal(model(torch.ones(4), fail=True), torch.full((4,), 2.0))  # eager after a failed capture
+        assert ((torch.Size([4]), True),) in graphs.failed
+    model(torch.ones(5))  # grad mode: eager, no capture
+    assert graphs.captures == 4 and len(_FakeGraph.made) == 4
+    cg.disable_cuda_graphs(model)
+    assert not graphs.graphs and not graphs.failed
+    assert "forward" not in model.__dict__ and model(torch.ones(1)).item() == 2.0
