@@ -84,3 +84,43 @@ def test_shape_mismatch_is_reported():
     layer = linear_mod.MergedColumnParallelLinear(4, [4, 4])
     with pytest.raises(linear_mod.ShapeMismatchError, match=r"part 1.*\(3, 4\)"):
         layer.weight_loader(layer.weight, torch.zeros(3, 4), 1)
+
+
+def _row_parallel_worker(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from ditserve.layers.linear import RowParallelLinear, set_row_parallel_overlap
+    from ditserve.parallel.state import set_tensor_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        set_tensor_parallel_group(dist.group.WORLD)
+        g = torch.Generator().manual_seed(0)
+        weight, bias, x = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.randn(1, 7, 8, generator=g)
+        layer = RowParallelLinear(8, 6)
+        layer.weight_loader(layer.weight, weight)
+        layer.weight_loader(layer.bias, bias)
+        with torch.no_grad():
+            plain = layer(x[..., rank * 4 : (rank + 1) * 4])
+            set_row_parallel_overlap(layer, 3)  # 7 rows in groups of 3, 3, 1
+            chunked = layer(x[..., rank * 4 : (rank + 1) * 4])
+        if rank == 0:
+            queue.put((plain.numpy(), chunked.numpy(), torch.nn.functional.linear(x, weight, bias).numpy()))
+    finally:
+        set_tensor_parallel_group(None)
+        dist.destroy_process_group()
+
+
+def test_row_parallel_overlap_sums_the_same():
+    """Row groups with their own all-reduce (the overlap of communication with the GEMM) give the one-shot sum."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from ditserve.engine.distributed import free_port
+
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_row_parallel_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    plain, chunked, full = queue.get(timeout=60)
+    assert chunked.shape == plain.shape == (1, 7, 6)
+    np.testing.assert_allclose(chunked, plain, atol=1e-6)
+    np.testing.assert_allclose(plain, full, atol=1e-5)
