@@ -84,12 +84,20 @@ def _forward_inputs(pipeline, height: int, width: int, guidance_scale: float):
     )
 
 
-def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
-    device = engine.device
-    model = engine.pipeline.c.transformer
-    with torch.no_grad():
-        forward_s = _time_calls(lambda: model(**inputs), device)
-    engine.generate(**{**gen, "num_inference_steps": 2})  # warm-up
+def _request(ns: argparse.Namespace, guidance_scale: float) -> dict:
+    return dict(
+        prompt=PROMPT,
+        height=ns.height,
+        width=ns.width,
+        num_inference_steps=ns.num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=0,
+    )
+
+
+def _time_generations(engine, gen: dict, repeat: int) -> dict:
+    """Whole generations through our engine, after a warm-up (which also captures the CUDA graphs)."""
+    engine.generate(**{**gen, "num_inference_steps": 2})
     totals, steps, peaks = [], [], []
     for _ in range(repeat):
         result = engine.generate(**gen)
@@ -98,12 +106,18 @@ def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
         peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
         stages = {k: result.timings[k] for k in ("encode", "prepare", "denoise", "decode")}
     return dict(
-        forward_ms=forward_s * 1000,
         step_ms=statistics.median(steps) * 1000,
         generation_s=statistics.median(totals),
-        peak_gib=max(peaks) if peaks[0] is not None else None,
+        peak_gib=max(peaks) if peaks[0] is not None else None,  # rank 0's with several GPUs
         stages_s=stages,
     )
+
+
+def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
+    model = engine.pipeline.c.transformer
+    with torch.no_grad():
+        forward_s = _time_calls(lambda: model(**inputs), engine.device)
+    return dict(forward_ms=forward_s * 1000, **_time_generations(engine, gen, repeat))
 
 
 def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
@@ -114,28 +128,8 @@ def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
     degrees = [("U", args.ulysses_degree), ("R", args.ring_degree), ("T", args.tp_size)]
     label = "ditserve " + "·".join(f"{k}{d}" for k, d in degrees if d > 1) + ("+CFG" if args.cfg_parallel else "")
     with Engine(args) as engine:
-        gen = dict(
-            prompt=PROMPT,
-            height=ns.height,
-            width=ns.width,
-            num_inference_steps=ns.num_inference_steps,
-            guidance_scale=engine.defaults().guidance_scale,
-            seed=0,
-        )
-        engine.generate(**{**gen, "num_inference_steps": 2})  # warm-up (and CUDA graph capture)
-        totals, steps, peaks = [], [], []
-        for _ in range(ns.repeat):
-            result = engine.generate(**gen)
-            totals.append(result.timings["total"])
-            steps.extend(result.timings["steps"])
-            peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
-    return label, dict(
-        forward_ms=None,
-        step_ms=statistics.median(steps) * 1000,
-        generation_s=statistics.median(totals),
-        peak_gib=max(peaks) if peaks[0] is not None else None,  # rank 0's
-        num_gpus=args.num_gpus,
-    )
+        timed = _time_generations(engine, _request(ns, engine.defaults().guidance_scale), ns.repeat)
+    return label, dict(forward_ms=None, **timed, num_gpus=args.num_gpus)
 
 
 def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.device) -> dict:
@@ -209,14 +203,7 @@ def run_bench(ns: argparse.Namespace) -> int:
     engine = Engine(args)
     pipeline = engine.pipeline
     device = engine.device
-    gen = dict(
-        prompt=PROMPT,
-        height=ns.height,
-        width=ns.width,
-        num_inference_steps=ns.num_inference_steps,
-        guidance_scale=pipeline.defaults().guidance_scale,
-        seed=0,
-    )
+    gen = _request(ns, pipeline.defaults().guidance_scale)
     inputs = _forward_inputs(pipeline, ns.height, ns.width, gen["guidance_scale"])
     report: dict = {
         "date": datetime.date.today().isoformat(),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ditserve.config import SamplingParams
+from ditserve.loader.folder import SAMPLING_DEFAULT_FIELDS
 
 # Called after every denoising step with (step_index, num_steps). It may raise to abort the request.
 StepCallback = Callable[[int, int], None]
@@ -62,14 +63,8 @@ class Pipeline:
         defaults = self.defaults()
         filled = {
             name: getattr(defaults, name) if getattr(params, name) is None else getattr(params, name)
-            for name in (
-                "height",
-                "width",
-                "num_inference_steps",
-                "guidance_scale",
-                "true_cfg_scale",
-                "negative_prompt",
-            )
+            for name in SAMPLING_DEFAULT_FIELDS
+            if name != "max_sequence_length"  # filled below: a 0 there takes the default too
         }
         filled["max_sequence_length"] = params.max_sequence_length or defaults.max_sequence_length
         return params.replace(**filled)
