@@ -146,31 +146,6 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return out.transpose(1, 2).to(q.dtype), lse
 
 
-def _heads_to_sequence(tensors: list[torch.Tensor], group, size: int) -> list[torch.Tensor]:
-    """Ulysses forward exchange, one collective for all of q, k, v: each [B, S, H, D] with all heads of a sequence
-    shard becomes [B, size·S, H/size, D] with the whole (gathered) sequence for this rank's heads."""
-    n = len(tensors)
-    b, s, h, d = tensors[0].shape
-    send = tensors[0].new_empty((size, n, b, s, h // size, d))
-    for i, t in enumerate(tensors):  # head group u goes to rank u
-        send[:, i].copy_(t.view(b, s, size, h // size, d).permute(2, 0, 1, 3, 4))
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    # received[u] is rank u's sequence shard of our heads: put the shards in rank order along the sequence.
-    gathered = received.permute(1, 2, 0, 3, 4, 5).reshape(n, b, size * s, h // size, d)
-    return list(gathered.unbind(0))
-
-
-def _sequence_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """Ulysses backward exchange: [B, size·S, H/size, D] → [B, S, H, D]."""
-    b, total, hl, d = x.shape
-    s = total // size
-    send = x.view(b, size, s, hl, d).permute(1, 0, 2, 3, 4).contiguous()  # sequence shard u goes to rank u
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 2, 0, 3, 4).reshape(b, s, size * hl, d)
-
-
 def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SequenceParallelGroups, block_keys
 ) -> torch.Tensor:
@@ -214,12 +189,15 @@ def _head_chunk(t: torch.Tensor, size: int, chunks: int, j: int) -> torch.Tensor
     return t.view(b, s, size, chunks, h // (size * chunks), d)[:, :, :, j].permute(2, 0, 1, 3, 4)
 
 
-def ulysses_pipelined(q, k, v, group, size: int, chunks: int, attend) -> torch.Tensor:
-    """Ulysses with the heads in `chunks` groups, so communication overlaps attention.
+def ulysses_attention(q, k, v, group, size: int, chunks: int, attend) -> torch.Tensor:
+    """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
+    the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
+    all-to-all brings the output back to [B, S, H, D].
 
-    Every chunk's q/k/v exchange is queued at once (NCCL runs them in order on its own stream); attention on chunk j
-    waits only for chunk j's exchange, and its output is sent back while chunk j+1 is computed. Same result as
-    one exchange each way: attention is independent per head. `attend(q, k, v)` takes [B, S_total, h, D].
+    With `chunks` > 1 the heads go in that many groups so communication overlaps attention: every group's q/k/v
+    exchange is queued at once (NCCL runs them in order on its own stream), attention on group j waits only for
+    group j's exchange, and its output is sent back while group j+1 is computed. The result is the same as with
+    one group: attention is independent per head. q, k and v always travel in one message per group.
     """
     b, s, h, d = q.shape
     hc = h // (size * chunks)
@@ -269,29 +247,21 @@ class SequenceParallelAttention(nn.Module):
             ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
             return layout.key_index(ranks, q.device)
 
-        chunks = self.ulysses_chunks
-        if g.ulysses_size > 1 and g.ring_size == 1 and chunks > 1 and (q.shape[2] // g.ulysses_size) % chunks == 0:
-            idx = block_keys(0)
-
-            def attend(qj, kj, vj):
-                if idx is not None:
-                    kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
-                return self.inner(qj, kj, vj)
-
-            return ulysses_pipelined(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend)
-        if g.ulysses_size > 1:
-            q, k, v = _heads_to_sequence([q, k, v], g.ulysses_group, g.ulysses_size)
-
-        if g.ring_size > 1:
-            out = ring_attention(q, k, v, g, block_keys)
-        else:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Attention of this rank's heads over every token of the sequence-parallel group."""
+            if g.ring_size > 1:
+                return ring_attention(q, k, v, g, block_keys)
             idx = block_keys(0)
             if idx is not None:
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
-            out = self.inner(q, k, v)
-        if g.ulysses_size > 1:
-            out = _sequence_to_heads(out, g.ulysses_group, g.ulysses_size)
-        return out
+            return self.inner(q, k, v)
+
+        if g.ulysses_size == 1:
+            return attend(q, k, v)
+        # Head groups only for pure Ulysses: under Ring each group would pass its own K/V around the ring.
+        heads = q.shape[2] // g.ulysses_size
+        chunks = self.ulysses_chunks if g.ring_size == 1 and heads % self.ulysses_chunks == 0 else 1
+        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend)
 
 
 def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int = 2) -> nn.Module:
