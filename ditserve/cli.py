@@ -78,26 +78,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(ns: argparse.Namespace):
+    import dataclasses
+
     from ditserve.config import EngineArgs
 
-    return EngineArgs(
-        model=ns.model,
-        device=ns.device,
-        dtype=ns.dtype,
-        load_format=ns.load_format,
-        attention_backend=ns.attention_backend,
-        compile=ns.compile,
-        cuda_graphs=ns.cuda_graphs,
-        vae_tiling=ns.vae_tiling,
-        num_gpus=ns.num_gpus,
-        ulysses_degree=ns.ulysses_degree,
-        ring_degree=ns.ring_degree,
-        cfg_parallel=ns.cfg_parallel,
-        tp_size=ns.tp_size,
-        nnodes=ns.nnodes,
-        node_rank=ns.node_rank,
-        dist_init_addr=ns.dist_init_addr,
-    )
+    # Every flag of add_engine_flags is named after its EngineArgs field; fields with no flag keep their default.
+    names = [f.name for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name)]
+    return EngineArgs(**{name: getattr(ns, name) for name in names})
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
