@@ -257,22 +257,24 @@ class RowParallelLinear(LinearBase):
         return (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)), up, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if self.tp.size > 1 and self.overlap_chunks > 1 and rows.shape[0] >= self.overlap_chunks:
-            # The all-reduce of each row group runs (on NCCL's stream) while the next group's GEMM computes; rows
-            # are independent, so the sum is the same.
-            pieces, works = [], []
-            for part in rows.chunk(self.overlap_chunks):
-                y = self.apply_lora(part, F.linear(part, self.weight, self.bias))
-                works.append(dist.all_reduce(y, group=self.tp.group, async_op=True))
-                pieces.append(y)
-            for work in works:
-                work.wait()
-            return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
+        if self.tp.size > 1 and self.overlap_chunks > 1:
+            return self._forward_overlapped(x)
         y = self.apply_lora(x, F.linear(x, self.weight, self.bias))
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y
+
+    def _forward_overlapped(self, x: torch.Tensor) -> torch.Tensor:
+        """The all-reduce of each row group runs (on NCCL's stream) while the next group's GEMM computes; rows are
+        independent, so the sum is the same. Fewer rows than groups make fewer groups."""
+        pieces, works = [], []
+        for part in x.reshape(-1, x.shape[-1]).chunk(self.overlap_chunks):
+            y = self.apply_lora(part, F.linear(part, self.weight, self.bias))
+            works.append(dist.all_reduce(y, group=self.tp.group, async_op=True))
+            pieces.append(y)
+        for work in works:
+            work.wait()
+        return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
 
 
 def set_row_parallel_overlap(model: nn.Module, chunks: int) -> None:
