@@ -7,35 +7,20 @@ import subprocess
 import sys
 
 
-def test_bench_tiny_cpu(tiny_dev, tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ditserve",
-            "bench",
-            "--model",
-            str(tiny_dev),
-            "--load-format",
-            "auto",
-            "--device",
-            "cpu",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--num-inference-steps",
-            "3",
-            "--repeat",
-            "1",
-            "--json",
-            str(out),
-        ],
+def run_bench(tiny_dev, out, *extra: str) -> subprocess.CompletedProcess:
+    """`ditserve bench` on the tiny model on the CPU at 32², writing its report to `out`."""
+    args = ["--model", str(tiny_dev), "--device", "cpu", "--height", "32", "--width", "32", "--repeat", "1"]
+    return subprocess.run(
+        [sys.executable, "-m", "ditserve", "bench", *args, "--json", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_bench_tiny_cpu(tiny_dev, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench(tiny_dev, out, "--load-format", "auto", "--num-inference-steps", "3")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"ditserve", "diffusers"}
@@ -60,14 +45,8 @@ def test_compiled_engine_matches_eager(tiny_dev):
 def test_bench_several_ranks_reports_the_speedup_over_one(tiny_dev, tmp_path):
     """--num-gpus on the CPU: gloo ranks; the report holds the parallel run, the 1-rank run and their ratio."""
     out = tmp_path / "bench.json"
-    args = ["--model", str(tiny_dev), "--device", "cpu", "--height", "32", "--width", "32"]
-    args += ["--num-inference-steps", "2", "--repeat", "1", "--no-diffusers", "--json", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "ditserve", "bench", *args, "--num-gpus", "2", "--ulysses-degree", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    extra = ["--num-inference-steps", "2", "--no-diffusers", "--num-gpus", "2", "--ulysses-degree", "2"]
+    proc = run_bench(tiny_dev, out, *extra)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"ditserve", "ditserve U2"}

@@ -49,9 +49,7 @@ class _Graph:
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, device: torch.device):
         # Static inputs live outside the pool: the pool's blocks are rewritten by other graphs' replays.
         def static(value):
-            if isinstance(value, torch.Tensor):
-                return torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
-            return value
+            return value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value
 
         self.args = tuple(static(a) for a in args)
         self.kwargs = {k: static(v) for k, v in kwargs.items()}
