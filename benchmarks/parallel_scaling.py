@@ -121,12 +121,6 @@ def kernel_breakdown(label: str, fn, rank: int) -> None:
     print(f"profile {label}: wall {start.elapsed_time(end):.1f} ms, kernels {busy:.1f} ms ({parts})", flush=True)
 
 
-def mode_name(pc: ParallelConfig) -> str:
-    """U4, U2·R2, T2, U2+CFG, CFG: the degrees above 1."""
-    parts = [f"{k}{d}" for k, d in (("U", pc.ulysses_degree), ("R", pc.ring_degree), ("T", pc.tp_size)) if d > 1]
-    return "·".join(parts) + ("+CFG" if pc.cfg_parallel and parts else "CFG" if pc.cfg_parallel else "")
-
-
 def diffusers_degrees(kind: str, world: int) -> dict | None:
     """'ulysses' / 'ring': that kind over every rank; 'U2R2'-style: both (None when it doesn't fill the world)."""
     if kind in ("ulysses", "ring"):
@@ -203,7 +197,7 @@ def main() -> None:
                 record(size, "diffusers", "1 GPU", time_it(lambda x=x, m=single: m(**x, return_dict=False)))
                 continue
             for pc in modes_for(world):
-                name = mode_name(pc)
+                name = pc.short_name
                 if ns.modes is not None and name not in ns.modes:
                     continue
                 groups = init_parallel_groups(pc)

@@ -125,8 +125,7 @@ def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
     (a bare DiT forward on rank 0 alone would leave the other ranks out of its collectives)."""
     from ditserve.engine.engine import Engine
 
-    degrees = [("U", args.ulysses_degree), ("R", args.ring_degree), ("T", args.tp_size)]
-    label = "ditserve " + "·".join(f"{k}{d}" for k, d in degrees if d > 1) + ("+CFG" if args.cfg_parallel else "")
+    label = f"ditserve {args.parallel_config().short_name}"
     with Engine(args) as engine:
         timed = _time_generations(engine, _request(ns, engine.defaults().guidance_scale), ns.repeat)
     return label, dict(forward_ms=None, **timed, num_gpus=args.num_gpus)

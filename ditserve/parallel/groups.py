@@ -45,6 +45,17 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.cfg_size * self.sp_size * self.tp_size
 
+    @property
+    def short_name(self) -> str:
+        """U4, U2·R2, T2, U2+CFG, CFG (the degrees above 1): how benchmarks label a mode; "1 GPU" for none."""
+        parts = [
+            f"{k}{d}" for k, d in (("U", self.ulysses_degree), ("R", self.ring_degree), ("T", self.tp_size)) if d > 1
+        ]
+        name = "·".join(parts)
+        if self.cfg_parallel:
+            name = f"{name}+CFG" if name else "CFG"
+        return name or "1 GPU"
+
     def validate(self) -> None:
         for name in ("num_gpus", "ulysses_degree", "ring_degree", "tp_size"):
             value = getattr(self, name)
