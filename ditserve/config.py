@@ -202,3 +202,37 @@ class SamplingParams:
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+    def with_defaults(self, defaults: SamplingParams) -> SamplingParams:
+        """Every unset model-defaulted field (DEFAULTED_FIELDS) taken from `defaults`; a 0 max_sequence_length
+        counts as unset too."""
+        filled = {name: getattr(defaults, name) for name in DEFAULTED_FIELDS if getattr(self, name) is None}
+        if not self.max_sequence_length:
+            filled["max_sequence_length"] = defaults.max_sequence_length
+        return self.replace(**filled)
+
+    def computation_key(self) -> tuple:
+        """What shapes the computation of resolved params: requests with equal keys can run as one batch (prompts,
+        seeds and image counts may differ)."""
+        uses_negative = self.negative_prompt is not None and (self.true_cfg_scale or 0) > 1
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.true_cfg_scale,
+            self.max_sequence_length,
+            uses_negative,
+        )
+
+
+# The sampling settings a model has defaults for (its pipeline's, or its folder's ditserve.json).
+DEFAULTED_FIELDS = (
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "negative_prompt",
+    "max_sequence_length",
+)

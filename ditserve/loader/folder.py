@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ditserve.config import DEFAULTED_FIELDS
 from ditserve.loader.weights import (
     LoaderError,
     build_on_meta,
@@ -28,15 +29,7 @@ from ditserve.loader.weights import (
 from ditserve.registry import BUILTIN_MODELS, DEFAULT_MODEL, FAMILIES, PRESETS, REQUIRED_COMPONENTS, get_preset
 
 SAMPLING_DEFAULTS_FILE = "ditserve.json"
-SAMPLING_DEFAULT_FIELDS = (
-    "height",
-    "width",
-    "num_inference_steps",
-    "guidance_scale",
-    "true_cfg_scale",
-    "negative_prompt",
-    "max_sequence_length",
-)
+SAMPLING_DEFAULT_FIELDS = DEFAULTED_FIELDS  # what ditserve.json may set
 
 
 @dataclass

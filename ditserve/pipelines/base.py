@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from ditserve.config import SamplingParams
-from ditserve.loader.folder import SAMPLING_DEFAULT_FIELDS
 
 # Called after every denoising step with (step_index, num_steps). It may raise to abort the request.
 StepCallback = Callable[[int, int], None]
@@ -60,14 +59,7 @@ class Pipeline:
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Validate, then fill every `None` from the model's defaults."""
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
-        defaults = self.defaults()
-        filled = {
-            name: getattr(defaults, name) if getattr(params, name) is None else getattr(params, name)
-            for name in SAMPLING_DEFAULT_FIELDS
-            if name != "max_sequence_length"  # filled below: a 0 there takes the default too
-        }
-        filled["max_sequence_length"] = params.max_sequence_length or defaults.max_sequence_length
-        return params.replace(**filled)
+        return params.with_defaults(self.defaults())
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         raise NotImplementedError
@@ -78,17 +70,7 @@ class Pipeline:
 
         Prompts, seeds and image counts may differ; everything that shapes the computation must not.
         """
-        uses_negative = params.negative_prompt is not None and (params.true_cfg_scale or 0) > 1
-        return (
-            params.height,
-            params.width,
-            params.num_inference_steps,
-            params.guidance_scale,
-            params.true_cfg_scale,
-            params.max_sequence_length,
-            uses_negative,
-            params.output_type,
-        )
+        return (*params.computation_key(), params.output_type)
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
         """Run resolved requests of one `batch_key`, returning one output per request, in order.

@@ -278,19 +278,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     def resolved_key(info: msg.ModelInfo, params, output_format: str) -> tuple:
         """The batch key, with the model's defaults filled in so that default and explicit values match."""
-        d = info.defaults
-        negative = params.negative_prompt if params.negative_prompt is not None else d.get("negative_prompt")
-        uses_negative = negative is not None and (params.true_cfg_scale or d["true_cfg_scale"]) > 1
-        return (
-            params.height or d["height"],
-            params.width or d["width"],
-            params.num_inference_steps or d["num_inference_steps"],
-            params.guidance_scale if params.guidance_scale is not None else d["guidance_scale"],
-            params.true_cfg_scale if params.true_cfg_scale is not None else d["true_cfg_scale"],
-            params.max_sequence_length or d["max_sequence_length"],
-            uses_negative,
-            output_format,
-        )
+        resolved = params.with_defaults(msg.params_from_dict(info.defaults))  # as Pipeline.resolve fills them
+        return (*resolved.computation_key(), output_format)
 
     async def generate_images(request: Request, endpoint: str, body: ImageOptions) -> dict:
         info = ready_info()
