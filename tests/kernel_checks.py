@@ -65,6 +65,33 @@ def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int
     assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
 
 
+def check_copy_rows(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> None:
+    """Head regrouping as Ulysses does it (bit-exact copies): q, k, v [B, S, H, D] into a message
+    [ranks, 3, B, S, h, D], the received message into [3, B, ranks, S, h, D], and the output back into [B, S, H, D]."""
+    from ditserve.kernels import row_copy as c
+
+    g = torch.Generator().manual_seed(seed)
+    b, s, ranks, chunks, h, d = shape
+    qkv = [torch.randn(b, s, ranks * chunks * h, d, generator=g).to(device, dtype) for _ in range(3)]
+    for j in range(chunks):
+        message = torch.full((ranks, 3, b, s, h, d), float("nan"), device=device, dtype=dtype)
+        for i, t in enumerate(qkv):
+            heads = t.view(b, s, ranks, chunks, h, d)[:, :, :, j].permute(2, 0, 1, 3, 4)  # strided source
+            assert c._use_triton(heads), "the Triton path is not taken"
+            c.copy_rows(message[:, i], heads)  # strided destination too
+            assert torch.equal(message[:, i], heads), ("pack", shape, j)
+        joined = torch.full((3, b, ranks, s, h, d), float("nan"), device=device, dtype=dtype)
+        c.copy_rows(joined, message.permute(1, 2, 0, 3, 4, 5))  # six dims
+        assert torch.equal(joined, message.permute(1, 2, 0, 3, 4, 5)), ("unpack", shape, j)
+        back = torch.full_like(qkv[0], float("nan"))
+        back_heads = back.view(b, s, ranks, chunks, h, d)[:, :, :, j].permute(2, 0, 1, 3, 4)
+        c.copy_rows(back_heads, message[:, 0])
+        assert torch.equal(back_heads, message[:, 0]), ("scatter", shape, j)
+    rows = torch.randn(3, 7, 24, generator=g).to(device, dtype)[:, :, :20]  # a last dim that is no power of two
+    out = torch.zeros(3, 7, 20, device=device, dtype=dtype)
+    assert torch.equal(c.copy_rows(out, rows), rows)
+
+
 def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -> None:
     for seed, (b, s, d) in enumerate(
         [(1, 7, 48), (2, 33, 96), (2, 5, 3072)] if sizes == "small" else [(1, 4608, 3072), (2, 4096, 3072)]
@@ -78,6 +105,13 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     )
     for seed, (b, st, si, h, d) in enumerate(shapes):
         check_rms_norm_rope(device, dtype, b, st, si, h, d, tol, seed)
+    copies = (
+        [(1, 5, 2, 1, 3, 16), (2, 6, 4, 2, 1, 32), (1, 3, 3, 2, 2, 128)]
+        if sizes == "small"
+        else [(1, 1152, 4, 2, 3, 128), (2, 2304, 2, 2, 6, 128)]
+    )
+    for seed, shape in enumerate(copies):
+        check_copy_rows(device, dtype, shape, seed)
 
 
 if __name__ == "__main__":
