@@ -94,8 +94,12 @@ KERNEL_KINDS = (
 )
 
 
-def kernel_breakdown(label: str, fn, rank: int) -> None:
-    """GPU time of one eager forward on rank 0 by kernel kind, and the wall time it took (the rest is idle GPU)."""
+def kernel_breakdown(label: str, fn, rank: int, trace_dir: str | None = None, top_kernels: int = 25) -> None:
+    """Where rank 0's GPU time goes in one forward (as it runs: graphed when graphs are on).
+
+    Prints the wall time, kernel time by kind, and the time the GPU computes at all (the union of the non-NCCL
+    kernels' intervals): wall minus that is time the compute waits (on communication or the host). With
+    `trace_dir`, also writes a Chrome trace per label there."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -111,14 +115,39 @@ def kernel_breakdown(label: str, fn, rank: int) -> None:
     if rank != 0:
         return
     totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
-        name = event.key.lower()
+    by_name: dict[str, list] = {}
+    intervals = []
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.time_range.end - event.time_range.start
+        name = event.name.lower()
         kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
         totals[kind] = totals.get(kind, 0.0) + us / 1000
+        entry = by_name.setdefault(event.name[:90], [0.0, 0])
+        entry[0] += us / 1000
+        entry[1] += 1
+        if kind != "nccl":
+            begin = event.time_range.start
+            intervals.append((begin, begin + us))
+    computing, reach = 0.0, float("-inf")
+    for begin, finish in sorted(intervals):
+        if finish > reach:
+            computing += finish - max(begin, reach)
+            reach = finish
     busy = sum(totals.values())
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
-    print(f"profile {label}: wall {start.elapsed_time(end):.1f} ms, kernels {busy:.1f} ms ({parts})", flush=True)
+    print(
+        f"profile {label}: wall {start.elapsed_time(end):.1f} ms, computing {computing / 1000:.1f} ms, "
+        f"kernels {busy:.1f} ms ({parts})",
+        flush=True,
+    )
+    for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]:
+        print(f"profile   {ms:7.2f} ms {count:5d}x  {name}", flush=True)
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in label)
+        prof.export_chrome_trace(os.path.join(trace_dir, safe + ".json"))
 
 
 def diffusers_degrees(kind: str, world: int) -> dict | None:
@@ -149,7 +178,8 @@ def main() -> None:
     ap.add_argument(
         "--ulysses-chunks", type=int, nargs="+", default=[2], help="head groups pipelined in pure Ulysses (each timed)"
     )
-    ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode (eager)")
+    ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
+    ap.add_argument("--trace-dir", default=None, help="with --profile, write a Chrome trace per mode here")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ns = ap.parse_args()
@@ -187,10 +217,10 @@ def main() -> None:
             reference = full(**x)
             if world == 1:
                 record(size, "ditserve", "1 GPU eager", time_it(lambda x=x: full(**x)))
-                if ns.profile:
-                    kernel_breakdown(f"{size}² 1 GPU", lambda x=x: full(**x), rank)
                 graphs = graphed(full)
                 record(size, "ditserve", "1 GPU", time_it(lambda x=x: full(**x)))
+                if ns.profile:
+                    kernel_breakdown(f"{size}² 1 GPU", lambda x=x: full(**x), rank, ns.trace_dir)
                 record(size, "ditserve", "1 GPU true-CFG", time_it(lambda x=x, n=neg: (full(**x), full(**n))))
                 ungraphed(full, graphs)
                 single = diffusers_transformer_sharing(full)
@@ -234,9 +264,9 @@ def main() -> None:
                         ms = time_it(lambda model=model, x=x: model(**x))
                         diff = rel(model(**x), reference)
                     record(size, "ditserve", label, ms, diff)
-                    ungraphed(model, graphs)
                     if ns.profile:
-                        kernel_breakdown(f"{size}² {label}", lambda model=model, x=x: model(**x), rank)
+                        kernel_breakdown(f"{size}² {label}", lambda model=model, x=x: model(**x), rank, ns.trace_dir)
+                    ungraphed(model, graphs)
                     if groups.sequence is not None:
                         disable_sequence_parallel(model)
                 if pc.tp_size > 1:
