@@ -61,13 +61,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 class Attention(nn.Module):
-    """Holds the backend choice; sequence-parallel wrappers replace `forward` on these modules."""
+    """Holds the backend choice; sequence-parallel wrappers replace these modules.
+
+    `alongside`: work that does not depend on this attention (a model's other branch). The call then returns
+    (attention output, alongside()). Here it simply runs first; an attention that communicates runs it while
+    its messages travel, which is the point of handing it over."""
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
+        if alongside is not None:
+            side = alongside()
+            return attention(q, k, v, self.backend), side
         return attention(q, k, v, self.backend)
 
     def extra_repr(self) -> str:

@@ -256,6 +256,37 @@ class RowParallelLinear(LinearBase):
             src += full
         return (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)), up, 0
 
+    # ---- an input given as its parts ----------------------------------------------------------------------------
+    # FLUX's single-stream proj_out reads [attention | mlp]. Taking the parts separately saves building the
+    # concatenation and lets the mlp part's product run while attention is still waiting on communication.
+    def _part_weight(self, part: int) -> torch.Tensor:
+        start = sum(self.local_input_sizes[:part])
+        return self.weight.narrow(1, start, self.local_input_sizes[part])
+
+    def part_product(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        """x (this rank's share of input part `part`) times that part's columns of the weight, plus the bias: the
+        start of the sum that `forward_parts(..., started=)` completes. No LoRA, no reduction yet."""
+        return F.linear(x, self._part_weight(part), self.bias)
+
+    def forward_parts(self, parts: list[torch.Tensor], started: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """forward(torch.cat(parts, -1)) without the concatenation. `started` = (part, part_product(parts[part],
+        part)) made earlier; the other parts' products are accumulated onto it (float32 accumulation in each GEMM,
+        rounded once per part)."""
+        if len(parts) != len(self.local_input_sizes):
+            raise ValueError(f"{len(parts)} input parts for a layer of {len(self.local_input_sizes)}")
+        first, y = started if started is not None else (0, self.part_product(parts[0], 0))
+        flat = y.view(-1, y.shape[-1])
+        for i, x in enumerate(parts):
+            if i != first:
+                flat.addmm_(x.reshape(-1, x.shape[-1]), self._part_weight(i).t())
+        for a in self.lora:  # A reads every part: sum the parts' shares of A x
+            down = a.down.split(self.local_input_sizes, dim=1)
+            hidden = sum(F.linear(x, d) for x, d in zip(parts, down))
+            y = y + F.linear(hidden, a.up) * a.scale
+        if self.tp.size > 1:
+            dist.all_reduce(y, group=self.tp.group)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size > 1 and self.overlap_chunks > 1:
             return self._forward_overlapped(x)

@@ -163,12 +163,11 @@ class SingleStreamBlock(nn.Module):
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
         q_roped, k_roped = q.new_empty(q.shape), k.new_empty(k.shape)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
-        out = self.attn(q_roped, k_roped, v).flatten(2)
-        # proj_out reads [attention | gelu(mlp)]: write both into one buffer instead of concatenating copies.
-        joined = out.new_empty((*out.shape[:-1], out.shape[-1] + mlp.shape[-1]))
-        joined[..., : out.shape[-1]] = out
-        gelu_tanh(mlp, out=joined[..., out.shape[-1] :])
-        x = gated_residual(x, gate, self.proj_out(joined))
+        mlp = gelu_tanh(mlp)
+        # proj_out reads [attention | gelu(mlp)], taken as two parts: no concatenation, and the mlp part's product
+        # (80% of proj_out's work) needs no attention, so attention may run it while it communicates.
+        out, mlp_product = self.attn(q_roped, k_roped, v, alongside=lambda: self.proj_out.part_product(mlp, 1))
+        x = gated_residual(x, gate, self.proj_out.forward_parts([out.flatten(2), mlp], started=(1, mlp_product)))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x

@@ -190,7 +190,7 @@ def _head_chunk(t: torch.Tensor, size: int, chunks: int, j: int) -> torch.Tensor
     return t.view(b, s, size, chunks, h // (size * chunks), d)[:, :, :, j].permute(2, 0, 1, 3, 4)
 
 
-def ulysses_attention(q, k, v, group, size: int, chunks: int, attend) -> torch.Tensor:
+def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=None):
     """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
     all-to-all brings the output back to [B, S, H, D].
@@ -205,6 +205,9 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend) -> torch.T
     exchange is queued at once (NCCL runs them in order on its own stream), attention on group j waits only for
     group j's exchange, and its output is sent back while group j+1 is computed. The result is the same as with
     one group: attention is independent per head.
+
+    `alongside` (see `Attention`) runs once every exchange is queued, before the first wait; the call then returns
+    (output, its result).
     """
     b, s, h, d = q.shape
     hc = h // (size * chunks)
@@ -216,6 +219,7 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend) -> torch.T
         received = torch.empty_like(send)
         work = dist.all_to_all_single(received, send, group=group, async_op=True)
         incoming.append((received, work))
+    side = alongside() if alongside is not None else None
     out = q.new_empty((b, s, h, d))
     outgoing = []
     for j, (received, work) in enumerate(incoming):
@@ -233,7 +237,7 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend) -> torch.T
     for j, back, work in outgoing:
         work.wait()
         copy_rows(_head_chunk(out, size, chunks, j), back)  # back[u]: our tokens, rank u's chunk-j heads
-    return out
+    return out if alongside is None else (out, side)
 
 
 class SequenceParallelAttention(nn.Module):
@@ -247,7 +251,7 @@ class SequenceParallelAttention(nn.Module):
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
 
     @torch.compiler.disable
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
         g, layout = self.groups, self.layout
         if layout is None:
             raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
@@ -267,12 +271,15 @@ class SequenceParallelAttention(nn.Module):
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
             return self.inner(q, k, v)
 
-        if g.ulysses_size == 1:
+        if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
+            if alongside is not None:
+                side = alongside()
+                return attend(q, k, v), side
             return attend(q, k, v)
         # Head groups only for pure Ulysses: under Ring each group would pass its own K/V around the ring.
         heads = q.shape[2] // g.ulysses_size
         chunks = self.ulysses_chunks if g.ring_size == 1 and heads % self.ulysses_chunks == 0 else 1
-        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend)
+        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend, alongside)
 
 
 def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int = 2) -> nn.Module:
