@@ -3,7 +3,7 @@ parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
-        [--ulysses-chunks 1 2] [--tp-chunks 1 2 4] [--profile]
+        [--ulysses-chunks 1 2] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -27,7 +27,6 @@ import torch.distributed as dist
 from ditserve.accel.cuda_graph import disable_cuda_graphs, enable_cuda_graphs
 from ditserve.bench import diffusers_transformer_sharing
 from ditserve.layers.attention import set_attention_backend
-from ditserve.layers.linear import set_row_parallel_overlap
 from ditserve.loader.folder import load_dit, resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key, to_diffusers_state_dict
@@ -173,9 +172,6 @@ def main() -> None:
     ap.add_argument("--diffusers-modes", nargs="*", default=["ulysses", "ring"], help="ulysses, ring, or U2R2-style")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument(
-        "--tp-chunks", type=int, nargs="+", default=[1], help="row groups of the tensor-parallel all-reduce overlap"
-    )
-    ap.add_argument(
         "--ulysses-chunks", type=int, nargs="+", default=[2], help="head groups pipelined in pure Ulysses (each timed)"
     )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
@@ -237,15 +233,9 @@ def main() -> None:
                     load_checkpoint(model, iter(full_state.items()), map_diffusers_key)
                     set_attention_backend(model, "auto", device)
                 pipelined = pc.ulysses_degree > 1 and pc.ring_degree == 1
-                variants = [
-                    (c, t)
-                    for c in (ns.ulysses_chunks if pipelined else [1])
-                    for t in (ns.tp_chunks if pc.tp_size > 1 else [1])
-                ]
-                for chunks, tp_chunks in variants:
+                variants = ns.ulysses_chunks if pipelined else [1]
+                for chunks in variants:
                     label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
-                    label += f" t{tp_chunks}" if pc.tp_size > 1 and len(ns.tp_chunks) > 1 else ""
-                    set_row_parallel_overlap(model, tp_chunks)
                     if groups.sequence is not None:
                         enable_sequence_parallel(model, groups.sequence, ulysses_chunks=chunks)
                     graphs = graphed(model)

@@ -86,41 +86,52 @@ def test_shape_mismatch_is_reported():
         layer.weight_loader(layer.weight, torch.zeros(3, 4), 1)
 
 
-def _row_parallel_worker(rank: int, port: int, queue) -> None:
+def _forward_parts_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
+    import torch.nn.functional as F
 
-    from ditserve.layers.linear import RowParallelLinear, set_row_parallel_overlap
+    from ditserve.layers.linear import LinearLoRA, RowParallelLinear
     from ditserve.parallel.state import set_tensor_parallel_group
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         set_tensor_parallel_group(dist.group.WORLD)
         g = torch.Generator().manual_seed(0)
-        weight, bias, x = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.randn(1, 7, 8, generator=g)
-        layer = RowParallelLinear(8, 6)
+        weight, bias = torch.randn(6, 12, generator=g), torch.randn(6, generator=g)
+        down, up, scale = torch.randn(3, 12, generator=g), torch.randn(6, 3, generator=g), 0.7
+        x = torch.randn(1, 7, 12, generator=g)  # [part 0 (4) | part 1 (8)]
+        layer = RowParallelLinear(12, 6, input_sizes=[4, 8])
         layer.weight_loader(layer.weight, weight)
         layer.weight_loader(layer.bias, bias)
+        down_shard, up_shard, _ = layer.lora_shard(down, up)
+        layer.lora.append(LinearLoRA(down_shard, up_shard, scale))
+        p0, p1 = x[..., rank * 2 : (rank + 1) * 2], x[..., 4 + rank * 4 : 4 + (rank + 1) * 4]
         with torch.no_grad():
-            plain = layer(x[..., rank * 4 : (rank + 1) * 4])
-            set_row_parallel_overlap(layer, 3)  # 7 rows in groups of 3, 3, 1
-            chunked = layer(x[..., rank * 4 : (rank + 1) * 4])
+            whole = layer.forward_parts([p0, p1])
+            started = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
+            concatenated = layer(torch.cat([p0, p1], -1))
+            reference = F.linear(x, weight, bias) + scale * (x @ down.T @ up.T)
+        with pytest.raises(ValueError):
+            layer.forward_parts([p0])
         if rank == 0:
-            queue.put((plain.numpy(), chunked.numpy(), torch.nn.functional.linear(x, weight, bias).numpy()))
+            queue.put(tuple(t.numpy() for t in (whole, started, concatenated, reference)))
     finally:
         set_tensor_parallel_group(None)
         dist.destroy_process_group()
 
 
-def test_row_parallel_overlap_sums_the_same():
-    """Row groups with their own all-reduce (the overlap of communication with the GEMM) give the one-shot sum."""
+def test_row_parallel_forward_parts_matches_unsharded():
+    """forward_parts over two ranks, whole or with a part started earlier, with a LoRA adapter, equals the
+    unsharded layer, as does forward on the concatenated parts."""
     import numpy as np
     import torch.multiprocessing as mp
 
     from ditserve.engine.distributed import free_port
 
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_row_parallel_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
-    plain, chunked, full = queue.get(timeout=60)
-    assert chunked.shape == plain.shape == (1, 7, 6)
-    np.testing.assert_allclose(chunked, plain, atol=1e-6)
-    np.testing.assert_allclose(plain, full, atol=1e-5)
+    mp.start_processes(_forward_parts_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    whole, started, concatenated, reference = queue.get(timeout=60)
+    assert reference.shape == (1, 7, 6)
+    for out in (whole, started, concatenated):
+        assert out.shape == reference.shape
+        np.testing.assert_allclose(out, reference, atol=1e-5)

@@ -226,9 +226,6 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"input_sizes {self.input_sizes} do not add up to {in_features}")
         self.local_input_sizes = [_divide(s, self.tp.size, "input features") for s in self.input_sizes]
         super().__init__(sum(self.local_input_sizes), out_features, bias)
-        # Row groups whose all-reduce overlaps the next group's GEMM (1: one GEMM, one all-reduce); see
-        # set_row_parallel_overlap.
-        self.overlap_chunks = 1
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0 only, so the all-reduce sums it once
@@ -288,31 +285,7 @@ class RowParallelLinear(LinearBase):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.size > 1 and self.overlap_chunks > 1:
-            return self._forward_overlapped(x)
         y = self.apply_lora(x, F.linear(x, self.weight, self.bias))
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y
-
-    def _forward_overlapped(self, x: torch.Tensor) -> torch.Tensor:
-        """The all-reduce of each row group runs (on NCCL's stream) while the next group's GEMM computes; rows are
-        independent, so the sum is the same. Fewer rows than groups make fewer groups."""
-        pieces, works = [], []
-        for part in x.reshape(-1, x.shape[-1]).chunk(self.overlap_chunks):
-            y = self.apply_lora(part, F.linear(part, self.weight, self.bias))
-            works.append(dist.all_reduce(y, group=self.tp.group, async_op=True))
-            pieces.append(y)
-        for work in works:
-            work.wait()
-        return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
-
-
-def set_row_parallel_overlap(model: nn.Module, chunks: int) -> None:
-    """Split every row-parallel linear's rows into `chunks` groups so its all-reduce overlaps its own GEMM
-    (1 = off, the default until measured faster: benchmarks/parallel_scaling.py --tp-chunks)."""
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-    for module in model.modules():
-        if isinstance(module, RowParallelLinear):
-            module.overlap_chunks = chunks
