@@ -26,9 +26,9 @@ from ditserve.engine import messages as msg
 # step (to hold requests in flight).
 _FAIL_MARK = "[[fail]]"
 _SLEEP_MARK = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
-POLL_MS = 500
+POLL_MS = 500  # how often an idle worker checks that its parent is still alive
 LORA_METHODS = ("set_lora", "merge_lora_weights", "unmerge_lora_weights", "list_loras")
-STARTUP_LORA_KEY = "_startup_lora"  # in the worker's JSON arguments: serve's --lora-* flags, as set_lora kwargs  # how often an idle worker checks that its parent is still alive
+STARTUP_LORA_KEY = "_startup_lora"  # in the worker's JSON arguments: serve's --lora-* flags, as set_lora kwargs
 
 
 class Cancelled(Exception):

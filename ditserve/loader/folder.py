@@ -29,7 +29,6 @@ from ditserve.loader.weights import (
 from ditserve.registry import BUILTIN_MODELS, DEFAULT_MODEL, FAMILIES, PRESETS, REQUIRED_COMPONENTS, get_preset
 
 SAMPLING_DEFAULTS_FILE = "ditserve.json"
-SAMPLING_DEFAULT_FIELDS = DEFAULTED_FIELDS  # what ditserve.json may set
 
 
 @dataclass
@@ -67,9 +66,9 @@ class ModelSource:
             values = json.loads(path.read_text()).get("sampling_defaults", {})
         except (json.JSONDecodeError, AttributeError) as e:
             raise LoaderError(f"{path}: invalid JSON object ({e})") from None
-        unknown = set(values) - set(SAMPLING_DEFAULT_FIELDS)
+        unknown = set(values) - set(DEFAULTED_FIELDS)  # what ditserve.json may set
         if unknown:
-            raise LoaderError(f"{path}: unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_DEFAULT_FIELDS}")
+            raise LoaderError(f"{path}: unknown sampling defaults {sorted(unknown)}; known: {DEFAULTED_FIELDS}")
         if not isinstance(values.get("negative_prompt", ""), str):
             raise LoaderError(f"{path}: the default negative_prompt must be a string")
         return dict(values)
