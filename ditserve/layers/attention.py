@@ -60,6 +60,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return out.transpose(1, 2)
 
 
+def run_alongside(attend, alongside):
+    """attend(), or with work handed over (see `Attention`) (attend(), alongside()), that work run first: how an
+    attention with nothing to wait on takes it."""
+    if alongside is None:
+        return attend()
+    side = alongside()
+    return attend(), side
+
+
 class Attention(nn.Module):
     """Holds the backend choice; sequence-parallel wrappers replace these modules.
 
@@ -72,10 +81,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
-        if alongside is not None:
-            side = alongside()
-            return attention(q, k, v, self.backend), side
-        return attention(q, k, v, self.backend)
+        return run_alongside(lambda: attention(q, k, v, self.backend), alongside)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

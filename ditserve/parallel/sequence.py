@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ditserve.kernels.row_copy import copy_rows
-from ditserve.layers.attention import Attention, _cudnn_can_take
+from ditserve.layers.attention import Attention, _cudnn_can_take, run_alongside
 
 
 @dataclass(frozen=True)
@@ -272,10 +272,7 @@ class SequenceParallelAttention(nn.Module):
             return self.inner(q, k, v)
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
-            if alongside is not None:
-                side = alongside()
-                return attend(q, k, v), side
-            return attend(q, k, v)
+            return run_alongside(lambda: attend(q, k, v), alongside)
         # Head groups only for pure Ulysses: under Ring each group would pass its own K/V around the ring.
         heads = q.shape[2] // g.ulysses_size
         chunks = self.ulysses_chunks if g.ring_size == 1 and heads % self.ulysses_chunks == 0 else 1
