@@ -104,6 +104,7 @@ class _FakeGraph:
     """Stands in for a captured graph on the CPU: records the capture, replays by calling the forward."""
 
     made: list = []
+    released: list = []
 
     def __init__(self, fn, args, kwargs, pool, device):
         if kwargs.get("fail"):
@@ -113,6 +114,9 @@ class _FakeGraph:
 
     def replay(self, args, kwargs):
         return self.fn(*args, **kwargs)
+
+    def release(self):
+        _FakeGraph.released.append(self)
 
 
 def test_graph_cache_keys_eviction_and_fallback(monkeypatch):
@@ -124,7 +128,7 @@ def test_graph_cache_keys_eviction_and_fallback(monkeypatch):
     monkeypatch.setattr(cg.torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(cg.torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(cg, "_signature", lambda args, kwargs: tuple((a.shape, kwargs.get("fail")) for a in args))
-    _FakeGraph.made = []
+    _FakeGraph.made, _FakeGraph.released = [], []
     calls = []
 
     class Model(torch.nn.Module):
@@ -140,10 +144,33 @@ def test_graph_cache_keys_eviction_and_fallback(monkeypatch):
             assert torch.equal(model(torch.ones(n)), torch.full((n,), 2.0))
         assert _FakeGraph.made == [(torch.Size([1]),), (torch.Size([2]),), (torch.Size([3]),), (torch.Size([2]),)]
         assert list(graphs.graphs) == [((torch.Size([3]), None),), ((torch.Size([2]), None),)]  # 1 was dropped
+        assert len(_FakeGraph.released) == 2  # the dropped graphs were freed: the first 2, then 1
         assert torch.equal(model(torch.ones(4), fail=True), torch.full((4,), 2.0))  # eager after a failed capture
         assert ((torch.Size([4]), True),) in graphs.failed
     model(torch.ones(5))  # grad mode: eager, no capture
     assert graphs.captures == 4 and len(_FakeGraph.made) == 4
+    kept = list(graphs.graphs.values())
     cg.disable_cuda_graphs(model)
     assert not graphs.graphs and not graphs.failed
+    assert _FakeGraph.released[2:] == kept  # disabling frees every graph still kept
     assert "forward" not in model.__dict__ and model(torch.ones(1)).item() == 2.0
+
+
+def test_engine_frees_its_graphs_before_leaving_the_process_group(monkeypatch):
+    """NCCL's communicator teardown blocks while a graph that captured its collectives is alive
+    (pytorch/pytorch#115388): the engine's shutdown drops its graphs first, on every rank."""
+    import ditserve.engine.engine as engine_mod
+
+    order = []
+
+    class Graphs:
+        def reset(self):
+            order.append("graphs freed")
+
+    engine = engine_mod.Engine.__new__(engine_mod.Engine)  # only the shutdown path: no model is loaded
+    engine.cuda_graphs = Graphs()
+    engine._rank_processes = []
+    monkeypatch.setattr(engine_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(engine_mod.dist, "destroy_process_group", lambda: order.append("group left"))
+    engine._shutdown()
+    assert order == ["graphs freed", "group left"]

@@ -73,6 +73,11 @@ class _Graph:
         self.graph.replay()
         return self.output.clone()  # the pool's memory is reused by the next replay of any graph
 
+    def release(self) -> None:
+        """Free the executable graph now rather than whenever Python collects it: NCCL cannot tear down a
+        communicator while a graph holding its collectives is alive."""
+        self.graph.reset()
+
 
 class CudaGraphs:
     """Graphs of one model's forward, keyed by input shapes, at most `max_graphs` kept (least recently used goes)."""
@@ -104,13 +109,16 @@ class CudaGraphs:
             self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
+                self.graphs.popitem(last=False)[1].release()
         self.graphs.move_to_end(key)
         return graph.replay(args, kwargs)
 
     def reset(self) -> None:
-        """Forget every graph (after a change to the weights' tensors or to the code path, such as LoRA)."""
+        """Forget every graph (after a change to the weights' tensors or to the code path, such as LoRA; before
+        leaving the process group)."""
         torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.release()
         self.graphs.clear()
         self.failed.clear()
 

@@ -61,6 +61,7 @@ class Engine:
         self.args = args
         self.parallel = args.parallel_config()
         self.groups: ParallelGroups | None = None
+        self.cuda_graphs: CudaGraphs | None = None
         self._control = None  # gloo group rank 0 broadcasts operations on
         self._rank_processes: list = []
         self._closed = False
@@ -106,7 +107,6 @@ class Engine:
                 self.pipeline.decode_group = dist.group.WORLD
         if args.compile:
             compile_repeated_blocks(transformer)
-        self.cuda_graphs: CudaGraphs | None = None
         if args.cuda_graphs and self.device.type == "cuda":
             self.cuda_graphs = enable_cuda_graphs(transformer, self.device)
         # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
@@ -208,7 +208,11 @@ class Engine:
         """Leave the process group, wait for the ranks this process started, forget the tensor-parallel group.
 
         Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 must not wait for its
-        ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait)."""
+        ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait). Captured
+        graphs go first: NCCL's communicator teardown blocks while a graph that captured its collectives is alive
+        (pytorch/pytorch#115388)."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.reset()
         if dist.is_initialized():
             dist.destroy_process_group()
         for process in self._rank_processes:
