@@ -3,7 +3,7 @@ parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
-        [--ulysses-chunks 1 2] [--profile]
+        [--ulysses-chunks 1 2] [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument(
         "--ulysses-chunks", type=int, nargs="+", default=[2], help="head groups pipelined in pure Ulysses (each timed)"
     )
+    ap.add_argument(
+        "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
+    )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
     ap.add_argument("--trace-dir", default=None, help="with --profile, write a Chrome trace per mode here")
     ap.add_argument("--warmup", type=int, default=3)
@@ -222,10 +226,17 @@ def main() -> None:
                 single = diffusers_transformer_sharing(full)
                 record(size, "diffusers", "1 GPU", time_it(lambda x=x, m=single: m(**x, return_dict=False)))
                 continue
-            for pc in modes_for(world):
+            modes = [
+                dataclasses.replace(pc, tp_all_reduce=method)
+                for pc in modes_for(world)
+                for method in (ns.tp_all_reduce if pc.tp_size > 1 else ["nccl"])
+            ]
+            for pc in modes:
                 name = pc.short_name
                 if ns.modes is not None and name not in ns.modes:
                     continue
+                if pc.tp_size > 1 and len(ns.tp_all_reduce) > 1:
+                    name += f" {pc.tp_all_reduce}"
                 groups = init_parallel_groups(pc)
                 model = full
                 if pc.tp_size > 1:  # each rank loads its shard of the same weights, as from a checkpoint

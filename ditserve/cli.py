@@ -72,6 +72,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     par.add_argument("--ring-degree", type=int, default=1, help="sequence parallel: K/V passed around a ring")
     par.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on two halves of the ranks")
     par.add_argument("--tp-size", type=int, default=1, help="tensor parallel: linears sharded across ranks")
+    par.add_argument(
+        "--tp-all-reduce",
+        default="nccl",
+        help="how tensor-parallel partial sums are added: nccl (default) or two-shot (symmetric memory over NVLink; "
+        "a little faster on 2 GPUs at 1024²)",
+    )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (several nodes)")

@@ -68,6 +68,8 @@ class EngineArgs:
     ring_degree: int = 1
     cfg_parallel: bool = False
     tp_size: int = 1
+    # How tensor-parallel partial sums are added: "nccl" or "two-shot" (see parallel/reduce.py).
+    tp_all_reduce: str = "nccl"
     # Several machines: each runs the same command with its node rank; rank 0's address is the rendezvous.
     nnodes: int = 1
     node_rank: int = 0
@@ -96,6 +98,8 @@ class EngineArgs:
             self.parallel_config().validate()
         except ParallelConfigError as e:
             raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+        if self.tp_all_reduce == "two-shot" and self.resolved_device().type != "cuda":
+            raise ConfigError("tp_all_reduce", f"{self.tp_all_reduce} goes through GPU memory: it needs CUDA GPUs")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError("node_rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
         if self.num_gpus % self.nnodes:
@@ -116,6 +120,7 @@ class EngineArgs:
             ring_degree=self.ring_degree,
             cfg_parallel=self.cfg_parallel,
             tp_size=self.tp_size,
+            tp_all_reduce=self.tp_all_reduce,
         )
 
     def to_dict(self) -> dict:

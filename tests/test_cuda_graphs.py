@@ -84,8 +84,14 @@ PARALLEL_CALL = dict(CALL, height=40, width=40, max_sequence_length=21)
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "mode",
-    [dict(ulysses_degree=2), dict(ring_degree=2), dict(tp_size=2), dict(cfg_parallel=True)],
-    ids=lambda m: next(iter(m)),
+    [
+        dict(ulysses_degree=2),
+        dict(ring_degree=2),
+        dict(tp_size=2),
+        dict(tp_size=2, tp_all_reduce="two-shot"),
+        dict(cfg_parallel=True),
+    ],
+    ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()),
 )
 def test_graphs_with_collectives_match_one_gpu(tiny_4_heads, mode):
     if torch.cuda.device_count() < 2:

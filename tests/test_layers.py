@@ -135,3 +135,86 @@ def test_row_parallel_forward_parts_matches_unsharded():
     for out in (whole, started, concatenated):
         assert out.shape == reference.shape
         np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
+    """Row-parallel layers on 2 GPUs, summed by NCCL and by the two-shot kernel; rank 0 returns the largest
+    difference for each case (small messages: a queue's pipe holds little until the parent reads it)."""
+    import torch.distributed as dist
+
+    from ditserve.layers.linear import LinearLoRA, RowParallelLinear
+    from ditserve.parallel.state import set_tensor_parallel_group, tp_group
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = {}
+    graphs = []
+    try:
+        for method in ("nccl", "two-shot"):
+            set_tensor_parallel_group(dist.group.WORLD, method)
+            g = torch.Generator().manual_seed(0)
+            weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
+            down, up = torch.randn(4, 96, generator=g), torch.randn(64, 4, generator=g)
+            out = {}
+            for dtype in (torch.bfloat16, torch.float32, torch.float16):  # float16: the kernel's dtypes exclude it
+                layer = RowParallelLinear(96, 64, input_sizes=[32, 64]).to("cuda", dtype)
+                layer.weight_loader(layer.weight, weight.to(dtype))
+                layer.weight_loader(layer.bias, bias.to(dtype))
+                x = torch.randn(2, 50, 96, generator=g).to("cuda", dtype)
+                p0, p1 = x[..., rank * 16 : (rank + 1) * 16], x[..., 32 + rank * 32 : 32 + (rank + 1) * 32]
+                mine = torch.cat([p0, p1], -1)
+                with torch.no_grad():
+                    out[f"{dtype} plain"] = layer(mine)
+                    out[f"{dtype} parts"] = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
+                    out[f"{dtype} larger"] = layer(torch.cat([mine, mine], 1))  # the buffer grows
+                    d, u, _ = layer.lora_shard(down.to("cuda", dtype), up.to("cuda", dtype))
+                    layer.lora.append(LinearLoRA(d, u, 0.5))
+                    out[f"{dtype} lora"] = layer(mine)  # the product is copied into the buffer
+                    layer.lora.clear()
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        layer(mine)  # warm-up outside the capture
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        captured = layer(mine)
+                    graph.replay()
+                    out[f"{dtype} graphed"] = captured.float().clone()
+                    graphs.append(graph)
+            results[method] = {k: v.float() for k, v in out.items()}
+            results[method]["kind"] = type(tp_group().all_reduce).__name__
+        if rank == 0:
+            differences = {
+                k: (results["two-shot"][k] - v).abs().max().item() for k, v in results["nccl"].items() if k != "kind"
+            }
+            scale = max(v.abs().max().item() for k, v in results["nccl"].items() if k != "kind")
+            queue.put((results["two-shot"]["kind"], differences, scale))
+    finally:
+        # NCCL's teardown waits while a graph that captured its collectives lives (float16's and the "nccl"
+        # method's sums are NCCL's): free them first (pytorch/pytorch#115388).
+        for graph in graphs:
+            graph.reset()
+        set_tensor_parallel_group(None)
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_two_shot_all_reduce_matches_nccl():
+    """The two-shot all-reduce through symmetric memory gives NCCL's sums: written into the buffer by the GEMM or
+    copied in (LoRA), for a part started earlier, a larger message, a CUDA graph, and float16 (which falls back
+    to NCCL)."""
+    import torch.multiprocessing as mp
+
+    from ditserve.engine.distributed import free_port
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_symmetric_all_reduce_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    kind, differences, scale = queue.get(timeout=120)
+    assert kind == "SymmetricAllReduce"
+    assert len(differences) == 15 and scale > 1
+    for case, difference in differences.items():
+        # Two partials summed once: both round the same sum (bf16/fp16 results are exact twins of NCCL's).
+        assert difference <= 1e-5 * scale, case

@@ -64,6 +64,9 @@ def test_parallel_mode_matches_one_process(tiny_4_heads, single_process, mode):
         (dict(num_gpus=2, ulysses_degree=4), "num_gpus"),
         (dict(num_gpus=4, tp_size=4), None),  # multiplies out; 4 heads / 4 ranks is fine
         (dict(num_gpus=0), "num_gpus"),
+        (dict(num_gpus=2, tp_size=2, tp_all_reduce="fastest"), "tp_all_reduce"),
+        (dict(num_gpus=2, tp_size=2, tp_all_reduce="two-shot"), "tp_all_reduce"),  # symmetric memory: GPUs only
+        (dict(num_gpus=2, tp_size=2, tp_all_reduce="nccl"), None),  # on the CPU, gloo's
     ],
 )
 def test_parallel_flags_must_multiply_out(mode, field):

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -260,10 +259,24 @@ class RowParallelLinear(LinearBase):
         start = sum(self.local_input_sizes[:part])
         return self.weight.narrow(1, start, self.local_input_sizes[part])
 
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + b, written where the all-reduce wants it when it has a place for it (no copy before summing)."""
+        out = None
+        if self.tp.size > 1:
+            out = self.tp.buffer_for((*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
+        if out is None:
+            return F.linear(x, weight, self.bias)
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+        if self.bias is None:
+            torch.mm(x2, weight.t(), out=out2)
+        else:
+            torch.addmm(self.bias, x2, weight.t(), out=out2)
+        return out
+
     def part_product(self, x: torch.Tensor, part: int) -> torch.Tensor:
         """x (this rank's share of input part `part`) times that part's columns of the weight, plus the bias: the
         start of the sum that `forward_parts(..., started=)` completes. No LoRA, no reduction yet."""
-        return F.linear(x, self._part_weight(part), self.bias)
+        return self._product(x, self._part_weight(part))
 
     def forward_parts(self, parts: list[torch.Tensor], started: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """forward(torch.cat(parts, -1)) without the concatenation. `started` = (part, part_product(parts[part],
@@ -280,12 +293,8 @@ class RowParallelLinear(LinearBase):
             down = a.down.split(self.local_input_sizes, dim=1)
             hidden = sum(F.linear(x, d) for x, d in zip(parts, down))
             y = y + F.linear(hidden, a.up) * a.scale
-        if self.tp.size > 1:
-            dist.all_reduce(y, group=self.tp.group)
-        return y
+        return self.tp.all_reduce(y) if self.tp.size > 1 else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.apply_lora(x, F.linear(x, self.weight, self.bias))
-        if self.tp.size > 1:
-            dist.all_reduce(y, group=self.tp.group)
-        return y
+        y = self.apply_lora(x, self._product(x, self.weight))
+        return self.tp.all_reduce(y) if self.tp.size > 1 else y

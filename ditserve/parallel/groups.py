@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ditserve.parallel.reduce import ALL_REDUCE_METHODS
 from ditserve.parallel.sequence import SequenceParallelGroups, build_sequence_parallel_groups
 from ditserve.parallel.state import set_tensor_parallel_group
 
@@ -32,6 +33,7 @@ class ParallelConfig:
     ring_degree: int = 1
     cfg_parallel: bool = False
     tp_size: int = 1
+    tp_all_reduce: str = "nccl"  # how tensor-parallel partial sums are added: see parallel/reduce.py
 
     @property
     def cfg_size(self) -> int:
@@ -61,6 +63,10 @@ class ParallelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.tp_all_reduce not in ALL_REDUCE_METHODS:
+            raise ParallelConfigError(
+                "tp_all_reduce", f"{self.tp_all_reduce!r} is not one of {', '.join(ALL_REDUCE_METHODS)}"
+            )
         if self.world_size != self.num_gpus:
             raise ParallelConfigError(
                 "num_gpus",
@@ -116,7 +122,7 @@ def init_parallel_groups(cfg: ParallelConfig) -> ParallelGroups:
     sequence = None
     if cfg.sp_size > 1:
         sequence = build_sequence_parallel_groups(cfg.ulysses_degree, cfg.ring_degree, all_sp)
-    set_tensor_parallel_group(tp_group if cfg.tp_size > 1 else None)
+    set_tensor_parallel_group(tp_group if cfg.tp_size > 1 else None, cfg.tp_all_reduce)
     return ParallelGroups(
         config=cfg,
         rank=me,
