@@ -20,6 +20,8 @@ engine's eager warm-up at the same shape has grown it by then).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -29,10 +31,7 @@ _SYMMETRIC_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _fits_kernels(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> bool:
-    numel = 1
-    for n in shape:
-        numel *= n
-    return dtype in _SYMMETRIC_DTYPES and numel * dtype.itemsize % 16 == 0
+    return dtype in _SYMMETRIC_DTYPES and math.prod(shape) * dtype.itemsize % 16 == 0
 
 
 class SymmetricAllReduce:
@@ -59,20 +58,21 @@ class SymmetricAllReduce:
             self.buffers[dtype] = buffer
         return buffer
 
+    # Both entry points keep state between calls (the claimed view), which torch.compile must not trace into.
+    @torch.compiler.disable
     def buffer_for(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """A tensor of `shape` in this rank's symmetric buffer, for a product about to be all-reduced: writing the
         product there saves copying it in. None while another claimed view awaits its all-reduce."""
         if self.claimed is not None or not _fits_kernels(shape, dtype):
             return None
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         buffer = self._buffer(numel, dtype, device)
         if buffer is None:
             return None
         self.claimed = buffer[:numel].view(shape)
         return self.claimed
 
+    @torch.compiler.disable
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         claimed, self.claimed = self.claimed, None
         if claimed is not None and claimed.data_ptr() == y.data_ptr() and claimed.shape == y.shape:
