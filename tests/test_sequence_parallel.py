@@ -126,3 +126,28 @@ def test_disable_restores_the_plain_model():
     assert all(type(m.attn) is Attention for m in model.repeated_blocks())
     with torch.no_grad():
         assert model(**make_inputs(2, 2, 3)).shape == (2, 4, 16)
+
+
+def _compiled_tensor_parallel_worker(rank: int, port: int, queue) -> None:
+    from ditserve.accel.compile import compile_repeated_blocks
+    from ditserve.parallel.state import set_tensor_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        set_tensor_parallel_group(dist.group.WORLD)  # before the model is built: its linears shard themselves
+        model = make_model()
+        with torch.no_grad():
+            eager = model(**make_inputs(4, 4, 8))
+            compiled = compile_repeated_blocks(model)(**make_inputs(4, 4, 8))
+        if rank == 0:
+            queue.put((eager - compiled).abs().max().item())
+    finally:
+        set_tensor_parallel_group(None)
+        dist.destroy_process_group()
+
+
+def test_compiled_blocks_with_tensor_parallelism_match_eager():
+    """torch.compile'd blocks (whole graphs) around the row-parallel layers' all-reduces give the eager output."""
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_compiled_tensor_parallel_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    assert queue.get(timeout=60) < 1e-4
