@@ -34,11 +34,23 @@ def _fits_kernels(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> bo
     return dtype in _SYMMETRIC_DTYPES and math.prod(shape) * dtype.itemsize % 16 == 0
 
 
+class NcclAllReduce:
+    """The process group's own all-reduce (NCCL's on GPUs, gloo's on the CPU), in place."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(y, group=self.group)
+        return y
+
+
 class SymmetricAllReduce:
     """A sum over `group` through symmetric memory, by PyTorch's two-shot kernel."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
+        self.fallback = NcclAllReduce(group)  # for what the kernel does not take
         self.name = group.group_name
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
         self.claimed: torch.Tensor | None = None  # the view handed out by buffer_for, until its all-reduce
@@ -81,25 +93,19 @@ class SymmetricAllReduce:
         else:
             buffer = self._buffer(y.numel(), y.dtype, y.device) if _fits_kernels(y.shape, y.dtype) else None
             if buffer is None:  # a dtype or size the kernels don't take, or larger than the buffer in a capture
-                dist.all_reduce(y, group=self.group)
-                return y
+                return self.fallback(y)
             source, out = buffer[: y.numel()].view(y.shape), y  # in place, as dist.all_reduce
             source.copy_(y)
         torch.ops.symm_mem.two_shot_all_reduce_out(source, "sum", self.name, out)
         return out
 
 
-def make_all_reduce(group: dist.ProcessGroup, method: str):
-    """The all-reduce function for a tensor-parallel group, by method (see the module docstring)."""
+def make_all_reduce(group: dist.ProcessGroup, method: str) -> NcclAllReduce | SymmetricAllReduce:
+    """The all-reduce for a tensor-parallel group, by method (see the module docstring)."""
     if method not in ALL_REDUCE_METHODS:
         raise ValueError(f"tp_all_reduce {method!r} is not one of {', '.join(ALL_REDUCE_METHODS)}")
     if method == "nccl":
-
-        def all_reduce(y: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(y, group=group)
-            return y
-
-        return all_reduce
+        return NcclAllReduce(group)
     if dist.get_backend(group) != "nccl":
         raise ValueError(f"tp_all_reduce {method!r} needs CUDA GPUs with NCCL")
     return SymmetricAllReduce(group)
