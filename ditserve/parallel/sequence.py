@@ -195,11 +195,12 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
     all-to-all brings the output back to [B, S, H, D].
 
-    Heads are regrouped into and out of the messages with `copy_rows`: torch's own strided copy was the largest
-    overhead of sequence parallelism (5.3 ms of a 46 ms FLUX.1 forward at 1024² on 4 H100s). Each message to a
-    rank is one piece [3, B, S, h, D] (q, k and v together), so each exchange is one all-to-all: sending q, k and
-    v as separate pieces straight into attention's layout saved the regrouping after receiving but made the
-    exchange itself slower than the copy it saved (measured on 4 H200s).
+    Heads are regrouped into the messages with `copy_rows`: torch's own strided copy was the largest overhead of
+    sequence parallelism (5.3 ms of a 46 ms FLUX.1 forward at 1024² on 4 H100s). Each message to a rank is one
+    piece [S, 3, B, h, D] (q, k and v together, token-major), so each exchange is one all-to-all, and what
+    arrives from every rank, in rank order, reads as the whole sequence with one stride: attention takes q, k and
+    v as strided views of the received buffer, with no regrouping after receiving. (Sending q, k and v as
+    separate pieces instead made the exchange slower than the copy it saved, measured on 4 H200s.)
 
     With `chunks` > 1 the heads go in that many groups so communication overlaps attention: every group's q/k/v
     exchange is queued at once (NCCL runs them in order on its own stream), attention on group j waits only for
@@ -213,9 +214,9 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     hc = h // (size * chunks)
     incoming = []
     for j in range(chunks):
-        send = q.new_empty((size, 3, b, s, hc, d))
+        send = q.new_empty((size, s, 3, b, hc, d))
         for i, t in enumerate((q, k, v)):
-            copy_rows(send[:, i], _head_chunk(t, size, chunks, j))
+            copy_rows(send[:, :, i], _head_chunk(t, size, chunks, j).transpose(1, 2))
         received = torch.empty_like(send)
         work = dist.all_to_all_single(received, send, group=group, async_op=True)
         incoming.append((received, work))
@@ -224,10 +225,9 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     outgoing = []
     for j, (received, work) in enumerate(incoming):
         work.wait()
-        # received[u] is rank u's sequence shard of our chunk-j heads: shards in rank order along the sequence.
-        joined = q.new_empty((3, b, size, s, hc, d))
-        copy_rows(joined, received.permute(1, 2, 0, 3, 4, 5))
-        qj, kj, vj = joined.view(3, b, size * s, hc, d).unbind(0)
+        # received[u] is rank u's sequence shard of our chunk-j heads: in rank order they are the sequence.
+        sequence = received.view(size * s, 3, b, hc, d)
+        qj, kj, vj = (sequence[:, i].transpose(0, 1) for i in range(3))  # [B, size·S, hc, D], strided
         oj = attend(qj, kj, vj)
         send = oj.reshape(b, size, s, hc, d).permute(1, 0, 2, 3, 4)  # sequence shard u goes to rank u
         if not send.is_contiguous():  # batch > 1 (with one sample the shards are already in rank order)
