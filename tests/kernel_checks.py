@@ -52,6 +52,18 @@ def check_rms_norm_rope(
     ref = torch.cat(parts, dim=1)
     assert not joint.isnan().any(), "some outputs were never written"
     assert rel(joint, ref) < tol, (rel(joint, ref), b, s_txt, s_img, h, d)
+    # Heads in groups elsewhere in memory, as Ulysses's message layout [chunks, ranks, S, 3, B, h, D] holds them.
+    if h % 2 == 0:
+        chunks, ranks = (2, h // 2) if h % 4 else (2, 2)
+        per = h // (chunks * ranks)
+        message = torch.full((chunks, ranks, s_txt + s_img, 3, b, per, d), float("nan"), device=device, dtype=dtype)
+        grouped = message[:, :, :, 1].permute(3, 2, 1, 0, 4, 5)  # [B, S, ranks, chunks, h, D], heads rank-major
+        x = torch.randn(b, s_txt + s_img, 3 * h * d, generator=g).to(device, dtype)[..., : h * d].unflatten(-1, (h, d))
+        k.rms_norm_rope_into(grouped, x, w, 1e-6, cos, sin, 0)
+        plain = torch.empty(b, s_txt + s_img, h, d, device=device, dtype=dtype)
+        k.rms_norm_rope_into(plain, x, w, 1e-6, cos, sin, 0)
+        assert torch.equal(grouped.reshape(plain.shape), plain), ("head groups", b, h, d)
+        assert message[:, :, :, 0].isnan().all() and message[:, :, :, 2].isnan().all(), "wrote outside its heads"
 
 
 def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:

@@ -60,8 +60,20 @@ def _worker(
             from ditserve.accel.compile import compile_repeated_blocks
 
             compile_repeated_blocks(model)
+        from ditserve.parallel import sequence
+
+        # Every Ulysses exchange must send what the model wrote into its messages, with no packing copy.
+        sent_in_place = []
+        plain = sequence.ulysses_attention
+
+        def recording(*args, message=None, **kwargs):
+            sent_in_place.append(message is not None)
+            return plain(*args, message=message, **kwargs)
+
+        sequence.ulysses_attention = recording
         with torch.no_grad():
             out = model(**make_inputs(*shape))
+        assert all(sent_in_place) and len(sent_in_place) == (4 if ulysses > 1 else 0), sent_in_place
         if rank == 0:
             queue.put(out.numpy())  # by value: the child exits before the parent reads
     finally:

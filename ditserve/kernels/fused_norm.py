@@ -13,6 +13,7 @@ The references are what the models ran before these kernels existed; they stay t
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -124,7 +125,11 @@ if triton is not None:
         x_stride_h,
         o_stride_b,
         o_stride_s,
+        o_stride_g1,
+        o_stride_g2,
         o_stride_h,
+        group2,
+        per_group,
         eps,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
@@ -149,7 +154,10 @@ if triton is not None:
         y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
         rotated = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, D))  # (x0, x1) → (-x1, x0) per pair
         out = y * cos + rotated * sin
-        o_ptrs = out_ptr + b * o_stride_b + s * o_stride_s + h * o_stride_h + d
+        # Output heads may lie in groups (head = (g1 · group2 + g2) · per_group + i), as in a message per rank.
+        head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
+        head += (h % per_group) * o_stride_h
+        o_ptrs = out_ptr + b * o_stride_b + s * o_stride_s + head + d
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -164,10 +172,15 @@ def rms_norm_rope_into(
 ) -> torch.Tensor:
     """out[:, seq_offset : seq_offset + S] = rope(rms_norm(x)), positions taken from cos/sin rows seq_offset + s.
 
-    x [B, S, H, D] may be a strided view (a part of a fused QKV output); `out` is the joint [B, S_total, H, D].
+    x [B, S, H, D] may be a strided view (a part of a fused QKV output); `out` is the joint [B, S_total, H, D],
+    or [B, S_total, *groups, h, D] with up to three head dimensions (H = their product, in order) when the heads
+    lie in groups elsewhere in memory (sequence parallelism's message to each rank).
     """
     b, s, h, d = x.shape
     target = out[:, seq_offset : seq_offset + s]
+    head_dims = list(target.shape[2:-1])
+    if math.prod(head_dims) != h or not 1 <= len(head_dims) <= 3:
+        raise ValueError(f"output heads {head_dims} do not hold the input's {h} heads")
     usable = (
         _use_triton(x)
         and x.stride(-1) == 1
@@ -179,10 +192,14 @@ def rms_norm_rope_into(
         and d & (d - 1) == 0  # power-of-two head width (FLUX: 128; tiny test models: 16, 32)
     )
     if not usable:
-        target.copy_(
-            rms_norm_rope_reference(x, weight, eps, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
+        ref = rms_norm_rope_reference(
+            x, weight, eps, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s]
         )
+        target.copy_(ref.reshape(target.shape))
         return out
+    pad = 3 - len(head_dims)
+    head_strides = [0] * pad + [target.stride(i) for i in range(2, target.dim() - 1)]
+    head_sizes = [1] * pad + head_dims
     _rms_norm_rope_kernel[(b * s,)](
         x,
         weight,
@@ -197,7 +214,9 @@ def rms_norm_rope_into(
         x.stride(2),
         target.stride(0),
         target.stride(1),
-        target.stride(2),
+        *head_strides,
+        head_sizes[1],
+        head_sizes[2],
         eps,
         D=d,
         BLOCK_H=triton.next_power_of_2(h),

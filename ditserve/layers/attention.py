@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ditserve.kernels.row_copy import copy_rows
+
 _SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -60,6 +62,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return out.transpose(1, 2)
 
 
+def write_heads(dst: torch.Tensor, src: torch.Tensor, seq_offset: int = 0) -> torch.Tensor:
+    """dst[:, seq_offset : seq_offset + S] = src [B, S, H, D], for a dst from `Attention.input_buffers` (its heads
+    possibly in groups). Nothing to do when dst is src."""
+    if dst is src:
+        return dst
+    target = dst[:, seq_offset : seq_offset + src.shape[1]]
+    return copy_rows(target, src.view(*src.shape[:2], *target.shape[2:]))
+
+
 def run_alongside(attend, alongside):
     """attend(), or with work handed over (see `Attention`) (attend(), alongside()), that work run first: how an
     attention with nothing to wait on takes it."""
@@ -82,6 +93,17 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
         return run_alongside(lambda: attention(q, k, v, self.backend), alongside)
+
+    def input_buffers(
+        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where a model writes this attention's q, k and v of `shape` [B, S, H, D] (with `rms_norm_rope_into` and
+        `write_heads`) before calling it with them. Here: new tensors, and `value` itself for v when the model
+        has v whole already. A sequence-parallel attention hands out views of its outgoing message instead, so
+        nothing is copied into the message afterwards; its views may hold the heads as groups
+        ([B, S, *groups, h, D]), which is why models write through those two functions."""
+        q, k = like.new_empty(shape), like.new_empty(shape)
+        return q, k, value if value is not None else like.new_empty(shape)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

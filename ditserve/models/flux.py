@@ -19,7 +19,7 @@ from torch import nn
 
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
-from ditserve.layers.attention import Attention
+from ditserve.layers.attention import Attention, write_heads
 from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
 from ditserve.layers.linear import (
     ColumnParallelLinear,
@@ -125,13 +125,14 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, txt_shift1, txt_scale1))
         # Joint sequence is [text, image], the order the RoPE ids were built in. Norm and RoPE write straight
-        # into the joint q and k, so the concatenation costs no extra pass.
+        # into the joint q and k (wherever attention wants them), so the concatenation costs no extra pass.
         txt_len = txt.shape[1]
         joint_shape = (img.shape[0], txt_len + img.shape[1], *img_q.shape[2:])
-        q, k = img_q.new_empty(joint_shape), img_k.new_empty(joint_shape)
+        q, k, v = self.attn.input_buffers(img_q, joint_shape)
         self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0)
         self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
-        v = torch.cat([txt_v, img_v], dim=1)
+        write_heads(v, txt_v, 0)
+        write_heads(v, img_v, txt_len)
         out = self.attn(q, k, v).flatten(2)
         txt_out, img_out = out.split([txt_len, img.shape[1]], dim=1)
 
@@ -161,12 +162,13 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.mod(temb)
         q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(layer_norm_modulate(x, shift, scale)))
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        q_roped, k_roped = q.new_empty(q.shape), k.new_empty(k.shape)
+        q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
+        write_heads(v_in, v)
         mlp = gelu_tanh(mlp)
         # proj_out reads [attention | gelu(mlp)], taken as two parts: no concatenation, and the mlp part's product
         # (80% of proj_out's work) needs no attention, so attention may run it while it communicates.
-        out, mlp_product = self.attn(q_roped, k_roped, v, alongside=lambda: self.proj_out.part_product(mlp, 1))
+        out, mlp_product = self.attn(q_roped, k_roped, v_in, alongside=lambda: self.proj_out.part_product(mlp, 1))
         x = gated_residual(x, gate, self.proj_out.forward_parts([out.flatten(2), mlp], started=(1, mlp_product)))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

@@ -190,17 +190,31 @@ def _head_chunk(t: torch.Tensor, size: int, chunks: int, j: int) -> torch.Tensor
     return t.view(b, s, size, chunks, h // (size * chunks), d)[:, :, :, j].permute(2, 0, 1, 3, 4)
 
 
-def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=None):
+def message_layout(b: int, s: int, h: int, d: int, size: int, chunks: int) -> tuple[int, ...]:
+    """The outgoing messages of one Ulysses exchange, all head groups in one buffer: [chunks, ranks, S, 3, B, hc, D]
+    (group j's messages, buffer[j], are contiguous, as an all-to-all sends them)."""
+    return (chunks, size, s, 3, b, h // (size * chunks), d)
+
+
+def message_views(message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, S, ranks, chunks, hc, D] views of the messages: head u·(chunks·hc) + j·hc + i goes to rank u in
+    group j, as `_head_chunk` splits them."""
+    return tuple(message[:, :, :, i].permute(3, 2, 1, 0, 4, 5) for i in range(3))  # type: ignore[return-value]
+
+
+def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=None, message=None):
     """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
     all-to-all brings the output back to [B, S, H, D].
 
-    Heads are regrouped into the messages with `copy_rows`: torch's own strided copy was the largest overhead of
-    sequence parallelism (5.3 ms of a 46 ms FLUX.1 forward at 1024² on 4 H100s). Each message to a rank is one
-    piece [S, 3, B, h, D] (q, k and v together, token-major), so each exchange is one all-to-all, and what
-    arrives from every rank, in rank order, reads as the whole sequence with one stride: attention takes q, k and
-    v as strided views of the received buffer, with no regrouping after receiving. (Sending q, k and v as
-    separate pieces instead made the exchange slower than the copy it saved, measured on 4 H200s.)
+    Each message to a rank is one piece [S, 3, B, h, D] (q, k and v together, token-major), so each exchange is
+    one all-to-all, and what arrives from every rank, in rank order, reads as the whole sequence with one stride:
+    attention takes q, k and v as strided views of the received buffer, with no regrouping after receiving.
+    (Sending q, k and v as separate pieces instead made the exchange slower than the copy it saved, measured on
+    4 H200s.) With `message` (from `message_layout`, which q, k and v are then views of: the model wrote them
+    there, see `SequenceParallelAttention.input_buffers`) nothing is copied before sending either. Otherwise heads
+    are regrouped into the messages with `copy_rows`: torch's own strided copy was the largest overhead of
+    sequence parallelism (5.3 ms of a 46 ms FLUX.1 forward at 1024² on 4 H100s).
 
     With `chunks` > 1 the heads go in that many groups so communication overlaps attention: every group's q/k/v
     exchange is queued at once (NCCL runs them in order on its own stream), attention on group j waits only for
@@ -210,15 +224,17 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     `alongside` (see `Attention`) runs once every exchange is queued, before the first wait; the call then returns
     (output, its result).
     """
-    b, s, h, d = q.shape
+    b, s, d = q.shape[0], q.shape[1], q.shape[-1]
+    h = math.prod(q.shape[2:-1])
     hc = h // (size * chunks)
+    if message is None:
+        message = q.new_empty(message_layout(b, s, h, d, size, chunks))
+        for t, part in zip((q, k, v), message_views(message)):
+            copy_rows(part, t.reshape(part.shape))
     incoming = []
     for j in range(chunks):
-        send = q.new_empty((size, s, 3, b, hc, d))
-        for i, t in enumerate((q, k, v)):
-            copy_rows(send[:, :, i], _head_chunk(t, size, chunks, j).transpose(1, 2))
-        received = torch.empty_like(send)
-        work = dist.all_to_all_single(received, send, group=group, async_op=True)
+        received = torch.empty_like(message[j])
+        work = dist.all_to_all_single(received, message[j], group=group, async_op=True)
         incoming.append((received, work))
     side = alongside() if alongside is not None else None
     out = q.new_empty((b, s, h, d))
@@ -249,14 +265,19 @@ class SequenceParallelAttention(nn.Module):
         self.groups = groups
         self.ulysses_chunks = ulysses_chunks  # head groups pipelined through pure Ulysses (1: one exchange each way)
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
+        self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
     @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
         g, layout = self.groups, self.layout
         if layout is None:
             raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
-        if g.ulysses_size > 1 and q.shape[2] % g.ulysses_size:
-            raise ValueError(f"{q.shape[2]} heads cannot be split over ulysses degree {g.ulysses_size}")
+        heads = math.prod(q.shape[2:-1])
+        if g.ulysses_size > 1 and heads % g.ulysses_size:
+            raise ValueError(f"{heads} heads cannot be split over ulysses degree {g.ulysses_size}")
+        message, self.message = self.message, None
+        if message is not None and not (q.dim() == 6 and q.data_ptr() == message.data_ptr()):
+            message = None  # not the q we handed out
 
         def block_keys(ring_rank: int) -> torch.Tensor | None:
             ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
@@ -273,10 +294,25 @@ class SequenceParallelAttention(nn.Module):
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
             return run_alongside(lambda: attend(q, k, v), alongside)
-        # Head groups only for pure Ulysses: under Ring each group would pass its own K/V around the ring.
-        heads = q.shape[2] // g.ulysses_size
-        chunks = self.ulysses_chunks if g.ring_size == 1 and heads % self.ulysses_chunks == 0 else 1
-        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend, alongside)
+        chunks = self.chunks(heads)
+        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend, alongside, message=message)
+
+    def chunks(self, heads: int) -> int:
+        """Head groups for pure Ulysses (under Ring each group would pass its own K/V around the ring)."""
+        per_rank = heads // self.groups.ulysses_size
+        return self.ulysses_chunks if self.groups.ring_size == 1 and per_rank % self.ulysses_chunks == 0 else 1
+
+    @torch.compiler.disable
+    def input_buffers(
+        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With Ulysses: q, k and v as views of the outgoing messages (see `Attention.input_buffers`), so that the
+        model's writes are the packing; kept until forward sends them."""
+        b, s, h, d = shape
+        if self.groups.ulysses_size == 1 or h % self.groups.ulysses_size:
+            return self.inner.input_buffers(like, shape, value)
+        self.message = like.new_empty(message_layout(b, s, h, d, self.groups.ulysses_size, self.chunks(h)))
+        return message_views(self.message)
 
 
 def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int = 2) -> nn.Module:
