@@ -137,9 +137,13 @@ def test_row_parallel_forward_parts_matches_unsharded():
         np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+DTYPES = (torch.bfloat16, torch.float32, torch.float16)  # float16: the kernel's dtypes exclude it (NCCL)
+
+
 def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
-    """Row-parallel layers on 2 GPUs, summed by NCCL and by the two-shot kernel; rank 0 returns the largest
-    difference for each case (small messages: a queue's pipe holds little until the parent reads it)."""
+    """Row-parallel layers on 2 GPUs, summed by NCCL and by the two-shot kernel; rank 0 returns, for each case, the
+    largest differences between the methods and to the exact sum (small messages: a queue's pipe holds little
+    until the parent reads it)."""
     import torch.distributed as dist
 
     from ditserve.layers.linear import LinearLoRA, RowParallelLinear
@@ -150,26 +154,27 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
     results = {}
     graphs = []
     try:
+        g = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
+        down, up = torch.randn(4, 96, generator=g), torch.randn(64, 4, generator=g)
+        inputs = {dtype: torch.randn(2, 50, 96, generator=g) for dtype in DTYPES}
         for method in ("nccl", "two-shot"):
             set_tensor_parallel_group(dist.group.WORLD, method)
-            g = torch.Generator().manual_seed(0)
-            weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
-            down, up = torch.randn(4, 96, generator=g), torch.randn(64, 4, generator=g)
             out = {}
-            for dtype in (torch.bfloat16, torch.float32, torch.float16):  # float16: the kernel's dtypes exclude it
+            for dtype in DTYPES:
                 layer = RowParallelLinear(96, 64, input_sizes=[32, 64]).to("cuda", dtype)
                 layer.weight_loader(layer.weight, weight.to(dtype))
                 layer.weight_loader(layer.bias, bias.to(dtype))
-                x = torch.randn(2, 50, 96, generator=g).to("cuda", dtype)
+                x = inputs[dtype].to("cuda", dtype)
                 p0, p1 = x[..., rank * 16 : (rank + 1) * 16], x[..., 32 + rank * 32 : 32 + (rank + 1) * 32]
                 mine = torch.cat([p0, p1], -1)
                 with torch.no_grad():
-                    out[f"{dtype} plain"] = layer(mine)
-                    out[f"{dtype} parts"] = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
-                    out[f"{dtype} larger"] = layer(torch.cat([mine, mine], 1))  # the buffer grows
+                    out[(dtype, "plain")] = layer(mine)
+                    out[(dtype, "parts")] = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
+                    out[(dtype, "larger")] = layer(torch.cat([mine, mine], 1))  # the buffer grows
                     d, u, _ = layer.lora_shard(down.to("cuda", dtype), up.to("cuda", dtype))
                     layer.lora.append(LinearLoRA(d, u, 0.5))
-                    out[f"{dtype} lora"] = layer(mine)  # the product is copied into the buffer
+                    out[(dtype, "lora")] = layer(mine)  # the product is copied into the buffer
                     layer.lora.clear()
                     stream = torch.cuda.Stream()
                     stream.wait_stream(torch.cuda.current_stream())
@@ -180,16 +185,32 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
                     with torch.cuda.graph(graph):
                         captured = layer(mine)
                     graph.replay()
-                    out[f"{dtype} graphed"] = captured.float().clone()
+                    out[(dtype, "graphed")] = captured.clone()
                     graphs.append(graph)
-            results[method] = {k: v.float() for k, v in out.items()}
+            # Copies now: a sum handed back in place could be overwritten by a later call (which this would catch).
+            results[method] = {k: v.double().cpu() for k, v in out.items()}
             results[method]["kind"] = type(tp_group().all_reduce).__name__
         if rank == 0:
-            differences = {
-                k: (results["two-shot"][k] - v).abs().max().item() for k, v in results["nccl"].items() if k != "kind"
-            }
-            scale = max(v.abs().max().item() for k, v in results["nccl"].items() if k != "kind")
-            queue.put((results["two-shot"]["kind"], differences, scale))
+            report = {}
+            for key, nccl in results["nccl"].items():
+                if key == "kind":
+                    continue
+                dtype, case = key
+                # The exact sum, in float64, from the inputs as rounded to this dtype.
+                x = inputs[dtype].to(dtype).double()
+                x = torch.cat([x, x], 1) if case == "larger" else x
+                w, b = weight.to(dtype).double(), bias.to(dtype).double()
+                exact = x @ w.T + b
+                if case == "lora":
+                    exact = exact + 0.5 * (x @ down.to(dtype).double().T) @ up.to(dtype).double().T
+                two_shot = results["two-shot"][key]
+                report[f"{str(dtype)[6:]} {case}"] = (
+                    (two_shot - nccl).abs().max().item(),
+                    (two_shot - exact).abs().max().item(),
+                    (nccl - exact).abs().max().item(),
+                    exact.abs().max().item(),
+                )
+            queue.put((results["two-shot"]["kind"], report))
     finally:
         # NCCL's teardown waits while a graph that captured its collectives lives (float16's and the "nccl"
         # method's sums are NCCL's): free them first (pytorch/pytorch#115388).
@@ -201,9 +222,9 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
 
 @pytest.mark.gpu
 def test_two_shot_all_reduce_matches_nccl():
-    """The two-shot all-reduce through symmetric memory gives NCCL's sums: written into the buffer by the GEMM or
-    copied in (LoRA), for a part started earlier, a larger message, a CUDA graph, and float16 (which falls back
-    to NCCL)."""
+    """The two-shot all-reduce through symmetric memory sums as NCCL does, to within the dtype's rounding of the
+    exact float64 sum: written into the buffer by the GEMM or copied in (LoRA), for a part started earlier, a
+    larger message, a CUDA graph, and float16 (which falls back to NCCL)."""
     import torch.multiprocessing as mp
 
     from ditserve.engine.distributed import free_port
@@ -212,9 +233,16 @@ def test_two_shot_all_reduce_matches_nccl():
         pytest.skip("needs 2 CUDA devices")
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_symmetric_all_reduce_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
-    kind, differences, scale = queue.get(timeout=120)
+    kind, report = queue.get(timeout=120)
     assert kind == "SymmetricAllReduce"
-    assert len(differences) == 15 and scale > 1
-    for case, difference in differences.items():
-        # Two partials summed once: both round the same sum (bf16/fp16 results are exact twins of NCCL's).
-        assert difference <= 1e-5 * scale, case
+    assert len(report) == 15
+    table = "\n".join(
+        f"{case:16} vs NCCL {a:.3g}, vs exact {b:.3g} (NCCL's {c:.3g}), largest {m:.3g}"
+        for case, (a, b, c, m) in report.items()
+    )
+    for case, (_, error, nccl_error, magnitude) in report.items():
+        # Each method rounds the rank's GEMM output and then the sum to the dtype: two roundings of values up to
+        # `magnitude` (one more in the LoRA case), so a few units in the last place of the largest value. A sum
+        # that was wrong (a rank's part missing, a buffer overwritten) would be off by the magnitude itself.
+        ulp = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 2**-23}[case.split()[0]] * magnitude
+        assert error <= 4 * ulp and nccl_error <= 4 * ulp, f"{case}\n{table}"
