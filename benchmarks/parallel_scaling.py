@@ -173,7 +173,11 @@ def main() -> None:
     ap.add_argument("--diffusers-modes", nargs="*", default=["ulysses", "ring"], help="ulysses, ring, or U2R2-style")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument(
-        "--ulysses-chunks", type=int, nargs="+", default=[2], help="head groups pipelined in pure Ulysses (each timed)"
+        "--ulysses-chunks",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="head groups pipelined in pure Ulysses (each timed); 0: the engine's choice by sequence length",
     )
     ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
@@ -248,7 +252,7 @@ def main() -> None:
                 for chunks in variants:
                     label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
                     if groups.sequence is not None:
-                        enable_sequence_parallel(model, groups.sequence, ulysses_chunks=chunks)
+                        enable_sequence_parallel(model, groups.sequence, ulysses_chunks=chunks or None)
                     graphs = graphed(model)
                     if pc.cfg_parallel:
                         mine = x if groups.cfg_index == 0 else neg

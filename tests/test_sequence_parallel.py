@@ -125,6 +125,26 @@ def test_shard_lengths():
     assert shard_lengths(5, 4) == (2, [2, 2, 1, 0])
 
 
+def test_ulysses_head_groups_follow_sequence_length():
+    """Two pipelined head groups for short sequences, one exchange for long ones (PIPELINED_MAX_TOKENS), unless
+    the caller fixed the count; never under Ring, nor when the heads per rank don't divide."""
+    from ditserve.layers.attention import Attention
+    from ditserve.parallel.sequence import PIPELINED_MAX_TOKENS, SequenceParallelAttention, SequenceParallelGroups
+
+    def attention(ulysses: int, ring: int = 1, chunks: int | None = None) -> SequenceParallelAttention:
+        groups = SequenceParallelGroups(None, ulysses, 0, None, ring, 0, None)
+        return SequenceParallelAttention(Attention(), groups, chunks)
+
+    short, long = PIPELINED_MAX_TOKENS // 2, PIPELINED_MAX_TOKENS // 2 + 1  # per rank, at degree 2
+    assert attention(2).chunks(24, short) == 2  # FLUX.1 at 1024²: 4608 tokens
+    assert attention(2).chunks(24, long) == 1
+    assert attention(4).chunks(24, 4224) == 1  # FLUX.1 at 2048² on 4 ranks: 16896 tokens
+    assert attention(2, chunks=2).chunks(24, long) == 2
+    assert attention(2, chunks=1).chunks(24, short) == 1
+    assert attention(2, ring=2).chunks(24, short) == 1
+    assert attention(2).chunks(6, short) == 1  # 3 heads per rank
+
+
 def test_disable_restores_the_plain_model():
     from ditserve.layers.attention import Attention
     from ditserve.parallel.sequence import SequenceParallelGroups, disable_sequence_parallel

@@ -256,14 +256,23 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     return out if alongside is None else (out, side)
 
 
+# Pure Ulysses pipelines two head groups up to this many tokens in the whole sequence, and sends all heads at once
+# above it. Measured on FLUX.1-dev (benchmarks/RESULTS.md), two groups against one: at 1024² (4608 tokens) 0–1 %
+# faster on 2 GPUs and 2 % on 4; at 2048² (16896 tokens) 1–2 % slower on 2 GPUs and 0.5–1 % on 4, in every run. Long
+# sequences already keep attention busy long enough to cover the exchange, and halving the head count per kernel
+# then costs more than the overlap wins.
+PIPELINED_MAX_TOKENS = 8192
+
+
 class SequenceParallelAttention(nn.Module):
     """USP attention: Ulysses all-to-all (heads ↔ sequence) around Ring attention over the gathered shards."""
 
-    def __init__(self, inner: Attention, groups: SequenceParallelGroups, ulysses_chunks: int = 2):
+    def __init__(self, inner: Attention, groups: SequenceParallelGroups, ulysses_chunks: int | None = None):
         super().__init__()
         self.inner = inner
         self.groups = groups
-        self.ulysses_chunks = ulysses_chunks  # head groups pipelined through pure Ulysses (1: one exchange each way)
+        # Head groups pipelined through pure Ulysses (1: one exchange each way; None: by sequence length, above).
+        self.ulysses_chunks = ulysses_chunks
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
@@ -294,13 +303,18 @@ class SequenceParallelAttention(nn.Module):
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
             return run_alongside(lambda: attend(q, k, v), alongside)
-        chunks = self.chunks(heads)
+        chunks = self.chunks(heads, q.shape[1])
         return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend, alongside, message=message)
 
-    def chunks(self, heads: int) -> int:
-        """Head groups for pure Ulysses (under Ring each group would pass its own K/V around the ring)."""
-        per_rank = heads // self.groups.ulysses_size
-        return self.ulysses_chunks if self.groups.ring_size == 1 and per_rank % self.ulysses_chunks == 0 else 1
+    def chunks(self, heads: int, tokens: int) -> int:
+        """Head groups for pure Ulysses with `tokens` in this rank's shard (under Ring each group would pass its own
+        K/V around the ring)."""
+        if self.groups.ring_size > 1:
+            return 1
+        chunks = self.ulysses_chunks
+        if chunks is None:
+            chunks = 2 if tokens * self.groups.ulysses_size <= PIPELINED_MAX_TOKENS else 1
+        return chunks if (heads // self.groups.ulysses_size) % chunks == 0 else 1
 
     @torch.compiler.disable
     def input_buffers(
@@ -311,15 +325,18 @@ class SequenceParallelAttention(nn.Module):
         b, s, h, d = shape
         if self.groups.ulysses_size == 1 or h % self.groups.ulysses_size:
             return self.inner.input_buffers(like, shape, value)
-        self.message = like.new_empty(message_layout(b, s, h, d, self.groups.ulysses_size, self.chunks(h)))
+        self.message = like.new_empty(message_layout(b, s, h, d, self.groups.ulysses_size, self.chunks(h, s)))
         return message_views(self.message)
 
 
-def enable_sequence_parallel(model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int = 2) -> nn.Module:
+def enable_sequence_parallel(
+    model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int | None = None
+) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
     `ulysses_chunks`: with pure Ulysses, attention runs in this many head groups so that their exchanges overlap
-    the attention of the others (used when the heads per rank divide by it; 1 turns it off)."""
+    the attention of the others (used when the heads per rank divide by it; 1 turns it off; None, the default:
+    2 up to `PIPELINED_MAX_TOKENS` tokens, else 1)."""
     if groups.size == 1:
         return model
     wrappers: list[SequenceParallelAttention] = []
