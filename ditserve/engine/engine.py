@@ -205,7 +205,7 @@ class Engine:
         self._shutdown()
 
     def _shutdown(self) -> None:
-        """Leave the process group, wait for the ranks this process started, forget the tensor-parallel group.
+        """Forget the tensor-parallel group, leave the process group, wait for the ranks this process started.
 
         Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 must not wait for its
         ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait). Captured
@@ -213,6 +213,11 @@ class Engine:
         (pytorch/pytorch#115388)."""
         if self.cuda_graphs is not None:
             self.cuda_graphs.reset()
+        from ditserve.parallel.state import set_tensor_parallel_group
+
+        # The tensor-parallel state goes before its group: the two-shot all-reduce's symmetric-memory buffers were
+        # made on the group, and freeing them after the group is gone is not a path PyTorch promises to support.
+        set_tensor_parallel_group(None)
         if dist.is_initialized():
             dist.destroy_process_group()
         for process in self._rank_processes:
@@ -221,9 +226,6 @@ class Engine:
                 log.warning("rank process %s did not exit within 60 s of stop; terminating it", process.pid)
                 process.terminate()
                 process.join(timeout=10)
-        from ditserve.parallel.state import set_tensor_parallel_group
-
-        set_tensor_parallel_group(None)
 
     def __enter__(self) -> Engine:
         return self
