@@ -94,11 +94,31 @@ KERNEL_KINDS = (
 )
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [begin, end) intervals, as sorted disjoint intervals."""
+    out: list[tuple[float, float]] = []
+    for begin, end in sorted(intervals):
+        if out and begin <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((begin, end))
+    return out
+
+
+def uncovered(interval: tuple[float, float], cover: list[tuple[float, float]]) -> float:
+    """How much of `interval` no interval of `cover` (sorted, disjoint) overlaps."""
+    begin, end = interval
+    covered = sum(max(0.0, min(end, b) - max(begin, a)) for a, b in cover if a < end and b > begin)
+    return end - begin - covered
+
+
 def kernel_breakdown(label: str, fn, rank: int, trace_dir: str | None = None, top_kernels: int = 25) -> None:
     """Where rank 0's GPU time goes in one forward (as it runs: graphed when graphs are on).
 
     Prints the wall time, kernel time by kind, and the time the GPU computes at all (the union of the non-NCCL
-    kernels' intervals): wall minus that is time the compute waits (on communication or the host). With
+    kernels' intervals): wall minus that is time the compute waits (on communication or the host). Then how much of
+    that an NCCL kernel runs alone (for each NCCL kernel in order, the part no compute kernel overlaps: which
+    exchanges are exposed) and how much nothing runs at all. With
     `trace_dir`, also writes a Chrome trace per label there."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -116,7 +136,7 @@ def kernel_breakdown(label: str, fn, rank: int, trace_dir: str | None = None, to
         return
     totals: dict[str, float] = {}
     by_name: dict[str, list] = {}
-    intervals = []
+    intervals, nccl = [], []
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -127,14 +147,14 @@ def kernel_breakdown(label: str, fn, rank: int, trace_dir: str | None = None, to
         entry = by_name.setdefault(event.name[:90], [0.0, 0])
         entry[0] += us / 1000
         entry[1] += 1
-        if kind != "nccl":
-            begin = event.time_range.start
-            intervals.append((begin, begin + us))
-    computing, reach = 0.0, float("-inf")
-    for begin, finish in sorted(intervals):
-        if finish > reach:
-            computing += finish - max(begin, reach)
-            reach = finish
+        begin = event.time_range.start
+        (nccl if kind == "nccl" else intervals).append((begin, begin + us))
+    compute = merged(intervals)
+    computing = sum(end - begin for begin, end in compute)
+    # Of the time nothing computes: how much an exchange alone runs (exposed communication; a kernel waiting for
+    # its peer counts here too), and how much nothing runs at all (the host, or a gap between graph nodes).
+    exposed = [uncovered(interval, compute) for interval in sorted(nccl)]
+    anything = sum(end - begin for begin, end in merged(intervals + nccl))
     busy = sum(totals.values())
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
     print(
@@ -142,6 +162,13 @@ def kernel_breakdown(label: str, fn, rank: int, trace_dir: str | None = None, to
         f"kernels {busy:.1f} ms ({parts})",
         flush=True,
     )
+    if exposed:
+        print(
+            f"profile {label}: nccl alone {sum(exposed) / 1000:.1f} ms over {len(exposed)} kernels, nothing running "
+            f"{start.elapsed_time(end) - anything / 1000:.1f} ms; µs alone per nccl kernel in order: "
+            + " ".join(f"{us:.0f}" for us in exposed),
+            flush=True,
+        )
     for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]:
         print(f"profile   {ms:7.2f} ms {count:5d}x  {name}", flush=True)
     if trace_dir:
