@@ -3,7 +3,7 @@ parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
-        [--ulysses-chunks 1 2] [--tp-all-reduce nccl two-shot] [--profile]
+        [--ulysses-chunks 1 2] [--alongside-carveout 0 16] [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -32,7 +32,7 @@ from ditserve.loader.folder import load_dit, resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.parallel.groups import ParallelConfig, init_parallel_groups
-from ditserve.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from ditserve.parallel.sequence import ALONGSIDE_SM_CARVEOUT, disable_sequence_parallel, enable_sequence_parallel
 from ditserve.parallel.state import set_tensor_parallel_group
 from ditserve.pipelines.flux import latent_image_ids
 
@@ -207,6 +207,13 @@ def main() -> None:
         help="head groups pipelined in pure Ulysses (each timed); 0: the engine's choice by sequence length",
     )
     ap.add_argument(
+        "--alongside-carveout",
+        type=int,
+        nargs="+",
+        default=[ALONGSIDE_SM_CARVEOUT],
+        help="with Ulysses: SMs the GEMMs beside an exchange leave free (each timed; default: the engine's)",
+    )
+    ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
     )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
@@ -275,11 +282,18 @@ def main() -> None:
                     load_checkpoint(model, iter(full_state.items()), map_diffusers_key)
                     set_attention_backend(model, "auto", device)
                 pipelined = pc.ulysses_degree > 1 and pc.ring_degree == 1
-                variants = ns.ulysses_chunks if pipelined else [1]
-                for chunks in variants:
+                variants = [
+                    (chunks, carve)
+                    for chunks in (ns.ulysses_chunks if pipelined else [1])
+                    for carve in (ns.alongside_carveout if pc.ulysses_degree > 1 else [0])
+                ]
+                for chunks, carve in variants:
                     label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
+                    label += f" sm{carve}" if pc.ulysses_degree > 1 and len(ns.alongside_carveout) > 1 else ""
                     if groups.sequence is not None:
-                        enable_sequence_parallel(model, groups.sequence, ulysses_chunks=chunks or None)
+                        enable_sequence_parallel(
+                            model, groups.sequence, ulysses_chunks=chunks or None, alongside_carveout=carve
+                        )
                     graphs = graphed(model)
                     if pc.cfg_parallel:
                         mine = x if groups.cfg_index == 0 else neg

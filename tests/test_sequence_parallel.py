@@ -183,3 +183,58 @@ def test_compiled_blocks_with_tensor_parallelism_match_eager():
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_compiled_tensor_parallel_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     assert queue.get(timeout=60) < 1e-4
+
+
+def test_gemm_sm_carveout_is_set_inside_and_restored():
+    from ditserve.parallel.sequence import gemm_sm_carveout
+
+    get = torch._C._get_sm_carveout_experimental
+    assert get() is None
+    with gemm_sm_carveout(0):
+        assert get() is None
+    with gemm_sm_carveout(16):
+        assert get() == 16
+        with gemm_sm_carveout(32):
+            assert get() == 32
+        assert get() == 16
+    assert get() is None
+    with pytest.raises(RuntimeError), gemm_sm_carveout(8):
+        raise RuntimeError("work failed")
+    assert get() is None
+
+
+def _alongside_worker(rank: int, port: int, queue) -> None:
+    from ditserve.parallel.sequence import ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 8, 4, 16, generator=g) for _ in range(3))  # the whole sequence, same on both
+        shard = [t[:, rank * 4 : (rank + 1) * 4] for t in (q, k, v)]
+        seen = []
+
+        def attend(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(
+                1, 2
+            )
+
+        def alongside():
+            seen.append(torch._C._get_sm_carveout_experimental())
+            return "side"
+
+        out, side = ulysses_attention(*shard, dist.group.WORLD, 2, 1, attend, alongside, alongside_carveout=12)
+        expected = attend(q, k, v)[:, rank * 4 : (rank + 1) * 4]
+        queue.put((rank, seen, side, torch._C._get_sm_carveout_experimental(), (out - expected).abs().max().item()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_runs_the_work_alongside_its_exchange_with_the_sm_carveout():
+    """The model's work run beside the Ulysses exchange is issued with the carve-out (so its GEMMs leave SMs to
+    NCCL's kernel), and only that work: the setting is restored before attention, and the result is exact."""
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_alongside_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    for _ in range(2):
+        rank, seen, side, after, err = queue.get(timeout=60)
+        assert seen == [12] and side == "side" and after is None, rank
+        assert err < 1e-5, (rank, err)

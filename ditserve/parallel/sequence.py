@@ -17,6 +17,7 @@ Rank layout inside the sequence-parallel group: sp_rank = ring_rank · ulysses_s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -202,7 +203,9 @@ def message_views(message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return tuple(message[:, :, :, i].permute(3, 2, 1, 0, 4, 5) for i in range(3))  # type: ignore[return-value]
 
 
-def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=None, message=None):
+def ulysses_attention(
+    q, k, v, group, size: int, chunks: int, attend, alongside=None, message=None, alongside_carveout: int = 0
+):
     """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
     all-to-all brings the output back to [B, S, H, D].
@@ -222,7 +225,8 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     one group: attention is independent per head.
 
     `alongside` (see `Attention`) runs once every exchange is queued, before the first wait; the call then returns
-    (output, its result).
+    (output, its result). Its GEMMs leave `alongside_carveout` SMs free for the exchange (see
+    `ALONGSIDE_SM_CARVEOUT`).
     """
     b, s, d = q.shape[0], q.shape[1], q.shape[-1]
     h = math.prod(q.shape[2:-1])
@@ -236,7 +240,10 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
         received = torch.empty_like(message[j])
         work = dist.all_to_all_single(received, message[j], group=group, async_op=True)
         incoming.append((received, work))
-    side = alongside() if alongside is not None else None
+    side = None
+    if alongside is not None:
+        with gemm_sm_carveout(alongside_carveout):
+            side = alongside()
     out = q.new_empty((b, s, h, d))
     outgoing = []
     for j, (received, work) in enumerate(incoming):
@@ -256,6 +263,31 @@ def ulysses_attention(q, k, v, group, size: int, chunks: int, attend, alongside=
     return out if alongside is None else (out, side)
 
 
+# SMs that the GEMMs run beside a Ulysses exchange (`alongside`) leave free. cuBLAS's Hopper GEMMs are persistent
+# kernels that fill every SM, and NCCL's kernel needs SMs of its own to move data: without the carve-out, whichever
+# starts first delays the other, and on every rank the exchange began only after the GEMM had ended (rank 0's kernel
+# timeline, FLUX.1-dev U4 at 1024² on 4 H200s: the single blocks' exchange, 84 µs, always after the 122 µs MLP GEMM).
+# With 16 SMs free they run together; the GEMM takes ~5 % longer. Measured (benchmarks/RESULTS.md, session 7): U4
+# 1024² 43.6 → 41.7 ms, U2 76.8 → 73.6 ms.
+ALONGSIDE_SM_CARVEOUT = 16
+
+
+@contextlib.contextmanager
+def gemm_sm_carveout(sms: int):
+    """cuBLAS GEMMs issued inside (also when captured into a CUDA graph) use all but `sms` SMs. A no-op for 0, or
+    where this torch lacks the (experimental) setting. torch prints a one-time warning when it is first set."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if not sms or setter is None:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    setter(sms)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 # Pure Ulysses pipelines two head groups up to this many tokens in the whole sequence, and sends all heads at once
 # above it. Measured on FLUX.1-dev (benchmarks/RESULTS.md), two groups against one: at 1024² (4608 tokens) 0–1 %
 # faster on 2 GPUs and 2 % on 4; at 2048² (16896 tokens) 1–2 % slower on 2 GPUs and 0.5–1 % on 4, in every run. Long
@@ -267,12 +299,19 @@ PIPELINED_MAX_TOKENS = 8192
 class SequenceParallelAttention(nn.Module):
     """USP attention: Ulysses all-to-all (heads ↔ sequence) around Ring attention over the gathered shards."""
 
-    def __init__(self, inner: Attention, groups: SequenceParallelGroups, ulysses_chunks: int | None = None):
+    def __init__(
+        self,
+        inner: Attention,
+        groups: SequenceParallelGroups,
+        ulysses_chunks: int | None = None,
+        alongside_carveout: int = ALONGSIDE_SM_CARVEOUT,
+    ):
         super().__init__()
         self.inner = inner
         self.groups = groups
         # Head groups pipelined through pure Ulysses (1: one exchange each way; None: by sequence length, above).
         self.ulysses_chunks = ulysses_chunks
+        self.alongside_carveout = alongside_carveout  # SMs the GEMMs beside an exchange leave free (above)
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
@@ -304,7 +343,19 @@ class SequenceParallelAttention(nn.Module):
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
             return run_alongside(lambda: attend(q, k, v), alongside)
         chunks = self.chunks(heads, q.shape[1])
-        return ulysses_attention(q, k, v, g.ulysses_group, g.ulysses_size, chunks, attend, alongside, message=message)
+        carveout = self.alongside_carveout if q.is_cuda else 0
+        return ulysses_attention(
+            q,
+            k,
+            v,
+            g.ulysses_group,
+            g.ulysses_size,
+            chunks,
+            attend,
+            alongside,
+            message=message,
+            alongside_carveout=carveout,
+        )
 
     def chunks(self, heads: int, tokens: int) -> int:
         """Head groups for pure Ulysses with `tokens` in this rank's shard (under Ring each group would pass its own
@@ -330,20 +381,24 @@ class SequenceParallelAttention(nn.Module):
 
 
 def enable_sequence_parallel(
-    model: nn.Module, groups: SequenceParallelGroups, ulysses_chunks: int | None = None
+    model: nn.Module,
+    groups: SequenceParallelGroups,
+    ulysses_chunks: int | None = None,
+    alongside_carveout: int = ALONGSIDE_SM_CARVEOUT,
 ) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
     `ulysses_chunks`: with pure Ulysses, attention runs in this many head groups so that their exchanges overlap
     the attention of the others (used when the heads per rank divide by it; 1 turns it off; None, the default:
-    2 up to `PIPELINED_MAX_TOKENS` tokens, else 1)."""
+    2 up to `PIPELINED_MAX_TOKENS` tokens, else 1). `alongside_carveout`: SMs that the model's work run beside a
+    Ulysses exchange leaves free for it (`ALONGSIDE_SM_CARVEOUT`; 0: none)."""
     if groups.size == 1:
         return model
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Attention):
-                wrapper = SequenceParallelAttention(child, groups, ulysses_chunks)
+                wrapper = SequenceParallelAttention(child, groups, ulysses_chunks, alongside_carveout)
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)
     original_forward = model.forward
