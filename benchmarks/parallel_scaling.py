@@ -3,7 +3,7 @@ parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
-        [--ulysses-chunks 1 2] [--alongside-carveout 0 16] [--tp-all-reduce nccl two-shot] [--profile]
+        [--ulysses-chunks 1 2] [--alongside-carveout -1 0 16] [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -32,7 +32,7 @@ from ditserve.loader.folder import load_dit, resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.parallel.groups import ParallelConfig, init_parallel_groups
-from ditserve.parallel.sequence import ALONGSIDE_SM_CARVEOUT, disable_sequence_parallel, enable_sequence_parallel
+from ditserve.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
 from ditserve.parallel.state import set_tensor_parallel_group
 from ditserve.pipelines.flux import latent_image_ids
 
@@ -210,8 +210,8 @@ def main() -> None:
         "--alongside-carveout",
         type=int,
         nargs="+",
-        default=[ALONGSIDE_SM_CARVEOUT],
-        help="with Ulysses: SMs the GEMMs beside an exchange leave free (each timed; default: the engine's)",
+        default=[-1],
+        help="with Ulysses: SMs the GEMMs beside an exchange leave free (each timed); -1: the engine's choice",
     )
     ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
@@ -289,10 +289,17 @@ def main() -> None:
                 ]
                 for chunks, carve in variants:
                     label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
-                    label += f" sm{carve}" if pc.ulysses_degree > 1 and len(ns.alongside_carveout) > 1 else ""
+                    label += (
+                        f" sm{carve if carve >= 0 else 'auto'}"
+                        if pc.ulysses_degree > 1 and len(ns.alongside_carveout) > 1
+                        else ""
+                    )
                     if groups.sequence is not None:
                         enable_sequence_parallel(
-                            model, groups.sequence, ulysses_chunks=chunks or None, alongside_carveout=carve
+                            model,
+                            groups.sequence,
+                            ulysses_chunks=chunks or None,
+                            alongside_carveout=None if carve < 0 else carve,
                         )
                     graphs = graphed(model)
                     if pc.cfg_parallel:

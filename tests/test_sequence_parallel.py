@@ -145,6 +145,30 @@ def test_ulysses_head_groups_follow_sequence_length():
     assert attention(2).chunks(6, short) == 1  # 3 heads per rank
 
 
+def test_alongside_carveout_follows_sequence_length():
+    """16 SMs left to the exchange for short sequences (where it measured faster), none for long ones, unless the
+    caller fixed it."""
+    from ditserve.layers.attention import Attention
+    from ditserve.parallel.sequence import (
+        ALONGSIDE_SM_CARVEOUT,
+        CARVEOUT_MAX_TOKENS,
+        SequenceParallelAttention,
+        SequenceParallelGroups,
+    )
+
+    def attention(ulysses: int, carveout: int | None = None) -> SequenceParallelAttention:
+        return SequenceParallelAttention(
+            Attention(), SequenceParallelGroups(None, ulysses, 0, None, 1, 0, None), None, carveout
+        )
+
+    assert ALONGSIDE_SM_CARVEOUT > 0
+    assert attention(4).carveout(1152) == ALONGSIDE_SM_CARVEOUT  # FLUX.1 at 1024²: 4608 tokens
+    assert attention(2).carveout(CARVEOUT_MAX_TOKENS // 2 + 1) == 0
+    assert attention(2).carveout(8448) == 0  # 2048²: 16896 tokens
+    assert attention(2, carveout=32).carveout(8448) == 32
+    assert attention(2, carveout=0).carveout(1152) == 0
+
+
 def test_disable_restores_the_plain_model():
     from ditserve.layers.attention import Attention
     from ditserve.parallel.sequence import SequenceParallelGroups, disable_sequence_parallel

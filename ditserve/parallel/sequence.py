@@ -226,7 +226,7 @@ def ulysses_attention(
 
     `alongside` (see `Attention`) runs once every exchange is queued, before the first wait; the call then returns
     (output, its result). Its GEMMs leave `alongside_carveout` SMs free for the exchange (see
-    `ALONGSIDE_SM_CARVEOUT`).
+    `ALONGSIDE_SM_CARVEOUT`; 0: none).
     """
     b, s, d = q.shape[0], q.shape[1], q.shape[-1]
     h = math.prod(q.shape[2:-1])
@@ -263,13 +263,16 @@ def ulysses_attention(
     return out if alongside is None else (out, side)
 
 
-# SMs that the GEMMs run beside a Ulysses exchange (`alongside`) leave free. cuBLAS's Hopper GEMMs are persistent
-# kernels that fill every SM, and NCCL's kernel needs SMs of its own to move data: without the carve-out, whichever
-# starts first delays the other, and on every rank the exchange began only after the GEMM had ended (rank 0's kernel
-# timeline, FLUX.1-dev U4 at 1024² on 4 H200s: the single blocks' exchange, 84 µs, always after the 122 µs MLP GEMM).
-# With 16 SMs free they run together; the GEMM takes ~5 % longer. Measured (benchmarks/RESULTS.md, session 7): U4
-# 1024² 43.6 → 41.7 ms, U2 76.8 → 73.6 ms.
+# SMs that the GEMMs run beside a Ulysses exchange (`alongside`) leave free, up to `CARVEOUT_MAX_TOKENS` tokens in
+# the whole sequence. cuBLAS's Hopper GEMMs are persistent kernels that fill every SM, and NCCL's kernel needs SMs of
+# its own to move data. At FLUX.1-dev 1024² (4608 tokens) the exchange began only after the GEMM had ended, on every
+# rank (rank 0's kernel timeline, U4 on 4 H200s: the single blocks' exchange, 84 µs, always after the 122 µs MLP GEMM);
+# with 16 SMs free they run together and the GEMM takes ~5 % longer: U4 44.0 → 42.2 ms, U2 76.5 → 74.3 ms (32 SMs:
+# 42.6, 74.8). At 2048² (16896 tokens) NCCL's kernel already started first, and a carve-out only slowed it (16 SMs
+# are fewer than it runs on: 368 → 1203 µs): 382.4 ms without, 386.9 with 16, 391.7 with 48 (U2, 2 H200s).
+# benchmarks/RESULTS.md, session 7.
 ALONGSIDE_SM_CARVEOUT = 16
+CARVEOUT_MAX_TOKENS = 8192
 
 
 @contextlib.contextmanager
@@ -304,14 +307,15 @@ class SequenceParallelAttention(nn.Module):
         inner: Attention,
         groups: SequenceParallelGroups,
         ulysses_chunks: int | None = None,
-        alongside_carveout: int = ALONGSIDE_SM_CARVEOUT,
+        alongside_carveout: int | None = None,
     ):
         super().__init__()
         self.inner = inner
         self.groups = groups
         # Head groups pipelined through pure Ulysses (1: one exchange each way; None: by sequence length, above).
         self.ulysses_chunks = ulysses_chunks
-        self.alongside_carveout = alongside_carveout  # SMs the GEMMs beside an exchange leave free (above)
+        # SMs the GEMMs beside an exchange leave free (None: by sequence length, above).
+        self.alongside_carveout = alongside_carveout
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
@@ -343,7 +347,7 @@ class SequenceParallelAttention(nn.Module):
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
             return run_alongside(lambda: attend(q, k, v), alongside)
         chunks = self.chunks(heads, q.shape[1])
-        carveout = self.alongside_carveout if q.is_cuda else 0
+        carveout = self.carveout(q.shape[1]) if q.is_cuda else 0
         return ulysses_attention(
             q,
             k,
@@ -367,6 +371,12 @@ class SequenceParallelAttention(nn.Module):
             chunks = 2 if tokens * self.groups.ulysses_size <= PIPELINED_MAX_TOKENS else 1
         return chunks if (heads // self.groups.ulysses_size) % chunks == 0 else 1
 
+    def carveout(self, tokens: int) -> int:
+        """SMs the work run beside a Ulysses exchange leaves free, with `tokens` in this rank's shard."""
+        if self.alongside_carveout is not None:
+            return self.alongside_carveout
+        return ALONGSIDE_SM_CARVEOUT if tokens * self.groups.ulysses_size <= CARVEOUT_MAX_TOKENS else 0
+
     @torch.compiler.disable
     def input_buffers(
         self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
@@ -384,14 +394,15 @@ def enable_sequence_parallel(
     model: nn.Module,
     groups: SequenceParallelGroups,
     ulysses_chunks: int | None = None,
-    alongside_carveout: int = ALONGSIDE_SM_CARVEOUT,
+    alongside_carveout: int | None = None,
 ) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
     `ulysses_chunks`: with pure Ulysses, attention runs in this many head groups so that their exchanges overlap
     the attention of the others (used when the heads per rank divide by it; 1 turns it off; None, the default:
     2 up to `PIPELINED_MAX_TOKENS` tokens, else 1). `alongside_carveout`: SMs that the model's work run beside a
-    Ulysses exchange leaves free for it (`ALONGSIDE_SM_CARVEOUT`; 0: none)."""
+    Ulysses exchange leaves free for it (0: none; None, the default: `ALONGSIDE_SM_CARVEOUT` up to
+    `CARVEOUT_MAX_TOKENS` tokens, else 0)."""
     if groups.size == 1:
         return model
     wrappers: list[SequenceParallelAttention] = []
