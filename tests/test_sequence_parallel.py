@@ -235,9 +235,10 @@ def _alongside_worker(rank: int, port: int, queue) -> None:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(1, 8, 4, 16, generator=g) for _ in range(3))  # the whole sequence, same on both
         shard = [t[:, rank * 4 : (rank + 1) * 4] for t in (q, k, v)]
-        seen = []
+        seen, seen_by_attention = [], []
 
         def attend(q, k, v):
+            seen_by_attention.append(torch._C._get_sm_carveout_experimental())
             return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(
                 1, 2
             )
@@ -247,8 +248,9 @@ def _alongside_worker(rank: int, port: int, queue) -> None:
             return "side"
 
         out, side = ulysses_attention(*shard, dist.group.WORLD, 2, 1, attend, alongside, alongside_carveout=12)
+        after = torch._C._get_sm_carveout_experimental()
         expected = attend(q, k, v)[:, rank * 4 : (rank + 1) * 4]
-        queue.put((rank, seen, side, torch._C._get_sm_carveout_experimental(), (out - expected).abs().max().item()))
+        queue.put((rank, seen, seen_by_attention[0], side, after, (out - expected).abs().max().item()))
     finally:
         dist.destroy_process_group()
 
@@ -259,6 +261,6 @@ def test_ulysses_runs_the_work_alongside_its_exchange_with_the_sm_carveout():
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_alongside_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     for _ in range(2):
-        rank, seen, side, after, err = queue.get(timeout=60)
-        assert seen == [12] and side == "side" and after is None, rank
+        rank, seen, seen_by_attention, side, after, err = queue.get(timeout=60)
+        assert seen == [12] and side == "side" and seen_by_attention is None and after is None, rank
         assert err < 1e-5, (rank, err)
