@@ -77,6 +77,23 @@ def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int
     assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
 
 
+def check_gelu_tanh(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """On the MLP columns of a fused projection (rows strided), as FLUX's single blocks apply it, and on a plain
+    tensor."""
+    from ditserve.kernels import gelu as a
+
+    g = torch.Generator().manual_seed(seed)
+    fused = (3 * torch.randn(b, s, 3 * d + 4 * d, generator=g)).to(device, dtype)
+    for x in (fused[..., 3 * d :], fused[..., : 3 * d].contiguous()):
+        assert a._use_triton(x) and a._rows(x) is not None, "the Triton path is not taken"
+        out = a.gelu_tanh(x)
+        ref = a.gelu_tanh_reference(x.double())
+        assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+        assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
+        assert (out - ref).abs().max().item() < 8 * tol, ("largest difference", b, s, d)
+    assert a._rows(fused.transpose(0, 1)[..., : 3 * d]) is None or b == 1  # rows at no single stride: torch's
+
+
 def check_copy_rows(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> None:
     """Head regrouping as Ulysses does it (bit-exact copies): q, k, v [B, S, H, D] into a message
     [ranks, 3, B, S, h, D], the received message into [3, B, ranks, S, h, D], and the output back into [B, S, H, D]."""
@@ -110,6 +127,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     ):
         check_layer_norm_modulate(device, dtype, b, s, d, tol, seed)
         check_gated_residual(device, dtype, b, s, d, tol, seed)
+        check_gelu_tanh(device, dtype, b, s, d, tol, seed)
     shapes = (
         [(1, 3, 5, 3, 16), (2, 4, 9, 2, 32), (1, 2, 6, 24, 128)]
         if sizes == "small"

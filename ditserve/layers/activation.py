@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ditserve.kernels.gelu import gelu_tanh as _gelu_tanh_kernel
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation."""
-    return F.gelu(x, approximate="tanh")
+    """GELU with the tanh approximation (a Triton kernel on CUDA, see `ditserve.kernels.gelu`)."""
+    return _gelu_tanh_kernel(x)
