@@ -3,7 +3,8 @@ parallelism, in the same processes, on the same weights.
 
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
-        [--ulysses-chunks 1 2] [--alongside-carveout -1 0 16] [--tp-all-reduce nccl two-shot] [--profile]
+        [--ulysses-chunks 1 2] [--alongside-carveout -1 0 16] [--project-in-pieces -1 0 1]
+        [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -214,6 +215,14 @@ def main() -> None:
         help="with Ulysses: SMs the GEMMs beside an exchange leave free (each timed); -1: the engine's choice",
     )
     ap.add_argument(
+        "--project-in-pieces",
+        type=int,
+        nargs="+",
+        default=[-1],
+        help="with Ulysses: 1 projects the attention output in pieces beside its exchange, 0 whole once it is back "
+        "(each timed); -1: the engine's choice",
+    )
+    ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
     )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
@@ -283,15 +292,21 @@ def main() -> None:
                     set_attention_backend(model, "auto", device)
                 pipelined = pc.ulysses_degree > 1 and pc.ring_degree == 1
                 variants = [
-                    (chunks, carve)
+                    (chunks, carve, pieces)
                     for chunks in (ns.ulysses_chunks if pipelined else [1])
                     for carve in (ns.alongside_carveout if pc.ulysses_degree > 1 else [0])
+                    for pieces in (ns.project_in_pieces if pc.ulysses_degree > 1 else [-1])
                 ]
-                for chunks, carve in variants:
+                for chunks, carve, pieces in variants:
                     label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
                     label += (
                         f" sm{carve if carve >= 0 else 'auto'}"
                         if pc.ulysses_degree > 1 and len(ns.alongside_carveout) > 1
+                        else ""
+                    )
+                    label += (
+                        f" p{pieces if pieces >= 0 else 'auto'}"
+                        if pc.ulysses_degree > 1 and len(ns.project_in_pieces) > 1
                         else ""
                     )
                     if groups.sequence is not None:
@@ -300,6 +315,7 @@ def main() -> None:
                             groups.sequence,
                             ulysses_chunks=chunks or None,
                             alongside_carveout=None if carve < 0 else carve,
+                            project_in_pieces=None if pieces < 0 else bool(pieces),
                         )
                     graphs = graphed(model)
                     if pc.cfg_parallel:

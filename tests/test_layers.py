@@ -86,7 +86,7 @@ def test_shape_mismatch_is_reported():
         layer.weight_loader(layer.weight, torch.zeros(3, 4), 1)
 
 
-def _forward_parts_worker(rank: int, port: int, queue) -> None:
+def _column_pieces_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -106,33 +106,37 @@ def _forward_parts_worker(rank: int, port: int, queue) -> None:
         down_shard, up_shard, _ = layer.lora_shard(down, up)
         layer.lora.append(LinearLoRA(down_shard, up_shard, scale))
         p0, p1 = x[..., rank * 2 : (rank + 1) * 2], x[..., 4 + rank * 4 : 4 + (rank + 1) * 4]
+        mlp_start = layer.part_start(1)
         with torch.no_grad():
-            whole = layer.forward_parts([p0, p1])
-            started = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
+            in_order = layer.finish(layer.add_columns(p1, mlp_start, layer.add_columns(p0, 0)))
+            # part 1 first, then part 0 in two pieces of one column each, the later one first
+            partial = layer.add_columns(p1, mlp_start)
+            partial = layer.add_columns(p0[..., 1:], 1, partial)
+            pieces = layer.finish(layer.add_columns(p0[..., :1], 0, partial))
             concatenated = layer(torch.cat([p0, p1], -1))
             reference = F.linear(x, weight, bias) + scale * (x @ down.T @ up.T)
-        with pytest.raises(ValueError):
-            layer.forward_parts([p0])
+        with pytest.raises(ValueError, match="outside"):
+            layer.add_columns(p1, 3)  # 4 columns from 3 of 6
         if rank == 0:
-            queue.put(tuple(t.numpy() for t in (whole, started, concatenated, reference)))
+            queue.put(tuple(t.numpy() for t in (in_order, pieces, concatenated, reference)))
     finally:
         set_tensor_parallel_group(None)
         dist.destroy_process_group()
 
 
-def test_row_parallel_forward_parts_matches_unsharded():
-    """forward_parts over two ranks, whole or with a part started earlier, with a LoRA adapter, equals the
-    unsharded layer, as does forward on the concatenated parts."""
+def test_row_parallel_column_pieces_match_unsharded():
+    """A row-parallel product summed over column pieces on two ranks (its input parts, or smaller pieces, in any
+    order), with a LoRA adapter, equals the unsharded layer, as does forward on the concatenated parts."""
     import numpy as np
     import torch.multiprocessing as mp
 
     from ditserve.engine.distributed import free_port
 
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_forward_parts_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
-    whole, started, concatenated, reference = queue.get(timeout=60)
+    mp.start_processes(_column_pieces_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    in_order, pieces, concatenated, reference = queue.get(timeout=60)
     assert reference.shape == (1, 7, 6)
-    for out in (whole, started, concatenated):
+    for out in (in_order, pieces, concatenated):
         assert out.shape == reference.shape
         np.testing.assert_allclose(out, reference, atol=1e-5)
 
@@ -170,7 +174,8 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
                 mine = torch.cat([p0, p1], -1)
                 with torch.no_grad():
                     out[(dtype, "plain")] = layer(mine)
-                    out[(dtype, "parts")] = layer.forward_parts([p0, p1], started=(1, layer.part_product(p1, 1)))
+                    partial = layer.add_columns(p0, 0, layer.add_columns(p1, layer.part_start(1)))
+                    out[(dtype, "parts")] = layer.finish(partial)
                     out[(dtype, "larger")] = layer(torch.cat([mine, mine], 1))  # the buffer grows
                     d, u, _ = layer.lora_shard(down.to("cuda", dtype), up.to("cuda", dtype))
                     layer.lora.append(LinearLoRA(d, u, 0.5))

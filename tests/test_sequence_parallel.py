@@ -119,6 +119,88 @@ def test_compiled_blocks_with_ulysses_match_single_process():
     assert (got - expected).abs().max().item() < 1e-4
 
 
+def _pieces_worker(rank: int, world: int, port: int, degrees: tuple, shape: tuple, queue) -> None:
+    from ditserve.loader.weights import load_checkpoint
+    from ditserve.models.flux import map_diffusers_key, to_diffusers_state_dict
+    from ditserve.parallel import sequence
+    from ditserve.parallel.groups import ParallelConfig, init_parallel_groups
+    from ditserve.parallel.state import set_tensor_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ulysses, ring, tp = degrees
+        model = make_model()
+        state = to_diffusers_state_dict(model)  # unsharded: built before the groups
+        groups = init_parallel_groups(ParallelConfig(world, ulysses, ring, False, tp))
+        if tp > 1:  # each rank loads its shard of the same weights, as from a checkpoint
+            meta = build_on_meta(lambda: FluxTransformer(FluxConfig.from_dict(CONFIG)), torch.float32)
+            model = materialize(meta, torch.device("cpu"))
+            load_checkpoint(model, iter(state.items()), map_diffusers_key)
+        enable_sequence_parallel(model.eval(), groups.sequence, project_in_pieces=True)
+        calls = []
+        plain = sequence.ulysses_attention
+
+        def recording(*args, project=None, project_in_pieces=False, **kwargs):
+            calls.append(project is not None and project_in_pieces)
+            return plain(*args, project=project, project_in_pieces=project_in_pieces, **kwargs)
+
+        sequence.ulysses_attention = recording
+        with torch.no_grad():
+            out = model(**make_inputs(*shape))
+        assert calls == [True] * 4, calls  # every block's attention projected its output in pieces
+        if rank == 0:
+            queue.put(out.numpy())
+    finally:
+        set_tensor_parallel_group(None)
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "degrees, shape",
+    [
+        ((2, 1, 1), (5, 3, 7)),  # Ulysses-2: two head groups of one head each, padded shards, batch of 2
+        ((2, 2, 1), (5, 5, 6)),  # USP 2 × 2
+        ((4, 1, 1), (3, 3, 5)),  # Ulysses-4, padded
+        ((2, 1, 2), (4, 4, 8)),  # Ulysses-2 on tensor-parallel heads
+    ],
+    ids=["U2", "U2R2", "U4", "U2T2"],
+)
+def test_output_projection_in_pieces_matches_single_process(degrees, shape):
+    """Each rank projects its own tokens of the heads it attended to, then the other ranks' heads as they arrive,
+    and never assembles the attention output: the same result as one process."""
+    with torch.no_grad():
+        expected = make_model()(**make_inputs(*shape))
+    world = degrees[0] * degrees[1] * degrees[2]
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(
+        _pieces_worker, args=(world, free_port(), degrees, shape, queue), nprocs=world, start_method="spawn"
+    )
+    got = torch.from_numpy(queue.get(timeout=60))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_output_projection_in_pieces_follows_sequence_length():
+    """Pieces for long sequences only, unless the caller fixed it."""
+    from ditserve.layers.attention import Attention
+    from ditserve.parallel.sequence import (
+        PIECEWISE_PROJECTION_MIN_TOKENS,
+        SequenceParallelAttention,
+        SequenceParallelGroups,
+    )
+
+    def attention(ulysses: int, ring: int = 1, pieces: bool | None = None) -> SequenceParallelAttention:
+        groups = SequenceParallelGroups(None, ulysses, 0, None, ring, 0, None)
+        return SequenceParallelAttention(Attention(), groups, project_in_pieces=pieces)
+
+    over = PIECEWISE_PROJECTION_MIN_TOKENS // 2 + 1  # per rank, at degree 2
+    assert attention(2).projects_in_pieces(over)
+    assert not attention(2).projects_in_pieces(over - 1)
+    assert attention(2, ring=2).projects_in_pieces(over // 2 + 1)  # the whole sequence counts
+    assert not attention(2, pieces=False).projects_in_pieces(over)
+    assert attention(2, pieces=True).projects_in_pieces(1)
+
+
 def test_shard_lengths():
     assert shard_lengths(8, 2) == (4, [4, 4])
     assert shard_lengths(7, 2) == (4, [4, 3])

@@ -71,28 +71,36 @@ def write_heads(dst: torch.Tensor, src: torch.Tensor, seq_offset: int = 0) -> to
     return copy_rows(target, src.view(*src.shape[:2], *target.shape[2:]))
 
 
-def run_alongside(attend, alongside):
-    """attend(), or with work handed over (see `Attention`) (attend(), alongside()), that work run first: how an
-    attention with nothing to wait on takes it."""
-    if alongside is None:
-        return attend()
-    side = alongside()
-    return attend(), side
+def run_alongside(attend, alongside, project=None):
+    """How an attention with nothing to wait on takes the work handed to it (see `Attention`): alongside() first,
+    then attend(), then the whole output projected at once."""
+    side = alongside() if alongside is not None else None
+    out = attend()
+    if project is not None:
+        return project(out, 0, side)
+    return out if alongside is None else (out, side)
 
 
 class Attention(nn.Module):
     """Holds the backend choice; sequence-parallel wrappers replace these modules.
 
-    `alongside`: work that does not depend on this attention (a model's other branch). The call then returns
-    (attention output, alongside()). Here it simply runs first; an attention that communicates runs it while
-    its messages travel, which is the point of handing it over."""
+    Two kinds of work can be handed to the call, so that an attention that communicates can run them while its
+    messages travel (here they simply run in order):
+    - `alongside`: work that does not depend on this attention (a model's other branch). The call then returns
+      (attention output, alongside()).
+    - `project(out, first_head, partial)`: the output projection, taken over head groups. It adds the product of
+      `out` ([B, S, h, D]: heads first_head … first_head + h − 1 of the output) to `partial` (None: it starts the
+      sum) and returns the new sum. The call then returns that sum over all heads instead of the output, starting
+      from alongside()'s result when both are given (alongside computes the projection's other input part).
+      Here it is called once, on the whole output; a sequence-parallel attention projects the heads it holds while
+      the others are still on their way."""
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
-        return run_alongside(lambda: attention(q, k, v, self.backend), alongside)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
+        return run_alongside(lambda: attention(q, k, v, self.backend), alongside, project)
 
     def input_buffers(
         self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None

@@ -59,6 +59,14 @@ class LinearLoRA:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
+@dataclass
+class ColumnSum:
+    """A row-parallel product summed over the input column pieces given so far (`RowParallelLinear.add_columns`)."""
+
+    y: torch.Tensor  # Σ x W[:, piece]ᵀ, plus the bias
+    lora_hidden: list[torch.Tensor]  # per adapter, Σ A[:, piece] x
+
+
 def _backup(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy of W0 for exact unmerging. A host copy of a GPU weight goes to pinned memory: copies both ways then
     run at full PCIe speed and asynchronously (measured on FLUX.1-dev: pageable copies made a merge take 15 s)."""
@@ -252,12 +260,14 @@ class RowParallelLinear(LinearBase):
             src += full
         return (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)), up, 0
 
-    # ---- an input given as its parts ----------------------------------------------------------------------------
-    # FLUX's single-stream proj_out reads [attention | mlp]. Taking the parts separately saves building the
-    # concatenation and lets the mlp part's product run while attention is still waiting on communication.
-    def _part_weight(self, part: int) -> torch.Tensor:
-        start = sum(self.local_input_sizes[:part])
-        return self.weight.narrow(1, start, self.local_input_sizes[part])
+    # ---- an input given in pieces of its columns -----------------------------------------------------------------
+    # FLUX's single-stream proj_out reads [attention | mlp], and under Ulysses an attention output reaches its
+    # projection in head groups, some local and some still on their way. Summing the product over column pieces
+    # saves building the whole input, and lets each piece's product run as soon as that piece exists (beside
+    # communication that brings the others).
+    def part_start(self, part: int) -> int:
+        """This rank's first column of input part `part` (see `input_sizes`)."""
+        return sum(self.local_input_sizes[:part])
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x Wᵀ + b, written where the all-reduce wants it when it has a place for it (no copy before summing)."""
@@ -273,25 +283,27 @@ class RowParallelLinear(LinearBase):
             torch.addmm(self.bias, x2, weight.t(), out=out2)
         return out
 
-    def part_product(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        """x (this rank's share of input part `part`) times that part's columns of the weight, plus the bias: the
-        start of the sum that `forward_parts(..., started=)` completes. No LoRA, no reduction yet."""
-        return self._product(x, self._part_weight(part))
+    def add_columns(self, x: torch.Tensor, start: int, partial: ColumnSum | None = None) -> ColumnSum:
+        """Add the product of x, this rank's input columns [start, start + x.shape[-1]), to `partial` (None: start
+        the sum, with the bias). `finish` completes it. The pieces may come in any order; each GEMM accumulates in
+        float32 and the sum is rounded once per piece."""
+        width = x.shape[-1]
+        if start < 0 or start + width > self.in_features:
+            raise ValueError(f"columns [{start}, {start + width}) outside this rank's {self.in_features} inputs")
+        weight = self.weight.narrow(1, start, width)
+        hidden = [F.linear(x, a.down.narrow(1, start, width)) for a in self.lora]  # A x, this piece's share
+        if partial is None:
+            return ColumnSum(self._product(x, weight), hidden)
+        partial.y.view(-1, partial.y.shape[-1]).addmm_(x.reshape(-1, width), weight.t())
+        for total, piece in zip(partial.lora_hidden, hidden):
+            total.add_(piece)
+        return partial
 
-    def forward_parts(self, parts: list[torch.Tensor], started: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """forward(torch.cat(parts, -1)) without the concatenation. `started` = (part, part_product(parts[part],
-        part)) made earlier; the other parts' products are accumulated onto it (float32 accumulation in each GEMM,
-        rounded once per part)."""
-        if len(parts) != len(self.local_input_sizes):
-            raise ValueError(f"{len(parts)} input parts for a layer of {len(self.local_input_sizes)}")
-        first, y = started if started is not None else (0, self.part_product(parts[0], 0))
-        flat = y.view(-1, y.shape[-1])
-        for i, x in enumerate(parts):
-            if i != first:
-                flat.addmm_(x.reshape(-1, x.shape[-1]), self._part_weight(i).t())
-        for a in self.lora:  # A reads every part: sum the parts' shares of A x
-            down = a.down.split(self.local_input_sizes, dim=1)
-            hidden = sum(F.linear(x, d) for x, d in zip(parts, down))
+    def finish(self, partial: ColumnSum) -> torch.Tensor:
+        """The layer's output from a sum of column pieces that covers every input column: LoRA, then the reduction
+        over tensor-parallel ranks."""
+        y = partial.y
+        for a, hidden in zip(self.lora, partial.lora_hidden):
             y = y + F.linear(hidden, a.up) * a.scale
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 

@@ -133,12 +133,27 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
         write_heads(v, txt_v, 0)
         write_heads(v, img_v, txt_len)
-        out = self.attn(q, k, v).flatten(2)
-        txt_out, img_out = out.split([txt_len, img.shape[1]], dim=1)
+        img_len, head_dim = img.shape[1], self.img_attn.head_dim
 
-        img = gated_residual(img, img_gate1, self.img_attn.proj(img_out))
+        def project(out: torch.Tensor, first_head: int, partial):
+            """Both streams' output projections of heads first_head… of the joint output (see `Attention`)."""
+            txt_out, img_out = out.flatten(2).split([txt_len, img_len], dim=1)
+            txt_sum, img_sum = partial if partial is not None else (None, None)
+            start = first_head * head_dim
+            return (
+                self.txt_attn.proj.add_columns(txt_out, start, txt_sum),
+                self.img_attn.proj.add_columns(img_out, start, img_sum),
+            )
+
+        txt_sum, img_sum = self.attn(q, k, v, project=project)
+        # Finished in the order the sums were started: with the two-shot all-reduce the first one may be waiting
+        # in the reduction's buffer, which the second one's reduction would otherwise reuse.
+        txt_attn_out = self.txt_attn.proj.finish(txt_sum)
+        img_attn_out = self.img_attn.proj.finish(img_sum)
+
+        img = gated_residual(img, img_gate1, img_attn_out)
         img = gated_residual(img, img_gate2, self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2)))
-        txt = gated_residual(txt, txt_gate1, self.txt_attn.proj(txt_out))
+        txt = gated_residual(txt, txt_gate1, txt_attn_out)
         txt = gated_residual(txt, txt_gate2, self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2)))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
             txt = txt.clip(-65504, 65504)
@@ -165,11 +180,21 @@ class SingleStreamBlock(nn.Module):
         q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
         write_heads(v_in, v)
-        mlp = gelu_tanh(mlp)
-        # proj_out reads [attention | gelu(mlp)], taken as two parts: no concatenation, and the mlp part's product
-        # (80% of proj_out's work) needs no attention, so attention may run it while it communicates.
-        out, mlp_product = self.attn(q_roped, k_roped, v_in, alongside=lambda: self.proj_out.part_product(mlp, 1))
-        x = gated_residual(x, gate, self.proj_out.forward_parts([out.flatten(2), mlp], started=(1, mlp_product)))
+        # proj_out reads [attention | gelu(mlp)], taken in column pieces: no concatenation, and the mlp part (GELU
+        # and 80% of proj_out's product) needs no attention, so attention may run it while it communicates; its
+        # heads' products are added as it has them. The GELU goes there too: issued before attention's exchange,
+        # the exchange would wait for it, and then the GEMM after it would take every SM first.
+        head_dim, mlp_start = self.head_dim, self.proj_out.part_start(1)
+        projected = self.attn(
+            q_roped,
+            k_roped,
+            v_in,
+            alongside=lambda: self.proj_out.add_columns(gelu_tanh(mlp), mlp_start),
+            project=lambda out, first_head, partial: self.proj_out.add_columns(
+                out.flatten(2), first_head * head_dim, partial
+            ),
+        )
+        x = gated_residual(x, gate, self.proj_out.finish(projected))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x

@@ -204,7 +204,18 @@ def message_views(message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def ulysses_attention(
-    q, k, v, group, size: int, chunks: int, attend, alongside=None, message=None, alongside_carveout: int = 0
+    q,
+    k,
+    v,
+    group,
+    size: int,
+    chunks: int,
+    attend,
+    alongside=None,
+    message=None,
+    alongside_carveout: int = 0,
+    project=None,
+    project_in_pieces: bool = True,
 ):
     """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
@@ -227,6 +238,12 @@ def ulysses_attention(
     `alongside` (see `Attention`) runs once every exchange is queued, before the first wait; the call then returns
     (output, its result). Its GEMMs leave `alongside_carveout` SMs free for the exchange (see
     `ALONGSIDE_SM_CARVEOUT`; 0: none).
+
+    With `project` (see `Attention`) the call returns the projected output, summed from alongside's result. With
+    `project_in_pieces` the output is never assembled: each rank already holds its own tokens of the heads it
+    attended to, so their product runs (with the same carve-out) while the output exchange brings the other
+    ranks' heads, whose products follow as they arrive, one piece per rank. Otherwise the whole output is
+    projected once it is back.
     """
     b, s, d = q.shape[0], q.shape[1], q.shape[-1]
     h = math.prod(q.shape[2:-1])
@@ -244,8 +261,7 @@ def ulysses_attention(
     if alongside is not None:
         with gemm_sm_carveout(alongside_carveout):
             side = alongside()
-    out = q.new_empty((b, s, h, d))
-    outgoing = []
+    outgoing, outputs = [], []
     for j, (received, work) in enumerate(incoming):
         work.wait()
         # received[u] is rank u's sequence shard of our chunk-j heads: in rank order they are the sequence.
@@ -257,9 +273,28 @@ def ulysses_attention(
             send = copy_rows(oj.new_empty(send.shape), send)
         back = torch.empty_like(send)
         outgoing.append((j, back, dist.all_to_all_single(back, send, group=group, async_op=True)))
+        outputs.append(oj)
+
+    def first_head(u: int, j: int) -> int:  # of rank u's chunk-j heads, as `_head_chunk` numbers them
+        return (u * chunks + j) * hc
+
+    if project is not None and project_in_pieces:
+        me, partial = dist.get_rank(group), side
+        with gemm_sm_carveout(alongside_carveout):
+            for j, oj in enumerate(outputs):  # our own tokens of the heads we attended to need no exchange
+                partial = project(oj[:, me * s : (me + 1) * s], first_head(me, j), partial)
+        for j, back, work in outgoing:
+            work.wait()
+            for u in range(size):
+                if u != me:
+                    partial = project(back[u], first_head(u, j), partial)
+        return partial
+    out = q.new_empty((b, s, h, d))
     for j, back, work in outgoing:
         work.wait()
         copy_rows(_head_chunk(out, size, chunks, j), back)  # back[u]: our tokens, rank u's chunk-j heads
+    if project is not None:
+        return project(out, 0, side)
     return out if alongside is None else (out, side)
 
 
@@ -268,9 +303,11 @@ def ulysses_attention(
 # its own to move data. At FLUX.1-dev 1024² (4608 tokens) the exchange began only after the GEMM had ended, on every
 # rank (rank 0's kernel timeline, U4 on 4 H200s: the single blocks' exchange, 84 µs, always after the 122 µs MLP GEMM);
 # with 16 SMs free they run together and the GEMM takes ~5 % longer: U4 44.0 → 42.2 ms, U2 76.5 → 74.3 ms (32 SMs:
-# 42.6, 74.8). At 2048² (16896 tokens) NCCL's kernel already started first, and a carve-out only slowed it (16 SMs
-# are fewer than it runs on: 368 → 1203 µs): 382.4 ms without, 386.9 with 16, 391.7 with 48 (U2, 2 H200s).
-# benchmarks/RESULTS.md, session 7.
+# 42.6, 74.8). At 2048² (16896 tokens) a carve-out only slowed the exchange (16 SMs are fewer than NCCL's kernel runs
+# on there: 368 → 1203 µs): 382.4 ms without, 386.9 with 16, 391.7 with 48 (U2, 2 H200s). benchmarks/RESULTS.md,
+# session 7. Since the single blocks' GELU moved into the work beside the exchange (session 8), the exchange is
+# queued before any of that work and the carve-out no longer changes the time at 1024² (U2 75.1 vs 75.3 ms, U4 43.1
+# vs 43.4 without and with, one run); it is kept, as it costs nothing measurable there either.
 ALONGSIDE_SM_CARVEOUT = 16
 CARVEOUT_MAX_TOKENS = 8192
 
@@ -291,6 +328,15 @@ def gemm_sm_carveout(sms: int):
         setter(before)
 
 
+# The output projection runs in pieces beside the output exchange above this many tokens in the whole sequence.
+# Measured on FLUX.1-dev (4 H200s, benchmarks/RESULTS.md, session 8, calls C and D, with the single blocks' GELU
+# beside the q/k/v exchange), pieces against the whole output: at 2048² (16896 tokens) never slower in five paired
+# runs, and 0.4 % faster on average (U2 373.3 vs 375.2 and 370.8 vs 371.0 ms, U4 192.9 vs 193.8); at 1024² (4608
+# tokens) level on 2 GPUs (74.4 both) and slower on 4 (43.2 vs 42.3), where each piece is a small GEMM (1152 tokens ×
+# 384 columns). Before the GELU moved (calls A and B), pieces were level with the whole output within noise.
+PIECEWISE_PROJECTION_MIN_TOKENS = 8192
+
+
 # Pure Ulysses pipelines two head groups up to this many tokens in the whole sequence, and sends all heads at once
 # above it. Measured on FLUX.1-dev (benchmarks/RESULTS.md), two groups against one: at 1024² (4608 tokens) 0–1 %
 # faster on 2 GPUs and 2 % on 4; at 2048² (16896 tokens) 1–2 % slower on 2 GPUs and 0.5–1 % on 4, in every run. Long
@@ -308,6 +354,7 @@ class SequenceParallelAttention(nn.Module):
         groups: SequenceParallelGroups,
         ulysses_chunks: int | None = None,
         alongside_carveout: int | None = None,
+        project_in_pieces: bool | None = None,
     ):
         super().__init__()
         self.inner = inner
@@ -316,11 +363,13 @@ class SequenceParallelAttention(nn.Module):
         self.ulysses_chunks = ulysses_chunks
         # SMs the GEMMs beside an exchange leave free (None: by sequence length, above).
         self.alongside_carveout = alongside_carveout
+        # The output projection in pieces beside the output exchange (None: by sequence length, above).
+        self.project_in_pieces = project_in_pieces
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
     @torch.compiler.disable
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
         g, layout = self.groups, self.layout
         if layout is None:
             raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
@@ -345,7 +394,7 @@ class SequenceParallelAttention(nn.Module):
             return self.inner(q, k, v)
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
-            return run_alongside(lambda: attend(q, k, v), alongside)
+            return run_alongside(lambda: attend(q, k, v), alongside, project)
         chunks = self.chunks(heads, q.shape[1])
         carveout = self.carveout(q.shape[1]) if q.is_cuda else 0
         return ulysses_attention(
@@ -359,6 +408,8 @@ class SequenceParallelAttention(nn.Module):
             alongside,
             message=message,
             alongside_carveout=carveout,
+            project=project,
+            project_in_pieces=self.projects_in_pieces(q.shape[1]),
         )
 
     def chunks(self, heads: int, tokens: int) -> int:
@@ -370,6 +421,13 @@ class SequenceParallelAttention(nn.Module):
         if chunks is None:
             chunks = 2 if tokens * self.groups.ulysses_size <= PIPELINED_MAX_TOKENS else 1
         return chunks if (heads // self.groups.ulysses_size) % chunks == 0 else 1
+
+    def projects_in_pieces(self, tokens: int) -> bool:
+        """Whether the output projection runs in pieces beside the output exchange (see `ulysses_attention`), with
+        `tokens` in this rank's shard."""
+        if self.project_in_pieces is not None:
+            return self.project_in_pieces
+        return tokens * self.groups.size > PIECEWISE_PROJECTION_MIN_TOKENS
 
     def carveout(self, tokens: int) -> int:
         """SMs the work run beside a Ulysses exchange leaves free, with `tokens` in this rank's shard."""
@@ -395,6 +453,7 @@ def enable_sequence_parallel(
     groups: SequenceParallelGroups,
     ulysses_chunks: int | None = None,
     alongside_carveout: int | None = None,
+    project_in_pieces: bool | None = None,
 ) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
@@ -402,14 +461,18 @@ def enable_sequence_parallel(
     the attention of the others (used when the heads per rank divide by it; 1 turns it off; None, the default:
     2 up to `PIPELINED_MAX_TOKENS` tokens, else 1). `alongside_carveout`: SMs that the model's work run beside a
     Ulysses exchange leaves free for it (0: none; None, the default: `ALONGSIDE_SM_CARVEOUT` up to
-    `CARVEOUT_MAX_TOKENS` tokens, else 0)."""
+    `CARVEOUT_MAX_TOKENS` tokens, else 0). `project_in_pieces`: whether a Ulysses attention given the output
+    projection (see `Attention`) projects each rank's heads as they are there, beside the output exchange (None,
+    the default: above `PIECEWISE_PROJECTION_MIN_TOKENS` tokens)."""
     if groups.size == 1:
         return model
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Attention):
-                wrapper = SequenceParallelAttention(child, groups, ulysses_chunks, alongside_carveout)
+                wrapper = SequenceParallelAttention(
+                    child, groups, ulysses_chunks, alongside_carveout, project_in_pieces
+                )
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)
     original_forward = model.forward
