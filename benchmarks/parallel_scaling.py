@@ -187,6 +187,14 @@ def diffusers_degrees(kind: str, world: int) -> dict | None:
     return degrees if degrees["ulysses"] * degrees["ring"] == world else None
 
 
+def swept_label(prefix: str, value: int, values: list[int], applies: bool) -> str:
+    """' <prefix><value>' for a mode's label when several values of a flag are timed and the flag applies to the
+    mode (a negative value is the engine's choice: 'auto'), else ''."""
+    if not applies or len(values) < 2:
+        return ""
+    return f" {prefix}{value if value >= 0 else 'auto'}"
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -298,16 +306,12 @@ def main() -> None:
                     for pieces in (ns.project_in_pieces if pc.ulysses_degree > 1 else [-1])
                 ]
                 for chunks, carve, pieces in variants:
-                    label = name + (f" c{chunks}" if pipelined and len(ns.ulysses_chunks) > 1 else "")
-                    label += (
-                        f" sm{carve if carve >= 0 else 'auto'}"
-                        if pc.ulysses_degree > 1 and len(ns.alongside_carveout) > 1
-                        else ""
-                    )
-                    label += (
-                        f" p{pieces if pieces >= 0 else 'auto'}"
-                        if pc.ulysses_degree > 1 and len(ns.project_in_pieces) > 1
-                        else ""
+                    ulysses = pc.ulysses_degree > 1
+                    label = (
+                        name
+                        + swept_label("c", chunks, ns.ulysses_chunks, pipelined)
+                        + swept_label("sm", carve, ns.alongside_carveout, ulysses)
+                        + swept_label("p", pieces, ns.project_in_pieces, ulysses)
                     )
                     if groups.sequence is not None:
                         enable_sequence_parallel(
