@@ -157,6 +157,7 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     results = {}
     graphs = []
+    released = []  # per method and dtype: whether a dropped sum gave the buffer back
     try:
         g = torch.Generator().manual_seed(0)
         weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
@@ -181,6 +182,13 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
                     layer.lora.append(LinearLoRA(d, u, 0.5))
                     out[(dtype, "lora")] = layer(mine)  # the product is copied into the buffer
                     layer.lora.clear()
+                    first = layer.add_columns(mine, 0)  # written into the buffer (two-shot)
+                    second = layer.add_columns(mine * 2, 0)  # started while the first waits: written apart
+                    out[(dtype, "crossed second")] = layer.finish(second)  # summed first: the first stays intact
+                    out[(dtype, "crossed first")] = layer.finish(first)
+                    layer.add_columns(mine, 0)  # a sum dropped unfinished (as by an exception mid-forward)
+                    released.append(getattr(tp_group().all_reduce, "claimed", None) is None)
+                    out[(dtype, "after drop")] = layer(mine)
                     stream = torch.cuda.Stream()
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
@@ -203,7 +211,7 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
                 dtype, case = key
                 # The exact sum, in float64, from the inputs as rounded to this dtype.
                 x = inputs[dtype].to(dtype).double()
-                x = torch.cat([x, x], 1) if case == "larger" else x
+                x = torch.cat([x, x], 1) if case == "larger" else 2 * x if case == "crossed second" else x
                 w, b = weight.to(dtype).double(), bias.to(dtype).double()
                 exact = x @ w.T + b
                 if case == "lora":
@@ -215,7 +223,7 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
                     (nccl - exact).abs().max().item(),
                     exact.abs().max().item(),
                 )
-            queue.put((results["two-shot"]["kind"], report))
+            queue.put((results["two-shot"]["kind"], report, released))
     finally:
         # NCCL's teardown waits while a graph that captured its collectives lives (float16's and the "nccl"
         # method's sums are NCCL's): free them first (pytorch/pytorch#115388).
@@ -229,7 +237,8 @@ def _symmetric_all_reduce_worker(rank: int, port: int, queue) -> None:
 def test_two_shot_all_reduce_matches_nccl():
     """The two-shot all-reduce through symmetric memory sums as NCCL does, to within the dtype's rounding of the
     exact float64 sum: written into the buffer by the GEMM or copied in (LoRA), for a part started earlier, a
-    larger message, a CUDA graph, and float16 (which falls back to NCCL)."""
+    larger message, two sums finished in the other order than started, a sum after one dropped unfinished, a CUDA
+    graph, and float16 (which falls back to NCCL)."""
     import torch.multiprocessing as mp
 
     from ditserve.engine.distributed import free_port
@@ -238,9 +247,10 @@ def test_two_shot_all_reduce_matches_nccl():
         pytest.skip("needs 2 CUDA devices")
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_symmetric_all_reduce_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
-    kind, report = queue.get(timeout=120)
+    kind, report, released = queue.get(timeout=120)
     assert kind == "SymmetricAllReduce"
-    assert len(report) == 15
+    assert len(report) == 24
+    assert released == [True] * 6
     table = "\n".join(
         f"{case:16} vs NCCL {a:.3g}, vs exact {b:.3g} (NCCL's {c:.3g}), largest {m:.3g}"
         for case, (a, b, c, m) in report.items()

@@ -272,7 +272,8 @@ class RowParallelLinear(LinearBase):
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x Wᵀ + b, written where the all-reduce wants it when it has a place for it (no copy before summing)."""
         out = None
-        if self.tp.size > 1:
+        # Not with LoRA: its sum is a new tensor, so the one written into the buffer would never be the one summed.
+        if self.tp.size > 1 and not self.lora:
             out = self.tp.buffer_for((*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
         if out is None:
             return F.linear(x, weight, self.bias)

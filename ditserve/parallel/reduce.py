@@ -21,6 +21,7 @@ engine's eager warm-up at the same shape has grown it by then).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,13 @@ class SymmetricAllReduce:
         self.fallback = NcclAllReduce(group)  # for what the kernel does not take
         self.name = group.group_name
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.claimed: torch.Tensor | None = None  # the view handed out by buffer_for, until its all-reduce
+        # The view handed out by buffer_for, until its all-reduce. Held weakly: a product dropped before its sum (an
+        # exception mid-forward) frees the buffer with it, instead of keeping every later sum off the buffer.
+        self._claim: weakref.ref[torch.Tensor] | None = None
+
+    @property
+    def claimed(self) -> torch.Tensor | None:
+        return self._claim() if self._claim is not None else None
 
     def _buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         buffer = self.buffers.get(dtype)
@@ -81,15 +88,21 @@ class SymmetricAllReduce:
         buffer = self._buffer(numel, dtype, device)
         if buffer is None:
             return None
-        self.claimed = buffer[:numel].view(shape)
-        return self.claimed
+        claimed = buffer[:numel].view(shape)
+        self._claim = weakref.ref(claimed)
+        return claimed
 
     @torch.compiler.disable
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        claimed, self.claimed = self.claimed, None
+        claimed = self.claimed
         if claimed is not None and claimed.data_ptr() == y.data_ptr() and claimed.shape == y.shape:
             # The peers read this buffer: the sum goes elsewhere.
+            self._claim = None
             source, out = claimed, torch.empty_like(y)
+        elif claimed is not None:
+            # Another product lies in the buffer, waiting for its own sum (two sums finished in the other order than
+            # they were started): copying this one in would overwrite it.
+            return self.fallback(y)
         else:
             buffer = self._buffer(y.numel(), y.dtype, y.device) if _fits_kernels(y.shape, y.dtype) else None
             if buffer is None:  # a dtype or size the kernels don't take, or larger than the buffer in a capture
