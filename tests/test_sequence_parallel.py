@@ -196,7 +196,10 @@ def test_output_projection_in_pieces_follows_sequence_length():
     over = PIECEWISE_PROJECTION_MIN_TOKENS // 2 + 1  # per rank, at degree 2
     assert attention(2).projects_in_pieces(over)
     assert not attention(2).projects_in_pieces(over - 1)
-    assert attention(2, ring=2).projects_in_pieces(over // 2 + 1)  # the whole sequence counts
+    # Under Ring, the tokens one Ulysses exchange gathers count (as for head groups and the carve-out), not the
+    # whole sequence over the ring.
+    assert attention(2, ring=2).projects_in_pieces(over)
+    assert not attention(2, ring=2).projects_in_pieces(over - 1)
     assert not attention(2, pieces=False).projects_in_pieces(over)
     assert attention(2, pieces=True).projects_in_pieces(1)
 

@@ -419,7 +419,7 @@ class SequenceParallelAttention(nn.Module):
             return 1
         chunks = self.ulysses_chunks
         if chunks is None:
-            chunks = 2 if tokens * self.groups.ulysses_size <= PIPELINED_MAX_TOKENS else 1
+            chunks = 2 if self.gathered(tokens) <= PIPELINED_MAX_TOKENS else 1
         return chunks if (heads // self.groups.ulysses_size) % chunks == 0 else 1
 
     def projects_in_pieces(self, tokens: int) -> bool:
@@ -427,13 +427,20 @@ class SequenceParallelAttention(nn.Module):
         `tokens` in this rank's shard."""
         if self.project_in_pieces is not None:
             return self.project_in_pieces
-        return tokens * self.groups.size > PIECEWISE_PROJECTION_MIN_TOKENS
+        return self.gathered(tokens) > PIECEWISE_PROJECTION_MIN_TOKENS
 
     def carveout(self, tokens: int) -> int:
         """SMs the work run beside a Ulysses exchange leaves free, with `tokens` in this rank's shard."""
         if self.alongside_carveout is not None:
             return self.alongside_carveout
-        return ALONGSIDE_SM_CARVEOUT if tokens * self.groups.ulysses_size <= CARVEOUT_MAX_TOKENS else 0
+        return ALONGSIDE_SM_CARVEOUT if self.gathered(tokens) <= CARVEOUT_MAX_TOKENS else 0
+
+    def gathered(self, tokens: int) -> int:
+        """The tokens one Ulysses exchange gathers, from `tokens` in this rank's shard: what the rules above count
+        (the "whole sequence" their measurements name, which it is without Ring). Under Ring the exchange gathers
+        one ring block; what the rules weigh, the exchange's size against the GEMMs beside it on this rank's shard,
+        scales with that block and not with the whole sequence."""
+        return tokens * self.groups.ulysses_size
 
     @torch.compiler.disable
     def input_buffers(
