@@ -4,7 +4,7 @@ parallelism, in the same processes, on the same weights.
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
         [--ulysses-chunks 1 2] [--alongside-carveout -1 0 16] [--project-in-pieces -1 0 1]
-        [--tp-all-reduce nccl two-shot] [--profile]
+        [--ulysses-exchange nccl copy-engine] [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -231,6 +231,12 @@ def main() -> None:
         "(each timed); -1: the engine's choice",
     )
     ap.add_argument(
+        "--ulysses-exchange",
+        nargs="+",
+        default=["nccl"],
+        help="with Ulysses: how the all-to-alls move, nccl and/or copy-engine (each timed)",
+    )
+    ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"
     )
     ap.add_argument("--profile", action="store_true", help="also print where rank 0's GPU time goes, per mode")
@@ -300,18 +306,20 @@ def main() -> None:
                     set_attention_backend(model, "auto", device)
                 pipelined = pc.ulysses_degree > 1 and pc.ring_degree == 1
                 variants = [
-                    (chunks, carve, pieces)
+                    (chunks, carve, pieces, exchange)
                     for chunks in (ns.ulysses_chunks if pipelined else [1])
                     for carve in (ns.alongside_carveout if pc.ulysses_degree > 1 else [0])
                     for pieces in (ns.project_in_pieces if pc.ulysses_degree > 1 else [-1])
+                    for exchange in (ns.ulysses_exchange if pc.ulysses_degree > 1 else ["nccl"])
                 ]
-                for chunks, carve, pieces in variants:
+                for chunks, carve, pieces, exchange in variants:
                     ulysses = pc.ulysses_degree > 1
                     label = (
                         name
                         + swept_label("c", chunks, ns.ulysses_chunks, pipelined)
                         + swept_label("sm", carve, ns.alongside_carveout, ulysses)
                         + swept_label("p", pieces, ns.project_in_pieces, ulysses)
+                        + (f" {exchange}" if ulysses and len(ns.ulysses_exchange) > 1 else "")
                     )
                     if groups.sequence is not None:
                         enable_sequence_parallel(
@@ -320,6 +328,7 @@ def main() -> None:
                             ulysses_chunks=chunks or None,
                             alongside_carveout=None if carve < 0 else carve,
                             project_in_pieces=None if pieces < 0 else bool(pieces),
+                            ulysses_exchange=exchange,
                         )
                     graphs = graphed(model)
                     if pc.cfg_parallel:

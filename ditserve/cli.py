@@ -78,6 +78,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="how tensor-parallel partial sums are added: nccl (default) or two-shot (symmetric memory over NVLink; "
         "a little faster on 2 GPUs at 1024²)",
     )
+    par.add_argument(
+        "--ulysses-exchange",
+        default="nccl",
+        help="how Ulysses's all-to-alls move: nccl (default) or copy-engine (symmetric memory, copied by the GPUs' "
+        "copy engines, leaving every SM to the work beside it)",
+    )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (several nodes)")

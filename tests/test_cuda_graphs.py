@@ -86,6 +86,7 @@ PARALLEL_CALL = dict(CALL, height=40, width=40, max_sequence_length=21)
     "mode",
     [
         dict(ulysses_degree=2),
+        dict(ulysses_degree=2, ulysses_exchange="copy-engine"),
         dict(ring_degree=2),
         dict(tp_size=2),
         dict(tp_size=2, tp_all_reduce="two-shot"),

@@ -67,6 +67,9 @@ def test_parallel_mode_matches_one_process(tiny_4_heads, single_process, mode):
         (dict(num_gpus=2, tp_size=2, tp_all_reduce="fastest"), "tp_all_reduce"),
         (dict(num_gpus=2, tp_size=2, tp_all_reduce="two-shot"), "tp_all_reduce"),  # symmetric memory: GPUs only
         (dict(num_gpus=2, tp_size=2, tp_all_reduce="nccl"), None),  # on the CPU, gloo's
+        (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="nvlink"), "ulysses_exchange"),
+        (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="copy-engine"), "ulysses_exchange"),  # GPUs only
+        (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="nccl"), None),
     ],
 )
 def test_parallel_flags_must_multiply_out(mode, field):

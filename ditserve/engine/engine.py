@@ -99,7 +99,9 @@ class Engine:
         if self.groups is not None:
             self.pipeline.parallel = self.groups
             if self.groups.sequence is not None:
-                enable_sequence_parallel(transformer, self.groups.sequence)
+                enable_sequence_parallel(
+                    transformer, self.groups.sequence, ulysses_exchange=self.parallel.ulysses_exchange
+                )
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.vae_tiling:
             self.pipeline.c.vae.enable_tiling()  # type: ignore[attr-defined]

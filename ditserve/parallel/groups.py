@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ditserve.parallel.exchange import ULYSSES_EXCHANGES
 from ditserve.parallel.reduce import ALL_REDUCE_METHODS
 from ditserve.parallel.sequence import SequenceParallelGroups, build_sequence_parallel_groups
 from ditserve.parallel.state import set_tensor_parallel_group
@@ -34,6 +35,7 @@ class ParallelConfig:
     cfg_parallel: bool = False
     tp_size: int = 1
     tp_all_reduce: str = "nccl"  # how tensor-parallel partial sums are added: see parallel/reduce.py
+    ulysses_exchange: str = "nccl"  # how Ulysses's all-to-alls move: see parallel/exchange.py
 
     @property
     def cfg_size(self) -> int:
@@ -66,6 +68,10 @@ class ParallelConfig:
         if self.tp_all_reduce not in ALL_REDUCE_METHODS:
             raise ParallelConfigError(
                 "tp_all_reduce", f"{self.tp_all_reduce!r} is not one of {', '.join(ALL_REDUCE_METHODS)}"
+            )
+        if self.ulysses_exchange not in ULYSSES_EXCHANGES:
+            raise ParallelConfigError(
+                "ulysses_exchange", f"{self.ulysses_exchange!r} is not one of {', '.join(ULYSSES_EXCHANGES)}"
             )
         if self.world_size != self.num_gpus:
             raise ParallelConfigError(

@@ -27,6 +27,7 @@ from torch import nn
 
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.attention import Attention, _cudnn_can_take, run_alongside
+from ditserve.parallel.exchange import NcclExchange, make_exchange
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def ulysses_attention(
     alongside_carveout: int = 0,
     project=None,
     project_in_pieces: bool = True,
+    exchange=None,
 ):
     """Ulysses: q, k, v [B, S, H, D] hold all heads of this rank's sequence shard; an all-to-all gives each rank
     the whole sequence for H/size heads, `attend(q, k, v)` runs on that ([B, size·S, h, D]), and another
@@ -244,6 +246,9 @@ def ulysses_attention(
     attended to, so their product runs (with the same carve-out) while the output exchange brings the other
     ranks' heads, whose products follow as they arrive, one piece per rank. Otherwise the whole output is
     projected once it is back.
+
+    `exchange` (from `make_exchange`; None: NCCL's all-to-all) moves the pieces: one receive buffer ("slot") per
+    exchange, q/k/v of group j in slot j, its output in slot chunks + j.
     """
     b, s, d = q.shape[0], q.shape[1], q.shape[-1]
     h = math.prod(q.shape[2:-1])
@@ -252,11 +257,10 @@ def ulysses_attention(
         message = q.new_empty(message_layout(b, s, h, d, size, chunks))
         for t, part in zip((q, k, v), message_views(message)):
             copy_rows(part, t.reshape(part.shape))
-    incoming = []
-    for j in range(chunks):
-        received = torch.empty_like(message[j])
-        work = dist.all_to_all_single(received, message[j], group=group, async_op=True)
-        incoming.append((received, work))
+    if exchange is None:
+        exchange = NcclExchange(group)
+    exchange.prepare([message[0].numel()] * chunks + [message[0].numel() // 3] * chunks, q.dtype, q.device)
+    incoming = [exchange.start(message[j], j) for j in range(chunks)]
     side = None
     if alongside is not None:
         with gemm_sm_carveout(alongside_carveout):
@@ -271,8 +275,7 @@ def ulysses_attention(
         send = oj.reshape(b, size, s, hc, d).permute(1, 0, 2, 3, 4)  # sequence shard u goes to rank u
         if not send.is_contiguous():  # batch > 1 (with one sample the shards are already in rank order)
             send = copy_rows(oj.new_empty(send.shape), send)
-        back = torch.empty_like(send)
-        outgoing.append((j, back, dist.all_to_all_single(back, send, group=group, async_op=True)))
+        outgoing.append((j, *exchange.start(send, chunks + j)))
         outputs.append(oj)
 
     def first_head(u: int, j: int) -> int:  # of rank u's chunk-j heads, as `_head_chunk` numbers them
@@ -355,6 +358,7 @@ class SequenceParallelAttention(nn.Module):
         ulysses_chunks: int | None = None,
         alongside_carveout: int | None = None,
         project_in_pieces: bool | None = None,
+        exchange=None,
     ):
         super().__init__()
         self.inner = inner
@@ -365,6 +369,8 @@ class SequenceParallelAttention(nn.Module):
         self.alongside_carveout = alongside_carveout
         # The output projection in pieces beside the output exchange (None: by sequence length, above).
         self.project_in_pieces = project_in_pieces
+        # How Ulysses's all-to-alls move (see parallel/exchange.py), one for every attention of the model.
+        self.exchange = exchange if exchange is not None else NcclExchange(groups.ulysses_group)
         self.layout: JointLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
@@ -410,6 +416,7 @@ class SequenceParallelAttention(nn.Module):
             alongside_carveout=carveout,
             project=project,
             project_in_pieces=self.projects_in_pieces(q.shape[1]),
+            exchange=self.exchange,
         )
 
     def chunks(self, heads: int, tokens: int) -> int:
@@ -461,6 +468,7 @@ def enable_sequence_parallel(
     ulysses_chunks: int | None = None,
     alongside_carveout: int | None = None,
     project_in_pieces: bool | None = None,
+    ulysses_exchange: str = "nccl",
 ) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
@@ -470,15 +478,17 @@ def enable_sequence_parallel(
     Ulysses exchange leaves free for it (0: none; None, the default: `ALONGSIDE_SM_CARVEOUT` up to
     `CARVEOUT_MAX_TOKENS` tokens, else 0). `project_in_pieces`: whether a Ulysses attention given the output
     projection (see `Attention`) projects each rank's heads as they are there, beside the output exchange (None,
-    the default: above `PIECEWISE_PROJECTION_MIN_TOKENS` tokens)."""
+    the default: above `PIECEWISE_PROJECTION_MIN_TOKENS` tokens). `ulysses_exchange`: how the all-to-alls move,
+    "nccl" or "copy-engine" (see parallel/exchange.py)."""
     if groups.size == 1:
         return model
+    exchange = make_exchange(groups.ulysses_group, ulysses_exchange) if groups.ulysses_size > 1 else None
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Attention):
                 wrapper = SequenceParallelAttention(
-                    child, groups, ulysses_chunks, alongside_carveout, project_in_pieces
+                    child, groups, ulysses_chunks, alongside_carveout, project_in_pieces, exchange
                 )
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)

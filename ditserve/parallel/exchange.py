@@ -1,0 +1,145 @@
+"""How a Ulysses all-to-all moves its pieces between the ranks of a group: the collective that Ulysses adds.
+
+- "nccl" (the default): `dist.all_to_all_single` (gloo's on the CPU). NCCL's kernel moves the data with SMs of its
+  own, and the GEMMs that run beside the exchange lose them: on 2 H100s a GEMM that takes 254 µs alone took 345 µs
+  beside the exchange of Ulysses-2's q/k/v at 1024² (10 MB to the peer), 283 µs beside Ulysses-4's
+  (benchmarks/RESULTS.md, session 9). Capping NCCL's channels spared the GEMM but slowed the exchange more.
+- "copy-engine": through symmetric memory. Each exchange's receive buffer lies in memory that every rank of the
+  group has mapped, and a rank writes its piece for each peer straight into that peer's buffer with a device copy
+  (cudaMemcpyAsync), which the GPU's copy engines carry out: no SMs. Two barriers of the group (one-block kernels)
+  frame the copies: after the first, every rank is done reading the buffers from their last use; after the second,
+  every piece has arrived. Alone, in a CUDA graph: 10 MB in 39 µs against NCCL's 81–91 on 2 H100s, 57 against 86
+  on 4 (same source). It needs CUDA GPUs with NCCL.
+
+The ranks of a Ulysses group run the same layers on the same shapes in the same order, so they lay out and grow
+the shared buffer identically; growing is collective (a rendezvous) and cannot happen inside a CUDA graph capture,
+so a call whose buffers do not fit then goes through NCCL (the engine's eager warm-up at the same shape has grown
+it by then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+ULYSSES_EXCHANGES = ("nccl", "copy-engine")
+
+
+class NcclExchange:
+    """The process group's own all-to-all (NCCL's on GPUs, gloo's on the CPU)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+    def prepare(self, sizes: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Nothing to lay out: each exchange receives into a new tensor."""
+
+    def start(self, send: torch.Tensor, slot: int):
+        """Begin sending `send[u]` to rank u; returns (the tensor that receives rank u's piece in [u], a handle
+        whose wait() makes the current stream wait for the exchange)."""
+        received = torch.empty_like(send)
+        return received, dist.all_to_all_single(received, send, group=self.group, async_op=True)
+
+
+class _Arrival:
+    """The handle of a copy-engine exchange: the current stream waits for the second barrier."""
+
+    def __init__(self, done: torch.cuda.Event):
+        self.done = done
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.done)
+
+
+class CopyEngineExchange:
+    """An all-to-all whose pieces are written into the peers' receive buffers by the copy engines (see above).
+
+    One call of Ulysses attention makes several exchanges (q/k/v and output, per head group); `prepare` lays out
+    one receive buffer ("slot") for each, back to back in the shared buffer, and `start(send, slot)` fills one.
+    A slot is rewritten only by a later call, whose first barrier every rank passes only once its own stream has
+    issued everything before it, including the reads of that slot."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.fallback = NcclExchange(group)
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.buffer: torch.Tensor | None = None  # this rank's part of the shared buffer (flat)
+        self.handle = None  # the rendezvous: barriers, the peers' parts
+        self.peers: list[torch.Tensor] = []  # every rank's part, mapped here (this rank's own included)
+        self.slots: list[tuple[int, int]] = []  # (offset, elements) of each slot laid out by prepare
+        self.stream: torch.cuda.Stream | None = None
+        self.ready = False  # whether this call's slots fit (else its exchanges go through NCCL)
+
+    def prepare(self, sizes: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Lay out one receive buffer per exchange of the coming call (`sizes` in elements), growing the shared
+        buffer when they do not fit (collective; see the module docstring)."""
+        total = sum(sizes)
+        self.slots = [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+        fits = self.buffer is not None and self.buffer.dtype == dtype and self.buffer.numel() >= total
+        if not fits:
+            if torch.cuda.is_current_stream_capturing():
+                self.ready = False
+                return
+            self._grow(total, dtype, device)
+        self.ready = True
+
+    def _grow(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if self.buffer is not None:
+            # Work still queued may read or write the old buffer: it is released only once the device is done.
+            torch.cuda.synchronize(device)
+            # Grow by at least 2× so that a few distinct shapes don't each cost a rendezvous.
+            numel = max(numel, 2 * self.buffer.numel()) if self.buffer.dtype == dtype else numel
+        self.buffer = self.handle = None
+        self.peers = []
+        buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(buffer, self.group)
+        self.peers = [self.handle.get_buffer(u, (numel,), dtype, 0) for u in range(self.size)]
+        self.buffer = buffer
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+
+    def start(self, send: torch.Tensor, slot: int):
+        """As NcclExchange.start; `send` [ranks, ...] must be contiguous (one piece per rank) and the size laid out
+        for `slot`."""
+        if not self.ready:
+            return self.fallback.start(send, slot)
+        offset, numel = self.slots[slot]
+        if not send.is_contiguous() or send.shape[0] != self.size or send.numel() != numel:
+            raise ValueError(
+                f"slot {slot} exchanges {self.size} contiguous pieces of {numel} elements in all, got a "
+                f"{'' if send.is_contiguous() else 'non-contiguous '}tensor of shape {tuple(send.shape)}"
+            )
+        piece = numel // self.size
+        flat = send.view(-1)
+        current = torch.cuda.current_stream()
+        stream = self.stream
+        stream.wait_stream(current)
+        send.record_stream(stream)  # the copies read it after the caller may have let it go
+        with torch.cuda.stream(stream):
+            self.handle.barrier(channel=0)  # every rank is done with its slots' last use
+            for step in range(1, self.size):  # each rank starts with a different peer
+                peer = (self.rank + step) % self.size
+                mine = self.peers[peer].narrow(0, offset + self.rank * piece, piece)
+                mine.copy_(flat.narrow(0, peer * piece, piece))
+            own = offset + self.rank * piece
+            self.buffer.narrow(0, own, piece).copy_(flat.narrow(0, self.rank * piece, piece))
+            self.handle.barrier(channel=1)  # every piece has arrived
+            done = torch.cuda.Event()
+            done.record(stream)
+        received = self.buffer.narrow(0, offset, send.numel()).view(send.shape)
+        return received, _Arrival(done)
+
+
+def make_exchange(group: dist.ProcessGroup | None, method: str) -> NcclExchange | CopyEngineExchange:
+    """The all-to-all for a Ulysses group, by method (see the module docstring)."""
+    if method not in ULYSSES_EXCHANGES:
+        raise ValueError(f"ulysses_exchange {method!r} is not one of {', '.join(ULYSSES_EXCHANGES)}")
+    if method == "nccl":
+        return NcclExchange(group)
+    if group is None or dist.get_backend(group) != "nccl":
+        raise ValueError(f"ulysses_exchange {method!r} needs CUDA GPUs with NCCL")
+    return CopyEngineExchange(group)
