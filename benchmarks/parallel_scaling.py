@@ -4,7 +4,7 @@ parallelism, in the same processes, on the same weights.
     torchrun --nproc-per-node N benchmarks/parallel_scaling.py --sizes 1024 2048 [--json out.json]
         [--modes U4 U2·R2 U2+CFG] [--diffusers-modes ulysses ring U2R2] [--no-cuda-graphs] [--warmup 3 --iters 10]
         [--ulysses-chunks 1 2] [--alongside-carveout -1 0 16] [--project-in-pieces -1 0 1]
-        [--ulysses-exchange nccl copy-engine] [--tp-all-reduce nccl two-shot] [--profile]
+        [--ulysses-exchange auto nccl copy-engine] [--tp-all-reduce nccl two-shot] [--profile]
 
 Our modes run with CUDA graphs (as the engine does by default); the 1-GPU baseline is timed both ways.
 
@@ -233,8 +233,8 @@ def main() -> None:
     ap.add_argument(
         "--ulysses-exchange",
         nargs="+",
-        default=["nccl"],
-        help="with Ulysses: how the all-to-alls move, nccl and/or copy-engine (each timed)",
+        default=["auto"],
+        help="with Ulysses: how the all-to-alls move, auto (the engine's choice), nccl, copy-engine (each timed)",
     )
     ap.add_argument(
         "--tp-all-reduce", nargs="+", default=["nccl"], help="with tensor parallelism: these all-reduces (each timed)"

@@ -80,9 +80,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     par.add_argument(
         "--ulysses-exchange",
-        default="nccl",
-        help="how Ulysses's all-to-alls move: nccl (default) or copy-engine (symmetric memory, copied by the GPUs' "
-        "copy engines, leaving every SM to the work beside it)",
+        default="auto",
+        help="how Ulysses's all-to-alls move: copy-engine (symmetric memory, copied by the GPUs' copy engines, "
+        "leaving every SM to the work beside it; one node), nccl, or auto (default: copy-engine where it works)",
     )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)

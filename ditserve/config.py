@@ -70,8 +70,8 @@ class EngineArgs:
     tp_size: int = 1
     # How tensor-parallel partial sums are added: "nccl" or "two-shot" (see parallel/reduce.py).
     tp_all_reduce: str = "nccl"
-    # How Ulysses's all-to-alls move: "nccl" or "copy-engine" (see parallel/exchange.py).
-    ulysses_exchange: str = "nccl"
+    # How Ulysses's all-to-alls move: "auto", "nccl" or "copy-engine" (see parallel/exchange.py).
+    ulysses_exchange: str = "auto"
     # Several machines: each runs the same command with its node rank; rank 0's address is the rendezvous.
     nnodes: int = 1
     node_rank: int = 0
@@ -104,6 +104,8 @@ class EngineArgs:
             raise ConfigError("tp_all_reduce", f"{self.tp_all_reduce} goes through GPU memory: it needs CUDA GPUs")
         if self.ulysses_exchange == "copy-engine" and self.resolved_device().type != "cuda":
             raise ConfigError("ulysses_exchange", "copy-engine goes through GPU memory: it needs CUDA GPUs")
+        if self.ulysses_exchange == "copy-engine" and self.nnodes > 1:
+            raise ConfigError("ulysses_exchange", "copy-engine maps the peers' memory: it needs every rank on one node")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError("node_rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
         if self.num_gpus % self.nnodes:

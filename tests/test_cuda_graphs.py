@@ -85,8 +85,8 @@ PARALLEL_CALL = dict(CALL, height=40, width=40, max_sequence_length=21)
 @pytest.mark.parametrize(
     "mode",
     [
-        dict(ulysses_degree=2),
-        dict(ulysses_degree=2, ulysses_exchange="copy-engine"),
+        dict(ulysses_degree=2),  # the copy-engine exchange, chosen by "auto"
+        dict(ulysses_degree=2, ulysses_exchange="nccl"),
         dict(ring_degree=2),
         dict(tp_size=2),
         dict(tp_size=2, tp_all_reduce="two-shot"),

@@ -70,6 +70,7 @@ def test_parallel_mode_matches_one_process(tiny_4_heads, single_process, mode):
         (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="nvlink"), "ulysses_exchange"),
         (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="copy-engine"), "ulysses_exchange"),  # GPUs only
         (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="nccl"), None),
+        (dict(num_gpus=2, ulysses_degree=2, ulysses_exchange="auto"), None),  # on the CPU, gloo's all-to-all
     ],
 )
 def test_parallel_flags_must_multiply_out(mode, field):

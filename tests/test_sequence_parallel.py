@@ -349,3 +349,43 @@ def test_ulysses_runs_the_work_alongside_its_exchange_with_the_sm_carveout():
         rank, seen, seen_by_attention, side, after, err = queue.get(timeout=60)
         assert seen == [12] and side == "side" and seen_by_attention is None and after is None, rank
         assert err < 1e-5, (rank, err)
+
+
+def test_ulysses_exchange_choice_and_fallback(monkeypatch, caplog):
+    """ "auto" takes the copy engines only on NCCL within one machine; a copy-engine exchange that cannot set up
+    symmetric memory goes through the group's own all-to-all when it was chosen by "auto", and raises when asked for
+    by name. On the CPU, with a one-rank gloo group and symmetric memory made to fail."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from ditserve.parallel.exchange import CopyEngineExchange, NcclExchange, make_exchange
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        assert isinstance(make_exchange(group, "auto"), NcclExchange)  # gloo
+        assert isinstance(make_exchange(group, "nccl"), NcclExchange)
+        with pytest.raises(ValueError, match="NCCL in one machine"):
+            make_exchange(group, "copy-engine")
+        with pytest.raises(ValueError, match="not one of"):
+            make_exchange(group, "nvlink")
+
+        def no_peer_access(*args, **kwargs):
+            raise RuntimeError("peer access is not supported between these devices")
+
+        monkeypatch.setattr(symm_mem, "empty", no_peer_access)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        send = torch.arange(12.0).view(1, 3, 4)
+        auto = CopyEngineExchange(group, fall_back_when_unavailable=True)
+        with caplog.at_level("WARNING", logger="ditserve.parallel.exchange"):
+            auto.prepare([send.numel()], send.dtype, send.device)
+        assert auto.unavailable and "using NCCL" in caplog.text
+        received, work = auto.start(send, 0)
+        work.wait()
+        assert torch.equal(received, send)
+        auto.prepare([send.numel()], send.dtype, send.device)  # no second attempt
+        assert not auto.ready
+        named = CopyEngineExchange(group)
+        with pytest.raises(RuntimeError, match="peer access"):
+            named.prepare([send.numel()], send.dtype, send.device)
+    finally:
+        dist.destroy_process_group()

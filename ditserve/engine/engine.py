@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -99,8 +100,15 @@ class Engine:
         if self.groups is not None:
             self.pipeline.parallel = self.groups
             if self.groups.sequence is not None:
+                # Our launcher starts every rank on this machine unless --nnodes says otherwise; torchrun says how
+                # many of them it started here.
+                world = self.parallel.world_size
+                one_machine = args.nnodes == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
                 enable_sequence_parallel(
-                    transformer, self.groups.sequence, ulysses_exchange=self.parallel.ulysses_exchange
+                    transformer,
+                    self.groups.sequence,
+                    ulysses_exchange=self.parallel.ulysses_exchange,
+                    one_machine=one_machine,
                 )
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.vae_tiling:

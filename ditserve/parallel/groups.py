@@ -35,7 +35,7 @@ class ParallelConfig:
     cfg_parallel: bool = False
     tp_size: int = 1
     tp_all_reduce: str = "nccl"  # how tensor-parallel partial sums are added: see parallel/reduce.py
-    ulysses_exchange: str = "nccl"  # how Ulysses's all-to-alls move: see parallel/exchange.py
+    ulysses_exchange: str = "auto"  # how Ulysses's all-to-alls move: see parallel/exchange.py
 
     @property
     def cfg_size(self) -> int:
