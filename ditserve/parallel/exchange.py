@@ -12,9 +12,10 @@
   on 4 (same source). Per step of FLUX.1-dev, 2.2–2.3 % faster than NCCL on 2 H200s and 2.6–3.0 % on 4, at 1024²
   and 2048². It needs CUDA GPUs with NCCL in one machine (symmetric memory maps the peers' memory over NVLink or
   PCIe peer access).
-- "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine), NCCL
-  elsewhere; and NCCL from then on if symmetric memory cannot be set up (no peer access between the GPUs, say),
-  with a warning. The ranks are assumed alike: a set-up that failed on some ranks only would leave the others
+- "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine) and have
+  been measured (pure Ulysses, the group being every rank: U2 and U4), NCCL elsewhere, as in Ulysses groups inside
+  Ring, tensor or CFG parallelism, which run with either method but have been timed only with NCCL on GPUs; and
+  NCCL from then on if symmetric memory cannot be set up (no peer access between the GPUs, say), with a warning. The ranks are assumed alike: a set-up that failed on some ranks only would leave the others
   waiting in the rendezvous.
 
 The ranks of a Ulysses group run the same layers on the same shapes in the same order, so they lay out and grow
@@ -161,7 +162,8 @@ def make_exchange(
     if method not in ULYSSES_EXCHANGES:
         raise ValueError(f"ulysses_exchange {method!r} is not one of {', '.join(ULYSSES_EXCHANGES)}")
     on_nccl = group is not None and dist.get_backend(group) == "nccl"
-    if method == "nccl" or (method == "auto" and not (on_nccl and one_machine)):
+    everyone = group is not None and dist.get_world_size(group) == dist.get_world_size()
+    if method == "nccl" or (method == "auto" and not (on_nccl and one_machine and everyone)):
         return NcclExchange(group)
     if not on_nccl or not one_machine:
         raise ValueError(f"ulysses_exchange {method!r} needs CUDA GPUs with NCCL in one machine")
