@@ -1,9 +1,9 @@
 """How a Ulysses all-to-all moves its pieces between the ranks of a group: the collective that Ulysses adds.
 
-- "nccl" (the default): `dist.all_to_all_single` (gloo's on the CPU). NCCL's kernel moves the data with SMs of its
-  own, and the GEMMs that run beside the exchange lose them: on 2 H100s a GEMM that takes 254 µs alone took 345 µs
-  beside the exchange of Ulysses-2's q/k/v at 1024² (10 MB to the peer), 283 µs beside Ulysses-4's
-  (benchmarks/RESULTS.md, session 9). Capping NCCL's channels spared the GEMM but slowed the exchange more.
+- "nccl": `dist.all_to_all_single` (gloo's on the CPU). NCCL's kernel moves the data with SMs of its own, and the
+  GEMMs that run beside the exchange lose them: on 2 H100s a GEMM that takes 254 µs alone took 345 µs beside the
+  exchange of Ulysses-2's q/k/v at 1024² (10 MB to the peer), 283 µs beside Ulysses-4's (benchmarks/RESULTS.md,
+  session 9). Capping NCCL's channels spared the GEMM but slowed the exchange more.
 - "copy-engine": through symmetric memory. Each exchange's receive buffer lies in memory that every rank of the
   group has mapped, and a rank writes its piece for each peer straight into that peer's buffer with a device copy
   (cudaMemcpyAsync), which the GPU's copy engines carry out: no SMs. Two barriers of the group (one-block kernels)
@@ -13,10 +13,10 @@
   and 2048². It needs CUDA GPUs with NCCL in one machine (symmetric memory maps the peers' memory over NVLink or
   PCIe peer access).
 - "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine) and have
-  been measured (pure Ulysses, the group being every rank: U2 and U4), NCCL elsewhere, as in Ulysses groups inside
-  Ring, tensor or CFG parallelism, which run with either method but have been timed only with NCCL on GPUs; and
-  NCCL from then on if symmetric memory cannot be set up (no peer access between the GPUs, say), with a warning. The ranks are assumed alike: a set-up that failed on some ranks only would leave the others
-  waiting in the rendezvous.
+  been measured (pure Ulysses, the group being every rank: U2 and U4); NCCL elsewhere, as for Ulysses groups
+  inside Ring, tensor or CFG parallelism (timed on GPUs only with NCCL so far). If symmetric memory cannot be set
+  up (no peer access between the GPUs, say), NCCL from then on, with a warning. The ranks are assumed alike: a
+  set-up that failed on some ranks only would leave the others waiting in the rendezvous.
 
 The ranks of a Ulysses group run the same layers on the same shapes in the same order, so they lay out and grow
 the shared buffer identically; growing is collective (a rendezvous) and cannot happen inside a CUDA graph capture,
