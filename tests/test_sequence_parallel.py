@@ -49,19 +49,52 @@ def make_inputs(h: int, w: int, text: int) -> dict:
     )
 
 
+class _SlotsOnCpu:
+    """The copy-engine exchange's layout and checks, on the CPU: its receive buffers are slots of one local tensor,
+    filled by gloo's all-to-all instead of the copy engines. Slots of one call that overlapped, or a send that
+    broke the exchange's contract (contiguous, one piece per rank, the size laid out), would show here; on GPUs
+    only the CUDA tests would see them."""
+
+    @staticmethod
+    def make(group, method, one_machine=True):
+        from ditserve.parallel.exchange import CopyEngineExchange
+
+        class Slots(CopyEngineExchange):
+            def _grow(self, numel, dtype, device):
+                self.buffer = torch.full((numel,), float("nan"), dtype=dtype)  # a slot read before it is filled: NaN
+
+            def start(self, send, slot):
+                offset, numel = self.slot_for(send, slot)
+                received = self.buffer.narrow(0, offset, numel).view(send.shape)
+                dist.all_to_all_single(received, send, group=self.group)
+                return received, dist.barrier(group=self.group, async_op=True)
+
+        return Slots(group)
+
+
 def _worker(
-    rank: int, world: int, port: int, ulysses: int, ring: int, shape: tuple, queue, compiled: bool = False
+    rank: int,
+    world: int,
+    port: int,
+    ulysses: int,
+    ring: int,
+    shape: tuple,
+    queue,
+    compiled: bool = False,
+    slots: bool = False,
 ) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
+        from ditserve.parallel import sequence
+
+        if slots:
+            sequence.make_exchange = _SlotsOnCpu.make
         model = enable_sequence_parallel(make_model(), build_sequence_parallel_groups(ulysses, ring))
         if compiled:
             from ditserve.accel.compile import compile_repeated_blocks
 
             compile_repeated_blocks(model)
-        from ditserve.parallel import sequence
-
         # Every Ulysses exchange must send what the model wrote into its messages, with no packing copy.
         sent_in_place = []
         plain = sequence.ulysses_attention
@@ -80,12 +113,15 @@ def _worker(
         dist.destroy_process_group()
 
 
-def run_parallel(ulysses: int, ring: int, shape: tuple, compiled: bool = False) -> torch.Tensor:
+def run_parallel(ulysses: int, ring: int, shape: tuple, compiled: bool = False, slots: bool = False) -> torch.Tensor:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     world = ulysses * ring
     mp.start_processes(
-        _worker, args=(world, free_port(), ulysses, ring, shape, queue, compiled), nprocs=world, start_method="spawn"
+        _worker,
+        args=(world, free_port(), ulysses, ring, shape, queue, compiled, slots),
+        nprocs=world,
+        start_method="spawn",
     )
     return torch.from_numpy(queue.get(timeout=60))
 
@@ -107,6 +143,16 @@ def test_sequence_parallel_matches_single_process(ulysses, ring, shape):
     got = run_parallel(ulysses, ring, shape)
     assert got.shape == expected.shape
     assert expected.abs().max() > 1.0
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("ulysses, shape", [(2, (5, 3, 7)), (4, (3, 3, 5))])
+def test_ulysses_through_exchange_slots_matches_single_process(ulysses, shape):
+    """Ulysses through the copy-engine exchange's slots (see _SlotsOnCpu): two head groups on 2 ranks (four slots a
+    call), one on 4, batch 2 (whose outputs are regrouped before sending), padded shards."""
+    with torch.no_grad():
+        expected = make_model()(**make_inputs(*shape))
+    got = run_parallel(ulysses, 1, shape, slots=True)
     assert (got - expected).abs().max().item() < 1e-4
 
 

@@ -92,7 +92,7 @@ class CopyEngineExchange:
         self.slots = [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
         fits = self.buffer is not None and self.buffer.dtype == dtype and self.buffer.numel() >= total
         if not fits:
-            if self.unavailable or torch.cuda.is_current_stream_capturing():
+            if self.unavailable or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
                 self.ready = False
                 return
             try:
@@ -122,17 +122,22 @@ class CopyEngineExchange:
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)
 
-    def start(self, send: torch.Tensor, slot: int):
-        """As NcclExchange.start; `send` [ranks, ...] must be contiguous (one piece per rank) and the size laid out
-        for `slot`."""
-        if not self.ready:
-            return self.fallback.start(send, slot)
+    def slot_for(self, send: torch.Tensor, slot: int) -> tuple[int, int]:
+        """(offset, elements) of `slot`, checked against what `send` brings."""
         offset, numel = self.slots[slot]
         if not send.is_contiguous() or send.shape[0] != self.size or send.numel() != numel:
             raise ValueError(
                 f"slot {slot} exchanges {self.size} contiguous pieces of {numel} elements in all, got a "
                 f"{'' if send.is_contiguous() else 'non-contiguous '}tensor of shape {tuple(send.shape)}"
             )
+        return offset, numel
+
+    def start(self, send: torch.Tensor, slot: int):
+        """As NcclExchange.start; `send` [ranks, ...] must be contiguous (one piece per rank) and the size laid out
+        for `slot`."""
+        if not self.ready:
+            return self.fallback.start(send, slot)
+        offset, numel = self.slot_for(send, slot)
         piece = numel // self.size
         flat = send.view(-1)
         current = torch.cuda.current_stream()
