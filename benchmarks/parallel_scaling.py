@@ -329,6 +329,7 @@ def main() -> None:
                             alongside_carveout=None if carve < 0 else carve,
                             project_in_pieces=None if pieces < 0 else bool(pieces),
                             ulysses_exchange=exchange,
+                            graphed=ns.cuda_graphs,
                         )
                     graphs = graphed(model)
                     if pc.cfg_parallel:

@@ -83,7 +83,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="how Ulysses's all-to-alls move: copy-engine (symmetric memory, copied by the GPUs' copy engines, "
         "leaving every SM to the work beside it; one node), nccl, or auto (default: copy-engine for pure Ulysses on "
-        "one node's GPUs, else nccl)",
+        "one node's GPUs with CUDA graphs, else nccl)",
     )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)

@@ -56,7 +56,7 @@ class _SlotsOnCpu:
     only the CUDA tests would see them."""
 
     @staticmethod
-    def make(group, method, one_machine=True):
+    def make(group, method, one_machine=True, graphed=True):
         from ditserve.parallel.exchange import CopyEngineExchange
 
         class Slots(CopyEngineExchange):
@@ -418,6 +418,8 @@ def test_ulysses_exchange_choice_and_fallback(monkeypatch, caplog):
             m.setattr(dist, "get_backend", lambda group=None: "nccl")
             assert isinstance(make_exchange(group, "auto"), CopyEngineExchange)
             assert isinstance(make_exchange(group, "auto", one_machine=False), NcclExchange)
+            assert isinstance(make_exchange(group, "auto", graphed=False), NcclExchange)  # eager
+            assert isinstance(make_exchange(group, "copy-engine", graphed=False), CopyEngineExchange)
             with pytest.raises(ValueError, match="one machine"):
                 make_exchange(group, "copy-engine", one_machine=False)
             m.setattr(dist, "get_world_size", lambda group=None: 1 if group is not None else 2)

@@ -109,6 +109,7 @@ class Engine:
                     self.groups.sequence,
                     ulysses_exchange=self.parallel.ulysses_exchange,
                     one_machine=one_machine,
+                    graphed=args.cuda_graphs and self.device.type == "cuda",
                 )
         set_attention_backend(transformer, args.attention_backend, self.device)
         if args.vae_tiling:

@@ -470,6 +470,7 @@ def enable_sequence_parallel(
     project_in_pieces: bool | None = None,
     ulysses_exchange: str = "auto",
     one_machine: bool = True,
+    graphed: bool = True,
 ) -> nn.Module:
     """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
 
@@ -480,12 +481,13 @@ def enable_sequence_parallel(
     `CARVEOUT_MAX_TOKENS` tokens, else 0). `project_in_pieces`: whether a Ulysses attention given the output
     projection (see `Attention`) projects each rank's heads as they are there, beside the output exchange (None,
     the default: above `PIECEWISE_PROJECTION_MIN_TOKENS` tokens). `ulysses_exchange`: how the all-to-alls move,
-    "auto", "nccl" or "copy-engine" (see parallel/exchange.py), `one_machine` saying whether the ranks share one."""
+    "auto", "nccl" or "copy-engine" (see parallel/exchange.py), `one_machine` saying whether the ranks share one
+    and `graphed` whether the forward will replay as a CUDA graph (which "auto" weighs)."""
     if groups.size == 1:
         return model
     exchange = None
     if groups.ulysses_size > 1:
-        exchange = make_exchange(groups.ulysses_group, ulysses_exchange, one_machine)
+        exchange = make_exchange(groups.ulysses_group, ulysses_exchange, one_machine, graphed)
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
