@@ -146,8 +146,9 @@ class DoubleStreamBlock(nn.Module):
             )
 
         txt_sum, img_sum = self.attn(q, k, v, project=project)
-        # Finished in the order the sums were started: with the two-shot all-reduce the first one may be waiting
-        # in the reduction's buffer, which the second one's reduction would otherwise reuse.
+        # Finished in the order the sums were started: with the two-shot all-reduce the first one may lie in the
+        # reduction's buffer and is then summed there without a copy (the other order is correct too; the
+        # second sum would go through NCCL, see parallel/reduce.py).
         txt_attn_out = self.txt_attn.proj.finish(txt_sum)
         img_attn_out = self.img_attn.proj.finish(img_sum)
 
