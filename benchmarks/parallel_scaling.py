@@ -187,12 +187,12 @@ def diffusers_degrees(kind: str, world: int) -> dict | None:
     return degrees if degrees["ulysses"] * degrees["ring"] == world else None
 
 
-def swept_label(prefix: str, value: int, values: list[int], applies: bool) -> str:
+def swept_label(prefix: str, value: int | str, values: list, applies: bool) -> str:
     """' <prefix><value>' for a mode's label when several values of a flag are timed and the flag applies to the
-    mode (a negative value is the engine's choice: 'auto'), else ''."""
+    mode (a negative number is the engine's choice: 'auto'), else ''."""
     if not applies or len(values) < 2:
         return ""
-    return f" {prefix}{value if value >= 0 else 'auto'}"
+    return f" {prefix}{'auto' if isinstance(value, int) and value < 0 else value}"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -319,7 +319,7 @@ def main() -> None:
                         + swept_label("c", chunks, ns.ulysses_chunks, pipelined)
                         + swept_label("sm", carve, ns.alongside_carveout, ulysses)
                         + swept_label("p", pieces, ns.project_in_pieces, ulysses)
-                        + (f" {exchange}" if ulysses and len(ns.ulysses_exchange) > 1 else "")
+                        + swept_label("", exchange, ns.ulysses_exchange, ulysses)
                     )
                     if groups.sequence is not None:
                         enable_sequence_parallel(
