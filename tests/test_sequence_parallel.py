@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from ditserve.engine.distributed import free_port
 from ditserve.loader.weights import build_on_meta, init_dummy_weights, materialize
 from ditserve.models.flux import FluxConfig, FluxTransformer
+from ditserve.parallel.exchange import CopyEngineExchange
 from ditserve.parallel.sequence import build_sequence_parallel_groups, enable_sequence_parallel, shard_lengths
 
 CONFIG = dict(
@@ -49,27 +50,20 @@ def make_inputs(h: int, w: int, text: int) -> dict:
     )
 
 
-class _SlotsOnCpu:
+class _SlotsOnCpu(CopyEngineExchange):
     """The copy-engine exchange's layout and checks, on the CPU: its receive buffers are slots of one local tensor,
     filled by gloo's all-to-all instead of the copy engines. Slots of one call that overlapped, or a send that
     broke the exchange's contract (contiguous, one piece per rank, the size laid out), would show here; on GPUs
     only the CUDA tests would see them."""
 
-    @staticmethod
-    def make(group, method, one_machine=True, graphed=True):
-        from ditserve.parallel.exchange import CopyEngineExchange
+    def _grow(self, numel, dtype, device):
+        self.buffer = torch.full((numel,), float("nan"), dtype=dtype)  # a slot read before it is filled: NaN
 
-        class Slots(CopyEngineExchange):
-            def _grow(self, numel, dtype, device):
-                self.buffer = torch.full((numel,), float("nan"), dtype=dtype)  # a slot read before it is filled: NaN
-
-            def start(self, send, slot):
-                offset, numel = self.slot_for(send, slot)
-                received = self.buffer.narrow(0, offset, numel).view(send.shape)
-                dist.all_to_all_single(received, send, group=self.group)
-                return received, dist.barrier(group=self.group, async_op=True)
-
-        return Slots(group)
+    def start(self, send, slot):
+        offset, numel = self.slot_for(send, slot)
+        received = self.buffer.narrow(0, offset, numel).view(send.shape)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received, dist.barrier(group=self.group, async_op=True)
 
 
 def _worker(
@@ -89,7 +83,7 @@ def _worker(
         from ditserve.parallel import sequence
 
         if slots:
-            sequence.make_exchange = _SlotsOnCpu.make
+            sequence.make_exchange = lambda group, *args: _SlotsOnCpu(group)
         model = enable_sequence_parallel(make_model(), build_sequence_parallel_groups(ulysses, ring))
         if compiled:
             from ditserve.accel.compile import compile_repeated_blocks
@@ -403,7 +397,7 @@ def test_ulysses_exchange_choice_and_fallback(monkeypatch, caplog):
     by name. On the CPU, with a one-rank gloo group and symmetric memory made to fail."""
     import torch.distributed._symmetric_memory as symm_mem
 
-    from ditserve.parallel.exchange import CopyEngineExchange, NcclExchange, make_exchange
+    from ditserve.parallel.exchange import NcclExchange, make_exchange
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
