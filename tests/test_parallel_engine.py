@@ -103,6 +103,39 @@ def test_batches_run_on_every_rank(tiny_4_heads):
         assert np.abs(a.images[0] - b.images[0]).max() < 1e-3
 
 
+def test_a_process_that_made_a_rendezvous_spawns_ranks_without_symmetric_memory(
+    tiny_4_heads, single_process, caplog, monkeypatch
+):
+    """PyTorch numbers symmetric-memory rendezvous per process (parallel/symmetric.py): ranks spawned fresh could not
+    line up with a driver that made some for an earlier engine (on GPUs every rank hung). So that driver's next world
+    sends "auto" Ulysses exchanges through NCCL and refuses the methods that need symmetric memory by name."""
+    import dataclasses
+
+    import ditserve.parallel.symmetric as symmetric
+    from ditserve.parallel.groups import ParallelConfig, ParallelConfigError
+
+    u2 = ParallelConfig(num_gpus=2, ulysses_degree=2)
+    monkeypatch.setattr(symmetric, "_rendezvous_made", 0)
+    assert u2.for_fresh_ranks() is u2
+    monkeypatch.setattr(symmetric, "_rendezvous_made", 1)  # as after an earlier engine's copy-engine exchange
+    assert u2.for_fresh_ranks() == dataclasses.replace(u2, ulysses_exchange="nccl")
+    for config, field in (
+        (dataclasses.replace(u2, ulysses_exchange="copy-engine"), "ulysses_exchange"),
+        (ParallelConfig(num_gpus=2, tp_size=2, tp_all_reduce="two-shot"), "tp_all_reduce"),
+    ):
+        with pytest.raises(ParallelConfigError, match="in a new process") as err:
+            config.for_fresh_ranks()
+        assert err.value.field == field
+    ring = ParallelConfig(num_gpus=2, ring_degree=2)
+    assert ring.for_fresh_ranks() is ring  # nothing of it needs symmetric memory
+    capturing = caplog.at_level("WARNING", logger="ditserve.parallel.groups")
+    with capturing, Engine.from_pretrained(str(tiny_4_heads), device="cpu", num_gpus=2, ulysses_degree=2) as engine:
+        assert engine.parallel.ulysses_exchange == engine.args.ulysses_exchange == "nccl"
+        got = engine.generate(**REQUEST).images[0]
+    assert "in a new process" in caplog.text
+    assert np.abs(got - single_process).max() < 1e-3
+
+
 TILED = dict(REQUEST, height=64, width=64, true_cfg_scale=1.0)  # 32×32 latents: 3×3 tiles of the tiny VAE's 16
 
 

@@ -74,6 +74,11 @@ class Engine:
             # Refuse a split the model cannot take before any process is started.
             try:
                 self.parallel.check_model(int(self.source.config("transformer").get("num_attention_heads", 1)))
+                if placement is None and torchrun_placement() is None:  # this process starts the other ranks
+                    self.parallel = self.parallel.for_fresh_ranks()
+                    if self.parallel.ulysses_exchange != args.ulysses_exchange:
+                        # The ranks build their config from the arguments: they get the method chosen here.
+                        self.args = args = dataclasses.replace(args, ulysses_exchange=self.parallel.ulysses_exchange)
             except ParallelConfigError as e:
                 raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
         try:

@@ -18,7 +18,8 @@
   forward: launched one by one, the two barriers and a copy per rank cost more host time than NCCL's one call
   (in the probe, eager, 202 µs against 86 on 4 ranks), and eager multi-GPU steps wait on the host already. If symmetric memory cannot be set
   up (no peer access between the GPUs, say), NCCL from then on, with a warning. The ranks are assumed alike: a
-  set-up that failed on some ranks only would leave the others waiting in the rendezvous.
+  set-up that failed on some ranks only would leave the others waiting in the rendezvous. (A process that set
+  symmetric memory up for an earlier engine cannot for the next one's fresh ranks: see parallel/symmetric.py.)
 
 The ranks of a Ulysses group run the same layers on the same shapes in the same order, so they lay out and grow
 the shared buffer identically; growing is collective (a rendezvous) and cannot happen inside a CUDA graph capture,
@@ -33,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from ditserve.parallel.symmetric import rendezvous
 
 ULYSSES_EXCHANGES = ("auto", "nccl", "copy-engine")
 
@@ -118,7 +121,7 @@ class CopyEngineExchange:
         self.buffer = self.handle = None
         self.peers = []
         buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(buffer, self.group)
+        self.handle = rendezvous(buffer, self.group)
         self.peers = [self.handle.get_buffer(u, (numel,), dtype, 0) for u in range(self.size)]
         self.buffer = buffer
         if self.stream is None:

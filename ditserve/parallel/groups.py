@@ -10,7 +10,9 @@ Every rank must call `init_parallel_groups` with the same config: `new_group` is
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -19,6 +21,9 @@ from ditserve.parallel.exchange import ULYSSES_EXCHANGES
 from ditserve.parallel.reduce import ALL_REDUCE_METHODS
 from ditserve.parallel.sequence import SequenceParallelGroups, build_sequence_parallel_groups
 from ditserve.parallel.state import set_tensor_parallel_group
+from ditserve.parallel.symmetric import rendezvous_made
+
+log = logging.getLogger(__name__)
 
 
 class ParallelConfigError(ValueError):
@@ -79,6 +84,26 @@ class ParallelConfig:
                 f"{self.num_gpus} does not equal ulysses {self.ulysses_degree} × ring {self.ring_degree}"
                 f" × cfg {self.cfg_size} × tp {self.tp_size} = {self.world_size}",
             )
+
+    def for_fresh_ranks(self) -> ParallelConfig:
+        """This config for a world whose other ranks this process starts afresh: unchanged, unless this process has
+        made a symmetric-memory rendezvous already, which those ranks could not line up with (parallel/symmetric.py).
+        Then "auto" sends Ulysses's exchanges through NCCL (with a warning), and a method named outright that needs
+        symmetric memory is refused."""
+        if rendezvous_made() == 0:
+            return self
+        why = (
+            "this process set up symmetric memory for an earlier multi-GPU engine, and PyTorch cannot line that up "
+            "with the fresh ranks started for this one: run this engine in a new process, or choose nccl"
+        )
+        if self.tp_size > 1 and self.tp_all_reduce == "two-shot":
+            raise ParallelConfigError("tp_all_reduce", f"two-shot: {why}")
+        if self.ulysses_degree > 1 and self.ulysses_exchange == "copy-engine":
+            raise ParallelConfigError("ulysses_exchange", f"copy-engine: {why}")
+        if self.ulysses_degree > 1 and self.ulysses_exchange == "auto":
+            log.warning("Ulysses exchanges through NCCL, not the copy engines: %s", why)
+            return dataclasses.replace(self, ulysses_exchange="nccl")
+        return self
 
     def check_model(self, num_heads: int) -> None:
         """Heads must split over tensor-parallel ranks and then over Ulysses ranks (sequences can be padded)."""

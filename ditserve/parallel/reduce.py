@@ -26,6 +26,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from ditserve.parallel.symmetric import rendezvous
+
 ALL_REDUCE_METHODS = ("nccl", "two-shot")
 # PyTorch's symmetric-memory kernels take these dtypes, in vectors of up to 16 bytes.
 _SYMMETRIC_DTYPES = (torch.bfloat16, torch.float32)
@@ -73,7 +75,7 @@ class SymmetricAllReduce:
             size = max(numel, 2 * buffer.numel() if buffer is not None else 0)
             self.buffers.pop(dtype, None)
             buffer = symm_mem.empty(size, dtype=dtype, device=device)
-            symm_mem.rendezvous(buffer, self.group)
+            rendezvous(buffer, self.group)
             self.buffers[dtype] = buffer
         return buffer
 

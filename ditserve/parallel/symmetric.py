@@ -1,0 +1,35 @@
+"""Symmetric memory (torch.distributed._symmetric_memory) for our collectives, the two-shot all-reduce and the
+copy-engine exchange, and the one thing a process must remember about it.
+
+PyTorch's CUDA symmetric memory trades each rendezvous's handles through the group's store, under keys numbered by a
+counter that belongs to the process, not to the world (c10d's StoreExchange: "CUDASymmetricMemory/<n>/<rank>").
+The ranks of a world line up only if each has made as many rendezvous as the others before:
+- the ranks of a torchrun job run one program, so they have;
+- the ranks our engine spawns start fresh, and so does the driver at its first multi-GPU engine;
+- a driver whose earlier engine made rendezvous is ahead of the fresh ranks it spawns for the next one: its next
+  rendezvous waits on keys they never write, and every rank hangs (4 H200s, session 10: the copy-engine exchange
+  of a second engine in one pytest process, whatever the groups were named).
+So every rendezvous of ours goes through `rendezvous` here, which counts them, and the engine keeps a world that it
+spawns from a process that has made any off symmetric memory (`ParallelConfig.for_fresh_ranks`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_rendezvous_made = 0
+
+
+def rendezvous(buffer: torch.Tensor, group: dist.ProcessGroup):
+    """`symm_mem.rendezvous`, counted. Counted before the call: one that fails may have moved PyTorch's counter."""
+    global _rendezvous_made
+    import torch.distributed._symmetric_memory as symm_mem
+
+    _rendezvous_made += 1
+    return symm_mem.rendezvous(buffer, group)
+
+
+def rendezvous_made() -> int:
+    """How many symmetric-memory rendezvous this process has made (or tried)."""
+    return _rendezvous_made
