@@ -12,14 +12,15 @@
   on 4 (same source). Per step of FLUX.1-dev, 2.2–2.3 % faster than NCCL on 2 H200s and 2.6–3.0 % on 4, at 1024²
   and 2048². It needs CUDA GPUs with NCCL in one machine (symmetric memory maps the peers' memory over NVLink or
   PCIe peer access).
-- "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine) and have
-  been measured (pure Ulysses, the group being every rank: U2 and U4, under CUDA graphs); NCCL elsewhere, as for
-  Ulysses groups inside Ring, tensor or CFG parallelism (timed on GPUs only with NCCL so far), and for an eager
-  forward: launched one by one, the two barriers and a copy per rank cost more host time than NCCL's one call
-  (in the probe, eager, 202 µs against 86 on 4 ranks), and eager multi-GPU steps wait on the host already. If symmetric memory cannot be set
-  up (no peer access between the GPUs, say), NCCL from then on, with a warning. The ranks are assumed alike: a
-  set-up that failed on some ranks only would leave the others waiting in the rendezvous. (A process that set
-  symmetric memory up for an earlier engine cannot for the next one's fresh ranks: see parallel/symmetric.py.)
+- "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine) under CUDA
+  graphs, for pure Ulysses and for Ulysses groups inside Ring, tensor or CFG parallelism alike (faster than NCCL
+  in every one measured on 4 H200s: U2·R2 2.6–6.1 %, U2·T2 1.6–2.4 %, U2+CFG 1.3–2.3 %, session 10); NCCL for an
+  eager forward: launched one by one, the two barriers and a copy per rank cost more host time than NCCL's one
+  call (in the probe, eager, 202 µs against 86 on 4 ranks), and eager multi-GPU steps wait on the host already.
+  If symmetric memory cannot be set up (no peer access between the GPUs, say), NCCL from then on, with a warning.
+  The ranks are assumed alike: a set-up that failed on some ranks only would leave the others waiting in the
+  rendezvous. (A process that set symmetric memory up for an earlier engine cannot for the next one's fresh ranks:
+  see parallel/symmetric.py.)
 
 The ranks of a Ulysses group run the same layers on the same shapes in the same order, so they lay out and grow
 the shared buffer identically; growing is collective (a rendezvous) and cannot happen inside a CUDA graph capture,
@@ -172,8 +173,7 @@ def make_exchange(
     if method not in ULYSSES_EXCHANGES:
         raise ValueError(f"ulysses_exchange {method!r} is not one of {', '.join(ULYSSES_EXCHANGES)}")
     on_nccl = group is not None and dist.get_backend(group) == "nccl"
-    everyone = group is not None and dist.get_world_size(group) == dist.get_world_size()
-    if method == "nccl" or (method == "auto" and not (on_nccl and one_machine and everyone and graphed)):
+    if method == "nccl" or (method == "auto" and not (on_nccl and one_machine and graphed)):
         return NcclExchange(group)
     if not on_nccl or not one_machine:
         raise ValueError(f"ulysses_exchange {method!r} needs CUDA GPUs with NCCL in one machine")
