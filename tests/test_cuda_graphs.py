@@ -12,7 +12,7 @@ import pytest
 import torch
 from lora_writers import write_ai_toolkit
 
-from ditserve import Engine
+from ditserve import ConfigError, Engine
 from ditserve.accel.cuda_graph import enable_cuda_graphs
 from ditserve.tiny import TinyFluxSpec, make_tiny_flux
 
@@ -85,21 +85,53 @@ def tiny_4_heads(tmp_path_factory):
 PARALLEL_CALL = dict(CALL, height=40, width=40, max_sequence_length=21)
 
 
-def _generate_on_gpus(model: str, mode: dict, num_gpus: int, results) -> None:
-    """The multi-GPU half of the test below, in a process of its own; puts (error, what it ran, got, again)."""
+def _gpus_for(mode: dict) -> int:
+    degrees = (mode.get("ulysses_degree", 1), mode.get("ring_degree", 1), mode.get("tp_size", 1))
+    return math.prod(degrees) * (2 if mode.get("cfg_parallel") else 1)
+
+
+def _engines_in_one_process(model: str, modes: list[dict], results) -> None:
+    """Multi-GPU engines one after another in this process (spawned fresh by `_in_a_fresh_process`); puts (error,
+    [(what ran, the image, the image again) for each mode]). A mode the engine refuses gives ({"refused": field},
+    None, None)."""
     try:
-        with Engine.from_pretrained(model, device="cuda", dtype="float32", num_gpus=num_gpus, **mode) as engine:
-            ran = {"graphs": engine.cuda_graphs is not None}
-            exchanges = {m.exchange for m in engine.pipeline.c.transformer.modules() if hasattr(m, "exchange")}
-            got = engine.generate(**PARALLEL_CALL).images[0]
-            again = engine.generate(**PARALLEL_CALL).images[0]  # replayed, not captured
-            # After the run: a copy-engine exchange that could not set up symmetric memory falls back to NCCL.
-            ran["exchanges"] = sorted(
-                "NcclExchange" if getattr(e, "unavailable", False) else type(e).__name__ for e in exchanges
-            )
-        results.put((None, ran, got, again))
+        done = []
+        for mode in modes:
+            try:
+                engine = Engine.from_pretrained(model, device="cuda", dtype="float32", num_gpus=_gpus_for(mode), **mode)
+            except ConfigError as e:
+                done.append(({"refused": e.field}, None, None))
+                continue
+            with engine:
+                ran = {"graphs": engine.cuda_graphs is not None}
+                exchanges = {m.exchange for m in engine.pipeline.c.transformer.modules() if hasattr(m, "exchange")}
+                got = engine.generate(**PARALLEL_CALL).images[0]
+                again = engine.generate(**PARALLEL_CALL).images[0]  # replayed, not captured
+                # After the run: a copy-engine exchange that could not set up symmetric memory went through NCCL.
+                ran["exchanges"] = sorted(
+                    "NcclExchange" if getattr(e, "unavailable", False) else type(e).__name__ for e in exchanges
+                )
+            done.append((ran, got, again))
+        results.put((None, done))
     except BaseException:
-        results.put((traceback.format_exc(), None, None, None))
+        results.put((traceback.format_exc(), None))
+
+
+def _in_a_fresh_process(model: str, modes: list[dict]) -> list[tuple]:
+    """Multi-GPU engines run in a process of their own: after one engine has set up symmetric memory, the same
+    process's next one runs without it (parallel/symmetric.py), which would leave it untested in a shared process."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_engines_in_one_process, args=(model, modes, results))
+    process.start()
+    try:
+        error, done = results.get(timeout=600)
+    finally:
+        process.join(timeout=120)
+        if process.is_alive():
+            process.kill()
+    assert error is None, error
+    return done
 
 
 @pytest.mark.gpu
@@ -120,31 +152,32 @@ def _generate_on_gpus(model: str, mode: dict, num_gpus: int, results) -> None:
     ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()),
 )
 def test_graphs_with_collectives_match_one_gpu(tiny_4_heads, mode):
-    """Each multi-GPU engine runs in a fresh process: one process's second engine with symmetric memory could not
-    line up with its fresh ranks and runs without it (parallel/symmetric.py), which would leave it untested here."""
-    degrees = (mode.get("ulysses_degree", 1), mode.get("ring_degree", 1), mode.get("tp_size", 1))
-    num_gpus = math.prod(degrees) * (2 if mode.get("cfg_parallel") else 1)
-    if torch.cuda.device_count() < num_gpus:
-        pytest.skip(f"needs {num_gpus} CUDA devices")
+    if torch.cuda.device_count() < _gpus_for(mode):
+        pytest.skip(f"needs {_gpus_for(mode)} CUDA devices")
     one = Engine.from_pretrained(str(tiny_4_heads), device="cuda", dtype="float32", cuda_graphs=False)
     want = one.generate(**PARALLEL_CALL).images[0]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_generate_on_gpus, args=(str(tiny_4_heads), mode, num_gpus, results))
-    process.start()
-    try:
-        error, ran, got, again = results.get(timeout=600)
-    finally:
-        process.join(timeout=120)
-        if process.is_alive():
-            process.kill()
-    assert error is None, error
+    [(ran, got, again)] = _in_a_fresh_process(str(tiny_4_heads), [mode])
     assert ran["graphs"]
     if mode.get("ulysses_degree", 1) > 1:
         wanted = "NcclExchange" if mode.get("ulysses_exchange") == "nccl" else "CopyEngineExchange"
         assert ran["exchanges"] == [wanted]
     assert np.abs(got - want).max() < 1e-3
     np.testing.assert_array_equal(got, again)
+
+
+@pytest.mark.gpu
+def test_a_second_engine_in_one_process_runs_without_symmetric_memory(tiny_4_heads):
+    """After an engine whose copy-engine exchange set up symmetric memory, the same process's next engine cannot set
+    it up with its fresh ranks (every rank hung, 4 H200s, session 10): it goes through NCCL and gives the same
+    image, and a method that needs symmetric memory, named outright, is refused with its flag."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    u2 = dict(ulysses_degree=2)
+    first, second, named = _in_a_fresh_process(str(tiny_4_heads), [u2, u2, dict(u2, ulysses_exchange="copy-engine")])
+    assert first[0]["exchanges"] == ["CopyEngineExchange"]
+    assert second[0]["exchanges"] == ["NcclExchange"]
+    assert np.abs(second[1] - first[1]).max() < 1e-3
+    assert named[0] == {"refused": "ulysses_exchange"}
 
 
 class _FakeGraph:
