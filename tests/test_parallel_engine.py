@@ -136,6 +136,27 @@ def test_a_process_that_made_a_rendezvous_spawns_ranks_without_symmetric_memory(
     assert np.abs(got - single_process).max() < 1e-3
 
 
+def test_symmetric_buffers_at_least_double_and_their_rendezvous_are_counted(monkeypatch):
+    """Every symmetric buffer of ours (two-shot all-reduce, copy-engine exchange) comes from one place, which grows a
+    replaced buffer at least twofold and counts the rendezvous that `for_fresh_ranks` weighs. On the CPU, with
+    PyTorch's allocation and rendezvous stood in for."""
+    import torch
+    import torch.distributed._symmetric_memory as symm_mem
+
+    import ditserve.parallel.symmetric as symmetric
+
+    monkeypatch.setattr(symm_mem, "empty", lambda n, dtype, device: torch.empty(n, dtype=dtype, device=device))
+    monkeypatch.setattr(symm_mem, "rendezvous", lambda buffer, group: ("handle", buffer.numel()))
+    monkeypatch.setattr(symmetric, "_rendezvous_made", 0)
+    sizes = []
+    for numel, grown_from in ((10, 0), (12, 10), (30, 10)):
+        buffer, handle = symmetric.symmetric_buffer(numel, torch.float32, torch.device("cpu"), None, grown_from)
+        assert handle == ("handle", buffer.numel())
+        sizes.append(buffer.numel())
+    assert sizes == [10, 20, 30]
+    assert symmetric.rendezvous_made() == 3
+
+
 TILED = dict(REQUEST, height=64, width=64, true_cfg_scale=1.0)  # 32×32 latents: 3×3 tiles of the tiny VAE's 16
 
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ditserve.parallel.symmetric import rendezvous
+from ditserve.parallel.symmetric import symmetric_buffer
 
 ULYSSES_EXCHANGES = ("auto", "nccl", "copy-engine")
 
@@ -112,18 +112,15 @@ class CopyEngineExchange:
         self.ready = True
 
     def _grow(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
+        grown_from = 0
         if self.buffer is not None:
             # Work still queued may read or write the old buffer: it is released only once the device is done.
             torch.cuda.synchronize(device)
-            # Grow by at least 2× so that a few distinct shapes don't each cost a rendezvous.
-            numel = max(numel, 2 * self.buffer.numel()) if self.buffer.dtype == dtype else numel
+            grown_from = self.buffer.numel() if self.buffer.dtype == dtype else 0
         self.buffer = self.handle = None
         self.peers = []
-        buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        self.handle = rendezvous(buffer, self.group)
-        self.peers = [self.handle.get_buffer(u, (numel,), dtype, 0) for u in range(self.size)]
+        buffer, self.handle = symmetric_buffer(numel, dtype, device, self.group, grown_from)
+        self.peers = [self.handle.get_buffer(u, (buffer.numel(),), dtype, 0) for u in range(self.size)]
         self.buffer = buffer
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)

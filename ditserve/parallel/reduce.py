@@ -26,7 +26,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ditserve.parallel.symmetric import rendezvous
+from ditserve.parallel.symmetric import symmetric_buffer
 
 ALL_REDUCE_METHODS = ("nccl", "two-shot")
 # PyTorch's symmetric-memory kernels take these dtypes, in vectors of up to 16 bytes.
@@ -69,13 +69,9 @@ class SymmetricAllReduce:
         if buffer is None or buffer.numel() < numel:
             if torch.cuda.is_current_stream_capturing():
                 return None
-            import torch.distributed._symmetric_memory as symm_mem
-
-            # Grow by at least 2× so that a few distinct message sizes don't each cost a rendezvous.
-            size = max(numel, 2 * buffer.numel() if buffer is not None else 0)
+            grown_from = buffer.numel() if buffer is not None else 0
             self.buffers.pop(dtype, None)
-            buffer = symm_mem.empty(size, dtype=dtype, device=device)
-            rendezvous(buffer, self.group)
+            buffer, _ = symmetric_buffer(numel, dtype, device, self.group, grown_from)
             self.buffers[dtype] = buffer
         return buffer
 

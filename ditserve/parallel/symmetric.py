@@ -9,7 +9,7 @@ The ranks of a world line up only if each has made as many rendezvous as the oth
 - a driver whose earlier engine made rendezvous is ahead of the fresh ranks it spawns for the next one: its next
   rendezvous waits on keys they never write, and every rank hangs (4 H200s, session 10: the copy-engine exchange
   of a second engine in one pytest process, whatever the groups were named).
-So every rendezvous of ours goes through `rendezvous` here, which counts them, and the engine keeps a world that it
+So every symmetric buffer of ours comes from `symmetric_buffer` here, whose rendezvous are counted, and the engine keeps a world that it
 spawns from a process that has made any off symmetric memory (`ParallelConfig.for_fresh_ranks`).
 """
 
@@ -33,3 +33,16 @@ def rendezvous(buffer: torch.Tensor, group: dist.ProcessGroup):
 def rendezvous_made() -> int:
     """How many symmetric-memory rendezvous this process has made (or tried)."""
     return _rendezvous_made
+
+
+def symmetric_buffer(
+    numel: int, dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup, grown_from: int = 0
+) -> tuple[torch.Tensor, object]:
+    """A flat tensor of at least `numel` elements in symmetric memory, mapped by every rank of `group`, and its
+    rendezvous handle. Collective: the ranks of `group` call it alike. `grown_from`: the elements of the buffer
+    (same dtype) it replaces, grown too small; the new one is at least twice that, so that a few distinct sizes
+    don't each cost a rendezvous."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buffer = symm_mem.empty(max(numel, 2 * grown_from), dtype=dtype, device=device)
+    return buffer, rendezvous(buffer, group)
