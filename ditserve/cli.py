@@ -82,8 +82,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--ulysses-exchange",
         default="auto",
         help="how Ulysses's all-to-alls move: copy-engine (symmetric memory, copied by the GPUs' copy engines, "
-        "leaving every SM to the work beside it; one node), nccl, or auto (default: copy-engine for pure Ulysses on "
-        "one node's GPUs with CUDA graphs, else nccl)",
+        "leaving every SM to the work beside it; one node), nccl, or auto (default: copy-engine on one node's GPUs "
+        "with CUDA graphs, also beside Ring, tensor or CFG parallelism; else nccl)",
     )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)
