@@ -9,8 +9,8 @@ The ranks of a world line up only if each has made as many rendezvous as the oth
 - a driver whose earlier engine made rendezvous is ahead of the fresh ranks it spawns for the next one: its next
   rendezvous waits on keys they never write, and every rank hangs (4 H200s, session 10: the copy-engine exchange
   of a second engine in one pytest process, whatever the groups were named).
-So every symmetric buffer of ours comes from `symmetric_buffer` here, whose rendezvous are counted, and the engine keeps a world that it
-spawns from a process that has made any off symmetric memory (`ParallelConfig.for_fresh_ranks`).
+So every symmetric buffer of ours comes from `symmetric_buffer` here, whose rendezvous are counted, and the engine
+keeps a world that it spawns from a process that has made any off symmetric memory (`ParallelConfig.for_fresh_ranks`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ import torch
 import torch.distributed as dist
 
 _rendezvous_made = 0
-
-
-def rendezvous(buffer: torch.Tensor, group: dist.ProcessGroup):
-    """`symm_mem.rendezvous`, counted. Counted before the call: one that fails may have moved PyTorch's counter."""
-    global _rendezvous_made
-    import torch.distributed._symmetric_memory as symm_mem
-
-    _rendezvous_made += 1
-    return symm_mem.rendezvous(buffer, group)
 
 
 def rendezvous_made() -> int:
@@ -42,7 +33,9 @@ def symmetric_buffer(
     rendezvous handle. Collective: the ranks of `group` call it alike. `grown_from`: the elements of the buffer
     (same dtype) it replaces, grown too small; the new one is at least twice that, so that a few distinct sizes
     don't each cost a rendezvous."""
+    global _rendezvous_made
     import torch.distributed._symmetric_memory as symm_mem
 
     buffer = symm_mem.empty(max(numel, 2 * grown_from), dtype=dtype, device=device)
-    return buffer, rendezvous(buffer, group)
+    _rendezvous_made += 1  # before the call: one that fails may have moved PyTorch's counter all the same
+    return buffer, symm_mem.rendezvous(buffer, group)
