@@ -176,7 +176,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
-    from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+    from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
     if ns.family != "flux":
         raise UsageError(f"make-tiny: unknown family {ns.family!r}; known: flux")

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
 warnings.filterwarnings("ignore")
 

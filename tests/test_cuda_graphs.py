@@ -14,7 +14,7 @@ from lora_writers import write_ai_toolkit
 
 from ditserve import ConfigError, Engine
 from ditserve.accel.cuda_graph import enable_cuda_graphs
-from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
 
 def test_cuda_graphs_need_cuda(tiny_dev):

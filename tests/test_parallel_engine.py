@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ditserve import ConfigError, Engine
-from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
 
 @pytest.fixture(scope="module")

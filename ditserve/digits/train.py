@@ -81,7 +81,7 @@ def base_pipeline(cfg: TrainConfig, workdir: Path):
     """diffusers' FluxPipeline of the right shapes: frozen random text encoders, untrained VAE and transformer."""
     from diffusers import FluxPipeline
 
-    from ditserve.tiny import TinyFluxSpec, make_tiny_flux
+    from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
     spec = TinyFluxSpec(
         guidance_embeds=False,  # schnell-style: no guidance distillation to do

@@ -44,7 +44,7 @@ def load_flux_components(
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from ditserve.tiny import clip_tokenizer, t5_tokenizer
+    from ditserve.loader.tokenizers import clip_tokenizer, t5_tokenizer
 
     cfg = FluxConfig.from_dict(source.config("transformer"))
     transformer = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, load_format, seed)

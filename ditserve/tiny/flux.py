@@ -1,22 +1,17 @@
 """Tiny random FLUX.1 folders in diffusers layout, made entirely in code (no downloads).
 
-Used by the tests (ditserve and diffusers load the same folder) and as the built-in default model. Tokenizers are
-built from a small vocabulary: CLIP's byte-level BPE over single bytes, T5's unigram over single characters. Their
-outputs have the real structure (padding, end tokens, truncation), so the pipeline code paths are the real ones.
+Used by the tests (ditserve and diffusers load the same folder), by `ditserve make-tiny flux` and as the built-in
+`tiny-flux` model. The tokenizers are the code-built ones of `ditserve.loader.tokenizers`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-TINY_FORMAT_VERSION = 1  # bump when the default tiny model changes, so caches are rebuilt
 
 
 @dataclass
@@ -37,31 +32,12 @@ class TinyFluxSpec:
     extra: dict = field(default_factory=dict)
 
 
-def clip_tokenizer():
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def t5_tokenizer():
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
-    pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
 def make_tiny_flux(path: str | os.PathLike, spec: TinyFluxSpec | None = None) -> Path:
     """Write a tiny FLUX.1 folder (model_index.json and every component) that diffusers' FluxPipeline loads."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ditserve.loader.tokenizers import clip_tokenizer, t5_tokenizer
 
     spec = spec or TinyFluxSpec()
     out = Path(path)
@@ -155,31 +131,3 @@ def make_tiny_flux(path: str | os.PathLike, spec: TinyFluxSpec | None = None) ->
         shutil.rmtree(out / "transformer")
         transformer.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size="100KB")
     return out
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DITSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ditserve"
-    )
-    return Path(root)
-
-
-def builtin_model_path(name: str) -> Path:
-    """The folder of a built-in model, written on first use (atomically, so concurrent first uses are safe)."""
-    if name != "tiny-flux":
-        raise KeyError(f"unknown built-in model {name!r}")
-    target = cache_dir() / f"tiny-flux-v{TINY_FORMAT_VERSION}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-flux-", dir=target.parent))
-    try:
-        make_tiny_flux(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
