@@ -93,11 +93,16 @@ class Attention(nn.Module):
       sum) and returns the new sum. The call then returns that sum over all heads instead of the output, starting
       from alongside()'s result when both are given (alongside computes the projection's other input part).
       Here it is called once, on the whole output; a sequence-parallel attention projects the heads it holds while
-      the others are still on their way."""
+      the others are still on their way.
 
-    def __init__(self, backend: str = "sdpa"):
+    `segments` names the token segments this attention's sequence consists of, in local order (see
+    parallel/sharding.py): FLUX.1's joint attention is ("text", "image"), Z-Image's refiners ("image",) and
+    ("text",). Sequence parallelism reads it; here it is only stored."""
+
+    def __init__(self, backend: str = "sdpa", segments: tuple[str, ...] | None = ("text", "image")):
         super().__init__()
         self.backend = backend
+        self.segments = segments
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
         return run_alongside(lambda: attention(q, k, v, self.backend), alongside, project)

@@ -1,4 +1,4 @@
-"""Rotary position embeddings over several position axes (FLUX: 3 axes of (t, h, w) ids)."""
+"""Rotary position embeddings over several position axes (FLUX.1 and Z-Image: 3 axes of position ids)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,27 @@ import torch
 
 
 def multi_axis_rope(
-    ids: torch.Tensor, axes_dim: list[int], theta: float = 10000.0
+    ids: torch.Tensor, axes_dim: list[int], theta: float = 10000.0, float32_angles: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape [seq, sum(axes_dim)] in float32, each frequency repeated for its pair.
 
-    ids: [seq, n_axes] positions. Frequencies are computed in float64 (as the reference implementation does)
-    because positions reach thousands and float32 angles would drift.
+    ids: [seq, n_axes] positions. Angles (position × frequency) are computed in float64, as both references do,
+    because positions reach thousands. FLUX.1's reference takes cos and sin of the float64 angles; Z-Image's
+    (`RopeEmbedder`: `torch.polar` of angles cast to float32 first) rounds the angles to float32 before them, which
+    `float32_angles=True` reproduces (the two differ by up to ~1e-4 at positions near 1,500).
     """
     pos = ids.to(torch.float64)
     cos_parts, sin_parts = [], []
     for axis, dim in enumerate(axes_dim):
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device)[: dim // 2] / dim))
         angles = torch.outer(pos[:, axis], inv_freq)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
+        if float32_angles:  # the same op as Z-Image's reference, so the tables match it bit for bit
+            unit = torch.polar(torch.ones_like(angles.float()), angles.float())
+            cos, sin = unit.real, unit.imag
+        else:
+            cos, sin = angles.cos().float(), angles.sin().float()
+        cos_parts.append(cos.repeat_interleave(2, dim=1))
+        sin_parts.append(sin.repeat_interleave(2, dim=1))
     return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
 
 
