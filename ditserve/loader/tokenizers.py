@@ -2,8 +2,8 @@
 
 Presets (`--load-format dummy`) have configs but no files, and the tiny test folders are written from these. Each
 keeps the real tokenizer's structure (special tokens, padding, end tokens, truncation, chat template) over a small
-vocabulary, so every pipeline code path is the real one: CLIP's byte-level BPE over single bytes, T5's unigram over
-single characters.
+vocabulary, so every pipeline code path is the real one: CLIP's and Qwen's byte-level BPE over single bytes, T5's
+unigram over single characters.
 """
 
 from __future__ import annotations
@@ -30,3 +30,48 @@ def t5_tokenizer():
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+# What Qwen3's chat template renders for system and user messages and the generation prompt (its tool-call and
+# thinking-history branches are left out: pipelines send one user message). With `enable_thinking=False` it closes
+# an empty thinking block, as Qwen3's does.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen3_tokenizer():
+    """Qwen3's tokenizer structure (Z-Image's text encoder): byte-level BPE, `<|endoftext|>` pads, `<|im_end|>`
+    ends, padding on the right, the chat special tokens and Qwen3's chat template."""
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=131072,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken("<|im_start|>", special=True),
+            AddedToken("<think>", special=False),
+            AddedToken("</think>", special=False),
+        ]
+    )
+    return tokenizer
