@@ -233,6 +233,11 @@ class ZImageTransformer(nn.Module):
         self.final_modulation = ReplicatedLinear(cfg.adaln_dim, dim)
         self.final_linear = ReplicatedLinear(dim, cfg.token_dim)
 
+    @classmethod
+    def from_config(cls, config: dict) -> ZImageTransformer:
+        """From diffusers' transformer/config.json contents."""
+        return cls(ZImageConfig.from_dict(config))
+
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""
         return [*self.noise_refiner, *self.context_refiner, *self.layers]

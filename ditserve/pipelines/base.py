@@ -33,12 +33,6 @@ def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: 
     return torch.randn(shape, generator=generator, dtype=dtype, device="cpu").to(device)
 
 
-def calculate_shift(seq_len: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
-    """The resolution-dependent shift μ of a flow-matching sigma schedule (linear in the number of image tokens)."""
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return seq_len * m + (base_shift - m * base_len)
-
-
 class Pipeline:
     family: str = ""
     device: torch.device

@@ -23,7 +23,7 @@ from ditserve.loader.folder import (
 )
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
 from ditserve.parallel.vae import needs_tiling, tiled_decode
-from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, calculate_shift, seeded_noise
+from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
 from ditserve.utils.timing import StageTimer
 
 
@@ -61,6 +61,12 @@ def load_flux_components(
         tokenizer_2=load_tokenizer(source, "tokenizer_2", T5TokenizerFast, t5_tokenizer),
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(source.config("scheduler")),
     )
+
+
+def calculate_shift(seq_len: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
+    """The resolution-dependent shift μ of the sigma schedule (linear in the number of image tokens)."""
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return seq_len * m + (base_shift - m * base_len)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from ditserve.config import ConfigError, SamplingParams
 from ditserve.loader.folder import ModelSource, load_dit, load_library_model, load_tokenizer
 from ditserve.models.zimage import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer, map_diffusers_key
 from ditserve.parallel.vae import needs_tiling, tiled_decode
-from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, calculate_shift, seeded_noise
+from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
+from ditserve.pipelines.flux import calculate_shift  # the same mu as FLUX.1 (diffusers copies it too)
 from ditserve.utils.timing import StageTimer
 
 BENCH_PROMPT = "a photograph of a red fox standing in fresh snow, morning light, highly detailed"
