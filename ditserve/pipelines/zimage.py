@@ -216,7 +216,7 @@ class ZImagePipeline(Pipeline):
 
     def batch_key(self, params: SamplingParams) -> tuple:
         extra = {**self.EXTRA_DEFAULTS, **params.extra}
-        return (*super().batch_key(params), float(extra["cfg_normalization"]), float(extra["cfg_truncation"]))
+        return (*super().batch_key(params), extra["cfg_normalization"], extra["cfg_truncation"])
 
     # ---- stages -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -334,7 +334,9 @@ class ZImagePipeline(Pipeline):
         cond_groups = caption_groups(cond, h // p, w // p)
         uncond_groups = caption_groups(uncond, h // p, w // p) if uncond is not None else None
         extra = {**self.EXTRA_DEFAULTS, **params.extra}
-        truncation, normalization = float(extra["cfg_truncation"]), float(extra["cfg_normalization"])
+        # None turns either off, as in diffusers; cfg_normalization=True caps the norm at the positive's.
+        truncation = float("inf") if extra["cfg_truncation"] is None else float(extra["cfg_truncation"])
+        normalization = float(extra["cfg_normalization"] or 0.0)
         timesteps = scheduler.timesteps
         t_norms = ((1000 - timesteps.float()) / 1000).tolist()
         batch = latents.shape[0]
