@@ -93,10 +93,15 @@ class Attention(nn.Module):
       sum) and returns the new sum. The call then returns that sum over all heads instead of the output, starting
       from alongside()'s result when both are given (alongside computes the projection's other input part).
       Here it is called once, on the whole output; a sequence-parallel attention projects the heads it holds while
-      the others are still on their way."""
+      the others are still on their way.
 
-    def __init__(self, backend: str = "sdpa"):
+    `segments` names the token segments (see parallel/sharding.py) the sequence of q, k and v consists of, in order:
+    sequence parallelism splits each of them and wraps this module; None marks a cross-attention, whose keys and
+    values are not split and which runs unwrapped on each rank's queries."""
+
+    def __init__(self, segments: tuple[str, ...] | None, backend: str = "sdpa"):
         super().__init__()
+        self.segments = segments
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
@@ -114,7 +119,7 @@ class Attention(nn.Module):
         return q, k, value if value is not None else like.new_empty(shape)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"segments={self.segments}, backend={self.backend}"
 
 
 def set_attention_backend(model: nn.Module, backend: str, device: torch.device) -> None:
