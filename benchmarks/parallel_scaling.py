@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from ditserve.accel.cuda_graph import disable_cuda_graphs, enable_cuda_graphs
-from ditserve.bench import diffusers_transformer_sharing
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import load_dit, resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
@@ -35,7 +34,7 @@ from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key,
 from ditserve.parallel.groups import ParallelConfig, init_parallel_groups
 from ditserve.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
 from ditserve.parallel.state import set_tensor_parallel_group
-from ditserve.pipelines.flux import latent_image_ids
+from ditserve.pipelines.flux import diffusers_transformer_sharing, latent_image_ids
 
 TIMING = dict(warmup=3, iters=10)
 
@@ -251,7 +250,9 @@ def main() -> None:
     device = torch.device("cuda")
     source = resolve_model("flux.1-dev", "dummy")
     cfg = FluxConfig.from_dict(source.config("transformer"))
-    full = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, torch.bfloat16, "dummy")
+    full = load_dit(
+        source, "transformer", lambda: FluxTransformer(cfg), map_diffusers_key, device, torch.bfloat16, "dummy"
+    )
     set_attention_backend(full, "auto", device)
     full_state = to_diffusers_state_dict(full)  # views of our tensors, under diffusers' names
     rows = []

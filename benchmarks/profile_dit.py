@@ -10,10 +10,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ditserve.bench import diffusers_transformer_sharing
 from ditserve.loader.folder import load_dit, resolve_model
 from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
-from ditserve.pipelines.flux import latent_image_ids
+from ditserve.pipelines.flux import diffusers_transformer_sharing, latent_image_ids
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     source = resolve_model(ns.preset, "dummy")
     cfg = FluxConfig.from_dict(source.config("transformer"))
-    ours = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, "dummy")
+    ours = load_dit(source, "transformer", lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, "dummy")
     theirs = diffusers_transformer_sharing(ours)
     side = ns.size // 16
     inputs = dict(

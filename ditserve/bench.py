@@ -1,8 +1,8 @@
 """`ditserve bench`: ditserve against diffusers in one process, on the same device, with the same weights.
 
-diffusers' FluxTransformer2DModel is built on the meta device and given *our* tensors (its separate q/k/v are
-row-slices of our fused weights, so no memory is added); text encoders, VAE, tokenizers and scheduler are the same
-objects. Both pipelines then run the same prompt, size, steps and seed. Reported per engine:
+diffusers' own pipeline for the model's family (`Pipeline.diffusers_pipeline`) holds its own transformer class built
+on the meta device and given *our* tensors (its separate q/k/v are row-slices of our fused weights, so no memory is
+added); text encoders, VAE, tokenizers and scheduler are the same objects. Both pipelines then run the same prompt, size, steps and seed. Reported per engine:
 - DiT forward time (median of repeated forwards at the request's shapes, batch 1);
 - denoising step time (median over the steps of the timed generations);
 - whole generation time (text encoding to decoded image) and peak device memory;
@@ -12,7 +12,6 @@ objects. Both pipelines then run the same prompt, size, steps and seed. Reported
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime
 import json
@@ -22,9 +21,8 @@ import time
 
 import torch
 
+from ditserve.pipelines.base import BENCH_PROMPT
 from ditserve.utils.timing import synchronize
-
-PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
 
 
 def _time_calls(fn, device: torch.device, warmup: int = 2, iters: int = 10) -> float:
@@ -51,42 +49,9 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def diffusers_transformer_sharing(ours) -> torch.nn.Module:
-    """diffusers' FluxTransformer2DModel holding our tensors (no copy)."""
-    from diffusers import FluxTransformer2DModel
-
-    from ditserve.models.flux import to_diffusers_state_dict
-
-    cfg = ours.config
-    # FluxConfig's fields are diffusers' config names, so the config passes through as is.
-    config = {**dataclasses.asdict(cfg), "axes_dims_rope": list(cfg.axes_dims_rope)}
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    model.load_state_dict(to_diffusers_state_dict(ours), strict=True, assign=True)
-    return model.eval()
-
-
-def _forward_inputs(pipeline, height: int, width: int, guidance_scale: float):
-    cond = pipeline.encode_prompt([PROMPT], 1, 512)
-    latents, img_ids = pipeline.prepare_latents(0, 1, height, width, cond[0].dtype)
-    t = torch.full((1,), 0.7, device=pipeline.device, dtype=latents.dtype)
-    guidance = None
-    if pipeline.c.transformer.config.guidance_embeds:
-        guidance = torch.full((1,), guidance_scale, device=pipeline.device, dtype=torch.float32)
-    return dict(
-        hidden_states=latents,
-        encoder_hidden_states=cond[0],
-        pooled_projections=cond[1],
-        timestep=t,
-        img_ids=img_ids,
-        txt_ids=cond[2],
-        guidance=guidance,
-    )
-
-
 def _request(ns: argparse.Namespace, guidance_scale: float) -> dict:
     return dict(
-        prompt=PROMPT,
+        prompt=BENCH_PROMPT,
         height=ns.height,
         width=ns.width,
         num_inference_steps=ns.num_inference_steps,
@@ -114,7 +79,7 @@ def _time_generations(engine, gen: dict, repeat: int) -> dict:
 
 
 def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
-    model = engine.pipeline.c.transformer
+    model = next(iter(engine.pipeline.transformers().values()))
     with torch.no_grad():
         forward_s = _time_calls(lambda: model(**inputs), engine.device)
     return dict(forward_ms=forward_s * 1000, **_time_generations(engine, gen, repeat))
@@ -180,8 +145,6 @@ def _fmt(value, spec: str) -> str:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
-    from diffusers import FluxPipeline as DiffusersFluxPipeline
-
     from ditserve.cli import engine_args_from
     from ditserve.engine.engine import Engine
 
@@ -203,7 +166,7 @@ def run_bench(ns: argparse.Namespace) -> int:
     pipeline = engine.pipeline
     device = engine.device
     gen = _request(ns, pipeline.defaults().guidance_scale)
-    inputs = _forward_inputs(pipeline, ns.height, ns.width, gen["guidance_scale"])
+    inputs = pipeline.forward_inputs(ns.height, ns.width)
     report: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -236,10 +199,11 @@ def run_bench(ns: argparse.Namespace) -> int:
         import diffusers
 
         report["diffusers"] = diffusers.__version__
-        c = pipeline.c
-        dt = diffusers_transformer_sharing(c.transformer)
+        pipe = pipeline.diffusers_pipeline()
+        dt = pipe.transformer
+        ours_dit = next(iter(pipeline.transformers().values()))
         with torch.no_grad():
-            ours_out = c.transformer(**inputs).float()
+            ours_out = ours_dit(**inputs).float()
             ref_out = dt(**inputs, return_dict=False)[0].float()
         report["dit_relative_difference"] = ((ours_out - ref_out).norm() / ref_out.norm()).item()
         if device.type == "cuda" and not args.compile:
@@ -257,16 +221,6 @@ def run_bench(ns: argparse.Namespace) -> int:
         del ours_out, ref_out
         if args.compile:
             dt.compile_repeated_blocks(fullgraph=True)
-        pipe = DiffusersFluxPipeline(
-            scheduler=copy.deepcopy(c.scheduler),
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2,
-            tokenizer_2=c.tokenizer_2,
-            transformer=dt,
-        )
-        pipe.set_progress_bar_config(disable=True)
         report["results"]["diffusers"] = _bench_diffusers(pipe, gen, ns.repeat, inputs, device)
         ours, theirs = report["results"]["ditserve"], report["results"]["diffusers"]
         report["speedup"] = {

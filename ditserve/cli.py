@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS, ConfigError
 from ditserve.lora.cli import add_lora_flags
+from ditserve.registry import DEFAULT_BENCH_MODEL
 
 
 class UsageError(Exception):
@@ -176,13 +177,19 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
-    from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
+    from ditserve.registry import load_object, specs
 
-    if ns.family != "flux":
-        raise UsageError(f"make-tiny: unknown family {ns.family!r}; known: flux")
-    spec = TinyFluxSpec(guidance_embeds=not ns.schnell, dynamic_shift=not ns.schnell, shard_transformer=ns.sharded)
-    path = make_tiny_flux(ns.dir, spec)
-    print(f"wrote a tiny random FLUX.1 ({'schnell' if ns.schnell else 'dev'}-style) to {path}")
+    spec = next((s for s in specs() if s.family == ns.family and s.make_tiny), None)
+    if spec is None:
+        known = ", ".join(s.family for s in specs() if s.make_tiny)
+        raise UsageError(f"make-tiny: unknown family {ns.family!r}; known: {known}")
+    for other in {flag for s in specs() for flag in s.make_tiny_options} - set(spec.make_tiny_options):
+        if getattr(ns, other):
+            raise UsageError(f"make-tiny: --{other.replace('_', '-')} is not an option of {spec.family}")
+    options = {name: getattr(ns, name) for name in spec.make_tiny_options}
+    path = load_object(spec.make_tiny)(ns.dir, **options)  # type: ignore[arg-type]
+    chosen = "".join(f" --{name.replace('_', '-')}" for name, on in options.items() if on)
+    print(f"wrote a tiny random {spec.family} model{chosen} to {path}")
     return 0
 
 
@@ -194,6 +201,21 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 # Other modules (the server, later) add their subcommands here: name → (register(subparsers), handler).
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    """The family and every family's own options (flags), from the registrations (plain data: no torch)."""
+    from ditserve.registry import specs
+
+    families = [s for s in specs() if s.make_tiny]
+    parser.add_argument("family", help=f"model family ({', '.join(s.family for s in families)})")
+    parser.add_argument("dir", help="output folder")
+    helps: dict[str, list[str]] = {}
+    for s in families:
+        for name, text in s.make_tiny_options.items():
+            helps.setdefault(name, []).append(f"{s.family}: {text}")
+    for name, texts in helps.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help="; ".join(texts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,15 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model folder in diffusers layout")
-    tiny.add_argument("family", help="model family (flux)")
-    tiny.add_argument("dir", help="output folder")
-    tiny.add_argument("--schnell", action="store_true", help="no guidance embedding, no dynamic shift")
-    tiny.add_argument("--sharded", action="store_true", help="write the transformer as several shards")
+    _add_make_tiny_arguments(tiny)
     tiny.set_defaults(handler=cmd_make_tiny)
 
     bench = sub.add_parser("bench", help="time ditserve against diffusers on the same GPU, same weights")
     add_engine_flags(bench)
-    bench.set_defaults(model="flux.1-dev", load_format="dummy")
+    bench.set_defaults(model=DEFAULT_BENCH_MODEL, load_format="dummy")
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--num-inference-steps", type=int, default=28)

@@ -28,6 +28,9 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
 MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_IMAGES = 16
+MAX_FRAMES = 1025
+MAX_FPS = 240
+MAX_INPUT_IMAGES = 16
 
 
 class ConfigError(ValueError):
@@ -160,6 +163,11 @@ class SamplingParams:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     seed: int | None = None
+    # Video families: frames and frame rate of the clip (image families refuse both).
+    num_frames: int | None = None
+    fps: int | None = None
+    # Edit and image-to-video families: input images (PIL images, H×W×3 uint8 arrays, or file paths).
+    images: list | None = None
     num_images: int = 1
     max_sequence_length: int | None = None
     output_type: str = "pil"
@@ -201,6 +209,16 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
             raise ConfigError("seed", f"must be an integer from 0 to 2**63-1, got {self.seed!r}")
+        for name, limit in (("num_frames", MAX_FRAMES), ("fps", MAX_FPS)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+                raise ConfigError(name, f"must be an integer from 1 to {limit}, got {value!r}")
+        if self.images is not None:
+            if not isinstance(self.images, list) or len(self.images) > MAX_INPUT_IMAGES:
+                raise ConfigError("images", f"must be a list of at most {MAX_INPUT_IMAGES} images")
+            for image in self.images:
+                if not _is_image_like(image):
+                    raise ConfigError("images", f"{type(image).__name__} is not an image (PIL image, array or path)")
         n = self.num_images
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
             raise ConfigError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")
@@ -228,6 +246,7 @@ class SamplingParams:
         seeds and image counts may differ)."""
         uses_negative = self.negative_prompt is not None and (self.true_cfg_scale or 0) > 1
         return (
+            self.num_frames,
             self.height,
             self.width,
             self.num_inference_steps,
@@ -236,6 +255,16 @@ class SamplingParams:
             self.max_sequence_length,
             uses_negative,
         )
+
+
+def _is_image_like(value) -> bool:
+    import os
+
+    if isinstance(value, str | os.PathLike):
+        return True
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array or tensor
+        return len(value.shape) == 3
+    return type(value).__module__.startswith("PIL.")
 
 
 # The sampling settings a model has defaults for (its pipeline's, or its folder's ditserve.json).
@@ -247,4 +276,6 @@ DEFAULTED_FIELDS = (
     "true_cfg_scale",
     "negative_prompt",
     "max_sequence_length",
+    "num_frames",
+    "fps",
 )

@@ -1,164 +1,22 @@
-"""Which pipeline family serves a model folder, and the real configs of known models (presets).
+"""Model families, each described once: which folders a family serves and what it is made of.
 
-A folder's `model_index.json` names its pipeline class (`_class_name`); `FAMILIES` maps that to our family. A
-preset is a model by name with the exact configs of the published checkpoint, so `load_format="dummy"` can build
-the real architecture at full size without any files.
+A folder's `model_index.json` names its pipeline class (`_class_name`); the family whose `ModelSpec` lists that class
+serves it. The engine, worker, server, loader, LoRA, bench and make-tiny read the spec and never name a family. The
+registrations themselves live in `ditserve/families/`, one module per family, named in `FAMILY_MODULES`.
+
+Everything here is plain data: no torch is imported, so the HTTP process and `--help` stay light. Code is named by
+"module:attribute" strings that `load_object` imports when it is needed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 from dataclasses import dataclass, field
+from typing import Any
 
-FAMILIES: dict[str, str] = {
-    "FluxPipeline": "flux",
-}
-
-# The component each family needs from a folder, with the library and class diffusers writes in model_index.json.
-FLUX_COMPONENTS: dict[str, tuple[str, str]] = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "text_encoder_2": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "tokenizer_2": ("transformers", "T5TokenizerFast"),
-    "transformer": ("diffusers", "FluxTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
-REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {"flux": tuple(FLUX_COMPONENTS)}
-
-
-@dataclass
-class Preset:
-    """Configs of a published model, as its diffusers folder has them."""
-
-    name: str
-    pipeline_class: str
-    configs: dict[str, dict] = field(default_factory=dict)  # component → config.json contents
-
-    @property
-    def family(self) -> str:
-        return FAMILIES[self.pipeline_class]
-
-    def model_index(self) -> dict:
-        index = {"_class_name": self.pipeline_class, "_diffusers_version": "0.42.1"}
-        index.update({name: list(lib_cls) for name, lib_cls in FLUX_COMPONENTS.items()})
-        return index
-
-
-_FLUX_VAE = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "latents_mean": None,
-    "latents_std": None,
-    "layers_per_block": 2,
-    "mid_block_add_attention": True,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_post_quant_conv": False,
-    "use_quant_conv": False,
-}
-_CLIP_L_TEXT = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
-_T5_XXL = {
-    "architectures": ["T5EncoderModel"],
-    "model_type": "t5",
-    "d_ff": 10240,
-    "d_kv": 64,
-    "d_model": 4096,
-    "decoder_start_token_id": 0,
-    "dense_act_fn": "gelu_new",
-    "dropout_rate": 0.1,
-    "eos_token_id": 1,
-    "feed_forward_proj": "gated-gelu",
-    "initializer_factor": 1.0,
-    "is_encoder_decoder": True,
-    "is_gated_act": True,
-    "layer_norm_epsilon": 1e-06,
-    "num_decoder_layers": 24,
-    "num_heads": 64,
-    "num_layers": 24,
-    "pad_token_id": 0,
-    "relative_attention_max_distance": 128,
-    "relative_attention_num_buckets": 32,
-    "tie_word_embeddings": False,
-    "vocab_size": 32128,
-}
-_FLUX_TRANSFORMER = {
-    "_class_name": "FluxTransformer2DModel",
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "out_channels": None,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-_FLUX_DEV_SCHEDULER = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
-
-
-def _flux_preset(name: str, guidance_embeds: bool, scheduler: dict) -> Preset:
-    transformer = copy.deepcopy(_FLUX_TRANSFORMER)
-    transformer["guidance_embeds"] = guidance_embeds
-    return Preset(
-        name=name,
-        pipeline_class="FluxPipeline",
-        configs={
-            "transformer": transformer,
-            "vae": copy.deepcopy(_FLUX_VAE),
-            "text_encoder": copy.deepcopy(_CLIP_L_TEXT),
-            "text_encoder_2": copy.deepcopy(_T5_XXL),
-            "scheduler": scheduler,
-        },
-    )
-
-
-PRESETS: dict[str, Preset] = {
-    "flux.1-dev": _flux_preset("flux.1-dev", True, _FLUX_DEV_SCHEDULER),
-    "flux.1-schnell": _flux_preset(
-        "flux.1-schnell",
-        False,
-        {**_FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False},
-    ),
-}
+FAMILY_MODULES = ("flux",)
 
 # The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
 # digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).
@@ -166,11 +24,99 @@ PRESETS: dict[str, Preset] = {
 # (deterministic: the same weights on every machine).
 DEFAULT_MODEL = "digits"
 BUILTIN_MODELS = ("digits", "tiny-flux")
+DEFAULT_BENCH_MODEL = "flux.1-dev"  # the preset `ditserve bench` times when no --model is given
 
 
-def get_preset(name: str) -> Preset:
-    try:
-        return copy.deepcopy(PRESETS[name])
-    except KeyError:
-        known = ", ".join(sorted(PRESETS))
-        raise KeyError(f"unknown preset {name!r}; known presets: {known}") from None
+@dataclass(frozen=True)
+class DiTSpec:
+    """One native DiT of a family: its component folder, our model class and the key map from diffusers' names.
+
+    The class is built with `Class.from_config(config.json contents)`; the key map takes a diffusers parameter name
+    and gives (our parameter name, shard index inside a fused layer or None), or None for a name it does not know."""
+
+    component: str
+    model: str
+    key_map: str
+
+
+@dataclass
+class Preset:
+    """Configs of a published model, as its diffusers folder has them (component → config.json contents), so that
+    `load_format="dummy"` builds the real architecture at full size without any files."""
+
+    name: str
+    pipeline_class: str
+    configs: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the shared code needs to know about one model family."""
+
+    family: str
+    pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this family serves
+    # Every component folder the family needs: name → (library, class), as model_index.json writes them. Models
+    # are listed in the order their dummy weights are seeded.
+    components: dict[str, tuple[str, str]]
+    dits: tuple[DiTSpec, ...]  # the components that are ours
+    pipeline: str  # "module:Class" of the Pipeline subclass
+    # Tokenizer components → "module:function" building a tokenizer in code, for presets (which have no files).
+    code_tokenizers: dict[str, str] = field(default_factory=dict)
+    lora_architecture: str | None = None  # the LoRA naming schemes' architecture (lora/naming.py); None: no LoRA
+    output: str = "image"  # "image" or "video"
+    # What the server may route to it: "text-to-image", "image-edit", "text-to-video", "image-to-video".
+    tasks: tuple[str, ...] = ("text-to-image",)
+    image_inputs: int = 0  # how many input images a request may bring (edit and image-to-video families)
+    # diffusers' pipeline __call__ defaults, except the size (the pipeline derives it from the VAE).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    max_sequence_length: int = 512  # the longest text sequence the family's encoder is used with
+    presets: tuple[Preset, ...] = ()
+    # "module:function" writing a tiny random folder of this family: function(path, **options) → path, with
+    # `make_tiny_options` naming the options `ditserve make-tiny` offers (flag → help).
+    make_tiny: str | None = None
+    make_tiny_options: dict[str, str] = field(default_factory=dict)
+
+    def model_index(self, pipeline_class: str) -> dict:
+        index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
+        index.update({name: list(lib_cls) for name, lib_cls in self.components.items()})
+        return index
+
+
+def load_object(path: str) -> Any:
+    """The attribute named by "module:attribute"."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@functools.cache
+def specs() -> tuple[ModelSpec, ...]:
+    return tuple(importlib.import_module(f"ditserve.families.{name}").SPEC for name in FAMILY_MODULES)
+
+
+def spec_for_family(family: str) -> ModelSpec:
+    for spec in specs():
+        if spec.family == family:
+            return spec
+    raise KeyError(f"unknown model family {family!r}; known: {', '.join(s.family for s in specs())}")
+
+
+def spec_for_pipeline_class(class_name: str) -> ModelSpec | None:
+    """The family serving folders whose model_index.json names `class_name`, or None."""
+    return next((s for s in specs() if class_name in s.pipeline_classes), None)
+
+
+def supported_pipeline_classes() -> list[str]:
+    return sorted(c for s in specs() for c in s.pipeline_classes)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name for s in specs() for p in s.presets)
+
+
+def get_preset(name: str) -> tuple[ModelSpec, Preset]:
+    """A preset by name with its family's spec (the preset a copy: callers may change it)."""
+    for spec in specs():
+        for preset in spec.presets:
+            if preset.name == name:
+                return spec, copy.deepcopy(preset)
+    raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")

@@ -19,7 +19,7 @@ from ditserve.tiny.flux import TinyFluxSpec, make_tiny_flux
 
 def test_cuda_graphs_need_cuda(tiny_dev):
     engine = Engine.from_pretrained(str(tiny_dev), device="cpu")
-    assert engine.cuda_graphs is None  # on by default, but only CUDA has them
+    assert engine.cuda_graphs == {}  # on by default, but only CUDA has them
     with pytest.raises(ValueError, match="CUDA"):
         enable_cuda_graphs(engine.pipeline.c.transformer, torch.device("cpu"))
 
@@ -42,8 +42,8 @@ CALL = dict(prompt="a fox", negative_prompt="rain", true_cfg_scale=2.0, seed=3, 
 def test_replayed_graphs_match_eager(tiny_dev):
     eager = Engine.from_pretrained(str(tiny_dev), device="cuda", dtype="bfloat16", cuda_graphs=False)
     graphed = Engine.from_pretrained(str(tiny_dev), device="cuda", dtype="bfloat16")
-    graphs = graphed.cuda_graphs
-    assert graphs is not None and eager.cuda_graphs is None
+    graphs = graphed.cuda_graphs["transformer"]
+    assert eager.cuda_graphs == {}
     for size in (64, 96, 64):
         want = eager.generate(**CALL, height=size, width=size).images[0]
         got = graphed.generate(**CALL, height=size, width=size).images[0]
@@ -103,7 +103,7 @@ def _engines_in_one_process(model: str, modes: list[dict], results) -> None:
                 done.append(({"refused": e.field}, None, None))
                 continue
             with engine:
-                ran = {"graphs": engine.cuda_graphs is not None}
+                ran = {"graphs": bool(engine.cuda_graphs)}
                 exchanges = {m.exchange for m in engine.pipeline.c.transformer.modules() if hasattr(m, "exchange")}
                 got = engine.generate(**PARALLEL_CALL).images[0]
                 again = engine.generate(**PARALLEL_CALL).images[0]  # replayed, not captured
@@ -248,7 +248,7 @@ def test_engine_frees_its_graphs_before_leaving_the_process_group(monkeypatch):
             order.append("graphs freed")
 
     engine = engine_mod.Engine.__new__(engine_mod.Engine)  # only the shutdown path: no model is loaded
-    engine.cuda_graphs = Graphs()
+    engine.cuda_graphs = {"transformer": Graphs()}
     engine._rank_processes = []
     monkeypatch.setattr(engine_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(engine_mod.dist, "destroy_process_group", lambda: order.append("group left"))

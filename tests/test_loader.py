@@ -139,7 +139,7 @@ def test_presets_hold_the_real_architecture():
     from ditserve.registry import get_preset
 
     for name, guidance in (("flux.1-dev", True), ("flux.1-schnell", False)):
-        cfg = FluxConfig.from_dict(get_preset(name).configs["transformer"])
+        cfg = FluxConfig.from_dict(get_preset(name)[1].configs["transformer"])
         model = build_on_meta(lambda cfg=cfg: FluxTransformer(cfg), torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
         assert (model.guidance_embedder is not None) == guidance

@@ -14,6 +14,7 @@ from ditserve.loader.weights import build_on_meta, init_dummy_weights, materiali
 from ditserve.models.flux import FluxConfig, FluxTransformer
 from ditserve.parallel.exchange import CopyEngineExchange
 from ditserve.parallel.sequence import build_sequence_parallel_groups, enable_sequence_parallel, shard_lengths
+from ditserve.parallel.sharding import SequenceSharding, Sharded
 
 CONFIG = dict(
     in_channels=16,
@@ -231,7 +232,7 @@ def test_output_projection_in_pieces_follows_sequence_length():
 
     def attention(ulysses: int, ring: int = 1, pieces: bool | None = None) -> SequenceParallelAttention:
         groups = SequenceParallelGroups(None, ulysses, 0, None, ring, 0, None)
-        return SequenceParallelAttention(Attention(), groups, project_in_pieces=pieces)
+        return SequenceParallelAttention(Attention(segments=("text", "image")), groups, project_in_pieces=pieces)
 
     over = PIECEWISE_PROJECTION_MIN_TOKENS // 2 + 1  # per rank, at degree 2
     assert attention(2).projects_in_pieces(over)
@@ -258,7 +259,7 @@ def test_ulysses_head_groups_follow_sequence_length():
 
     def attention(ulysses: int, ring: int = 1, chunks: int | None = None) -> SequenceParallelAttention:
         groups = SequenceParallelGroups(None, ulysses, 0, None, ring, 0, None)
-        return SequenceParallelAttention(Attention(), groups, chunks)
+        return SequenceParallelAttention(Attention(segments=("text", "image")), groups, chunks)
 
     short, long = PIPELINED_MAX_TOKENS // 2, PIPELINED_MAX_TOKENS // 2 + 1  # per rank, at degree 2
     assert attention(2).chunks(24, short) == 2  # FLUX.1 at 1024²: 4608 tokens
@@ -283,7 +284,10 @@ def test_alongside_carveout_follows_sequence_length():
 
     def attention(ulysses: int, carveout: int | None = None) -> SequenceParallelAttention:
         return SequenceParallelAttention(
-            Attention(), SequenceParallelGroups(None, ulysses, 0, None, 1, 0, None), None, carveout
+            Attention(segments=("text", "image")),
+            SequenceParallelGroups(None, ulysses, 0, None, 1, 0, None),
+            None,
+            carveout,
         )
 
     assert ALONGSIDE_SM_CARVEOUT > 0
@@ -440,3 +444,60 @@ def test_ulysses_exchange_choice_and_fallback(monkeypatch, caplog):
             named.prepare([send.numel()], send.dtype, send.device)
     finally:
         dist.destroy_process_group()
+
+
+class VideoStyleToy(torch.nn.Module):
+    """A model shaped like a video DiT: self-attention over one segment ("video"), then cross-attention to text
+    that is not split (segments None), with the text a forward argument the sharding does not name."""
+
+    sequence_sharding = SequenceSharding(inputs={"video": Sharded(1, "video")}, output=Sharded(1, "video"))
+
+    def __init__(self):
+        from ditserve.layers.attention import Attention
+
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.qkv = torch.nn.Parameter(torch.randn(16, 48, generator=g) * 0.3)
+        self.q_cross = torch.nn.Parameter(torch.randn(16, 16, generator=g) * 0.3)
+        self.kv_cross = torch.nn.Parameter(torch.randn(8, 32, generator=g) * 0.3)
+        self.self_attn = Attention(segments=("video",))
+        self.cross_attn = Attention(segments=None)
+
+    def forward(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (4, 4)) for t in (video @ self.qkv).chunk(3, dim=-1))
+        x = video + self.self_attn(q, k, v).flatten(2)
+        k, v = (t.unflatten(-1, (4, 4)) for t in (text @ self.kv_cross).chunk(2, dim=-1))
+        return x + self.cross_attn((x @ self.q_cross).unflatten(-1, (4, 4)), k, v).flatten(2)
+
+
+def _toy_inputs() -> dict:
+    g = torch.Generator().manual_seed(4)
+    return dict(video=torch.randn(2, 7, 16, generator=g), text=torch.randn(2, 5, 8, generator=g))
+
+
+def _toy_worker(rank: int, world: int, port: int, ulysses: int, ring: int, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = enable_sequence_parallel(VideoStyleToy(), build_sequence_parallel_groups(ulysses, ring))
+        wrapped = {name for name, m in model.named_children() if type(m).__name__ == "SequenceParallelAttention"}
+        assert wrapped == {"self_attn"}, wrapped  # the cross-attention keeps its whole keys: not wrapped
+        with torch.no_grad():
+            out = model(**_toy_inputs())
+        if rank == 0:
+            queue.put(out.numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_single_segment_self_attention_and_unsplit_cross_attention(ulysses=2, ring=1):
+    """The sharding a model declares, beyond FLUX's [text | image]: one segment of 7 tokens (padded shards), and a
+    cross-attention whose keys come whole on every rank."""
+    with torch.no_grad():
+        expected = VideoStyleToy()(**_toy_inputs())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    world = ulysses * ring
+    mp.start_processes(_toy_worker, args=(world, free_port(), ulysses, ring, queue), nprocs=world, start_method="spawn")
+    got = torch.from_numpy(queue.get(timeout=60))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5

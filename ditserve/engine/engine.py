@@ -37,8 +37,9 @@ from ditserve.loader.folder import resolve_model
 from ditserve.lora import LoRAManager, lora_targets
 from ditserve.parallel.groups import ParallelConfigError, ParallelGroups, init_parallel_groups
 from ditserve.parallel.sequence import enable_sequence_parallel
-from ditserve.pipelines import Pipeline, pipeline_class
+from ditserve.pipelines import Pipeline
 from ditserve.pipelines.base import StepCallback
+from ditserve.registry import load_object
 from ditserve.utils.memory import peak_mb, reset_peak
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Engine:
         self.args = args
         self.parallel = args.parallel_config()
         self.groups: ParallelGroups | None = None
-        self.cuda_graphs: CudaGraphs | None = None
+        self.cuda_graphs: dict[str, CudaGraphs] = {}  # per DiT component, when they replay as CUDA graphs
         self._control = None  # gloo group rank 0 broadcasts operations on
         self._rank_processes: list = []
         self._closed = False
@@ -97,11 +98,11 @@ class Engine:
             # Groups first: tensor-parallel layers read their group while the model is built.
             self.groups = init_parallel_groups(self.parallel)
             self._control = dist.new_group(backend="gloo")
-        cls = pipeline_class(self.source.family)
-        self.pipeline: Pipeline = cls.load(  # type: ignore[attr-defined]
+        cls = load_object(self.source.spec.pipeline)
+        self.pipeline: Pipeline = cls.load(
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
-        transformer = self.pipeline.c.transformer  # type: ignore[attr-defined]
+        transformers = self.pipeline.transformers().values()
         if self.groups is not None:
             self.pipeline.parallel = self.groups
             if self.groups.sequence is not None:
@@ -109,22 +110,25 @@ class Engine:
                 # many of them it started here.
                 world = self.parallel.world_size
                 one_machine = args.nnodes == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
-                enable_sequence_parallel(
-                    transformer,
-                    self.groups.sequence,
-                    ulysses_exchange=self.parallel.ulysses_exchange,
-                    one_machine=one_machine,
-                    graphed=args.cuda_graphs and self.device.type == "cuda",
-                )
-        set_attention_backend(transformer, args.attention_backend, self.device)
+                for transformer in transformers:
+                    enable_sequence_parallel(
+                        transformer,
+                        self.groups.sequence,
+                        ulysses_exchange=self.parallel.ulysses_exchange,
+                        one_machine=one_machine,
+                        graphed=args.cuda_graphs and self.device.type == "cuda",
+                    )
+        for transformer in transformers:
+            set_attention_backend(transformer, args.attention_backend, self.device)
         if args.vae_tiling:
-            self.pipeline.c.vae.enable_tiling()  # type: ignore[attr-defined]
+            self.pipeline.vae.enable_tiling()
             if self.parallel.world_size > 1:
                 self.pipeline.decode_group = dist.group.WORLD
-        if args.compile:
-            compile_repeated_blocks(transformer)
-        if args.cuda_graphs and self.device.type == "cuda":
-            self.cuda_graphs = enable_cuda_graphs(transformer, self.device)
+        for name, transformer in self.pipeline.transformers().items():
+            if args.compile:
+                compile_repeated_blocks(transformer)
+            if args.cuda_graphs and self.device.type == "cuda":
+                self.cuda_graphs[name] = enable_cuda_graphs(transformer, self.device)
         # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
@@ -227,8 +231,7 @@ class Engine:
         ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait). Captured
         graphs go first: NCCL's communicator teardown blocks while a graph that captured its collectives is alive
         (pytorch/pytorch#115388)."""
-        if self.cuda_graphs is not None:
-            self.cuda_graphs.reset()
+        self._reset_cuda_graphs()
         from ditserve.parallel.state import set_tensor_parallel_group
 
         # The tensor-parallel state goes before its group: the two-shot all-reduce's symmetric-memory buffers were
@@ -281,7 +284,12 @@ class Engine:
         max_sequence_length: int | None = None,
         output_type: str = "pil",
         on_step: StepCallback | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        images: list | None = None,
     ) -> GenerationResult:
+        """One request. `num_frames` and `fps` are for video families, `images` (PIL images, arrays or paths) for
+        families that take input images; the others refuse them (ConfigError naming the field)."""
         params = SamplingParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -294,6 +302,9 @@ class Engine:
             num_images=num_images,
             max_sequence_length=max_sequence_length,
             output_type=output_type,
+            num_frames=num_frames,
+            fps=fps,
+            images=images,
         )
         return self.run(params, on_step)
 
@@ -372,8 +383,11 @@ class Engine:
             return getattr(self.lora, method)(**kwargs)
         finally:
             # Captured graphs hold the kernels and weight tensors of the LoRA state they were captured in.
-            if self.cuda_graphs is not None:
-                self.cuda_graphs.reset()
+            self._reset_cuda_graphs()
+
+    def _reset_cuda_graphs(self) -> None:
+        for graphs in self.cuda_graphs.values():
+            graphs.reset()
 
     def _check_driver(self) -> None:
         if not self.is_driver:

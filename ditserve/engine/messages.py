@@ -17,7 +17,8 @@ from typing import Any
 
 from ditserve.config import SamplingParams
 
-# Fields of SamplingParams that travel; `extra` stays behind on purpose (it may hold non-JSON values).
+# Fields of SamplingParams that travel; `extra` stays behind on purpose (it may hold non-JSON values), and so do
+# input `images` (no family the worker serves takes them yet; each would travel encoded as an image file).
 _PARAM_FIELDS = (
     "prompt",
     "negative_prompt",
@@ -27,6 +28,8 @@ _PARAM_FIELDS = (
     "guidance_scale",
     "true_cfg_scale",
     "seed",
+    "num_frames",
+    "fps",
     "num_images",
     "max_sequence_length",
 )

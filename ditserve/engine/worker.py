@@ -74,8 +74,8 @@ class Worker:
         pipe = self.engine.pipeline
         info = msg.ModelInfo(
             name=self.engine.model_name,
-            family=pipe.family,
-            tasks=list(getattr(pipe, "tasks", ("text-to-image",))),
+            family=pipe.spec.family,
+            tasks=list(pipe.spec.tasks),
             spatial_multiple=pipe.spatial_multiple,
             max_sequence_length_limit=pipe.max_sequence_length_limit,
             defaults=msg.params_to_dict(pipe.defaults()),
@@ -153,7 +153,7 @@ class Worker:
 
         engine = self.engine
         pipe = engine.pipeline  # type: ignore[union-attr]
-        tasks = getattr(pipe, "tasks", ("text-to-image",))
+        tasks = pipe.spec.tasks
         resolved = []
         for item in items:
             if item.task not in tasks:

@@ -95,14 +95,14 @@ class Attention(nn.Module):
       Here it is called once, on the whole output; a sequence-parallel attention projects the heads it holds while
       the others are still on their way.
 
-    `segments` names the token segments this attention's sequence consists of, in local order (see
-    parallel/sharding.py): FLUX.1's joint attention is ("text", "image"), Z-Image's refiners ("image",) and
-    ("text",). Sequence parallelism reads it; here it is only stored."""
+    `segments` names the token segments (see parallel/sharding.py) the sequence of q, k and v consists of, in order:
+    sequence parallelism splits each of them and wraps this module; None marks a cross-attention, whose keys and
+    values are not split and which runs unwrapped on each rank's queries."""
 
-    def __init__(self, backend: str = "sdpa", segments: tuple[str, ...] | None = ("text", "image")):
+    def __init__(self, segments: tuple[str, ...] | None, backend: str = "sdpa"):
         super().__init__()
-        self.backend = backend
         self.segments = segments
+        self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
         return run_alongside(lambda: attention(q, k, v, self.backend), alongside, project)
@@ -119,7 +119,7 @@ class Attention(nn.Module):
         return q, k, value if value is not None else like.new_empty(shape)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"segments={self.segments}, backend={self.backend}"
 
 
 def set_attention_backend(model: nn.Module, backend: str, device: torch.device) -> None:

@@ -8,9 +8,12 @@ own subfolder exactly as diffusers would load them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +29,16 @@ from ditserve.loader.weights import (
     load_checkpoint,
     materialize,
 )
-from ditserve.registry import BUILTIN_MODELS, DEFAULT_MODEL, FAMILIES, PRESETS, REQUIRED_COMPONENTS, get_preset
+from ditserve.registry import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    ModelSpec,
+    get_preset,
+    load_object,
+    preset_names,
+    spec_for_pipeline_class,
+    supported_pipeline_classes,
+)
 
 SAMPLING_DEFAULTS_FILE = "ditserve.json"
 
@@ -36,7 +48,7 @@ class ModelSource:
     """Where a model's configs (and maybe weights) come from: a folder, or a preset's configs alone."""
 
     name: str
-    family: str
+    spec: ModelSpec
     folder: Path | None = None
     preset_configs: dict[str, dict] = field(default_factory=dict)
 
@@ -79,17 +91,17 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     name = model or DEFAULT_MODEL
     if name in BUILTIN_MODELS and not Path(name).exists():
         return _folder_source(_builtin_model_path(name), name)
-    if name in PRESETS and not Path(name).exists():
-        preset = get_preset(name)
+    if name in preset_names() and not Path(name).exists():
+        spec, preset = get_preset(name)
         if load_format != "dummy":
             raise LoaderError(
                 f"{name!r} is a preset: it holds the real configs but no weights. Pass load_format='dummy' "
                 "(--load-format dummy) for random weights at full size, or give the path of a downloaded folder."
             )
-        return ModelSource(name=name, family=preset.family, preset_configs=preset.configs)
+        return ModelSource(name=name, spec=spec, preset_configs=preset.configs)
     path = Path(name).expanduser()
     if not path.exists():
-        known = ", ".join([*BUILTIN_MODELS, *sorted(PRESETS)])
+        known = ", ".join([*BUILTIN_MODELS, *preset_names()])
         raise LoaderError(f"model {name!r}: no such folder, and not a known model name ({known})")
     if not path.is_dir():
         raise LoaderError(f"model {name!r}: not a folder (expected a diffusers model folder with model_index.json)")
@@ -118,18 +130,61 @@ def _folder_source(path: Path, name: str) -> ModelSource:
     except json.JSONDecodeError as e:
         raise LoaderError(f"{index_file}: invalid JSON ({e})") from None
     class_name = index.get("_class_name")
-    if class_name not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES))
+    spec = spec_for_pipeline_class(class_name) if isinstance(class_name, str) else None
+    if spec is None:
+        supported = ", ".join(supported_pipeline_classes())
         raise LoaderError(f"{index_file}: pipeline class {class_name!r} is not supported (supported: {supported})")
-    family = FAMILIES[class_name]
-    missing = [c for c in REQUIRED_COMPONENTS[family] if not (path / c).is_dir()]
+    missing = [c for c in spec.components if not (path / c).is_dir()]
     if missing:
         raise LoaderError(f"{path}: missing component folder(s) {', '.join(missing)} needed by {class_name}")
-    return ModelSource(name=name, family=family, folder=path)
+    return ModelSource(name=name, spec=spec, folder=path)
+
+
+def load_components(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
+) -> dict[str, Any]:
+    """Every component the family's spec names, by component name: our DiTs, the libraries' encoders, VAE,
+    tokenizers and scheduler. Dummy weights are seeded `seed`, `seed + 1`, ... in the spec's order of models."""
+    spec = source.spec
+    dits = {d.component: d for d in spec.dits}
+    loaded: dict[str, Any] = {}
+    model_index = 0
+    for name, (library, class_name) in spec.components.items():
+        if name in dits:
+            cls, key_map = load_object(dits[name].model), load_object(dits[name].key_map)
+            config = source.config(name)
+            factory = functools.partial(cls.from_config, config)
+            loaded[name] = load_dit(source, name, factory, key_map, device, dtype, load_format, seed + model_index)
+            model_index += 1
+            continue
+        cls = library_class(library, class_name)
+        if name in spec.code_tokenizers or class_name.endswith(("Tokenizer", "TokenizerFast")):
+            fallback = spec.code_tokenizers.get(name)
+            loaded[name] = load_tokenizer(source, name, cls, load_object(fallback) if fallback else None)
+        elif hasattr(cls, "set_timesteps"):  # a scheduler: configured, no weights
+            loaded[name] = cls.from_config(source.config(name))
+        else:
+            config_cls = getattr(cls, "config_class", None) if library == "transformers" else None
+            loaded[name] = load_library_model(
+                source, name, cls, device, dtype, load_format, seed + model_index, config_cls
+            )
+            model_index += 1
+    return loaded
+
+
+def library_class(library: str, class_name: str):
+    """diffusers' or transformers' class of that name (imported alone: both packages load their modules lazily)."""
+    if library not in ("diffusers", "transformers"):
+        raise LoaderError(f"component library {library!r} is not supported (diffusers, transformers)")
+    try:
+        return getattr(importlib.import_module(library), class_name)
+    except AttributeError:
+        raise LoaderError(f"{library} has no class {class_name!r}") from None
 
 
 def load_dit(
     source: ModelSource,
+    component: str,
     factory,
     key_map,
     device: torch.device,
@@ -142,7 +197,7 @@ def load_dit(
     if load_format == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
-        folder = source.folder / "transformer"  # type: ignore[operator]
+        folder = source.folder / component  # type: ignore[operator]
         load_checkpoint(model, iter_checkpoint(checkpoint_files(folder)), key_map, where=str(folder))
     return model.eval()
 
@@ -183,11 +238,13 @@ def load_library_model(
     return model.to(device).eval()
 
 
-def load_tokenizer(source: ModelSource, component: str, tokenizer_cls, fallback):
+def load_tokenizer(source: ModelSource, component: str, tokenizer_cls, fallback=None):
     """A tokenizer from the folder; for presets (no files) one built in code with the same special tokens."""
     if source.folder is not None and (source.folder / component).is_dir():
         try:
             return tokenizer_cls.from_pretrained(source.folder / component)
         except (OSError, ValueError) as e:
             raise LoaderError(f"{source.folder / component}: cannot load {tokenizer_cls.__name__} ({e})") from None
+    if fallback is None:
+        raise LoaderError(f"{source.name}: no {component} folder and no tokenizer built in code for it")
     return fallback()

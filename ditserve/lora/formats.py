@@ -12,6 +12,8 @@ Formats, told apart by their keys:
 - Wan (LightX2V, original repo): `diffusion_model.blocks.N.self_attn.q.lora_down.weight` (+ `.alpha`, or
   `lora_A`/`lora_B`); musubi-tuner's `lora_unet_blocks_N_self_attn_q`.
 - Qwen-Image: diffusers names, optionally under `diffusion_model.` or kohya-flattened under `lora_unet_`.
+- Z-Image: diffusers names, or the original repo's (fused `attention.qkv`, `attention.out`; ComfyUI under
+  `diffusion_model.`, kohya flattened under `lora_unet_`).
 Every format scales B(A x) by alpha/rank (rank = A's rows) when it stores an alpha, and by 1 when it does not.
 """
 
@@ -249,7 +251,7 @@ def _pick_scheme(
         "lora_path",
         f"unknown LoRA format: modules {_first(missing)} match no known naming (closest: {scheme.name} for "
         f"{scheme.architecture}). Supported: diffusers/PEFT, kohya, BFL/ai-toolkit, XLabs (FLUX), Wan/LightX2V, "
-        "Qwen-Image",
+        "Qwen-Image, Z-Image",
     )
 
 

@@ -211,7 +211,49 @@ _WAN_NATIVE_TO_DIFFUSERS: dict[str, str] = {
 WAN_NATIVE = Scheme("wan", "wan", _rules(_WAN_NATIVE_TO_DIFFUSERS))
 WAN_DIFFUSERS = Scheme("diffusers", "wan", _rules({v: v for v in _WAN_NATIVE_TO_DIFFUSERS.values()}))
 
-SCHEMES: list[Scheme] = [FLUX_DIFFUSERS, FLUX_BFL, QWEN_IMAGE, WAN_NATIVE, WAN_DIFFUSERS]
+# ---- Z-Image: diffusers' ZImageTransformer2DModel names; the original repo's (ComfyUI, kohya) fuse q, k and v -----
+_ZIMAGE_BLOCKS = ("layers.{i}", "noise_refiner.{i}", "context_refiner.{i}")
+_ZIMAGE_BLOCK_MODULES = (
+    "attention.to_q",
+    "attention.to_k",
+    "attention.to_v",
+    "attention.to_out.0",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+    "adaLN_modulation.0",
+)
+_ZIMAGE_TOP_MODULES = (
+    "all_x_embedder.2-1",
+    "all_final_layer.2-1.linear",
+    "all_final_layer.2-1.adaLN_modulation.1",
+    "cap_embedder.1",
+    "t_embedder.mlp.0",
+    "t_embedder.mlp.2",
+)
+_ZIMAGE_DIFFUSERS_NAMES = {f"{b}.{m}": f"{b}.{m}" for b in _ZIMAGE_BLOCKS for m in _ZIMAGE_BLOCK_MODULES} | {
+    n: n for n in _ZIMAGE_TOP_MODULES
+}
+ZIMAGE_DIFFUSERS = Scheme("diffusers", "zimage", _rules(_ZIMAGE_DIFFUSERS_NAMES))
+ZIMAGE_ORIGINAL = Scheme(
+    "zimage",
+    "zimage",
+    _rules(
+        {f"{b}.attention.qkv": tuple(f"{b}.attention.to_{x}" for x in "qkv") for b in _ZIMAGE_BLOCKS}
+        | {f"{b}.attention.out": f"{b}.attention.to_out.0" for b in _ZIMAGE_BLOCKS}
+        | _ZIMAGE_DIFFUSERS_NAMES
+    ),
+)
+
+SCHEMES: list[Scheme] = [
+    FLUX_DIFFUSERS,
+    FLUX_BFL,
+    QWEN_IMAGE,
+    WAN_NATIVE,
+    WAN_DIFFUSERS,
+    ZIMAGE_DIFFUSERS,
+    ZIMAGE_ORIGINAL,
+]
 
 
 def schemes_for(preferred_architecture: str | None) -> list[Scheme]:

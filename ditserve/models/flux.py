@@ -30,6 +30,7 @@ from ditserve.layers.linear import (
 from ditserve.layers.modulation import Modulation
 from ditserve.layers.norm import QKNorm, layer_norm_modulate
 from ditserve.layers.rotary import multi_axis_rope
+from ditserve.parallel.sharding import SequenceSharding, Sharded
 from ditserve.parallel.state import tp_group
 
 
@@ -112,7 +113,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mod = Modulation(dim, 6)
         self.img_attn = StreamAttention(dim, cfg.attention_head_dim)
         self.txt_attn = StreamAttention(dim, cfg.attention_head_dim)
-        self.attn = Attention()
+        self.attn = Attention(segments=("text", "image"))
         self.img_mlp = FeedForward(dim, 4 * dim)
         self.txt_mlp = FeedForward(dim, 4 * dim)
 
@@ -171,7 +172,7 @@ class SingleStreamBlock(nn.Module):
         self.mod = Modulation(dim, 3)
         self.qkv_mlp = MergedColumnParallelLinear(dim, [dim, dim, dim, mlp_dim])
         self.norm = QKNorm(cfg.attention_head_dim)
-        self.attn = Attention()
+        self.attn = Attention(segments=("text", "image"))
         self.proj_out = RowParallelLinear(dim + mlp_dim, dim, input_sizes=[dim, mlp_dim])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -204,6 +205,18 @@ class SingleStreamBlock(nn.Module):
 class FluxTransformer(nn.Module):
     """Inputs and outputs as diffusers' FluxTransformer2DModel.forward (packed latents, 2-D ids)."""
 
+    # Text and image tokens split over sequence-parallel ranks each on its own; the joint sequence is
+    # [text | image] (see parallel/sharding.py); the image tokens are gathered back.
+    sequence_sharding = SequenceSharding(
+        inputs={
+            "hidden_states": Sharded(1, "image"),
+            "encoder_hidden_states": Sharded(1, "text"),
+            "img_ids": Sharded(0, "image"),
+            "txt_ids": Sharded(0, "text"),
+        },
+        output=Sharded(1, "image"),
+    )
+
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         cfg.validate()
@@ -220,6 +233,11 @@ class FluxTransformer(nn.Module):
         self.single_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
         self.norm_out = Modulation(dim, 2)
         self.proj_out = ReplicatedLinear(dim, cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
+
+    @classmethod
+    def from_config(cls, config: dict) -> FluxTransformer:
+        """From diffusers' transformer/config.json contents."""
+        return cls(FluxConfig.from_dict(config))
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""

@@ -1,16 +1,18 @@
-"""Sequence parallelism for joint-attention DiTs: Ulysses (all-to-all over heads), Ring (K/V passed around a ring,
-partial results merged by log-sum-exp), and both at once (USP: Ulysses inside, Ring outside).
+"""Sequence parallelism for DiTs: Ulysses (all-to-all over heads), Ring (K/V passed around a ring, partial results
+merged by log-sum-exp), and both at once (USP: Ulysses inside, Ring outside).
 
-It attaches from outside the model, at two seams:
-- the model's forward is wrapped: inputs are split along the sequence (text and image tokens each, so both streams'
-  own weights still see their own tokens), every rank runs the model on its shard, and the image output is
-  gathered back;
-- every `Attention` module's forward is replaced: each rank holds all heads of a sequence shard, attention needs
-  every key, and the two schemes provide them.
+It attaches from outside the model, as the model declares (`parallel/sharding.py`: the model class's
+`sequence_sharding` and each `Attention`'s `segments`), at two seams:
+- the model's forward is wrapped: every declared input is split along its sequence dimension (each token segment
+  on its own, so that a stream's own weights still see its own tokens), every rank runs the model on its shard, and
+  the output is gathered back;
+- every self-attention `Attention` module (one with segments) is replaced: each rank holds all heads of a sequence
+  shard, attention needs every key, and the two schemes provide them. Cross-attentions (segments None) keep their
+  whole keys and values and need nothing.
 
-Sequences that do not divide by the degree are padded at the end of each shard. Padded keys are removed before
-attention (their positions are known on every rank), so the result is exactly that of the unpadded sequence;
-padded queries produce rows that the final gather drops.
+Sequences that do not divide by the degree are padded at the end of each segment's shard. Padded keys are removed
+before attention (their positions are known on every rank), so the result is exactly that of the unpadded
+sequence; padded queries produce rows that the final gather drops.
 
 Rank layout inside the sequence-parallel group: sp_rank = ring_rank · ulysses_size + ulysses_rank.
 """
@@ -18,6 +20,7 @@ Rank layout inside the sequence-parallel group: sp_rank = ring_rank · ulysses_s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +31,7 @@ from torch import nn
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.attention import Attention, _cudnn_can_take, run_alongside
 from ditserve.parallel.exchange import NcclExchange, make_exchange
+from ditserve.parallel.sharding import SequenceSharding
 
 
 @dataclass(frozen=True)
@@ -113,23 +117,27 @@ def shard_sequence(x: torch.Tensor, dim: int, parts: int, index: int) -> torch.T
 
 
 @dataclass
-class JointLayout:
-    """Where the valid tokens are in each sp rank's local joint sequence [text shard | image shard]."""
+class SegmentLayout:
+    """Where the valid tokens are in each sp rank's local sequence of one attention: the shards of its segments,
+    each padded to its local length, in the attention's order."""
 
-    txt_local: int
-    img_local: int
-    txt_valid: list[int]  # per sp rank
-    img_valid: list[int]
+    segments: tuple[str, ...]
+    local: dict[str, int]  # padded shard length of each segment
+    valid: dict[str, list[int]]  # valid tokens of each segment on each sp rank
     _cache: dict = field(default_factory=dict)
 
     def valid_positions(self, sp_rank: int) -> list[int]:
-        return list(range(self.txt_valid[sp_rank])) + [self.txt_local + i for i in range(self.img_valid[sp_rank])]
+        positions, offset = [], 0
+        for segment in self.segments:
+            positions += range(offset, offset + self.valid[segment][sp_rank])
+            offset += self.local[segment]
+        return positions
 
     def key_index(self, sp_ranks: list[int], device: torch.device) -> torch.Tensor | None:
         """Indices of valid keys in the concatenation of these ranks' local sequences (None: all valid)."""
         key = (tuple(sp_ranks), str(device))
         if key not in self._cache:
-            local = self.txt_local + self.img_local
+            local = sum(self.local[s] for s in self.segments)
             idx = [i * local + p for i, r in enumerate(sp_ranks) for p in self.valid_positions(r)]
             full = len(idx) == local * len(sp_ranks)
             self._cache[key] = None if full else torch.tensor(idx, device=device, dtype=torch.long)
@@ -371,7 +379,8 @@ class SequenceParallelAttention(nn.Module):
         self.project_in_pieces = project_in_pieces
         # How Ulysses's all-to-alls move (see parallel/exchange.py), one for every attention of the model.
         self.exchange = exchange if exchange is not None else NcclExchange(groups.ulysses_group)
-        self.layout: JointLayout | None = None  # set by the model wrapper for each forward
+        self.segments: tuple[str, ...] = inner.segments  # type: ignore[assignment]
+        self.layout: SegmentLayout | None = None  # set by the model wrapper for each forward
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
     @torch.compiler.disable
@@ -472,7 +481,8 @@ def enable_sequence_parallel(
     one_machine: bool = True,
     graphed: bool = True,
 ) -> nn.Module:
-    """Shard a FLUX-style DiT's forward over the sequence-parallel group (see the module docstring).
+    """Shard a DiT's forward over the sequence-parallel group as its class's `sequence_sharding` declares (see the
+    module docstring).
 
     `ulysses_chunks`: with pure Ulysses, attention runs in this many head groups so that their exchanges overlap
     the attention of the others (used when the heads per rank divide by it; 1 turns it off; None, the default:
@@ -485,45 +495,57 @@ def enable_sequence_parallel(
     and `graphed` whether the forward will replay as a CUDA graph (which "auto" weighs)."""
     if groups.size == 1:
         return model
+    sharding: SequenceSharding | None = getattr(model, "sequence_sharding", None)
+    if sharding is None:
+        raise ValueError(f"{type(model).__name__} declares no sequence_sharding: it cannot run sequence-parallel")
     exchange = None
     if groups.ulysses_size > 1:
         exchange = make_exchange(groups.ulysses_group, ulysses_exchange, one_machine, graphed)
     wrappers: list[SequenceParallelAttention] = []
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, Attention):
+            if isinstance(child, Attention) and child.segments is not None:
+                unknown = set(child.segments) - set(sharding.segments)
+                if unknown:
+                    raise ValueError(f"{child_name}: segments {sorted(unknown)} are not among the sharded inputs")
                 wrapper = SequenceParallelAttention(
                     child, groups, ulysses_chunks, alongside_carveout, project_in_pieces, exchange
                 )
                 setattr(module, child_name, wrapper)
                 wrappers.append(wrapper)
     original_forward = model.forward
-    # One layout per sequence lengths, kept: its key indices are made once, on the first forward, not during a
-    # CUDA graph capture (which cannot copy from host memory).
-    layouts: dict[tuple[int, int], JointLayout] = {}
+    signature = inspect.signature(original_forward)
+    n, r = groups.size, groups.rank
+    # Layouts per segment lengths, kept: their key indices are made once, on the first forward, not during a CUDA
+    # graph capture (which cannot copy from host memory).
+    layouts: dict[tuple, dict[tuple[str, ...], SegmentLayout]] = {}
 
-    def forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
-        n, r = groups.size, groups.rank
-        img_local, img_valid = shard_lengths(hidden_states.shape[1], n)
-        txt_local, txt_valid = shard_lengths(encoder_hidden_states.shape[1], n)
-        lengths = (hidden_states.shape[1], encoder_hidden_states.shape[1])
-        if lengths not in layouts:
-            layouts[lengths] = JointLayout(txt_local, img_local, txt_valid, img_valid)
-        layout = layouts[lengths]
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        totals: dict[str, int] = {}
+        for name, how in sharding.inputs.items():
+            tensor = bound.arguments.get(name)
+            if tensor is None:
+                continue
+            length = tensor.shape[how.dim]
+            if totals.setdefault(how.segment, length) != length:
+                raise ValueError(f"{name}: {length} {how.segment} tokens, but another input has {totals[how.segment]}")
+        key = tuple(sorted(totals.items()))
+        if key not in layouts:
+            local = {s: shard_lengths(total, n)[0] for s, total in totals.items()}
+            valid = {s: shard_lengths(total, n)[1] for s, total in totals.items()}
+            layouts[key] = {w.segments: SegmentLayout(w.segments, local, valid) for w in wrappers}
         for wrapper in wrappers:
-            wrapper.layout = layout
-        out = original_forward(
-            shard_sequence(hidden_states, 1, n, r),
-            shard_sequence(encoder_hidden_states, 1, n, r),
-            pooled_projections,
-            timestep,
-            shard_sequence(img_ids, 0, n, r),
-            shard_sequence(txt_ids, 0, n, r),
-            guidance,
-        )
+            wrapper.layout = layouts[key][wrapper.segments]
+        for name, how in sharding.inputs.items():
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = shard_sequence(bound.arguments[name], how.dim, n, r)
+        out = original_forward(*bound.args, **bound.kwargs)
+        dim = sharding.output.dim
+        valid = shard_lengths(totals[sharding.output.segment], n)[1]
         gathered = [torch.empty_like(out) for _ in range(n)]
         dist.all_gather(gathered, out.contiguous(), group=groups.sp_group)
-        return torch.cat([piece[:, : img_valid[i]] for i, piece in enumerate(gathered)], dim=1)
+        return torch.cat([piece.narrow(dim, 0, valid[i]) for i, piece in enumerate(gathered)], dim=dim)
 
     model.forward = forward  # type: ignore[method-assign]
     return model
@@ -540,7 +562,7 @@ def disable_sequence_parallel(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "JointLayout",
+    "SegmentLayout",
     "SequenceParallelAttention",
     "SequenceParallelGroups",
     "attention_with_lse",

@@ -1,16 +1,7 @@
-"""One pipeline per model family."""
+"""One pipeline per model family; a family's `ModelSpec` (registry.py) names its class."""
 
 from __future__ import annotations
 
 from ditserve.pipelines.base import Pipeline, PipelineOutput
 
-
-def pipeline_class(family: str) -> type[Pipeline]:
-    if family == "flux":
-        from ditserve.pipelines.flux import FluxPipeline
-
-        return FluxPipeline
-    raise KeyError(f"no pipeline for model family {family!r}")
-
-
-__all__ = ["Pipeline", "PipelineOutput", "pipeline_class"]
+__all__ = ["Pipeline", "PipelineOutput"]

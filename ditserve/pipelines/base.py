@@ -1,18 +1,24 @@
 """What every pipeline family provides to the engine.
 
 A pipeline is a short sequence of stages (encode → prepare latents → denoise → decode). It takes a validated
-`SamplingParams` with `None`s filled from `defaults()`, and returns images plus timings.
+`SamplingParams` with `None`s filled from `defaults()`, and returns images (or video frames) plus timings. A family's
+pipeline is named by its `ModelSpec` (registry.py); `load` builds it from the components the spec lists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from ditserve.config import SamplingParams
+from ditserve.config import ConfigError, SamplingParams
+from ditserve.registry import ModelSpec
+
+# The prompt of `Pipeline.forward_inputs` (benchmarks time one DiT forward on it).
+BENCH_PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
 
 # Called after every denoising step with (step_index, num_steps). It may raise to abort the request.
 StepCallback = Callable[[int, int], None]
@@ -34,7 +40,10 @@ def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: 
 
 
 class Pipeline:
-    family: str = ""
+    # The family's components dataclass: `load` builds it from the components the spec names (fields = names).
+    components_class: ClassVar[type]
+    spec: ModelSpec
+    c: Any  # the components
     device: torch.device
     dtype: torch.dtype
     # Set by the engine when it runs over several ranks (ditserve.parallel.groups.ParallelGroups); stages that
@@ -44,8 +53,48 @@ class Pipeline:
     # then takes part in decode, and a follower's decode of an image that fits one tile returns nothing.
     decode_group = None
 
-    def defaults(self) -> SamplingParams:
+    def __init__(
+        self, spec: ModelSpec, components, device: torch.device, dtype: torch.dtype, sampling_defaults: dict | None
+    ):
+        self.spec = spec
+        self.c = components
+        self.device = device
+        self.dtype = dtype
+        self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
+
+    @classmethod
+    def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
+        """From a `loader.folder.ModelSource`: every component of the family's spec, weights from the folder (or
+        random with load_format="dummy")."""
+        from ditserve.loader.folder import load_components
+
+        components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
+        return cls(source.spec, components, device, dtype, source.sampling_defaults())
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    # ---- what the engine applies its features to -----------------------------------------------------------------
+    def transformers(self) -> dict[str, nn.Module]:
+        """Our DiTs by component name (sequence parallelism, attention backend, compile, CUDA graphs, LoRA)."""
+        return {d.component: getattr(self.c, d.component) for d in self.spec.dits}
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.c.vae
+
+    # ---- defaults and validation ---------------------------------------------------------------------------------
+    @property
+    def default_side(self) -> int:
+        """Height and width when the request names none (diffusers' default for the family)."""
         raise NotImplementedError
+
+    def defaults(self) -> SamplingParams:
+        """diffusers' pipeline defaults (the spec's), unless the folder names its own."""
+        side = self.default_side
+        params = SamplingParams(height=side, width=side, **self.spec.sampling_defaults)
+        return params.replace(**self.sampling_defaults)
 
     @property
     def spatial_multiple(self) -> int:
@@ -54,15 +103,17 @@ class Pipeline:
 
     @property
     def max_sequence_length_limit(self) -> int:
-        raise NotImplementedError
+        return self.spec.max_sequence_length
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Validate, then fill every `None` from the model's defaults."""
+        check_capabilities(params, self.spec)
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
         return params.with_defaults(self.defaults())
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
-        raise NotImplementedError
+        """One request: a batch of one."""
+        return self.run_batch([params], on_step)[0]
 
     # ---- batches of requests --------------------------------------------------------------------------------------
     def batch_key(self, params: SamplingParams) -> tuple:
@@ -73,8 +124,39 @@ class Pipeline:
         return (*params.computation_key(), params.output_type)
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
-        """Run resolved requests of one `batch_key`, returning one output per request, in order.
+        """Run resolved requests of one `batch_key`, returning one output per request, in order."""
+        raise NotImplementedError
 
-        This default runs them one after another; families that can, override it with one batched forward.
-        """
-        return [self(params, on_step) for params in batch]
+    # ---- benchmarks and parity checks -----------------------------------------------------------------------------
+    def forward_inputs(self, height: int, width: int) -> dict[str, Any]:
+        """Keyword arguments of one forward of the (first) DiT at batch 1 and this size, for a fixed prompt; the
+        same arguments run diffusers' transformer from `diffusers_pipeline()`."""
+        raise NotImplementedError
+
+    def diffusers_pipeline(self):
+        """diffusers' own pipeline for this family over our components, its transformer(s) diffusers' class holding
+        our weights (no copy): the same model run by diffusers, for `ditserve bench` and parity checks."""
+        raise NotImplementedError
+
+
+def diffusers_model_sharing(model_cls, config: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """diffusers' `model_cls` built on the meta device from `config` and given the tensors of `state_dict` (ours,
+    under diffusers' names: no memory is added)."""
+    with torch.device("meta"):
+        model = model_cls.from_config(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def check_capabilities(params: SamplingParams, spec: ModelSpec) -> None:
+    """Refuse, naming the field, what the family cannot take: frames for image models, input images for models
+    that take none."""
+    if spec.output != "video":
+        for name in ("num_frames", "fps"):
+            if getattr(params, name) is not None:
+                raise ConfigError(name, f"{spec.family} makes images, not videos; {name} is for video models")
+    images = params.images or []
+    if images and not spec.image_inputs:
+        raise ConfigError("images", f"{spec.family} takes no input images (it is a text-to-{spec.output} model)")
+    if len(images) > spec.image_inputs:
+        raise ConfigError("images", f"{spec.family} takes at most {spec.image_inputs} input images, got {len(images)}")

@@ -7,6 +7,8 @@ scheduler, the same decode and post-processing. Only the DiT is ours.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,15 +17,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ditserve.config import SamplingParams
-from ditserve.loader.folder import (
-    ModelSource,
-    load_dit,
-    load_library_model,
-    load_tokenizer,
-)
-from ditserve.models.flux import FluxConfig, FluxTransformer, map_diffusers_key
+from ditserve.models.flux import FluxTransformer, to_diffusers_state_dict
 from ditserve.parallel.vae import needs_tiling, tiled_decode
-from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
+from ditserve.pipelines.base import (
+    BENCH_PROMPT,
+    Pipeline,
+    PipelineOutput,
+    StepCallback,
+    diffusers_model_sharing,
+    seeded_noise,
+)
 from ditserve.utils.timing import StageTimer
 
 
@@ -36,31 +39,6 @@ class FluxComponents:
     text_encoder_2: nn.Module
     tokenizer_2: object
     scheduler: object
-
-
-def load_flux_components(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
-) -> FluxComponents:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-
-    from ditserve.loader.tokenizers import clip_tokenizer, t5_tokenizer
-
-    cfg = FluxConfig.from_dict(source.config("transformer"))
-    transformer = load_dit(source, lambda: FluxTransformer(cfg), map_diffusers_key, device, dtype, load_format, seed)
-    return FluxComponents(
-        transformer=transformer,  # type: ignore[arg-type]
-        vae=load_library_model(source, "vae", AutoencoderKL, device, dtype, load_format, seed + 1),
-        text_encoder=load_library_model(
-            source, "text_encoder", CLIPTextModel, device, dtype, load_format, seed + 2, CLIPTextConfig
-        ),
-        tokenizer=load_tokenizer(source, "tokenizer", CLIPTokenizer, clip_tokenizer),
-        text_encoder_2=load_library_model(
-            source, "text_encoder_2", T5EncoderModel, device, dtype, load_format, seed + 3, T5Config
-        ),
-        tokenizer_2=load_tokenizer(source, "tokenizer_2", T5TokenizerFast, t5_tokenizer),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(source.config("scheduler")),
-    )
 
 
 def calculate_shift(seq_len: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
@@ -90,53 +68,34 @@ def latent_image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype)
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
-class FluxPipeline(Pipeline):
-    family = "flux"
+def diffusers_transformer_sharing(ours: FluxTransformer) -> nn.Module:
+    """diffusers' FluxTransformer2DModel holding our tensors (no copy)."""
+    from diffusers import FluxTransformer2DModel
 
-    def __init__(
-        self,
-        components: FluxComponents,
-        device: torch.device,
-        dtype: torch.dtype,
-        sampling_defaults: dict | None = None,
-    ):
+    # FluxConfig's fields are diffusers' config names, so the config passes through as is.
+    config = {**dataclasses.asdict(ours.config), "axes_dims_rope": list(ours.config.axes_dims_rope)}
+    return diffusers_model_sharing(FluxTransformer2DModel, config, to_diffusers_state_dict(ours))
+
+
+class FluxPipeline(Pipeline):
+    components_class = FluxComponents
+    c: FluxComponents
+
+    def __init__(self, spec, components: FluxComponents, device, dtype, sampling_defaults: dict | None = None):
         from diffusers.image_processor import VaeImageProcessor
 
-        self.c = components
-        self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
-        self.device = device
-        self.dtype = dtype
+        super().__init__(spec, components, device, dtype, sampling_defaults)
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
         self.latent_channels = components.transformer.config.in_channels // 4
 
-    @classmethod
-    def load(
-        cls, source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
-    ) -> FluxPipeline:
-        components = load_flux_components(source, device, dtype, load_format, seed)
-        return cls(components, device, dtype, source.sampling_defaults())
-
-    # ---- defaults: diffusers' FluxPipeline.__call__'s, unless the folder names its own ---------------------------
-    def defaults(self) -> SamplingParams:
-        side = 128 * self.vae_scale_factor
-        params = SamplingParams(
-            height=side,
-            width=side,
-            num_inference_steps=28,
-            guidance_scale=3.5,
-            true_cfg_scale=1.0,
-            max_sequence_length=512,
-        )
-        return params.replace(**self.sampling_defaults)
+    @property
+    def default_side(self) -> int:
+        return 128 * self.vae_scale_factor
 
     @property
     def spatial_multiple(self) -> int:
         return self.vae_scale_factor * 2
-
-    @property
-    def max_sequence_length_limit(self) -> int:
-        return 512
 
     # ---- stages -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,9 +218,37 @@ class FluxPipeline(Pipeline):
         out = self.image_processor.postprocess(image, output_type=output_type)
         return list(out)
 
-    def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
-        """One request: a batch of one (the batch path does exactly what diffusers does for a single call)."""
-        return self.run_batch([params], on_step)[0]
+    # ---- benchmarks and parity checks --------------------------------------------------------------------------
+    def forward_inputs(self, height: int, width: int) -> dict:
+        cond = self.encode_prompt([BENCH_PROMPT], 1, self.defaults().max_sequence_length)  # type: ignore[arg-type]
+        latents, img_ids = self.prepare_latents(0, 1, height, width, cond[0].dtype)
+        guidance = None
+        if self.c.transformer.config.guidance_embeds:
+            guidance = torch.full((1,), self.defaults().guidance_scale, device=self.device, dtype=torch.float32)  # type: ignore[arg-type]
+        return dict(
+            hidden_states=latents,
+            encoder_hidden_states=cond[0],
+            pooled_projections=cond[1],
+            timestep=torch.full((1,), 0.7, device=self.device, dtype=latents.dtype),
+            img_ids=img_ids,
+            txt_ids=cond[2],
+            guidance=guidance,
+        )
+
+    def diffusers_pipeline(self):
+        from diffusers import FluxPipeline as DiffusersFluxPipeline
+
+        pipe = DiffusersFluxPipeline(
+            scheduler=copy.deepcopy(self.c.scheduler),
+            vae=self.c.vae,
+            text_encoder=self.c.text_encoder,
+            tokenizer=self.c.tokenizer,
+            text_encoder_2=self.c.text_encoder_2,
+            tokenizer_2=self.c.tokenizer_2,
+            transformer=diffusers_transformer_sharing(self.c.transformer),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     # ---- several requests as one batched forward --------------------------------------------------------------
     @torch.no_grad()

@@ -131,3 +131,9 @@ def make_tiny_flux(path: str | os.PathLike, spec: TinyFluxSpec | None = None) ->
         shutil.rmtree(out / "transformer")
         transformer.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size="100KB")
     return out
+
+
+def make_tiny_flux_folder(path: str | os.PathLike, schnell: bool = False, sharded: bool = False) -> Path:
+    """`ditserve make-tiny flux`: a dev-style tiny FLUX.1 (schnell-style with `schnell`)."""
+    spec = TinyFluxSpec(guidance_embeds=not schnell, dynamic_shift=not schnell, shard_transformer=sharded)
+    return make_tiny_flux(path, spec)
