@@ -13,7 +13,7 @@ from diffusers import ZImageTransformer2DModel
 
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.layers.attention import Attention
-from ditserve.loader.folder import ModelSource
+from ditserve.loader.folder import resolve_model
 from ditserve.loader.tokenizers import qwen3_tokenizer
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.zimage import ZImageConfig, ZImageTransformer, map_diffusers_key, to_diffusers_state_dict
@@ -28,8 +28,9 @@ def tiny_zimage(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(tiny_zimage):
-    source = ModelSource(name=str(tiny_zimage), family="zimage", folder=tiny_zimage)
-    return ZImagePipeline.load(source, torch.device("cpu"), torch.float32, "auto")
+    pipe = ZImagePipeline.load(resolve_model(str(tiny_zimage)), torch.device("cpu"), torch.float32, "auto")
+    assert type(pipe) is ZImagePipeline and pipe.family == "zimage"
+    return pipe
 
 
 @pytest.fixture(scope="session")
@@ -244,3 +245,35 @@ def test_diffusers_pipeline_shares_our_weights(ours):
     assert all(p.untyped_storage().data_ptr() in ours_storage for p in pipe.transformer.parameters())
     kwargs = dict(prompt="a red fox", height=32, width=32, num_inference_steps=2, guidance_scale=0.0)
     assert mean_level_difference(generate(ours, 2, **kwargs)[0], run_diffusers(pipe, 2, **kwargs)[0]) <= 1.0
+
+
+# ---- the registration: engine, preset ----------------------------------------------------------------------------
+def test_engine_serves_the_folder(tiny_zimage, theirs):
+    from ditserve import Engine
+
+    engine = Engine.from_pretrained(str(tiny_zimage))
+    assert engine.pipeline.family == "zimage"
+    kwargs = dict(prompt="a red fox", height=32, width=48, num_inference_steps=3, guidance_scale=2.0)
+    result = engine.generate(seed=7, negative_prompt="blurry", **kwargs)
+    expected = run_diffusers(theirs, 7, negative_prompt="blurry", **kwargs)
+    assert result.params.max_sequence_length == 512 and len(result.timings["steps"]) == 3
+    assert mean_level_difference(result.images[0], expected[0]) <= 1.0
+
+
+def test_turbo_preset_builds_diffusers_architecture():
+    """The z-image-turbo preset at full size, on the meta device: our DiT holds exactly diffusers' tensors."""
+    from transformers import Qwen3Config
+
+    from ditserve.registry import get_preset
+
+    spec, preset = get_preset("z-image-turbo")
+    assert spec.family == "zimage" and Qwen3Config.from_dict(preset.configs["text_encoder"]).hidden_size == 2560
+    config = preset.configs["transformer"]
+    ours = build_on_meta(lambda: ZImageTransformer.from_config(config), torch.bfloat16)
+    with torch.device("meta"):
+        ref = ZImageTransformer2DModel.from_config(config)
+    expected = {name: t.shape for name, t in ref.state_dict().items()}
+    back = {name: t.shape for name, t in to_diffusers_state_dict(ours).items()}
+    assert back == expected
+    assert 6.0e9 < sum(p.numel() for p in ours.parameters()) < 6.3e9  # "6B parameters"
+    assert ours.config.head_dim == 128 and ours.config.ffn_dim == 10240 and len(ours.repeated_blocks()) == 34

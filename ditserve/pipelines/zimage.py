@@ -23,45 +23,30 @@ import torch.distributed as dist
 from torch import nn
 
 from ditserve.config import ConfigError, SamplingParams
-from ditserve.loader.folder import ModelSource, load_dit, load_library_model, load_tokenizer
-from ditserve.models.zimage import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer, map_diffusers_key
+from ditserve.models.zimage import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer, to_diffusers_state_dict
 from ditserve.parallel.vae import needs_tiling, tiled_decode
-from ditserve.pipelines.base import Pipeline, PipelineOutput, StepCallback, seeded_noise
+from ditserve.pipelines.base import (
+    BENCH_PROMPT,
+    Pipeline,
+    PipelineOutput,
+    StepCallback,
+    diffusers_model_sharing,
+    seeded_noise,
+)
 from ditserve.pipelines.flux import calculate_shift  # the same mu as FLUX.1 (diffusers copies it too)
 from ditserve.utils.timing import StageTimer
-
-BENCH_PROMPT = "a photograph of a red fox standing in fresh snow, morning light, highly detailed"
 
 
 @dataclass
 class ZImageComponents:
+    """What families/zimage.py lists, loaded by `loader.folder.load_components` (the tokenizer is the
+    Qwen2Tokenizer model_index.json names, which is also what AutoTokenizer resolves for Qwen3's files)."""
+
     transformer: ZImageTransformer
     vae: nn.Module
-    text_encoder: nn.Module
+    text_encoder: nn.Module  # transformers' Qwen3Model
     tokenizer: object
     scheduler: object
-
-
-def load_zimage_components(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
-) -> ZImageComponents:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
-
-    from ditserve.loader.tokenizers import qwen3_tokenizer
-
-    cfg = ZImageConfig.from_dict(source.config("transformer"))
-    transformer = load_dit(source, lambda: ZImageTransformer(cfg), map_diffusers_key, device, dtype, load_format, seed)
-    return ZImageComponents(
-        transformer=transformer,  # type: ignore[arg-type]
-        vae=load_library_model(source, "vae", AutoencoderKL, device, dtype, load_format, seed + 1),
-        text_encoder=load_library_model(
-            source, "text_encoder", Qwen3Model, device, dtype, load_format, seed + 2, Qwen3Config
-        ),
-        # model_index.json names Qwen2Tokenizer, which is also what AutoTokenizer resolves for Qwen3's files.
-        tokenizer=load_tokenizer(source, "tokenizer", Qwen2Tokenizer, qwen3_tokenizer),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(source.config("scheduler")),
-    )
 
 
 # ---- the token layout diffusers' ZImageTransformer2DModel builds inside its forward ------------------------------
@@ -147,47 +132,25 @@ def caption_groups(embeds: list[torch.Tensor], h_tokens: int, w_tokens: int) -> 
 
 
 class ZImagePipeline(Pipeline):
-    family = "zimage"
+    components_class = ZImageComponents
+    c: ZImageComponents
 
-    def __init__(
-        self,
-        components: ZImageComponents,
-        device: torch.device,
-        dtype: torch.dtype,
-        sampling_defaults: dict | None = None,
-    ):
+    def __init__(self, spec, components: ZImageComponents, device, dtype, sampling_defaults: dict | None = None):
         from diffusers.image_processor import VaeImageProcessor
 
-        self.c = components
-        self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
-        self.device = device
-        self.dtype = dtype
+        super().__init__(spec, components, device, dtype, sampling_defaults)
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
         self.patch_size = components.transformer.config.patch_size
         self.latent_channels = components.transformer.config.in_channels
 
-    @classmethod
-    def load(
-        cls, source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
-    ) -> ZImagePipeline:
-        components = load_zimage_components(source, device, dtype, load_format, seed)
-        return cls(components, device, dtype, source.sampling_defaults())
-
-    # ---- defaults: diffusers' ZImagePipeline.__call__'s, unless the folder names its own ------------------------
+    # ---- defaults: diffusers' ZImagePipeline.__call__'s (the spec's), unless the folder names its own -----------
     # Two settings of diffusers' call have no SamplingParams field; a request sets them in `params.extra`.
     EXTRA_DEFAULTS = {"cfg_normalization": False, "cfg_truncation": 1.0}
 
-    def defaults(self) -> SamplingParams:
-        params = SamplingParams(
-            height=1024,
-            width=1024,
-            num_inference_steps=50,
-            guidance_scale=5.0,
-            true_cfg_scale=1.0,  # unused: Z-Image's one CFG scale is guidance_scale
-            max_sequence_length=512,
-        )
-        return params.replace(**self.sampling_defaults)
+    @property
+    def default_side(self) -> int:
+        return 1024  # diffusers: `height or 1024`, whatever the VAE
 
     @property
     def spatial_multiple(self) -> int:
@@ -367,10 +330,6 @@ class ZImagePipeline(Pipeline):
             image = self.c.vae.decode(x, return_dict=False)[0]
         return list(self.image_processor.postprocess(image, output_type=output_type))
 
-    def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
-        """One request: a batch of one (the batch path does exactly what diffusers does for a single call)."""
-        return self.run_batch([params], on_step)[0]
-
     # ---- several requests as one batch ------------------------------------------------------------------------
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
         """Resolved requests of one batch_key as one batch: one encode, one denoise loop, one decode.
@@ -415,10 +374,12 @@ class ZImagePipeline(Pipeline):
     # ---- for benchmarks and parity checks ------------------------------------------------------------------------
     @torch.no_grad()
     def forward_inputs(self, height: int, width: int, prompt: str = BENCH_PROMPT) -> dict:
-        """Keyword arguments of one DiT forward at batch 1 for a fixed prompt at this size (mid-schedule t)."""
+        """Keyword arguments of one DiT forward at batch 1 for a fixed prompt at this size (mid-schedule t).
+        diffusers' transformer takes the same forward as `self.diffusers_forward_inputs(inputs)`."""
         h, w = self.latent_grid(height, width)
         p = self.patch_size
-        group = caption_groups(self.encode_prompt([prompt], 512), h // p, w // p)[0]
+        embeds = self.encode_prompt([prompt], self.defaults().max_sequence_length)  # type: ignore[arg-type]
+        group = caption_groups(embeds, h // p, w // p)[0]
         tokens = patchify(self.prepare_latents(0, 1, height, width).to(self.dtype), p)
         return dict(
             image_tokens=pad_tokens(tokens, padded_length(tokens.shape[1])),
@@ -432,24 +393,25 @@ class ZImagePipeline(Pipeline):
         from diffusers import ZImagePipeline as DiffusersZImagePipeline
         from diffusers import ZImageTransformer2DModel
 
-        from ditserve.models.zimage import to_diffusers_state_dict
-
         cfg = self.c.transformer.config
-        config = {
-            f.name: list(v) if isinstance(v, tuple) else v for f, v in ((f, getattr(cfg, f.name)) for f in fields(cfg))
-        }
-        with torch.device("meta"):
-            transformer = ZImageTransformer2DModel.from_config(config)
-        transformer.load_state_dict(to_diffusers_state_dict(self.c.transformer), strict=True, assign=True)
+        # ZImageConfig's fields are diffusers' config names, so the config passes through as is.
+        config = {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in fields(cfg)}
+        transformer = diffusers_model_sharing(
+            ZImageTransformer2DModel, config, to_diffusers_state_dict(self.c.transformer)
+        )
         pipe = DiffusersZImagePipeline(
             scheduler=copy.deepcopy(self.c.scheduler),
             vae=self.c.vae,
             text_encoder=self.c.text_encoder,
             tokenizer=self.c.tokenizer,
-            transformer=transformer.eval(),
+            transformer=transformer,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def diffusers_forward_inputs(self, inputs: dict) -> dict:
+        """`forward_inputs` in the form diffusers' ZImageTransformer2DModel takes (see `diffusers_forward_inputs`)."""
+        return diffusers_forward_inputs(inputs, self.c.transformer.config)
 
 
 def diffusers_forward_inputs(inputs: dict, config: ZImageConfig) -> dict:
@@ -460,4 +422,4 @@ def diffusers_forward_inputs(inputs: dict, config: ZImageConfig) -> dict:
     p = config.patch_size
     latents = unpatchify(inputs["image_tokens"], h_tokens * p, w_tokens * p, p)
     caps = [feats[~pad] for feats, pad in zip(inputs["caption_feats"], inputs["caption_pad"])]
-    return dict(x=list(latents.unsqueeze(2).unbind(0)), t=inputs["timestep"], cap_feats=caps, return_dict=False)
+    return dict(x=list(latents.unsqueeze(2).unbind(0)), t=inputs["timestep"], cap_feats=caps)

@@ -105,3 +105,8 @@ def make_tiny_zimage(path: str | os.PathLike, spec: TinyZImageSpec | None = None
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_zimage_folder(path: str | os.PathLike) -> Path:
+    """`ditserve make-tiny zimage`: a tiny Z-Image with random weights."""
+    return make_tiny_zimage(path)
