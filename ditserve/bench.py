@@ -49,13 +49,15 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _request(ns: argparse.Namespace, guidance_scale: float) -> dict:
+def _request(ns: argparse.Namespace, defaults) -> dict:
+    """The timed request: the bench's size, and the model's default steps and guidance unless --num-inference-steps
+    names the steps."""
     return dict(
         prompt=BENCH_PROMPT,
         height=ns.height,
         width=ns.width,
-        num_inference_steps=ns.num_inference_steps,
-        guidance_scale=guidance_scale,
+        num_inference_steps=ns.num_inference_steps or defaults.num_inference_steps,
+        guidance_scale=defaults.guidance_scale,
         seed=0,
     )
 
@@ -92,7 +94,7 @@ def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
 
     label = f"ditserve {args.parallel_config().short_name}"
     with Engine(args) as engine:
-        timed = _time_generations(engine, _request(ns, engine.defaults().guidance_scale), ns.repeat)
+        timed = _time_generations(engine, _request(ns, engine.defaults()), ns.repeat)
     return label, dict(forward_ms=None, **timed, num_gpus=args.num_gpus)
 
 
@@ -165,7 +167,7 @@ def run_bench(ns: argparse.Namespace) -> int:
     engine = Engine(args)
     pipeline = engine.pipeline
     device = engine.device
-    gen = _request(ns, pipeline.defaults().guidance_scale)
+    gen = _request(ns, pipeline.defaults())
     inputs = pipeline.forward_inputs(ns.height, ns.width)
     report: dict = {
         "date": datetime.date.today().isoformat(),
@@ -176,7 +178,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         "dtype": str(engine.dtype).replace("torch.", ""),
         "height": ns.height,
         "width": ns.width,
-        "steps": ns.num_inference_steps,
+        "steps": gen["num_inference_steps"],
         "compile": args.compile,
         "attention_backend": args.attention_backend,
         "results": {},
@@ -201,10 +203,13 @@ def run_bench(ns: argparse.Namespace) -> int:
         report["diffusers"] = diffusers.__version__
         pipe = pipeline.diffusers_pipeline()
         dt = pipe.transformer
+        their_inputs = pipeline.diffusers_forward_inputs(inputs)
         ours_dit = next(iter(pipeline.transformers().values()))
         with torch.no_grad():
-            ours_out = ours_dit(**inputs).float()
-            ref_out = dt(**inputs, return_dict=False)[0].float()
+            ours_out, ref_out = (
+                t.float()
+                for t in pipeline.comparable_outputs(ours_dit(**inputs), dt(**their_inputs, return_dict=False), inputs)
+            )
         report["dit_relative_difference"] = ((ours_out - ref_out).norm() / ref_out.norm()).item()
         if device.type == "cuda" and not args.compile:
             # A yardstick for that difference: diffusers against itself with SDPA restricted to the flash kernel
@@ -212,16 +217,17 @@ def run_bench(ns: argparse.Namespace) -> int:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                alt_out = dt(**inputs, return_dict=False)[0].float()
+                alt = dt(**their_inputs, return_dict=False)
+                alt_out = pipeline.comparable_outputs(ours_dit(**inputs), alt, inputs)[1].float()
                 report["diffusers_flash_forward_ms"] = 1000 * _time_calls(
-                    lambda: dt(**inputs, return_dict=False), device
+                    lambda: dt(**their_inputs, return_dict=False), device
                 )
             report["diffusers_self_difference_flash_vs_default"] = ((alt_out - ref_out).norm() / ref_out.norm()).item()
             del alt_out
         del ours_out, ref_out
         if args.compile:
             dt.compile_repeated_blocks(fullgraph=True)
-        report["results"]["diffusers"] = _bench_diffusers(pipe, gen, ns.repeat, inputs, device)
+        report["results"]["diffusers"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
         ours, theirs = report["results"]["ditserve"], report["results"]["diffusers"]
         report["speedup"] = {
             "forward": theirs["forward_ms"] / ours["forward_ms"],
@@ -230,7 +236,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         }
 
     print(
-        f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {ns.num_inference_steps} steps, "
+        f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {report['steps']} steps, "
         f"{report['dtype']}, compile={args.compile}, on {report['device']}"
     )
     print(f"{'engine':<20} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")

@@ -31,7 +31,8 @@ DEFAULT_BENCH_MODEL = "flux.1-dev"  # the preset `ditserve bench` times when no 
 class DiTSpec:
     """One native DiT of a family: its component folder, our model class and the key map from diffusers' names.
 
-    The class is built with `Class.from_config(config.json contents)`; the key map takes a diffusers parameter name
+    The class is built with `Class.from_config(config.json contents)`, and `Class.attention_heads(config)` says how
+    many heads tensor and Ulysses parallelism split (checked before any rank starts); the key map takes a diffusers parameter name
     and gives (our parameter name, shard index inside a fused layer or None), or None for a name it does not know."""
 
     component: str

@@ -43,6 +43,13 @@ def tiny_sharded(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory):
+    from ditserve.tiny.zimage import make_tiny_zimage
+
+    return make_tiny_zimage(tmp_path_factory.mktemp("tiny-zimage"))
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipe():
     """diffusers' FluxPipeline for a folder, cached per folder."""
     from diffusers import FluxPipeline

@@ -36,7 +36,7 @@ def test_registrations_are_consistent():
         for dit in spec.dits:
             assert dit.component in spec.components
             cls = load_object(dit.model)
-            assert callable(cls.from_config) and callable(load_object(dit.key_map))
+            assert callable(cls.from_config) and callable(cls.attention_heads) and callable(load_object(dit.key_map))
             assert hasattr(cls, "sequence_sharding") and hasattr(cls, "repeated_blocks")
         assert issubclass(load_object(spec.pipeline), load_object("ditserve.pipelines.base:Pipeline"))
         for preset in spec.presets:

@@ -18,12 +18,6 @@ from ditserve.loader.tokenizers import qwen3_tokenizer
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.zimage import ZImageConfig, ZImageTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.pipelines.zimage import ZImagePipeline, diffusers_forward_inputs, unpatchify
-from ditserve.tiny.zimage import make_tiny_zimage
-
-
-@pytest.fixture(scope="session")
-def tiny_zimage(tmp_path_factory):
-    return make_tiny_zimage(tmp_path_factory.mktemp("tiny-zimage"))
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,9 @@ class Engine:
         if self.parallel.world_size > 1:
             # Refuse a split the model cannot take before any process is started.
             try:
-                self.parallel.check_model(int(self.source.config("transformer").get("num_attention_heads", 1)))
+                for dit in self.source.spec.dits:
+                    model_cls = load_object(dit.model)
+                    self.parallel.check_model(model_cls.attention_heads(self.source.config(dit.component)))
                 if placement is None and torchrun_placement() is None:  # this process starts the other ranks
                     self.parallel = self.parallel.for_fresh_ranks()
                     if self.parallel.ulysses_exchange != args.ulysses_exchange:

@@ -239,6 +239,11 @@ class FluxTransformer(nn.Module):
         """From diffusers' transformer/config.json contents."""
         return cls(FluxConfig.from_dict(config))
 
+    @staticmethod
+    def attention_heads(config: dict) -> int:
+        """The heads that tensor and Ulysses parallelism split, from the same config."""
+        return FluxConfig.from_dict(config).num_attention_heads
+
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""
         return [*self.double_blocks, *self.single_blocks]

@@ -238,6 +238,11 @@ class ZImageTransformer(nn.Module):
         """From diffusers' transformer/config.json contents."""
         return cls(ZImageConfig.from_dict(config))
 
+    @staticmethod
+    def attention_heads(config: dict) -> int:
+        """The heads that tensor and Ulysses parallelism split, from the same config."""
+        return ZImageConfig.from_dict(config).n_heads
+
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""
         return [*self.noise_refiner, *self.context_refiner, *self.layers]

@@ -133,6 +133,17 @@ class Pipeline:
         same arguments run diffusers' transformer from `diffusers_pipeline()`."""
         raise NotImplementedError
 
+    def diffusers_forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`forward_inputs` in the form diffusers' transformer of this family takes (here: the same)."""
+        return inputs
+
+    def comparable_outputs(
+        self, ours: torch.Tensor, theirs: Any, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Our DiT's output and diffusers' (its `return_dict=False` result) for the same `forward_inputs`, in one
+        layout (here: ours, which is diffusers')."""
+        return ours, theirs[0]
+
     def diffusers_pipeline(self):
         """diffusers' own pipeline for this family over our components, its transformer(s) diffusers' class holding
         our weights (no copy): the same model run by diffusers, for `ditserve bench` and parity checks."""

@@ -413,6 +413,11 @@ class ZImagePipeline(Pipeline):
         """`forward_inputs` in the form diffusers' ZImageTransformer2DModel takes (see `diffusers_forward_inputs`)."""
         return diffusers_forward_inputs(inputs, self.c.transformer.config)
 
+    def comparable_outputs(self, ours: torch.Tensor, theirs, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both as latents [B, C, H, W]: ours unpatchified (padding dropped), diffusers' list stacked."""
+        latents = torch.stack(list(theirs[0])).squeeze(2)
+        return unpatchify(ours, latents.shape[-2], latents.shape[-1], self.patch_size), latents
+
 
 def diffusers_forward_inputs(inputs: dict, config: ZImageConfig) -> dict:
     """The same DiT forward in diffusers' form (lists of unpadded latents [C, 1, H, W] and caption features),

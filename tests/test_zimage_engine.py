@@ -1,0 +1,110 @@
+"""Z-Image through the shared machinery: every parallel mode through the Engine on the CPU (gloo; one test per
+mode), `ditserve bench` beside diffusers, and LoRA against diffusers' load_lora_weights. The tiny folder has 2
+heads, so Ulysses and tensor parallelism split them; tolerances as in tests/test_parallel_engine.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ditserve import Engine
+
+REQUEST = dict(
+    prompt="a lighthouse on a cliff",
+    negative_prompt="fog",
+    guidance_scale=3.0,  # CFG on: the CFG-parallel mode splits the two branches
+    seed=7,
+    height=40,  # 20 × 20 latents → 100 image tokens, padded to 128 (not a multiple of 3, split unevenly)
+    width=40,
+    num_inference_steps=3,
+    max_sequence_length=40,
+    output_type="np",
+)
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_zimage):
+    return Engine.from_pretrained(str(tiny_zimage)).generate(**REQUEST).images[0]
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(num_gpus=2, ulysses_degree=2),
+        dict(num_gpus=2, ring_degree=2),
+        dict(num_gpus=2, tp_size=2),
+        dict(num_gpus=2, cfg_parallel=True),
+    ],
+    ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items() if k != "num_gpus"),
+)
+def test_parallel_mode_matches_one_process(tiny_zimage, single_process, mode):
+    with Engine.from_pretrained(str(tiny_zimage), device="cpu", **mode) as engine:
+        got = engine.generate(**REQUEST).images[0]
+    assert got.shape == single_process.shape
+    assert np.abs(got - single_process).max() < 1e-3
+
+
+def test_bench_runs_beside_diffusers(tiny_zimage, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--model", str(tiny_zimage), "--device", "cpu", "--height", "32", "--width", "32", "--repeat", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditserve", "bench", *args, "--num-inference-steps", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"ditserve", "diffusers"} and report["steps"] == 2
+    assert report["dit_relative_difference"] < 1e-5  # float32, same weights and inputs
+
+
+def _write_lora(path, modules: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0) -> None:
+    """A diffusers-named LoRA file (transformer.<module>.lora_A/B.weight) with B far from zero."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_features, in_features) in modules.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) * 0.2
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=g) * 0.2
+    save_file(tensors, str(path))
+
+
+def test_lora_matches_diffusers(tiny_zimage, tmp_path):
+    """The same LoRA file (q, k and v apart, which land on our fused qkv, and a SwiGLU half, which lands on our fused
+    w13) in our engine and in diffusers' ZImagePipeline.load_lora_weights: the same image; merged: the same again;
+    unmerged: the base image again."""
+    from diffusers import ZImagePipeline
+
+    engine = Engine.from_pretrained(str(tiny_zimage))
+    dim = engine.pipeline.c.transformer.config.dim
+    ffn = engine.pipeline.c.transformer.config.ffn_dim
+    modules = {f"layers.0.attention.to_{x}": (dim, dim) for x in "qkv"}
+    modules |= {"layers.1.feed_forward.w3": (ffn, dim), "noise_refiner.0.attention.to_out.0": (dim, dim)}
+    lora = tmp_path / "zimage_lora.safetensors"
+    _write_lora(lora, modules)
+    request = {**REQUEST, "guidance_scale": 0.0, "negative_prompt": None}
+    base = engine.generate(**request).images[0]
+
+    engine.set_lora("style", str(lora), strength=0.7)
+    ours = engine.generate(**request).images[0]
+    pipe = ZImagePipeline.from_pretrained(tiny_zimage)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.7])
+    kwargs = {k: v for k, v in request.items() if k not in ("seed", "negative_prompt")}
+    theirs = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(request["seed"])).images[0]
+    assert np.abs(ours - base).max() > 1e-2  # the LoRA changes the picture
+    assert np.abs(ours - theirs).max() < 1e-4
+
+    engine.merge_lora_weights()
+    assert np.abs(engine.generate(**request).images[0] - theirs).max() < 1e-4
+    engine.unmerge_lora_weights()
+    engine.set_lora([], [])
+    assert np.array_equal(engine.generate(**request).images[0], base)
