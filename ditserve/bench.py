@@ -51,13 +51,13 @@ def _peak_gib(device: torch.device) -> float | None:
 
 def _request(ns: argparse.Namespace, defaults) -> dict:
     """The timed request: the bench's size, and the model's default steps and guidance unless --num-inference-steps
-    names the steps."""
+    and --guidance-scale name them."""
     return dict(
         prompt=BENCH_PROMPT,
         height=ns.height,
         width=ns.width,
         num_inference_steps=ns.num_inference_steps or defaults.num_inference_steps,
-        guidance_scale=defaults.guidance_scale,
+        guidance_scale=defaults.guidance_scale if ns.guidance_scale is None else ns.guidance_scale,
         seed=0,
     )
 
