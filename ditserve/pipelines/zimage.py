@@ -186,7 +186,12 @@ class ZImagePipeline(Pipeline):
     def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
         """One [tokens, hidden] embedding per prompt: Qwen3's second-to-last hidden states of the chat-formatted
         prompt, padding dropped. Prompts that repeat are encoded once (each row's result does not depend on the
-        others: every row is padded to max_sequence_length and the encoder is causal)."""
+        others: the encoder is causal and every row is right-padded).
+
+        diffusers pads every prompt to max_sequence_length; since the encoder is causal, the hidden states of the
+        real tokens do not depend on the pads after them, so the batch is padded only to its longest prompt
+        (truncated at max_sequence_length as diffusers truncates): the same embeddings up to the rounding of the
+        attention's sums, for a fraction of the encoder's work (512 positions for a 40-token prompt otherwise)."""
         unique = list(dict.fromkeys(prompts))
         texts = [
             self.c.tokenizer.apply_chat_template(
@@ -195,7 +200,7 @@ class ZImagePipeline(Pipeline):
             for p in unique
         ]
         inputs = self.c.tokenizer(
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+            texts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
