@@ -94,6 +94,70 @@ def check_gelu_tanh(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol
     assert a._rows(fused.transpose(0, 1)[..., : 3 * d]) is None or b == 1  # rows at no single stride: torch's
 
 
+def assert_rounds_like(out: torch.Tensor, today: torch.Tensor, what: tuple) -> None:
+    """On CUDA in bf16, a fused kernel must round like the unfused ops it replaces (`today`, in the same dtype):
+    the same value but where the row's RMS, summed in another order, tips a rounding (a few per mille), and there
+    by one bf16 step. (Triton's CPU interpreter converts float32 to bf16 by truncating, so not there.)"""
+    assert out.dtype == today.dtype and out.shape == today.shape
+    if out.device.type != "cuda" or out.dtype != torch.bfloat16:
+        return
+    differ = out != today
+    assert differ.float().mean().item() < 0.01, ("elements that differ from today's ops", differ.float().mean(), what)
+    step = today.float().abs() * 2**-7 + 2**-126  # one bf16 step or more: 7 stored mantissa bits
+    assert ((out.float() - today.float()).abs() <= step).all(), ("more than a bf16 step from today's ops", what)
+
+
+def check_rms_norm_scale(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """Z-Image's modulated block inputs: the joint sequence's rows (strided view), per-sample scales chunked from
+    one modulation output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    scale = torch.randn(b, 4 * d, generator=g).to(device, dtype).chunk(4, dim=-1)[2]  # a strided [B, D] view
+    assert k._use_triton(x), "the Triton path is not taken"
+    out = k.rms_norm_scale(x, w, 1e-5, scale)
+    ref = k.rms_norm_scale_reference(x.double(), w.double(), 1e-5, scale.double())
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
+    assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
+    assert_rounds_like(out, k.rms_norm_scale_reference(x, w, 1e-5, scale), ("rms_norm_scale", b, s, d))
+
+
+def check_gated_rms_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """x + gate · rms_norm(y) · w with per-sample gates, and x + rms_norm(y) · w (gate None); x strided."""
+    from ditserve.kernels import fused_residual as r
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 2, d, generator=g).to(device, dtype)[:, 2:]
+    y = (4 * torch.randn(b, s, d, generator=g)).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    gate = torch.randn(b, 4 * d, generator=g).to(device, dtype).chunk(4, dim=-1)[1].tanh()
+    for gt in (gate, None):
+        out = r.gated_rms_residual(x, gt, y, w, 1e-5)
+        ref = r.gated_rms_residual_reference(
+            x.double(), None if gt is None else gt.double(), y.double(), w.double(), 1e-5
+        )
+        assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
+        assert rel(out, ref) < tol, (rel(out, ref), b, s, d, gt is None)
+        normed = torch.nn.functional.rms_norm(y, (d,), w, 1e-5)  # what the model ran before: norm, then residual
+        today = x + normed if gt is None else r.gated_residual(x, gt, normed)
+        assert_rounds_like(out, today, ("gated_rms_residual", b, s, d, gt is None))
+
+
+def check_silu_and_mul(device: str, dtype: torch.dtype, b: int, s: int, h: int, tol: float, seed: int) -> None:
+    """On the output of a merged [gate | up] GEMM (plain), on a view whose rows are strided, and on 2-D rows."""
+    from ditserve.kernels import swiglu as a
+
+    g = torch.Generator().manual_seed(seed)
+    wide = (3 * torch.randn(b, s, 2 * h + 24, generator=g)).to(device, dtype)
+    for x in (wide[..., : 2 * h].contiguous(), wide[..., 24:], wide[0, :, 24:]):
+        assert a._use_triton(x) and a._rows(x) is not None, "the Triton path is not taken"
+        out = a.silu_and_mul(x)
+        ref = a.silu_and_mul_reference(x.double())
+        assert out.shape == (*x.shape[:-1], h) and out.dtype == dtype and out.is_contiguous()
+        assert rel(out, ref) < tol, (rel(out, ref), b, s, h)
+        assert_rounds_like(out, a.silu_and_mul_reference(x), ("silu_and_mul", b, s, h))
+
+
 def check_copy_rows(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> None:
     """Head regrouping as Ulysses does it (bit-exact copies): q, k, v [B, S, H, D] into a message
     [ranks, 3, B, S, h, D], the received message into [3, B, ranks, S, h, D], and the output back into [B, S, H, D]."""
@@ -128,6 +192,13 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         check_layer_norm_modulate(device, dtype, b, s, d, tol, seed)
         check_gated_residual(device, dtype, b, s, d, tol, seed)
         check_gelu_tanh(device, dtype, b, s, d, tol, seed)
+    # Z-Image's widths (dim, its SwiGLU's hidden 8/3 · dim): 3840 and 10240 at full size.
+    for seed, (b, s, d) in enumerate(
+        [(1, 7, 48), (2, 33, 120), (2, 5, 3840)] if sizes == "small" else [(1, 4128, 3840), (2, 4128, 3840)]
+    ):
+        check_rms_norm_scale(device, dtype, b, s, d, tol, seed)
+        check_gated_rms_residual(device, dtype, b, s, d, tol, seed)
+        check_silu_and_mul(device, dtype, b, s, int(d / 3 * 8), tol, seed)
     shapes = (
         [(1, 3, 5, 3, 16), (2, 4, 9, 2, 32), (1, 2, 6, 24, 128)]
         if sizes == "small"
@@ -146,5 +217,6 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
 
 if __name__ == "__main__":
     run_all("cpu", torch.float32, 1e-5)
+    run_all("cpu", torch.bfloat16, 1e-2)
     print("kernel checks passed")
     sys.exit(0)
