@@ -71,17 +71,26 @@ if triton is not None:
         pos = row % seq_len
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
-        y = tl.load(y_ptr + batch * y_stride_b + pos * y_stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(y * y, axis=0) / dim + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        normed = (y * rstd * w).to(dtype).to(tl.float32)  # the norm's output is a tensor of this dtype in the reference
-        x = tl.load(x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        # Every load is issued before the reduction waits on y: one memory round trip per row, not two.
+        y = tl.load(
+            y_ptr + batch * y_stride_b + pos * y_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+        )
+        x = tl.load(
+            x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+        )
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
         if HAS_GATE:
-            gate = tl.load(gate_ptr + batch * gate_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            out = x + gate * normed
+            gate = tl.load(
+                gate_ptr + batch * gate_batch_stride + offs, mask=mask, other=0.0, eviction_policy="evict_last"
+            )
+        y = y.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(y * y, axis=0) / dim + eps)
+        dtype = out_ptr.dtype.element_ty
+        normed = (y * rstd * w.to(tl.float32)).to(dtype).to(tl.float32)  # a tensor of this dtype in the reference
+        if HAS_GATE:
+            out = x.to(tl.float32) + gate.to(tl.float32) * normed
         else:
-            out = x + normed
+            out = x.to(tl.float32) + normed
         tl.store(out_ptr + row * dim + offs, out.to(dtype), mask=mask)
 
 
