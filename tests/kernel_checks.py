@@ -94,17 +94,19 @@ def check_gelu_tanh(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol
     assert a._rows(fused.transpose(0, 1)[..., : 3 * d]) is None or b == 1  # rows at no single stride: torch's
 
 
-def assert_rounds_like(out: torch.Tensor, today: torch.Tensor, what: tuple) -> None:
-    """On CUDA in bf16, a fused kernel must round like the unfused ops it replaces (`today`, in the same dtype):
-    the same value but where the row's RMS, summed in another order, tips a rounding (a few per mille), and there
-    by one bf16 step. (Triton's CPU interpreter converts float32 to bf16 by truncating, so not there.)"""
+def assert_rounds_like(out: torch.Tensor, today: torch.Tensor, size: torch.Tensor, what: tuple) -> None:
+    """On CUDA in bf16, a fused kernel must round like the unfused ops it replaces (`today`, in the same dtype): the
+    same values but where the row's RMS, summed in another order, tips a rounding of the norm (a small share), and
+    there by no more than two bf16 steps of `size`, the magnitude of the terms added up (the norm's step, scaled, and
+    the step of the final rounding). Triton's CPU interpreter converts float32 to bf16 by truncating: not there."""
     assert out.dtype == today.dtype and out.shape == today.shape
     if out.device.type != "cuda" or out.dtype != torch.bfloat16:
         return
-    differ = out != today
-    assert differ.float().mean().item() < 0.01, ("elements that differ from today's ops", differ.float().mean(), what)
-    step = today.float().abs() * 2**-7 + 2**-126  # one bf16 step or more: 7 stored mantissa bits
-    assert ((out.float() - today.float()).abs() <= step).all(), ("more than a bf16 step from today's ops", what)
+    differ = (out != today).float().mean().item()
+    assert differ < 0.01, ("share of elements that differ from today's ops", differ, what)
+    step = size.float().abs() * 2**-7 + 2**-126  # a bf16 step or more: 7 stored mantissa bits
+    worst = ((out.float() - today.float()).abs() / step).max().item()
+    assert worst <= 2, ("bf16 steps from today's ops", worst, what)
 
 
 def check_rms_norm_scale(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
@@ -119,7 +121,8 @@ def check_rms_norm_scale(device: str, dtype: torch.dtype, b: int, s: int, d: int
     ref = k.rms_norm_scale_reference(x.double(), w.double(), 1e-5, scale.double())
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
     assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
-    assert_rounds_like(out, k.rms_norm_scale_reference(x, w, 1e-5, scale), ("rms_norm_scale", b, s, d))
+    today = k.rms_norm_scale_reference(x, w, 1e-5, scale)
+    assert_rounds_like(out, today, today, ("rms_norm_scale", b, s, d))
 
 
 def check_gated_rms_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
@@ -138,9 +141,10 @@ def check_gated_rms_residual(device: str, dtype: torch.dtype, b: int, s: int, d:
         )
         assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
         assert rel(out, ref) < tol, (rel(out, ref), b, s, d, gt is None)
-        normed = torch.nn.functional.rms_norm(y, (d,), w, 1e-5)  # what the model ran before: norm, then residual
-        today = x + normed if gt is None else r.gated_residual(x, gt, normed)
-        assert_rounds_like(out, today, ("gated_rms_residual", b, s, d, gt is None))
+        # What the model ran before: the norm, then the residual (the gated kernel, one rounding; x is contiguous).
+        normed = torch.nn.functional.rms_norm(y, (d,), w, 1e-5)
+        today = x + normed if gt is None else r.gated_residual(x.contiguous(), gt, normed)
+        assert_rounds_like(out, today, x.abs() + today.abs(), ("gated_rms_residual", b, s, d, gt is None))
 
 
 def check_silu_and_mul(device: str, dtype: torch.dtype, b: int, s: int, h: int, tol: float, seed: int) -> None:
@@ -155,7 +159,8 @@ def check_silu_and_mul(device: str, dtype: torch.dtype, b: int, s: int, h: int, 
         ref = a.silu_and_mul_reference(x.double())
         assert out.shape == (*x.shape[:-1], h) and out.dtype == dtype and out.is_contiguous()
         assert rel(out, ref) < tol, (rel(out, ref), b, s, h)
-        assert_rounds_like(out, a.silu_and_mul_reference(x), ("silu_and_mul", b, s, h))
+        today = a.silu_and_mul_reference(x)
+        assert_rounds_like(out, today, today, ("silu_and_mul", b, s, h))
 
 
 class _Counted:
