@@ -6,7 +6,7 @@ here reads its input once and writes its output once.
 
 - `layer_norm_modulate`: LayerNorm (no affine) then x·(1 + scale) + shift, per-sample [B, D] modulation.
 - `rms_norm_scale`: RMS norm with its learned weight, then · (1 + scale), per-sample [B, D] scale (Z-Image's
-  modulated block inputs).
+  modulated block inputs; eager torch's broadcast multiply is not vectorised: H200, 1024², 69 µs → 21 µs).
 - `rms_norm_rope_into`: RMS norm over each head, then interleaved-pair rotary embedding, written into a slice of
   a (joint) output sequence, so the concatenation of text and image tokens costs nothing extra.
 

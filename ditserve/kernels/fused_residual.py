@@ -5,7 +5,7 @@
   forward at 1024² on H200). This kernel reads x and y once with 16-byte accesses and writes the sum once.
 - `gated_rms_residual`: x + gate · rms_norm(y) · weight, or x + rms_norm(y) · weight without a gate (Z-Image's
   "sandwich" norm after attention and feed-forward). The norm is one more pass over y and one more temporary in
-  eager torch; here it is done on the row in registers.
+  eager torch; here it is done on the row in registers (H200, 1024²: 30 µs instead of 50 for norm + residual).
 """
 
 from __future__ import annotations

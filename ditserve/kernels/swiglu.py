@@ -2,9 +2,9 @@
 
 Z-Image's feed-forward computes w1 x and w3 x as one GEMM, [.., 2H]; its two halves are views whose rows are
 strided. Eager torch takes `F.silu(gate) * up` over them as two passes through its generic elementwise kernel, one
-element at a time with index arithmetic per element (measured about 119 µs a call at 1024² on H200), and writes an
-intermediate silu(gate). This kernel reads each half once with 16-byte accesses and writes the contiguous [.., H]
-product, the layout the w2 GEMM reads best.
+element at a time with index arithmetic per element, and writes an intermediate silu(gate): measured on H200 at
+1024² (4128 tokens, H = 10240), 230 µs for the pair at 1.8 TB/s. This kernel reads each half once with 16-byte
+accesses and writes the contiguous [.., H] product, the layout the w2 GEMM reads best: 67 µs, 3.8 TB/s.
 """
 
 from __future__ import annotations
