@@ -27,7 +27,7 @@ def test_cuda_graphs_need_cuda(tiny_dev):
 def test_cli_flag_turns_them_off():
     import argparse
 
-    from ditserve.cli import add_engine_flags, engine_args_from
+    from ditserve.cli_common import add_engine_flags, engine_args_from
 
     p = argparse.ArgumentParser()
     add_engine_flags(p)

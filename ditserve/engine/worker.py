@@ -258,7 +258,7 @@ class Worker:
 
 def worker_main(engine_args_json: str, address: str, rank: int = 0) -> None:
     """Entry point of a spawned worker process. Arguments are JSON text, so nothing pickled is trusted."""
-    from ditserve.cli import quiet_libraries
+    from ditserve.cli_common import quiet_libraries
 
     # The server stops a worker with a message, after its in-flight batch; a Ctrl-C or SIGTERM sent to the whole
     # process group must not kill the batch underneath it. (SIGKILL still works, and a worker whose parent is gone
