@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     except ConfigError as e:
-        print(f"ditserve: {field_to_flag(e.field)}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+        print(f"ditserve: {field_to_flag(e.field)}: {e.message}", file=sys.stderr)
         return 2
     except LoaderError as e:
         print(f"ditserve: --model: {e}", file=sys.stderr)

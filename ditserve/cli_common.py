@@ -166,4 +166,4 @@ def apply_lora_flags(engine, ns: argparse.Namespace) -> dict | None:
         return engine.set_lora(**request)
     except LoRAError as e:
         flag = LORA_FLAGS.get(e.field, field_to_flag(e.field))
-        raise UsageError(f"ditserve: {flag}: {str(e).split(': ', 1)[1]}") from None
+        raise UsageError(f"ditserve: {flag}: {e.message}") from None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ditserve.errors import FieldError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -30,12 +32,8 @@ MAX_STEPS = 1000
 MAX_IMAGES = 16
 
 
-class ConfigError(ValueError):
-    """A setting is invalid. The message names the setting (`field`) and says what is allowed."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+class ConfigError(FieldError):
+    """A setting is invalid: `field` names the setting and `message` says what is allowed."""
 
 
 def parse_dtype(value: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
@@ -99,7 +97,7 @@ class EngineArgs:
         try:
             self.parallel_config().validate()
         except ParallelConfigError as e:
-            raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+            raise ConfigError(e.field, e.message) from None
         if self.tp_all_reduce == "two-shot" and self.resolved_device().type != "cuda":
             raise ConfigError("tp_all_reduce", f"{self.tp_all_reduce} goes through GPU memory: it needs CUDA GPUs")
         if self.ulysses_exchange == "copy-engine" and self.resolved_device().type != "cuda":

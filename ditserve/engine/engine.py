@@ -80,7 +80,7 @@ class Engine:
                         # The ranks build their config from the arguments: they get the method chosen here.
                         self.args = args = dataclasses.replace(args, ulysses_exchange=self.parallel.ulysses_exchange)
             except ParallelConfigError as e:
-                raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+                raise ConfigError(e.field, e.message) from None
         try:
             self._load(args, placement)
         except BaseException:
@@ -342,7 +342,7 @@ class Engine:
     ) -> dict:
         """Load (if new) and activate these adapters with these strengths on the target(s); `[]` turns LoRA off.
 
-        Raises `LoRAError` (a ValueError with `.field`) on any bad input, leaving the previous state unchanged.
+        Raises `LoRAError` (a ValueError with `.field` and `.message`) on any bad input, leaving the previous state unchanged.
         Returns `list_loras()`.
         """
         return self._lora_op(

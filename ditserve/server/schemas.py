@@ -137,7 +137,7 @@ def to_sampling_params(
         field = _FIELD_NAMES.get(e.field, e.field)
         if field in ("width", "height") and body.size is not None and getattr(body, field) is None:
             field = "size"  # the client sent size, so name size
-        raise InvalidRequest(field, str(e).split(": ", 1)[1]) from None
+        raise InvalidRequest(field, e.message) from None
     return params
 
 
