@@ -23,6 +23,7 @@ from ditserve.cli_common import (
     quiet_libraries,
 )
 from ditserve.config import ConfigError
+from ditserve.errors import LoaderError
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -158,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ditserve.loader.weights import LoaderError
-
     debug = os.environ.get("DITSERVE_DEBUG") == "1"
     try:
         ns = build_parser().parse_args(argv)

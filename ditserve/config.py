@@ -3,24 +3,30 @@
 `EngineArgs` says how a model is loaded and run; `SamplingParams` says what one request asks for. Both are plain
 dataclasses so they can cross process boundaries as data. Validation raises `ConfigError` whose message names the
 field, so the CLI and the server can show it to the user as is.
+
+Importing this module does not import torch (the HTTP process and the CLI's parsers read these definitions); torch
+is imported when an EngineArgs is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ditserve.errors import FieldError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+if TYPE_CHECKING:
+    import torch
+
+# Accepted dtype names → torch's.
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 LOAD_FORMATS = ("auto", "dummy")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -37,10 +43,12 @@ class ConfigError(FieldError):
 
 
 def parse_dtype(value: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
+    import torch
+
     if value is None or isinstance(value, torch.dtype):
         return value
     try:
-        return DTYPES[value.lower()]
+        return getattr(torch, DTYPES[value.lower()])
     except KeyError:
         raise ConfigError(field_name, f"unknown dtype {value!r}; use one of float32, bfloat16, float16") from None
 
@@ -76,6 +84,8 @@ class EngineArgs:
     dist_init_addr: str | None = None  # host:port of node 0
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -130,17 +140,23 @@ class EngineArgs:
 
     def to_dict(self) -> dict:
         """Plain data (dtype as its name), for sending to other processes."""
+        import torch
+
         data = dataclasses.asdict(self)
         if isinstance(self.dtype, torch.dtype):
             data["dtype"] = str(self.dtype).replace("torch.", "")
         return data
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def resolved_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype is not None:
             return self.dtype  # type: ignore[return-value]
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32

@@ -13,3 +13,7 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class LoaderError(Exception):
+    """A model folder or checkpoint cannot be loaded; the message says what is wrong and where."""
