@@ -174,3 +174,17 @@ def test_public_names_load_on_first_use():
     assert set(ditserve.__all__) <= set(dir(ditserve))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         ditserve.Nope  # noqa: B018
+
+
+def test_main_turns_the_collector_back_on():
+    """main pauses the cyclic collector while the libraries are imported; it must be running again afterwards,
+    whether the command succeeded or failed."""
+    import gc
+
+    from ditserve.cli import main
+
+    try:
+        assert main(["generate", "--prompt", "x", "--bogus"]) == 2
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()  # main froze this test process's objects, as a command's last step does
