@@ -1,4 +1,4 @@
-"""`ditserve generate | bench | make-tiny | serve | bench-serve` (and the subcommands other modules register).
+"""`ditserve generate | bench | make-tiny | serve | bench-serve` (serve and bench-serve are set up in server/cli.py).
 
 Errors a user can fix (a bad flag, a missing folder) print one line on stderr and exit with status 2; nothing
 prints a traceback unless DITSERVE_DEBUG=1.
@@ -10,7 +10,6 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Callable
 
 from ditserve.cli_common import (
     CliParser,
@@ -118,10 +117,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return run_bench(ns)
 
 
-# Other modules (the server, later) add their subcommands here: name → (register(subparsers), handler).
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
@@ -154,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     from ditserve.server.cli import register_server_commands
 
     register_server_commands(sub)
-    for register in EXTRA_COMMANDS:
-        register(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ is imported when an EngineArgs is made.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ditserve.errors import FieldError
@@ -177,7 +177,6 @@ class SamplingParams:
     num_images: int = 1
     max_sequence_length: int | None = None
     output_type: str = "pil"
-    extra: dict = field(default_factory=dict)
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ditserve.config import SamplingParams
 
-# Fields of SamplingParams that travel; `extra` stays behind on purpose (it may hold non-JSON values).
+# Fields of SamplingParams that travel to the worker (not output_type: the worker makes PIL images and encodes them).
 _PARAM_FIELDS = (
     "prompt",
     "negative_prompt",
@@ -68,7 +68,6 @@ class ModelInfo:
     device: str
     dtype: str
     pid: int
-    extra: dict = field(default_factory=dict)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

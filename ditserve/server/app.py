@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import io
 import re
@@ -527,7 +528,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {
             "version": _version(),
             "state": scheduler.state,
-            "model": None if info is None else {k: v for k, v in info.__dict__.items() if k != "extra"},
+            "model": None if info is None else dataclasses.asdict(info),
             "worker_pid": scheduler.worker_pid,
             "queue_length": len(scheduler.queue),
             "running": len(scheduler.running),

@@ -48,20 +48,6 @@ def _check_positive(name: str, value: float) -> None:
         raise UsageError(f"ditserve serve: --{name} must be positive, got {value}")
 
 
-def plain_engine_args(args) -> dict:
-    """EngineArgs as JSON-able data for the worker: every field, so every engine flag of `generate` reaches it."""
-    import dataclasses
-
-    import torch
-
-    if hasattr(args, "to_dict"):
-        return args.to_dict()
-    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    if isinstance(data.get("dtype"), torch.dtype):
-        data["dtype"] = str(data["dtype"]).removeprefix("torch.")
-    return data
-
-
 def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,7 +71,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
     from ditserve.engine.worker import STARTUP_LORA_KEY
 
-    worker_args = plain_engine_args(engine_args)
+    worker_args = engine_args.to_dict()  # every field, so every engine flag of `generate` reaches the worker
     startup_lora = lora_request(ns)  # checks the --lora-* flags (paths exist, counts agree) before starting
     if startup_lora:
         worker_args[STARTUP_LORA_KEY] = startup_lora

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ditserve.config import MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 # OpenAI's parameter names → ours, so an error names what the client sent.
 _FIELD_NAMES = {"num_images": "n"}
