@@ -297,11 +297,14 @@ class Engine:
         )
         return self.run(params, on_step)
 
-    def run(self, params: SamplingParams, on_step: StepCallback | None = None) -> GenerationResult:
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """The request as it runs: validated against the model, its defaults filled in, and a seed drawn if it has
+        none (the seed is reported back, so any image can be made again)."""
         resolved = self.pipeline.resolve(params)
-        if resolved.seed is None:
-            # A drawn seed is reported back, so any image can be made again.
-            resolved = resolved.replace(seed=secrets.randbits(63))
+        return resolved if resolved.seed is not None else resolved.replace(seed=secrets.randbits(63))
+
+    def run(self, params: SamplingParams, on_step: StepCallback | None = None) -> GenerationResult:
+        resolved = self.resolve(params)
         self._check_driver()
         with self._lock:
             if self.parallel.world_size > 1:
@@ -316,10 +319,7 @@ class Engine:
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[GenerationResult]:
         """Requests with the same batch key (shape and settings) as one batched run; one result per request, each
         with its own seed's noise. With several ranks every rank runs the batch."""
-        resolved = []
-        for params in batch:
-            r = self.pipeline.resolve(params)
-            resolved.append(r if r.seed is not None else r.replace(seed=secrets.randbits(63)))
+        resolved = [self.resolve(params) for params in batch]
         self._check_driver()
         with self._lock:
             if self.parallel.world_size > 1:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
 import sys
 import time
@@ -152,19 +151,15 @@ class Worker:
         from ditserve.utils.media import encode_image
 
         engine = self.engine
-        pipe = engine.pipeline  # type: ignore[union-attr]
-        tasks = getattr(pipe, "tasks", ("text-to-image",))
-        resolved = []
+        tasks = getattr(engine.pipeline, "tasks", ("text-to-image",))  # type: ignore[union-attr]
         for item in items:
             if item.task not in tasks:
                 raise ValueError(f"this model does {', '.join(tasks)}, not {item.task}")
-            params = pipe.resolve(msg.params_from_dict(item.params))
-            if params.seed is None:
-                params = params.replace(seed=secrets.randbits(63))
-            resolved.append(params)
         on_step = self._step_hook(batch_id, items)
-        # Through the engine, which holds the LoRA lock and, with several ranks, makes every rank run the batch.
-        results = engine.run_batch(resolved, on_step)  # type: ignore[union-attr]
+        # Through the engine, which resolves and seeds the requests, holds the LoRA lock and, with several ranks,
+        # makes every rank run the batch.
+        batch = [msg.params_from_dict(item.params) for item in items]
+        results = engine.run_batch(batch, on_step)  # type: ignore[union-attr]
         for item, result in zip(items, results):
             if item.request_id in self.cancelled:
                 continue
