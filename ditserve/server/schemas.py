@@ -8,9 +8,9 @@ names the field. Every failure becomes `InvalidRequest`, which the app turns int
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ditserve.config import MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
 
@@ -70,6 +70,9 @@ class VideoRequest(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -106,6 +109,16 @@ def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int |
     if not m:
         raise InvalidRequest(param, f'must look like "WIDTHxHEIGHT", e.g. "1024x1024" (or "auto"); got {size!r}')
     return int(m.group(1)), int(m.group(2))
+
+
+def validated(model: type[Body], fields: dict) -> Body:
+    """`model` from `fields` (None values left out, as unset), any pydantic error raised as InvalidRequest."""
+    try:
+        return model.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(x) for x in first.get("loc", ())) or None
+        raise InvalidRequest(param, first.get("msg", "invalid value")) from None
 
 
 def to_sampling_params(
