@@ -223,8 +223,8 @@ class Engine:
     def _shutdown(self) -> None:
         """Forget the tensor-parallel group, leave the process group, wait for the ranks this process started.
 
-        Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 must not wait for its
-        ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait). Captured
+        Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 leaves before it waits
+        for its ranks to exit, or on GPUs each would wait for the other (gloo on the CPU does not wait). Captured
         graphs go first: NCCL's communicator teardown blocks while a graph that captured its collectives is alive
         (pytorch/pytorch#115388)."""
         if self.cuda_graphs is not None:
