@@ -72,6 +72,18 @@ def write_ai_toolkit(folder: Path, out: Path, seed: int = 0, rank: int = 4) -> P
     return out
 
 
+def write_poisoned(folder: Path, out: Path, seed: int = 0) -> Path:
+    """An ai-toolkit LoRA whose every lora_B is NaN (a diverged training): it must be refused, naming a tensor."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (o, i) in diffusers_modules(flux_dims(folder)).items():
+        a, _ = _pair(g, o, i, 4)
+        sd[f"transformer.{name}.lora_A.weight"] = a
+        sd[f"transformer.{name}.lora_B.weight"] = torch.full((o, 4), float("nan"))
+    save_file(sd, str(out), metadata={"format": "pt"})
+    return out
+
+
 def _peft_transformer(folder: Path, seed: int, rank: int, alpha: float, targets: list[str], rank_pattern=None):
     """diffusers' own FLUX transformer with a PEFT LoRA injected and its LoRA weights randomised."""
     from diffusers import FluxTransformer2DModel

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from lora_writers import write_ai_toolkit, write_kohya
+from lora_writers import write_ai_toolkit, write_kohya, write_poisoned
 from safetensors.torch import save_file
 
 from ditserve import Engine
@@ -46,6 +46,7 @@ def files(tiny_dev, tmp_path_factory):
         "wan": wan,
         "big": big,
         "unknown": _unknown(tmp / "unknown.safetensors"),
+        "nan": write_poisoned(tiny_dev, tmp / "nan.safetensors"),
     }
 
 
@@ -80,6 +81,11 @@ BAD_CALLS = [
     (dict(lora_nickname="x5", lora_path="{k}", strength=float("nan")), "strength", "finite number"),
     (dict(lora_nickname="x6", lora_path="{k}", strength="strong"), "strength", "finite number"),
     (dict(lora_nickname="x7", lora_path="{k}", strength=True), "strength", "finite number"),
+    (dict(lora_nickname="x14", lora_path="{k}", strength=-1e9), "strength", "between -10 and 10"),
+    (dict(lora_nickname="x15", lora_path="{nan}"), "lora_path", "lora_B.weight holds NaN"),
+    (dict(lora_nickname="n" * 100_000, lora_path="{k}"), "lora_nickname", "the limit is 64"),
+    (dict(lora_nickname="a/b", lora_path="{k}"), "lora_nickname", "only letters"),
+    (dict(lora_nickname="\u0663", lora_path="{k}"), "lora_nickname", "only letters"),
     (dict(lora_nickname=["x8", "x9"], lora_path=["{k}", "{a}"], strength=[1.0]), "strength", "2 nicknames"),
     (dict(lora_nickname="x10", lora_path="{k}", target="transformer_2"), "target", "no transformer_2"),
     (dict(lora_nickname="x11", lora_path="{k}", target="vae"), "target", "unknown target"),
@@ -109,6 +115,7 @@ def test_bad_requests_leave_the_state_unchanged(engine, files, merged):
             assert_unchanged(engine, before)
         for call, field in (
             (lambda: engine.merge_lora_weights(strength=float("inf")), "strength"),
+            (lambda: engine.merge_lora_weights(strength=11.0), "strength"),
             (lambda: engine.merge_lora_weights(target="transformer_2"), "target"),
             (lambda: engine.unmerge_lora_weights(target=["transformer", "nope"]), "target"),
         ):
@@ -117,6 +124,17 @@ def test_bad_requests_leave_the_state_unchanged(engine, files, merged):
             assert e.value.field == field
             assert_unchanged(engine, before)
     finally:
+        engine.set_lora([])
+
+
+def test_the_strength_bound_is_configurable(engine, files):
+    engine.lora.max_strength = 20.0
+    try:
+        assert engine.set_lora("loud", str(files["a"]), 15.0)["targets"]["transformer"]["active"][0]["strength"] == 15
+        with pytest.raises(LoRAError, match="between -20 and 20"):
+            engine.set_lora("loud", strength=-21.0)
+    finally:
+        engine.lora.max_strength = 10.0
         engine.set_lora([])
 
 

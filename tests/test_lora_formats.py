@@ -216,6 +216,23 @@ def test_bad_files_are_refused_with_the_keys_named(sd, message):
     assert e.value.field == "lora_path"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("role", ["lora_A", "lora_B"])
+def test_non_finite_tensors_are_refused_by_name(role, bad):
+    a, b = pair(8, 8)
+    sd = {"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b}
+    sd[f"transformer.proj_out.{role}.weight"][1, 2] = bad
+    with pytest.raises(LoRAError, match=f"tensor transformer.proj_out.{role}.weight holds NaN or infinite") as e:
+        convert(sd)
+    assert e.value.field == "lora_path"
+    sd = {"lora_unet_img_in.lora_down.weight": a, "lora_unet_img_in.lora_up.weight": b}
+    sd["lora_unet_img_in.lora_down.weight"] = torch.ones(4, 8)
+    sd["lora_unet_img_in.lora_up.weight"] = torch.ones(8, 4)
+    sd["lora_unet_img_in.alpha"] = torch.tensor(bad)
+    with pytest.raises(LoRAError, match="lora_unet_img_in.alpha holds NaN"):
+        convert(sd)
+
+
 def test_text_encoder_keys_are_ignored_and_counted():
     a, b = pair(4, 4)
     lora = convert(

@@ -15,6 +15,9 @@ Formats, told apart by their keys:
 - Z-Image: diffusers names, or the original repo's (fused `attention.qkv`, `attention.out`; ComfyUI under
   `diffusion_model.`, kohya flattened under `lora_unet_`).
 Every format scales B(A x) by alpha/rank (rank = A's rows) when it stores an alpha, and by 1 when it does not.
+
+Every tensor is checked finite as it is converted: a LoRA holding NaN or inf (a diverged training, a damaged file)
+would turn every image black or garbled, so it is refused naming the tensor, before anything is placed.
 """
 
 from __future__ import annotations
@@ -156,6 +159,7 @@ def convert(
     """Any supported format → CanonicalLoRA, or LoRAError naming the keys it cannot place."""
     config = config or {}
     modules: dict[str, dict] = {}
+    keys: dict[str, dict[str, str]] = {}  # module → role → the file's key, to name a tensor at fault
     styles: set[str] = set()
     ignored: list[str] = []
     unknown: list[str] = []
@@ -182,6 +186,7 @@ def convert(
         if style is not None:
             styles.add(style)
         modules.setdefault(module, {})[role] = tensor
+        keys.setdefault(module, {})[role] = key
     if unknown:
         raise LoRAError(
             "lora_path",
@@ -201,6 +206,13 @@ def convert(
     out: list[LoRAModule] = []
     for module, parts in modules.items():
         down, up = parts["down"], parts["up"]
+        for role in ("down", "up", "alpha"):
+            if role in parts and not _finite(parts[role]):
+                raise LoRAError(
+                    "lora_path",
+                    f"tensor {keys[module][role]} holds NaN or infinite values (a diverged training or a damaged "
+                    "file); it would spoil every image",
+                )
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise LoRAError(
                 "lora_path",
@@ -227,6 +239,12 @@ def convert(
     elif "kohya" in styles and scheme.architecture == "flux":
         fmt = "kohya-flux" if scheme.name == "bfl-flux" else "kohya-diffusers-flux"
     return CanonicalLoRA(format=fmt, architecture=scheme.architecture, modules=out, ignored=ignored)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _pick_scheme(

@@ -9,6 +9,9 @@ Semantics (the same names as other diffusion servers):
   kept, so merge_lora_weights folds it in again, and set_lora re-activates).
 Every call validates and converts everything first and changes state only once nothing can fail any more, so an
 error (`LoRAError`, naming the input at fault) leaves the previous state exactly as it was.
+
+Inputs are bounded: a strength beyond ±`max_strength` (default 10; a trained LoRA is used at about 0.5 to 1.5) and
+a nickname that is long or holds anything but letters, digits, spaces and `._+-()[]` are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +33,9 @@ from ditserve.lora.formats import load_canonical
 from ditserve.lora.placement import KeyMap, Placement, adapter_bytes, place
 
 TARGET_NAMES = ("transformer", "transformer_2")  # every target any family may have
+MAX_STRENGTH = 10.0  # the default bound on |strength|
+MAX_NICKNAME_CHARS = 64
+_NICKNAME = re.compile(r"^[A-Za-z0-9_.+\-()\[\] ]+$")
 
 
 @dataclass
@@ -61,15 +68,33 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def check_strength(value, field_name: str = "strength") -> float:
+def check_strength(value, field_name: str = "strength", limit: float = MAX_STRENGTH) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise LoRAError(field_name, f"must be a finite number, got {value!r}")
+    if abs(float(value)) > limit:
+        raise LoRAError(field_name, f"must be between -{limit:g} and {limit:g}, got {float(value):g}")
     return float(value)
 
 
+def check_nickname(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise LoRAError("lora_nickname", f"must be a non-empty string or a list of them, got {value!r}"[:200])
+    if len(value) > MAX_NICKNAME_CHARS:
+        raise LoRAError("lora_nickname", f"is {len(value)} characters; the limit is {MAX_NICKNAME_CHARS}")
+    if not _NICKNAME.match(value):
+        raise LoRAError("lora_nickname", f"{value!r} may hold only letters, digits, spaces and ._+-()[] (ASCII)")
+    return value
+
+
 class LoRAManager:
-    def __init__(self, targets: dict[str, LoRATarget], backup_device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        targets: dict[str, LoRATarget],
+        backup_device: str | torch.device = "cpu",
+        max_strength: float = MAX_STRENGTH,
+    ):
         self.targets = targets
+        self.max_strength = max_strength  # |strength| above this is refused (set_lora's and merge's)
         # Where the unmerged weights are kept during a merge: "cpu" costs host memory equal to the merged layers'
         # weights; the model's device is faster to restore but costs as much device memory.
         self.backup_device = backup_device
@@ -98,10 +123,7 @@ class LoRAManager:
         return out
 
     def _requests(self, lora_nickname, lora_path, strength) -> list[tuple[str, str | None, float]]:
-        nicknames = _as_list(lora_nickname)
-        for n in nicknames:
-            if not isinstance(n, str) or not n.strip():
-                raise LoRAError("lora_nickname", f"must be a non-empty string or a list of them, got {n!r}")
+        nicknames = [check_nickname(n) for n in _as_list(lora_nickname)]
         if len(set(nicknames)) != len(nicknames):
             raise LoRAError("lora_nickname", f"a nickname appears twice: {nicknames}")
         paths = [None] * len(nicknames) if lora_path is None else _as_list(lora_path)
@@ -114,7 +136,10 @@ class LoRAManager:
         strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(nicknames)
         if len(strengths) != len(nicknames):
             raise LoRAError("strength", f"{len(strengths)} strengths for {len(nicknames)} nicknames")
-        return [(n, None if p is None else str(p), check_strength(s)) for n, p, s in zip(nicknames, paths, strengths)]
+        return [
+            (n, None if p is None else str(p), check_strength(s, limit=self.max_strength))
+            for n, p, s in zip(nicknames, paths, strengths)
+        ]
 
     # ---- the API ------------------------------------------------------------------------------------------------
     def set_lora(
@@ -171,7 +196,7 @@ class LoRAManager:
         return self._publish()
 
     def merge_lora_weights(self, strength: float = 1.0, target: str | list[str] = "all") -> dict:
-        strength = check_strength(strength)
+        strength = check_strength(strength, limit=self.max_strength)
         targets = self.resolve_targets(target)
         for t in targets:
             if not self.state[t].active:
