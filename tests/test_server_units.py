@@ -137,11 +137,53 @@ def test_parse_size(size, expected):
     assert parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", ["1024", "x32", "32x", "-32x32", "32x32x3", "3.5x32", "999999x32", ""])
-def test_parse_size_rejects(size):
+@pytest.mark.parametrize(
+    ("size", "words"),
+    [
+        ("1024", "WIDTHxHEIGHT"),
+        ("x32", "WIDTHxHEIGHT"),
+        ("32x", "WIDTHxHEIGHT"),
+        ("-32x32", "WIDTHxHEIGHT"),
+        ("32x32x3", "WIDTHxHEIGHT"),
+        ("3.5x32", "WIDTHxHEIGHT"),
+        ("", "WIDTHxHEIGHT"),
+        ("\u0663\u0662x\u0663\u0662", "ASCII digits"),  # Arabic-Indic digits: int() would read them as 32
+        ("32\u00d732", "WIDTHxHEIGHT"),
+        ("32\u200832", "WIDTHxHEIGHT"),
+        ("999999x32", "a width of 999999; each side must be 1 to 4096"),
+        ("100000x100000", "a width of 100000"),
+        ("32x0", "a height of 0"),
+    ],
+)
+def test_parse_size_rejects(size, words):
     with pytest.raises(InvalidRequest) as e:
         parse_size(size)
-    assert e.value.param == "size"
+    assert e.value.param == "size" and words in e.value.message
+
+
+def test_form_values_take_only_ascii_numbers():
+    from ditserve.server.schemas import ImageOptions, form_values
+
+    fields = {"n": "2", "seed": "\u0663", "width": "3_0", "num_inference_steps": "true", "guidance_scale": "3.5"}
+    assert form_values(ImageOptions, {**fields, "prompt": "7", "size": "32x32"}) == {
+        "n": 2,
+        "seed": "\u0663",
+        "width": "3_0",
+        "num_inference_steps": "true",
+        "guidance_scale": 3.5,
+        "prompt": "7",
+        "size": "32x32",
+    }
+
+
+@pytest.mark.parametrize(
+    ("loc", "name"),
+    [(("body", "strength", "float"), "strength"), (("body", "lora_path", 1), "lora_path"), (("body",), None)],
+)
+def test_an_error_names_the_field_not_the_union_member(loc, name):
+    from ditserve.server.schemas import field_name
+
+    assert field_name(loc) == name
 
 
 def test_job_store_lifecycle(tmp_path):

@@ -2,11 +2,16 @@
 translation of each failure into its status, type and code.
 
 400 for a bad request (naming the field), 401 without the API key, 404 for an unknown id, 413 for a body over the
-limit, 429 when the queue is full (with Retry-After), 499 when the client went away, 500 when the model failed on a
-request, 503 while the model loads or after the worker died, 504 past the request timeout.
+limit, 415 for a body that is not JSON where JSON is expected, 429 when the queue is full (with Retry-After), 499
+when the client went away, 500 when the model failed on a request, 503 while the model loads or restarts (with
+Retry-After), 504 past the request timeout. Every error has a `code`, and no message carries an object's repr.
 """
 
 from __future__ import annotations
+
+import re
+import sys
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,10 +19,26 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditserve.engine.scheduler import QueueFull, RequestFailed, Unavailable
-from ditserve.server.schemas import ErrorResponse, InvalidRequest
+from ditserve.server.schemas import ErrorResponse, InvalidRequest, field_name
 
 # The error answers every route may give, for the OpenAPI schema.
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
+# The code of an error that names none, by status.
+_DEFAULT_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "queue_full",
+    499: "cancelled",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+_REPR = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9a-fA-F]+>")
 # RequestFailed's kinds → HTTP status ("invalid" is a 400 of its own, naming the field).
 _FAILURE_STATUS = {"timeout": 504, "worker_died": 503, "cancelled": 499, "out_of_memory": 500, "error": 500}
 
@@ -64,8 +85,32 @@ def failure_error(e: Exception) -> tuple[str, ApiError]:
 
 
 def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    message = _REPR.sub(r"<\1>", message)  # "<_io.BytesIO object at 0x7f…>" says nothing to a client
+    code = code or _DEFAULT_CODES.get(status, "error")
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def unsupported_media_type(got: str, expected: str) -> ApiError:
+    hint = " (with curl: --json '{...}', or -H 'Content-Type: application/json')" if "json" in expected else ""
+    return ApiError(
+        415,
+        f"the body must be {expected}; the request says Content-Type {got!r}{hint}",
+        "invalid_request_error",
+        None,
+        "unsupported_media_type",
+    )
+
+
+def require_json(request: Request) -> None:
+    """A route dependency: a body sent as anything but JSON gets 415 saying so, not a puzzling validation error
+    (curl's -d sends application/x-www-form-urlencoded). A body without a Content-Type is read as JSON."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise unsupported_media_type(media, "JSON (Content-Type: application/json)")
 
 
 def _count_invalid(request: Request) -> None:
@@ -93,15 +138,25 @@ async def _validation(request: Request, e: RequestValidationError):
         return error_response(
             400, f"the body is not valid JSON: {detail}", "invalid_request_error", None, "invalid_json"
         )
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header", "form")]
-    param = ".".join(loc) or None
+    param = field_name(first.get("loc", ()))
+    if param is None and tuple(first.get("loc", ()))[:1] == ("body",):  # the body as a whole
+        if first.get("type") == "missing":
+            message = "the request needs a JSON object body (Content-Type: application/json)"
+        else:
+            message = f"the body must be a JSON object of the request's fields, not {type(first.get('input')).__name__}"
+        return error_response(400, message, "invalid_request_error", None, "invalid_body")
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
 
 async def _http(request: Request, e: StarletteHTTPException):
-    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
-    return error_response(e.status_code, str(e.detail), "invalid_request_error", None, code)
+    return error_response(e.status_code, str(e.detail), "invalid_request_error", None, None, e.headers)
+
+
+async def _internal(request: Request, e: Exception):
+    """A bug: logged here with its traceback, answered without one."""
+    traceback.print_exception(e, file=sys.stderr)
+    return error_response(500, "internal server error", "server_error", None, "internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -109,3 +164,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, _invalid)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _internal)

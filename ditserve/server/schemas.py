@@ -1,20 +1,31 @@
 """Request and response bodies of the HTTP API, in OpenAI's shapes, and their translation to `SamplingParams`.
 
-Pydantic checks types and simple bounds; `to_sampling_params` checks the rest against the served model (size a
-multiple of its spatial multiple, steps in range, ...) by calling `SamplingParams.validate`, whose `ConfigError`
-names the field. Every failure becomes `InvalidRequest`, which the app turns into a 400 naming the parameter.
+Pydantic checks types and simple bounds, strictly: an integer field takes a JSON integer, never a string or a
+boolean, and a number field a JSON number. Multipart forms carry text, so `form_values` turns a form's ASCII
+integers and numbers into numbers first (and nothing else: "٣", "3_0" or "true" stay text and are refused).
+`to_sampling_params` checks the rest against the served model (size a multiple of its spatial multiple, steps in
+range, ...) by calling `SamplingParams.validate`, whose `ConfigError` names the field. Every failure becomes
+`InvalidRequest`, which the app turns into a 400 naming the parameter.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal, TypeVar
+import types
+import typing
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ditserve.config import MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
+from ditserve.config import MAX_FRAMES, MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+# ASCII only: Python's \d and \s also match other scripts' digits and spaces ("٣٢x٣٢" would be 32x32).
+_SIZE = re.compile(r"^ *([0-9]+) *[xX] *([0-9]+) *$")
+_FORM_INT = re.compile(r"^-?[0-9]{1,20}$")
+_FORM_FLOAT = re.compile(r"^-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?$")
+MAX_LORA_NICKNAME = 64  # as the LoRA manager's limit
+MAX_ADAPTERS = 16  # LoRAs one set_lora may name
+MAX_SECONDS = 600  # the longest clip a video request may ask for (frames are bounded again by --max-frames)
 # OpenAI's parameter names → ours, so an error names what the client sent.
 _FIELD_NAMES = {"num_images": "n"}
 
@@ -32,7 +43,8 @@ class InvalidRequest(Exception):
 
 class _Strict(BaseModel):
     # Unknown fields are an error that names them, as OpenAI's API does: a typo must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "2" is not 2 and true is not 1 (an integer field takes only a JSON integer).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageOptions(_Strict):
@@ -41,7 +53,9 @@ class ImageOptions(_Strict):
     prompt: str = Field(min_length=1, description="what to draw")
     model: str | None = Field(default=None, max_length=512)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    size: str | None = Field(default=None, max_length=32, description='"WxH", e.g. "1024x1024", or "auto"')
+    size: str | None = Field(
+        default=None, max_length=32, description='"WxH" in ASCII digits, e.g. "1024x1024", or "auto"'
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100, description="jpeg/webp quality")
@@ -59,10 +73,17 @@ class ImageGenerationRequest(ImageOptions):
     pass
 
 
+class ImageEditForm(ImageOptions):
+    """The multipart form of POST /v1/images/edits, for the OpenAPI schema (the route reads the form itself)."""
+
+    image: list[bytes] | None = Field(default=None, description="the image(s) to edit (or send them as image[])")
+    mask: bytes | None = None
+
+
 class VideoRequest(_Strict):
     prompt: str = Field(min_length=1)
     model: str | None = Field(default=None, max_length=512)
-    seconds: str | int | None = Field(default=None, description="clip length in seconds")
+    seconds: str | int | None = Field(default=None, description='clip length in whole seconds, e.g. 4 or "4"')
     size: str | None = Field(default=None, max_length=32, description='"WxH"')
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
@@ -102,13 +123,28 @@ class ErrorResponse(BaseModel):
 
 
 def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int | None]:
-    """(width, height) from "WxH"; (None, None) for None or "auto" (the model's default)."""
+    """(width, height) from "WxH" in ASCII digits; (None, None) for None or "auto" (the model's default)."""
     if size is None or size.strip().lower() == "auto":
         return None, None
     m = _SIZE.match(size)
     if not m:
-        raise InvalidRequest(param, f'must look like "WIDTHxHEIGHT", e.g. "1024x1024" (or "auto"); got {size!r}')
-    return int(m.group(1)), int(m.group(2))
+        raise InvalidRequest(
+            param, f'must look like "WIDTHxHEIGHT" in ASCII digits, e.g. "1024x1024" (or "auto"); got {size!r}'
+        )
+    width, height = int(m.group(1)), int(m.group(2))
+    for name, value in (("width", width), ("height", height)):
+        if not 1 <= value <= MAX_SIDE:
+            raise InvalidRequest(param, f"{size.strip()} has a {name} of {value}; each side must be 1 to {MAX_SIDE}")
+    return width, height
+
+
+def field_name(loc: tuple | list) -> str | None:
+    """The request field an error location points at: its first name. Pydantic's locations go on into list
+    indexes and union members ("strength.float", "lora_path.1"), which are not fields a client sent."""
+    for item in loc:
+        if isinstance(item, str) and item not in ("body", "query", "path", "header", "form", "cookie"):
+            return item
+    return None
 
 
 def validated(model: type[Body], fields: dict) -> Body:
@@ -117,17 +153,53 @@ def validated(model: type[Body], fields: dict) -> Body:
         return model.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(x) for x in first.get("loc", ())) or None
-        raise InvalidRequest(param, first.get("msg", "invalid value")) from None
+        raise InvalidRequest(field_name(first.get("loc", ())), first.get("msg", "invalid value")) from None
+
+
+def _scalar(annotation) -> type | None:
+    """int or float when a field holds that (optionally or None), else None."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = {a for a in typing.get_args(annotation) if a is not type(None)}
+        return next(iter(kinds)) if len(kinds) == 1 and kinds <= {int, float} else None
+    return annotation if annotation in (int, float) else None
+
+
+def form_values(model: type[BaseModel], fields: dict) -> dict:
+    """A multipart form's text values as `model` takes them: ASCII integers for its integer fields, ASCII decimal
+    numbers for its number fields; anything else stays text, for the strict model to refuse naming the field."""
+    out = {}
+    for name, value in fields.items():
+        info = model.model_fields.get(name)
+        kind = _scalar(info.annotation) if info is not None else None
+        if isinstance(value, str) and kind is int and _FORM_INT.match(value):
+            value = int(value)
+        elif isinstance(value, str) and kind is float and _FORM_FLOAT.match(value):
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def _check_prompts(body, max_prompt_chars: int) -> None:
+    if len(body.prompt) > max_prompt_chars:
+        raise InvalidRequest("prompt", f"is {len(body.prompt)} characters; the limit is {max_prompt_chars}")
+    if body.negative_prompt is not None and len(body.negative_prompt) > max_prompt_chars:
+        raise InvalidRequest("negative_prompt", f"is longer than the limit of {max_prompt_chars} characters")
+
+
+def _validated_params(params: SamplingParams, spatial_multiple: int, max_sequence_length_limit: int, names: dict):
+    """params.validate, its ConfigError raised as InvalidRequest naming the field the client sent (`names` maps
+    SamplingParams' names to the request's)."""
+    try:
+        params.validate(spatial_multiple, max_sequence_length_limit)
+    except ConfigError as e:
+        raise InvalidRequest(names.get(e.field, _FIELD_NAMES.get(e.field, e.field)), e.message) from None
+    return params
 
 
 def to_sampling_params(
     body: ImageOptions, spatial_multiple: int, max_sequence_length_limit: int, max_prompt_chars: int
 ) -> SamplingParams:
-    if len(body.prompt) > max_prompt_chars:
-        raise InvalidRequest("prompt", f"is {len(body.prompt)} characters; the limit is {max_prompt_chars}")
-    if body.negative_prompt is not None and len(body.negative_prompt) > max_prompt_chars:
-        raise InvalidRequest("negative_prompt", f"is longer than the limit of {max_prompt_chars} characters")
+    _check_prompts(body, max_prompt_chars)
     width, height = parse_size(body.size)
     for name, explicit, from_size in (("width", body.width, width), ("height", body.height, height)):
         if explicit is not None and from_size is not None and explicit != from_size:
@@ -143,36 +215,64 @@ def to_sampling_params(
         seed=body.seed,
         num_images=body.n,
     )
-    try:
-        params.validate(spatial_multiple, max_sequence_length_limit)
-    except ConfigError as e:
-        field = _FIELD_NAMES.get(e.field, e.field)
-        if field in ("width", "height") and body.size is not None and getattr(body, field) is None:
-            field = "size"  # the client sent size, so name size
-        raise InvalidRequest(field, e.message) from None
-    return params
+    # The client sent size, not width or height: name size.
+    names = {side: "size" for side in ("width", "height") if body.size is not None and getattr(body, side) is None}
+    return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)
+
+
+def video_sampling_params(
+    body: VideoRequest, spatial_multiple: int, max_sequence_length_limit: int, max_prompt_chars: int, fps: int
+) -> SamplingParams:
+    """A video request as SamplingParams: `seconds` becomes seconds × fps + 1 frames (the 4k+1 frame counts video
+    DiTs take)."""
+    _check_prompts(body, max_prompt_chars)
+    width, height = parse_size(body.size)
+    frames = None
+    if body.seconds is not None:
+        seconds = body.seconds
+        if isinstance(seconds, str):
+            if not re.fullmatch(r"[0-9]{1,6}", seconds):
+                raise InvalidRequest("seconds", f'must be a whole number of seconds, e.g. 4 or "4"; got {seconds!r}')
+            seconds = int(seconds)
+        if not 1 <= seconds <= MAX_SECONDS:
+            raise InvalidRequest("seconds", f"must be from 1 to {MAX_SECONDS}, got {seconds}")
+        frames = seconds * fps + 1
+        if frames > MAX_FRAMES:
+            raise InvalidRequest("seconds", f"{seconds} s at {fps} fps is {frames} frames; the most is {MAX_FRAMES}")
+    params = SamplingParams(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        height=height,
+        width=width,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        num_frames=frames,
+        fps=fps if frames is not None else None,
+    )
+    names = {"width": "size", "height": "size", "num_frames": "seconds", "fps": "seconds"}
+    return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------------
-LoraTarget = str | list[str]
+Name = Annotated[str, Field(max_length=MAX_LORA_NICKNAME)]
+LoraPath = Annotated[str, Field(max_length=1024)]
+LoraTarget = Name | Annotated[list[Name], Field(max_length=4)]
 
 
-class SetLoraRequest(BaseModel):
+class SetLoraRequest(_Strict):
     """POST /v1/set_lora: activate adapters (loading new ones from the server's --lora-dir); [] turns LoRA off."""
 
-    model_config = ConfigDict(extra="forbid")
-    lora_nickname: str | list[str]
-    lora_path: str | list[str | None] | None = None  # relative to --lora-dir
-    strength: float | list[float] = 1.0
+    lora_nickname: Name | Annotated[list[Name], Field(max_length=MAX_ADAPTERS)]
+    lora_path: LoraPath | Annotated[list[LoraPath | None], Field(max_length=MAX_ADAPTERS)] | None = None
+    strength: float | Annotated[list[float], Field(max_length=MAX_ADAPTERS)] = 1.0
     target: LoraTarget = "all"
 
 
-class MergeLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MergeLoraRequest(_Strict):
     strength: float = 1.0
     target: LoraTarget = "all"
 
 
-class UnmergeLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UnmergeLoraRequest(_Strict):
     target: LoraTarget = "all"

@@ -25,7 +25,9 @@ async def check_image_upload(upload: UploadFile, param: str, max_pixels: int) ->
                 img.load()
         except InvalidRequest:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        except UnidentifiedImageError:  # its text names the in-memory file object, which means nothing to a client
+            raise InvalidRequest(param, "is not an image this server can read (png, jpeg or webp)") from None
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
             raise InvalidRequest(param, f"could not be decoded as an image (png, jpeg or webp): {e}") from None
 
     await asyncio.to_thread(check)

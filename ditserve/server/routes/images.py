@@ -5,19 +5,21 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
+from ditserve.config import MAX_INPUT_IMAGES
 from ditserve.engine import messages as msg
 from ditserve.engine.scheduler import Result
-from ditserve.server.errors import ERROR_RESPONSES, ApiError
+from ditserve.server.errors import ERROR_RESPONSES, ApiError, require_json, unsupported_media_type
 from ditserve.server.schemas import (
+    ImageEditForm,
     ImageGenerationRequest,
     ImageOptions,
     ImagesResponse,
     InvalidRequest,
+    form_values,
     to_sampling_params,
     validated,
 )
@@ -30,56 +32,63 @@ _MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 router = APIRouter()
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    dependencies=[Depends(require_json)],
+)
 async def images_generations(request: Request, body: ImageGenerationRequest, server: Server):
     return await _generate_images(request, server, "images/generations", body)
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses=ERROR_RESPONSES)
-async def images_edits(
-    request: Request,
-    server: Server,
-    prompt: Annotated[str, Form()],
-    image: Annotated[list[UploadFile] | None, File()] = None,
-    image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
-    mask: Annotated[UploadFile | None, File()] = None,
-    model: Annotated[str | None, Form()] = None,
-    n: Annotated[int, Form()] = 1,
-    size: Annotated[str | None, Form()] = None,
-    response_format: Annotated[str, Form()] = "b64_json",
-    output_format: Annotated[str, Form()] = "png",
-    negative_prompt: Annotated[str | None, Form()] = None,
-    num_inference_steps: Annotated[int | None, Form()] = None,
-    guidance_scale: Annotated[float | None, Form()] = None,
-    true_cfg_scale: Annotated[float | None, Form()] = None,
-    seed: Annotated[int | None, Form()] = None,
-    width: Annotated[int | None, Form()] = None,
-    height: Annotated[int | None, Form()] = None,
-):
-    fields = {
-        "prompt": prompt,
-        "model": model,
-        "n": n,
-        "size": size,
-        "response_format": response_format,
-        "output_format": output_format,
-        "negative_prompt": negative_prompt,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "true_cfg_scale": true_cfg_scale,
-        "seed": seed,
-        "width": width,
-        "height": height,
-    }
-    body = validated(ImageOptions, fields)
-    images = [*(image or []), *(image_list or [])]
-    if not images:
-        raise InvalidRequest("image", "at least one image is required (field 'image' or 'image[]')")
+@router.post(
+    "/v1/images/edits",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": ImageEditForm.model_json_schema()}},
+        }
+    },
+)
+async def images_edits(request: Request, server: Server):
+    """Multipart: `image` or `image[]` (one or more files), `mask`, and ImageOptions' fields as text. Every field
+    is checked, the images decoded and the request priced before the model's abilities are: a client learns what
+    is wrong with its request whatever the model."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise unsupported_media_type(media, "multipart/form-data (the image files and fields)")
     settings = server.settings
-    for upload in images:
-        await check_image_upload(upload, "image", settings.max_input_pixels)
-    if mask is not None:
-        await check_image_upload(mask, "mask", settings.max_input_pixels)
+    try:
+        form = await request.form(max_files=MAX_INPUT_IMAGES + 1, max_fields=64)
+    except Exception as e:  # noqa: BLE001 - a malformed multipart body is the client's error
+        raise InvalidRequest(None, f"could not read the multipart body: {e}") from None
+    try:
+        images, mask, fields = [], None, {}
+        for name, value in form.multi_items():
+            is_file = not isinstance(value, str)
+            if name in ("image", "image[]", "mask"):
+                if not is_file:
+                    raise InvalidRequest(name, "must be a file (an image), not a text field")
+                if name == "mask":
+                    mask = value
+                else:
+                    images.append(value)
+            elif is_file:
+                raise InvalidRequest(name, "must be a text field, not a file")
+            else:
+                fields[name] = value
+        body = validated(ImageOptions, form_values(ImageOptions, fields))
+        if not images:
+            raise InvalidRequest("image", "at least one image is required (field 'image' or 'image[]')")
+        for upload in images:
+            await check_image_upload(upload, "image", settings.max_input_pixels)
+        if mask is not None:
+            await check_image_upload(mask, "mask", settings.max_input_pixels)
+    finally:
+        await form.close()
     info = server.ready_info()
     server.check_model(info, body.model)
     to_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars)

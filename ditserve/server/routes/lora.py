@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from ditserve.server.errors import ERROR_RESPONSES, ApiError
+from ditserve.server.errors import ERROR_RESPONSES, ApiError, require_json
 from ditserve.server.schemas import MergeLoraRequest, SetLoraRequest, UnmergeLoraRequest
 from ditserve.server.state import Server
 
 router = APIRouter()
 
 
-@router.post("/v1/set_lora", responses=ERROR_RESPONSES)
+@router.post("/v1/set_lora", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)])
 async def set_lora(request: Request, body: SetLoraRequest, server: Server):
     kwargs = body.model_dump()
     paths = kwargs["lora_path"]
@@ -26,12 +26,12 @@ async def set_lora(request: Request, body: SetLoraRequest, server: Server):
     return await server.control(request, "set_lora", kwargs)
 
 
-@router.post("/v1/merge_lora_weights", responses=ERROR_RESPONSES)
+@router.post("/v1/merge_lora_weights", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)])
 async def merge_lora_weights(request: Request, body: MergeLoraRequest, server: Server):
     return await server.control(request, "merge_lora_weights", body.model_dump())
 
 
-@router.post("/v1/unmerge_lora_weights", responses=ERROR_RESPONSES)
+@router.post("/v1/unmerge_lora_weights", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)])
 async def unmerge_lora_weights(request: Request, body: UnmergeLoraRequest, server: Server):
     return await server.control(request, "unmerge_lora_weights", body.model_dump())
 

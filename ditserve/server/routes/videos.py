@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from ditserve.server.errors import ERROR_RESPONSES, ApiError
-from ditserve.server.schemas import InvalidRequest, VideoRequest, parse_size, validated
+from ditserve.server.errors import ERROR_RESPONSES, ApiError, unsupported_media_type
+from ditserve.server.schemas import InvalidRequest, VideoRequest, form_values, validated, video_sampling_params
 from ditserve.server.state import Server, ServerState
 from ditserve.server.uploads import check_image_upload
+
+DEFAULT_FPS = 16  # frames per second of a clip, for a model whose defaults name none
 
 router = APIRouter()
 
@@ -25,9 +27,11 @@ router = APIRouter()
 )
 async def create_video(request: Request, server: Server):
     body = await _video_request(request, server)
-    parse_size(body.size)
     info = server.ready_info()
     server.check_model(info, body.model)
+    fps = info.defaults.get("fps") or DEFAULT_FPS
+    settings = server.settings
+    video_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars, fps)
     # No pipeline makes video yet; one that does lists "text-to-video" in its tasks, and its jobs run through
     # `jobs.run` with the scheduler's submit.
     raise InvalidRequest(
@@ -77,21 +81,38 @@ async def delete_video(video_id: str, server: Server):
 async def _video_request(request: Request, server: ServerState) -> VideoRequest:
     """POST /v1/videos takes JSON, or multipart with an input_reference image."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
         try:
             form = await request.form(max_files=4, max_fields=64)
         except Exception as e:  # noqa: BLE001 - a malformed multipart body is the client's error
             raise InvalidRequest(None, f"could not read the multipart body: {e}") from None
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        reference = form.get("input_reference")
-        if reference is not None and not isinstance(reference, str):
-            await check_image_upload(reference, "input_reference", server.settings.max_input_pixels)
-        fields.pop("input_reference", None)
-        return validated(VideoRequest, fields)
+        try:
+            fields = {}
+            for name, value in form.multi_items():
+                if name == "input_reference":
+                    if isinstance(value, str):
+                        raise InvalidRequest(name, "must be a file (an image), not a text field")
+                    await check_image_upload(value, name, server.settings.max_input_pixels)
+                elif not isinstance(value, str):
+                    raise InvalidRequest(name, "must be a text field, not a file")
+                else:
+                    fields[name] = value
+        finally:
+            await form.close()
+        return validated(VideoRequest, form_values(VideoRequest, fields))
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise unsupported_media_type(media, "JSON (Content-Type: application/json), or multipart/form-data")
     try:
         data = await request.json()
     except Exception:  # noqa: BLE001
-        raise InvalidRequest(None, "the body must be JSON (or multipart/form-data with input_reference)") from None
+        raise InvalidRequest(
+            None, "the body must be JSON (or multipart/form-data with input_reference)", "invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            None, f"the body must be a JSON object of the request's fields, not {type(data).__name__}", "invalid_body"
+        )
     return validated(VideoRequest, data)
 
 
