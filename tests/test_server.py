@@ -72,8 +72,8 @@ def test_openai_client_b64_and_url(server):
 
     url = client.images.generate(prompt="a red fox", size="32x32", response_format="url", extra_body=extra)
     link = url.data[0].url
-    assert link.startswith(server.url + "/files/images/")
-    fetched = httpx.get(link, timeout=30)
+    assert link.startswith("/files/images/")  # relative: never built from the Host header a client sends
+    fetched = httpx.get(server.url + link, timeout=30)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     # Same seed, same settings: the url image is the b64 image (the server is deterministic for a seed).
     assert np.array_equal(pixels(fetched.content), b64_pixels(b64.data[0].model_dump()))
@@ -287,12 +287,17 @@ def test_auth_on_and_url_expiry(tiny_dev, tmp_path):
     )
     try:
         body = {"prompt": "x", **FAST}
+        key = {"Authorization": "Bearer s3cret"}
         assert post(s.url, body).status_code == 401
         wrong = post(s.url, body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-        assert post(s.url, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert httpx.get(f"{s.url}/v1/models").status_code == 401
-        assert httpx.get(f"{s.url}/health").status_code == 200  # probes need no key
+        assert post(s.url, body, headers=key).status_code == 200
+        # Every route needs the key (the schema and docs too), but the liveness probe.
+        for path in ("/v1/models", "/health", "/health/ready", "/metrics", "/server_info", "/docs", "/openapi.json"):
+            assert httpx.get(f"{s.url}{path}").status_code == 401, path
+        assert httpx.get(f"{s.url}/health", headers=key).status_code == 200
+        live = httpx.get(f"{s.url}/health/live")
+        assert live.status_code == 200 and live.json() == {"status": "alive"}
         from openai import OpenAI
 
         ok = OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
@@ -302,13 +307,14 @@ def test_auth_on_and_url_expiry(tiny_dev, tmp_path):
             r = ok.images.generate(
                 prompt="x", size="32x32", response_format="url", extra_body={"num_inference_steps": 2}
             )
-            return r.data[0].url
+            return s.url + r.data[0].url
 
         first = url_image()
-        assert httpx.get(first).status_code == 200  # image urls need no key: they are unguessable instead
+        assert httpx.get(first).status_code == 401  # image urls need the key too
+        assert httpx.get(first, headers=key).status_code == 200
         time.sleep(1.5)
         second = url_image()  # writing a new one removes those past --url-ttl
-        assert httpx.get(first).status_code == 404 and httpx.get(second).status_code == 200
+        assert httpx.get(first, headers=key).status_code == 404 and httpx.get(second, headers=key).status_code == 200
     finally:
         s.stop()
 
@@ -337,38 +343,111 @@ def test_queue_full_is_429_with_retry_after(tiny_dev, tmp_path):
         s.stop()
 
 
-def test_request_timeout_is_504_and_the_server_goes_on(tiny_dev, tmp_path):
-    s = start_server(str(tiny_dev), "--request-timeout", "2", env=TESTING, log_path=str(tmp_path / "log"))
+def test_past_its_deadline_a_request_stops_computing(tiny_dev, tmp_path):
+    """Deadlines hold. Between steps the worker stops a cancelled request itself; inside a step that outlasts the
+    deadline (the [[sleep=S]] hook sleeps inside the step) the supervisor ends the worker --cancel-grace seconds
+    after the 504 and starts a fresh one, and the next request succeeds."""
+    s = start_server(
+        str(tiny_dev), "--request-timeout", "2", "--cancel-grace", "1", env=TESTING, log_path=str(tmp_path / "log")
+    )
     try:
         start = time.monotonic()
         slow = post(s.url, {"prompt": "slow [[sleep=0.5]]", "size": "32x32", "num_inference_steps": 20})
         assert slow.status_code == 504 and time.monotonic() - start < 6  # not the 10 s its steps would take
         assert "longer than the server's limit of 2 s" in slow.json()["error"]["message"]
         assert post(s.url, {"prompt": "quick", **FAST}).status_code == 200
+        assert s.info()["worker_restarts"] == 0  # stopped between steps: no restart needed
+
+        old_pid = s.info()["worker_pid"]
+        seen: list[str] = []
+
+        async def stuck_then_watch():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                body = {"prompt": "stuck [[sleep=60]]", "size": "32x32", "num_inference_steps": 1}
+                stuck = asyncio.ensure_future(c.post("/v1/images/generations", json=body))
+                answered_at = None
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    status = (await c.get("/health")).json()["status"]
+                    if not seen or seen[-1] != status:
+                        seen.append(status)
+                    if stuck.done() and answered_at is None:
+                        answered_at = time.monotonic()
+                    if answered_at is not None and not _alive(old_pid):
+                        return await stuck, time.monotonic() - answered_at
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"the stuck worker {old_pid} was never ended; health went {seen}")
+
+        r, freed_after = asyncio.run(stuck_then_watch())
+        assert r.status_code == 504
+        assert freed_after < 4  # the worker stopped computing within a few seconds of the 504 (grace 1 s)
+        deadline = time.monotonic() + 120
+        while seen[-1] != "ok" and time.monotonic() < deadline:
+            status = httpx.get(f"{s.url}/health").json()["status"]
+            if seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.1)
+        # /health told it as it was: running, stalled past its deadline, restarting, then ok again
+        assert [x for x in seen if x != "busy"] == ["ok", "stalled", "restarting", "ok"], seen
+        assert httpx.get(f"{s.url}/health/ready").status_code == 200
+        assert post(s.url, {"prompt": "after", **FAST}).status_code == 200
+        info = s.info()
+        assert info["worker_pid"] != old_pid and info["worker_restarts"] == 1
+        assert 'ditserve_worker_restarts_total{reason="deadline"} 1.0' in httpx.get(f"{s.url}/metrics").text
     finally:
         s.stop()
 
 
-def test_killed_worker_turns_health_503_and_requests_fail_fast(tiny_dev, tmp_path):
-    s = start_server(str(tiny_dev), env=TESTING, log_path=str(tmp_path / "log"))
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (killed, not yet reaped) computes nothing
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_killed_worker_is_replaced_and_the_queue_is_served(tiny_dev, tmp_path):
+    """SIGKILL the worker mid-request: the running request gets 503 with Retry-After, the one queued behind it
+    completes on the fresh worker. With the restart budget (--max-restarts 1) spent, the next death is final:
+    /health says dead and requests fail at once."""
+    s = start_server(str(tiny_dev), "--max-restarts", "1", env=TESTING, log_path=str(tmp_path / "log"))
     try:
         pid = s.info()["worker_pid"]
 
         async def kill_mid_request():
-            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
                 body = {"prompt": "long [[sleep=0.5]]", "size": "32x32", "num_inference_steps": 40}
                 inflight = asyncio.ensure_future(c.post("/v1/images/generations", json=body))
                 await asyncio.sleep(1.0)
+                queued_body = {"prompt": "queued", "size": "48x32", "num_inference_steps": 2, "seed": 3}
+                queued = asyncio.ensure_future(c.post("/v1/images/generations", json=queued_body))
+                await asyncio.sleep(0.5)
+                assert (await c.get("/server_info")).json()["queue_length"] == 1
                 os.kill(pid, signal.SIGKILL)
                 killed_at = time.monotonic()
                 r = await inflight
-                return r, time.monotonic() - killed_at
+                waited = time.monotonic() - killed_at
+                during = (await c.get("/health")).json()["status"]
+                return r, waited, during, await queued
 
-        r, waited = asyncio.run(kill_mid_request())
+        r, waited, during, queued = asyncio.run(kill_mid_request())
         assert r.status_code == 503 and "worker process died" in r.json()["error"]["message"]
-        assert waited < 3
+        assert r.json()["error"]["code"] == "worker_died" and int(r.headers["Retry-After"]) >= 1
+        assert waited < 3 and during in ("restarting", "ok", "busy")
+        assert queued.status_code == 200 and queued.json()["seed"] == 3 and queued.json()["size"] == "48x32"
+        info = s.info()
+        assert info["worker_pid"] != pid and info["worker_restarts"] == 1 and info["state"] == "ready"
+        assert 'ditserve_worker_restarts_total{reason="died"} 1.0' in httpx.get(f"{s.url}/metrics").text
+
+        os.kill(info["worker_pid"], signal.SIGKILL)  # the budget of one restart is spent: this death is final
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and httpx.get(f"{s.url}/health").json()["status"] != "dead":
+            time.sleep(0.1)
         health = httpx.get(f"{s.url}/health")
         assert health.status_code == 503 and health.json()["status"] == "dead"
+        assert "restart budget" in health.json()["message"]
+        assert httpx.get(f"{s.url}/health/live").status_code == 503
         start = time.monotonic()
         after = post(s.url, {"prompt": "x", **FAST})
         assert after.status_code == 503 and time.monotonic() - start < 1

@@ -4,8 +4,9 @@ A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with a "
 raw binary blobs (encoded images) that the JSON refers to by position. JSON cannot run code when it is read, so a
 compromised or confused peer can at worst send a wrong answer, never execute anything in the other process.
 
-Server → worker: `run` (a batch of requests), `cancel` (request ids), `shutdown`.
-Worker → server: `ready` (model info), `load_failed`, `progress`, `result`, `error`, `batch_done`.
+Server → worker: `run` (a batch of requests), `lora` (a LoRA operation), `cancel` (request ids), `shutdown`.
+Worker → server: `ready` (model info, notes to log), `load_failed`, `progress`, `result`, `lora_result`, `error`,
+`batch_done`.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def items_from(message: dict) -> list[WorkItem]:
         raise ProtocolError(f"bad run message: {e}") from None
 
 
-def ready_message(info: ModelInfo) -> list[bytes]:
-    return encode({"type": "ready", "info": dataclasses.asdict(info)})
+def ready_message(info: ModelInfo, notes: list[str] | None = None) -> list[bytes]:
+    """`notes`: what the server should log (a LoRA change a restarted worker could not redo)."""
+    return encode({"type": "ready", "info": dataclasses.asdict(info), "notes": list(notes or [])})
 
 
 def info_from(message: dict) -> ModelInfo:

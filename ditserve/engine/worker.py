@@ -1,6 +1,7 @@
 """The worker process: loads the engine once, then runs the batches the server sends it, until told to stop.
 
-The server starts one worker, whatever the number of GPUs. Its engine is rank 0: with several GPUs that engine
+The server starts one worker, whatever the number of GPUs, and replaces it when it dies or stays stuck in a cancelled
+batch (engine/scheduler.py); a fresh worker redoes the LoRA changes its predecessor had made. Its engine is rank 0: with several GPUs that engine
 starts the other ranks itself, and they run each batch with it as rank 0 broadcasts it (engine/distributed.py), so
 the worker is the only process that talks to the HTTP process. The worker never sees HTTP, and the HTTP process
 never runs model work. Everything on the socket is `messages` (JSON plus raw image bytes).
@@ -11,6 +12,7 @@ CUDA cache before the retry. A cancel message that arrives during a run is read 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +31,8 @@ _SLEEP_MARK = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
 POLL_MS = 500  # how often an idle worker checks that its parent is still alive
 LORA_METHODS = ("set_lora", "merge_lora_weights", "unmerge_lora_weights", "list_loras")
 STARTUP_LORA_KEY = "_startup_lora"  # in the worker's JSON arguments: serve's --lora-* flags, as set_lora kwargs
+MAX_LORA_STRENGTH_KEY = "_max_lora_strength"  # serve's --max-lora-strength
+REPLAY_LORA_KEY = "_replay_lora"  # the LoRA changes a replaced worker had made ({"method", "kwargs"}), to redo
 
 
 class Cancelled(Exception):
@@ -63,13 +67,26 @@ class Worker:
     def load(self) -> None:
         from ditserve.config import EngineArgs
         from ditserve.engine.engine import Engine
+        from ditserve.engine.scheduler import REPLAY_LORA_KEY
         from ditserve.pipelines.base import Pipeline
 
         args = dict(self.engine_args)
         startup_lora = args.pop(STARTUP_LORA_KEY, None)
+        max_lora_strength = args.pop(MAX_LORA_STRENGTH_KEY, None)
+        replay = args.pop(REPLAY_LORA_KEY, None) or []
         self.engine = Engine(EngineArgs(**args))
+        if max_lora_strength is not None:
+            self.engine.lora.max_strength = max_lora_strength
         if startup_lora:  # serve's --lora-* flags: applied before the first request, or the load fails
             self.engine.set_lora(**startup_lora)
+        notes = []
+        for op in replay:  # a restarted worker: the LoRA changes its predecessor had made, in order
+            try:
+                if op["method"] not in LORA_METHODS:
+                    raise ValueError(f"unknown LoRA operation {op['method']!r}")
+                getattr(self.engine, op["method"])(**op["kwargs"])
+            except Exception as e:  # noqa: BLE001 - the worker serves on; the server logs what could not be redone
+                notes.append(f"the restarted worker could not redo {op['method']}: {type(e).__name__}: {e}")
         pipe = self.engine.pipeline
         info = msg.ModelInfo(
             name=self.engine.model_name,
@@ -83,7 +100,7 @@ class Worker:
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
         )
-        self.sock.send_multipart(msg.ready_message(info))
+        self.sock.send_multipart(msg.ready_message(info, notes))
 
     def serve(self) -> None:
         import zmq
@@ -260,6 +277,10 @@ def worker_main(engine_args_json: str, address: str) -> None:
     # exits on its own.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own, holding the ranks it starts: the server's supervisor ends them all at once when it
+    # replaces a worker that is stuck or half dead.
+    with contextlib.suppress(OSError):
+        os.setpgrp()
     if os.environ.get("DITSERVE_DEBUG") != "1":
         quiet_libraries()
     worker = Worker(json.loads(engine_args_json), address)

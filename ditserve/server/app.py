@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ditserve.server.errors import install_error_handlers
-from ditserve.server.middleware import BearerAuth, BodyLimit
+from ditserve.server.middleware import AllowedHosts, BearerAuth, BodyLimit
 from ditserve.server.routes import admin, images, lora, videos
 from ditserve.server.state import ServerSettings, ServerState
 
@@ -32,12 +32,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         finally:
             await server.stop()
 
-    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan, **docs)
     app.state.server = server
     install_error_handlers(app)
     for routes in (images, videos, lora, admin):
         app.include_router(routes.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # The last added runs first: the Host header, then the key, then the body's size.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, metrics=server.metrics)
     if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key)
+        app.add_middleware(BearerAuth, api_key=settings.api_key, metrics=server.metrics)
+    app.add_middleware(AllowedHosts, hosts=tuple(settings.allowed_hosts), metrics=server.metrics)
     return app

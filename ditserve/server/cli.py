@@ -14,7 +14,25 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or set DITSERVE_API_KEY)"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health/live (or set DITSERVE_API_KEY)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header names answered, '*' for any (default: the --host address and localhost)",
+    )
+    serve.add_argument(
+        "--public-url",
+        default=None,
+        help="base URL of `url` image answers, e.g. https://images.example.com (default: relative urls)",
+    )
+    serve.add_argument(
+        "--docs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /docs and /openapi.json (behind the API key when there is one)",
     )
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
     serve.add_argument(
@@ -23,15 +41,45 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="images per batched forward: compatible waiting requests are run together up to this many images",
     )
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queue included")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds per request, queue included; past it the request is cancelled (504)",
+    )
+    serve.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=3.0,
+        help="seconds a cancelled batch may go on (inside a long step) before its worker is killed and restarted",
+    )
+    serve.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="worker restarts allowed within an hour; one more and the server answers 503 until restarted",
+    )
     serve.add_argument("--output-dir", default=None, help="where url images are kept (default: a temporary folder)")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted")
+    serve.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's headers"
+    )
+    serve.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send a request's body")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections at once (each waiting request holds one); one more is answered 503 and closed",
+    )
     serve.add_argument("--max-prompt-chars", type=int, default=8192)
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
         "--lora-dir", default=None, help="folder POST /v1/set_lora may load LoRA files from (default: none)"
+    )
+    serve.add_argument(
+        "--max-lora-strength", type=float, default=10.0, help="largest |strength| set_lora and merge accept"
     )
     add_lora_flags(serve)  # LoRAs active from the first request
     serve.set_defaults(handler=cmd_serve)
@@ -54,6 +102,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from ditserve.engine.scheduler import SchedulerConfig
     from ditserve.loader.folder import resolve_model
     from ditserve.server.app import ServerSettings, create_app
+    from ditserve.server.connections import ConnectionLimits, guarded_protocol
 
     for name in (
         "max_queue",
@@ -63,24 +112,39 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         "max_prompt_chars",
         "port",
         "url_ttl",
+        "max_lora_strength",
+        "cancel_grace",
+        "header_timeout",
+        "body_timeout",
+        "max_connections",
     ):
         _check_positive(name.replace("_", "-"), getattr(ns, name))
+    if ns.max_restarts < 0:
+        raise UsageError(f"ditserve serve: --max-restarts must be 0 or more, got {ns.max_restarts}")
     engine_args = engine_args_from(ns)  # validates every engine flag before anything starts
     resolve_model(engine_args.model, engine_args.load_format)  # a wrong --model fails here, not in the worker
     if ns.output_dir is not None and os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
-    from ditserve.engine.worker import STARTUP_LORA_KEY
+    from ditserve.engine.worker import MAX_LORA_STRENGTH_KEY, STARTUP_LORA_KEY
 
     worker_args = engine_args.to_dict()  # every field, so every engine flag of `generate` reaches the worker
     startup_lora = lora_request(ns)  # checks the --lora-* flags (paths exist, counts agree) before starting
     if startup_lora:
         worker_args[STARTUP_LORA_KEY] = startup_lora
+    worker_args[MAX_LORA_STRENGTH_KEY] = ns.max_lora_strength
     if ns.lora_dir is not None and not os.path.isdir(ns.lora_dir):
         raise UsageError(f"ditserve serve: --lora-dir {ns.lora_dir!r} is not a folder")
+    if ns.public_url is not None and not ns.public_url.startswith(("http://", "https://")):
+        raise UsageError(f"ditserve serve: --public-url {ns.public_url!r} must start with http:// or https://")
+    allowed_hosts = allowed_hosts_from(ns.allowed_hosts, ns.host)
     settings = ServerSettings(
         engine_args=worker_args,
         scheduler=SchedulerConfig(
-            max_queue=ns.max_queue, max_batch_size=ns.max_batch_size, request_timeout=ns.request_timeout
+            max_queue=ns.max_queue,
+            max_batch_size=ns.max_batch_size,
+            request_timeout=ns.request_timeout,
+            cancel_grace=ns.cancel_grace,
+            max_restarts=ns.max_restarts,
         ),
         api_key=ns.api_key or os.environ.get("DITSERVE_API_KEY") or None,
         output_dir=ns.output_dir,
@@ -89,17 +153,49 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         url_ttl_s=ns.url_ttl,
         served_model_name=ns.served_model_name,
         lora_dir=ns.lora_dir,
+        allowed_hosts=allowed_hosts,
+        public_url=ns.public_url,
+        docs=ns.docs,
     )
     if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(
             f"ditserve: warning: serving on {ns.host} without --api-key: anyone who can reach it can use it", flush=True
         )
+    if ns.host in ("0.0.0.0", "::") and ns.allowed_hosts is None:
+        print(
+            f"ditserve: warning: bound to {ns.host}, but only Host headers naming localhost are answered; "
+            "pass --allowed-hosts with this machine's names (or '*')",
+            flush=True,
+        )
     app = create_app(settings)
     print(f"ditserve: serving on http://{ns.host}:{ns.port} (model loads in the background; see /health)", flush=True)
+    limits = ConnectionLimits(ns.header_timeout, ns.body_timeout, ns.max_connections)
+    metrics = app.state.server.metrics
+    protocol = guarded_protocol(limits, on_refusal=lambda reason: metrics.refusals.labels(reason).inc())
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, waits for in-flight requests, then runs our shutdown,
     # which answers every queued request before stopping the worker.
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.log_level == "debug")
+    uvicorn.run(
+        app,
+        host=ns.host,
+        port=ns.port,
+        log_level=ns.log_level,
+        access_log=ns.log_level == "debug",
+        http=protocol,
+        timeout_keep_alive=5,
+    )
     return 0
+
+
+def allowed_hosts_from(flag: str | None, bind: str) -> tuple[str, ...]:
+    """--allowed-hosts as names; by default the bind address and localhost's names."""
+    from ditserve.server.state import LOOPBACK_HOSTS
+
+    if flag is None:
+        return tuple(dict.fromkeys([bind.strip("[]").lower(), *LOOPBACK_HOSTS]))
+    names = tuple(h.strip().lower() for h in flag.split(",") if h.strip())
+    if not names:
+        raise UsageError("ditserve serve: --allowed-hosts names no host; give names, or '*' for any")
+    return names
 
 
 def cmd_bench_serve(ns: argparse.Namespace) -> int:

@@ -73,15 +73,20 @@ def failure_error(e: Exception) -> tuple[str, ApiError]:
         error = ApiError(429, str(e), "rate_limit_error", None, "queue_full", {"Retry-After": str(e.retry_after)})
         return "queue_full", error
     if isinstance(e, Unavailable):
-        return "unavailable", ApiError(503, str(e), "server_error", None, "unavailable")
+        return "unavailable", ApiError(503, str(e), "server_error", None, "unavailable", _retry(e.retry_after))
     if isinstance(e, RequestFailed):
         if e.kind == "invalid":
             return e.kind, ApiError(400, str(e), "invalid_request_error", e.param, "invalid_value")
-        return e.kind, ApiError(_FAILURE_STATUS.get(e.kind, 500), str(e), "server_error", None, e.kind)
+        status = _FAILURE_STATUS.get(e.kind, 500)
+        return e.kind, ApiError(status, str(e), "server_error", None, e.kind, _retry(e.retry_after))
     if isinstance(e, ClientGone):
         error = ApiError(499, "the client disconnected", "invalid_request_error", None, "cancelled")
         return "client_disconnected", error
     raise TypeError(f"not a scheduler failure: {e!r}")
+
+
+def _retry(seconds: int | None) -> dict[str, str] | None:
+    return {"Retry-After": str(seconds)} if seconds is not None else None
 
 
 def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:

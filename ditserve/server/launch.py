@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -22,9 +22,10 @@ class RunningServer:
     proc: subprocess.Popen
     url: str
     log_path: str
+    headers: dict = field(default_factory=dict)  # the API key's header, when the server has one
 
     def info(self) -> dict:
-        return httpx.get(f"{self.url}/server_info", timeout=10).json()
+        return httpx.get(f"{self.url}/server_info", headers=self.headers, timeout=10).json()
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -49,9 +50,12 @@ def start_server(
     ready_timeout: float = 180,
     wait_ready: bool = True,
 ) -> RunningServer:
-    """`python -m ditserve serve --model MODEL --port <free> ARGS...`, logging to log_path."""
+    """`python -m ditserve serve --model MODEL --port <free> ARGS...`, logging to log_path; ready once
+    /health/ready answers 200 (asked with the API key of --api-key or DITSERVE_API_KEY, when there is one)."""
     port = free_port()
     full_env = {**os.environ, **(env or {})}
+    key = args[args.index("--api-key") + 1] if "--api-key" in args else full_env.get("DITSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ditserve", "serve", "--model", model, "--port", str(port), *args],
@@ -59,7 +63,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=full_env,
         )
-    server = RunningServer(proc, f"http://127.0.0.1:{port}", log_path)
+    server = RunningServer(proc, f"http://127.0.0.1:{port}", log_path, headers)
     if not wait_ready:
         return server
     deadline = time.monotonic() + ready_timeout
@@ -67,7 +71,7 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/health/ready", headers=headers, timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

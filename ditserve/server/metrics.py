@@ -38,6 +38,15 @@ class ServerMetrics:
         )
         self.peak_memory = Gauge("ditserve_peak_memory_mb", "Largest peak device memory of any request", registry=r)
         self.worker_up = Gauge("ditserve_worker_up", "1 while the worker is ready", registry=r)
+        # Why requests were turned away before they ran: a limit (max_pixels, max_steps, max_frames,
+        # max_request_seconds), queue_full, unavailable, auth, host, body_too_large, unsupported_media_type,
+        # read_timeout (a client stalled sending its request), too_many_connections.
+        self.refusals = Counter(
+            "ditserve_refusals", "Requests refused before they ran, by reason", ["reason"], registry=r
+        )
+        self.restarts = Counter(
+            "ditserve_worker_restarts", "Worker processes replaced, by reason (deadline, died)", ["reason"], registry=r
+        )
 
     def observe_result(self, endpoint: str, latency_s: float, queue_s: float, timings: dict, peak: float | None):
         self.requests.labels(endpoint, "success").inc()

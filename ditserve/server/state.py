@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +25,9 @@ from ditserve.server.jobs import JobStore
 from ditserve.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.25
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# An absolute path in a message from the worker (an exception's text): only its last part is shown.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:/[\w.+@~-]+)+/([\w.+@~-]+)")
 
 
 @dataclass
@@ -37,13 +42,22 @@ class ServerSettings:
     served_model_name: str | None = None  # the model id clients see and send; None = the model folder's name
     url_ttl_s: float = 3600.0  # url images are deleted after this long, so the folder cannot grow without bound
     lora_dir: Path | None = None  # the only folder POST /v1/set_lora may load from; None = loading LoRAs is off
+    # Host header values answered (without the port; "*" = any): a name the server does not know is refused, so a
+    # page elsewhere cannot reach a loopback server by rebinding its own name to 127.0.0.1.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    public_url: str | None = None  # base of `url` answers (e.g. https://images.example.com); None = relative urls
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when there is one)
 
 
 class ServerState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.scheduler = Scheduler(settings.engine_args, settings.scheduler)
         self.metrics = ServerMetrics()
+        self.scheduler = Scheduler(
+            settings.engine_args,
+            settings.scheduler,
+            on_restart=lambda reason: self.metrics.restarts.labels(reason).inc(),
+        )
         self.temp_output = settings.output_dir is None
         self.output_dir = Path(settings.output_dir or tempfile.mkdtemp(prefix="ditserve-out-")).resolve()
         self.image_dir = self.output_dir / "images"
@@ -60,11 +74,52 @@ class ServerState:
         if self.temp_output:
             shutil.rmtree(self.output_dir, ignore_errors=True)
 
+    # ---- what a client may see -----------------------------------------------------------------------------------
+    def _private_prefixes(self) -> list[tuple[str, str]]:
+        """(prefix, what a client sees instead), longest first: the folders of this machine a message may name."""
+        prefixes = []
+        if self.settings.lora_dir is not None:
+            prefixes.append((str(Path(self.settings.lora_dir).resolve()) + os.sep, ""))
+        model = self.settings.engine_args.get("model")
+        if model and os.path.isdir(model):
+            prefixes.append((str(Path(model).resolve()), Path(model).resolve().name))
+        startup = self.settings.engine_args.get("_startup_lora") or {}
+        for path in startup.get("lora_path") or []:
+            prefixes.append((str(Path(path).expanduser().resolve().parent) + os.sep, ""))
+        prefixes.append((str(self.output_dir) + os.sep, ""))
+        return sorted(prefixes, key=lambda p: -len(p[0]))
+
+    def redact(self, text: str) -> str:
+        """A message from the worker as a client may read it: paths inside --lora-dir relative to it, the model
+        folder by its name, any other absolute path by its last part."""
+        for prefix, replacement in self._private_prefixes():
+            text = text.replace(prefix, replacement)
+        return _ABSOLUTE_PATH.sub(r"\1", text)
+
+    def public_path(self, path: str) -> str:
+        """A LoRA file as list_loras shows it: relative to --lora-dir when inside it, else only its name."""
+        resolved = Path(path).expanduser().resolve()
+        if self.settings.lora_dir is not None:
+            root = Path(self.settings.lora_dir).resolve()
+            if resolved.is_relative_to(root):
+                return str(resolved.relative_to(root))
+        return resolved.name
+
+    def file_url(self, name: str) -> str:
+        """Where a client downloads a url image: under --public-url, else relative to this server (never built
+        from the request's Host header, which the client chooses)."""
+        base = (self.settings.public_url or "").rstrip("/")
+        return f"{base}/files/images/{name}"
+
     # ---- the served model ---------------------------------------------------------------------------------------
     def ready_info(self) -> msg.ModelInfo:
-        if self.scheduler.state != "ready" or self.scheduler.info is None:
-            raise ApiError(503, self.scheduler.describe_unavailable(), "server_error", None, "unavailable")
-        return self.scheduler.info
+        scheduler = self.scheduler
+        if not scheduler.accepting:  # while a worker is replaced requests queue, checked against the last one's info
+            self.metrics.refusals.labels("unavailable").inc()
+            e = scheduler.unavailable()
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+            raise ApiError(503, self.redact(str(e)), "server_error", None, "unavailable", headers)
+        return scheduler.info  # type: ignore[return-value]
 
     def served_name(self, info: msg.ModelInfo) -> str:
         """The model's id in the API: --served-model-name, else the folder's name (a full path would leak)."""
@@ -89,6 +144,9 @@ class ServerState:
         except SCHEDULER_FAILURES as e:
             outcome, error = failure_error(e)
             self.metrics.requests.labels(endpoint, outcome).inc()
+            if outcome in ("queue_full", "unavailable"):
+                self.metrics.refusals.labels(outcome).inc()
+            error.message = self.redact(error.message)
             raise error from None
         self.metrics.observe_result(
             endpoint, time.monotonic() - accepted, result.queue_time_s, result.timings, result.peak_memory_mb
@@ -101,7 +159,9 @@ class ServerState:
         try:
             return await unless_disconnected(request, self.scheduler.control(method, kwargs))
         except SCHEDULER_FAILURES as e:
-            raise failure_error(e)[1] from None
+            error = failure_error(e)[1]
+            error.message = self.redact(error.message)
+            raise error from None
 
     # ---- url images ---------------------------------------------------------------------------------------------
     def keep_url_image(self, blob: bytes, ext: str) -> str:

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ditserve.server.errors import ERROR_RESPONSES
-from ditserve.server.state import Server
+from ditserve.server.state import Server, ServerState
 
 router = APIRouter()
 
@@ -27,22 +27,52 @@ async def list_models(server: Server):
 
 @router.get("/health")
 async def health(server: Server):
+    """The worker's state in a word: ok (idle) and busy answer 200; stalled (a batch without progress, or cancelled
+    and not stopping), restarting, loading, failed, dead and stopping answer 503 with what it means."""
+    status, message = server.scheduler.health()
+    _set_gauges(server)
+    body = {"status": status, "restarts": server.scheduler.total_restarts}
+    if message is not None:
+        body["message"] = server.redact(message)
+    return JSONResponse(body, status_code=200 if status in ("ok", "busy") else 503)
+
+
+@router.get("/health/live")
+async def health_live(server: Server):
+    """Liveness, for an orchestrator: 200 unless only a restart of the server can help (the model failed to load,
+    or the worker's restart budget is spent). Loading, restarting and stalled are alive: the supervisor is at it.
+    Needs no API key, and says nothing more."""
+    state = server.scheduler.state
+    alive = state not in ("failed", "dead")
+    return JSONResponse({"status": "alive" if alive else state}, status_code=200 if alive else 503)
+
+
+@router.get("/health/ready")
+async def health_ready(server: Server):
+    """Readiness: 200 while a request sent now would be taken and started in turn (ok or busy, the queue not full);
+    503 otherwise, with the reason."""
     scheduler = server.scheduler
-    up = scheduler.state == "ready"
-    server.metrics.worker_up.set(1 if up else 0)
-    body = {"status": "ok" if up else scheduler.state}
-    if not up:
-        body["message"] = scheduler.describe_unavailable()
-    return JSONResponse(body, status_code=200 if up else 503)
+    status, message = scheduler.health()
+    if status in ("ok", "busy") and len(scheduler.queue) >= scheduler.config.max_queue:
+        status, message = "queue_full", "the queue is full"
+    ready = status in ("ok", "busy")
+    body = {"status": "ready" if ready else status}
+    if message is not None:
+        body["message"] = server.redact(message)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
 async def metrics_route(server: Server):
+    _set_gauges(server)
+    return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _set_gauges(server: ServerState) -> None:
     scheduler, metrics = server.scheduler, server.metrics
     metrics.queue_length.set(len(scheduler.queue))
     metrics.running.set(len(scheduler.running))
     metrics.worker_up.set(1 if scheduler.state == "ready" else 0)
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/server_info")
@@ -55,14 +85,17 @@ async def server_info(server: Server):
     return {
         "version": __version__,
         "state": scheduler.state,
-        "model": None if info is None else dataclasses.asdict(info),
+        "model": None if info is None else {**dataclasses.asdict(info), "name": server.served_name(info)},
         "worker_pid": scheduler.worker_pid,
+        "worker_restarts": scheduler.total_restarts,
         "queue_length": len(scheduler.queue),
         "running": len(scheduler.running),
         "completed": scheduler.completed,
         "max_queue": cfg.max_queue,
         "max_batch_size": cfg.max_batch_size,
         "request_timeout": cfg.request_timeout,
+        "cancel_grace": cfg.cancel_grace,
+        "max_restarts": cfg.max_restarts,
         "auth": settings.api_key is not None,
         "max_body_bytes": settings.max_body_bytes,
         "uptime_s": round(time.time() - server.started, 1),

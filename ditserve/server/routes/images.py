@@ -118,7 +118,7 @@ async def _generate_images(request: Request, server: Server, endpoint: str, body
     )
     item = msg.WorkItem(server.scheduler.new_request_id(), msg.params_to_dict(params), body.output_format)
     result = await server.submit(request, endpoint, item, _batch_key(info, params, body.output_format))
-    return _images_response(request, server, body, params, result)
+    return _images_response(server, body, params, result)
 
 
 def _batch_key(info: msg.ModelInfo, params, output_format: str) -> tuple:
@@ -127,12 +127,12 @@ def _batch_key(info: msg.ModelInfo, params, output_format: str) -> tuple:
     return (*resolved.computation_key(), output_format)
 
 
-def _images_response(request: Request, server: Server, body: ImageOptions, params, result: Result) -> dict:
+def _images_response(server: Server, body: ImageOptions, params, result: Result) -> dict:
     data = []
     for blob in result.images:
         if body.response_format == "url":
             name = server.keep_url_image(blob, body.output_format)
-            data.append({"url": str(request.url_for("get_file", name=name))})
+            data.append({"url": server.file_url(name)})
         else:
             data.append({"b64_json": base64.b64encode(blob).decode()})
     return ImagesResponse(

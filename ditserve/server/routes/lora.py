@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ditserve.server.errors import ERROR_RESPONSES, ApiError, require_json
 from ditserve.server.schemas import MergeLoraRequest, SetLoraRequest, UnmergeLoraRequest
-from ditserve.server.state import Server
+from ditserve.server.state import Server, ServerState
 
 router = APIRouter()
 
@@ -23,22 +23,30 @@ async def set_lora(request: Request, body: SetLoraRequest, server: Server):
         kwargs["lora_path"] = [_lora_file(lora_dir, p) for p in paths]
     else:
         kwargs["lora_path"] = _lora_file(lora_dir, paths)
-    return await server.control(request, "set_lora", kwargs)
+    return _public(server, await server.control(request, "set_lora", kwargs))
 
 
 @router.post("/v1/merge_lora_weights", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)])
 async def merge_lora_weights(request: Request, body: MergeLoraRequest, server: Server):
-    return await server.control(request, "merge_lora_weights", body.model_dump())
+    return _public(server, await server.control(request, "merge_lora_weights", body.model_dump()))
 
 
 @router.post("/v1/unmerge_lora_weights", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)])
 async def unmerge_lora_weights(request: Request, body: UnmergeLoraRequest, server: Server):
-    return await server.control(request, "unmerge_lora_weights", body.model_dump())
+    return _public(server, await server.control(request, "unmerge_lora_weights", body.model_dump()))
 
 
 @router.get("/v1/list_loras", responses=ERROR_RESPONSES)
 async def list_loras(request: Request, server: Server):
-    return await server.control(request, "list_loras", {})
+    return _public(server, await server.control(request, "list_loras", {}))
+
+
+def _public(server: ServerState, state: dict) -> dict:
+    """The LoRA state with each file's path as a client may see it (relative to --lora-dir, else its name)."""
+    for entry in state.get("loaded", []):
+        if isinstance(entry.get("path"), str):
+            entry["path"] = server.public_path(entry["path"])
+    return state
 
 
 def _lora_file(lora_dir: Path | None, path: str | None) -> str | None:
