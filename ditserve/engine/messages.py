@@ -73,6 +73,7 @@ class ModelInfo:
     device: str
     dtype: str
     pid: int
+    cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ditserve.engine import messages as msg
+from ditserve.engine.cost import CostModel, request_shape
 from ditserve.engine.worker import REPLAY_LORA_KEY, worker_main
 
 MONITOR_S = 0.2  # how often the worker's liveness and the running batch's deadlines are checked
@@ -167,12 +168,14 @@ class Scheduler:
         self.state = "starting"  # see the module docstring
         self.error: str | None = None  # why the state is failed or dead, or why the worker is restarting
         self.info: msg.ModelInfo | None = None
+        self.cost: CostModel | None = None  # what requests cost on the worker's device (from its ready message)
         self.worker: _WorkerProcess | None = None
         self.restarts: list[tuple[float, str]] = []  # (monotonic time, reason) of the restarts within the window
         self.total_restarts = 0
         self.load_seconds: float | None = None  # how long the last load took, for Retry-After
         self._lora_log: list[dict] = []  # LoRA changes that succeeded, in order: replayed on a fresh worker
         self._last_progress = 0.0
+        self._batch: list[_Pending] = []  # the running batch, until its first result corrects the cost model
         self.queue: deque[_Pending] = deque()
         self.running: dict[str, _Pending] = {}  # request id → pending, for the batch the worker runs now
         self._batch_id: str | None = None
@@ -418,6 +421,7 @@ class Scheduler:
             now = time.monotonic()
             self._batch_id = uuid.uuid4().hex
             self._batch_started = self._last_progress = now
+            self._batch = batch if batch[0].control is None else []
             for pending in batch:
                 pending.started_at = now
                 pending.batch_size = len(batch)
@@ -451,6 +455,7 @@ class Scheduler:
         kind = message["type"]
         if kind == "ready":
             self.info = msg.info_from(message)
+            self.cost = CostModel.from_dict(self.info.cost) if self.info.cost else None
             self.load_seconds = time.monotonic() - self._loading_since
             for note in message.get("notes", []):
                 print(f"ditserve: {note}", flush=True)
@@ -469,6 +474,7 @@ class Scheduler:
                     if pending.on_progress is not None:
                         pending.on_progress(pending.progress)
         elif kind == "result":
+            self._observe(message.get("timings"))
             pending = self.running.pop(message["request_id"], None)
             if pending is not None and not pending.future.done():
                 self.completed += 1
@@ -507,6 +513,15 @@ class Scheduler:
             self._batch_id = None
             self._idle.set()
             self._wakeup.set()
+
+    def _observe(self, timings) -> None:
+        """The running batch's first result corrects the cost model's speeds (the batch shares its timings)."""
+        batch, self._batch = self._batch, []
+        if not batch or self.cost is None or self.info is None or not isinstance(timings, dict):
+            return
+        shape = request_shape(batch[0].item.params, self.info.defaults)
+        shape.images = sum(request_shape(p.item.params, self.info.defaults).images for p in batch)
+        self.cost.observe(shape, timings)
 
     async def _monitor_loop(self) -> None:
         while True:

@@ -66,6 +66,7 @@ class Worker:
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def load(self) -> None:
         from ditserve.config import EngineArgs
+        from ditserve.engine.cost import measure as measure_cost
         from ditserve.engine.engine import Engine
         from ditserve.engine.scheduler import REPLAY_LORA_KEY
         from ditserve.pipelines.base import Pipeline
@@ -87,6 +88,13 @@ class Worker:
                 getattr(self.engine, op["method"])(**op["kwargs"])
             except Exception as e:  # noqa: BLE001 - the worker serves on; the server logs what could not be redone
                 notes.append(f"the restarted worker could not redo {op['method']}: {type(e).__name__}: {e}")
+        try:
+            cost = measure_cost(self.engine).to_dict()
+        except Exception as e:  # noqa: BLE001 - the server then prices nothing, and only its hard limits hold
+            cost = None
+            notes.append(
+                f"the cost of requests could not be measured ({type(e).__name__}: {e}); only the hard limits hold"
+            )
         pipe = self.engine.pipeline
         info = msg.ModelInfo(
             name=self.engine.model_name,
@@ -99,6 +107,7 @@ class Worker:
             device=str(self.engine.device),
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
+            cost=cost,
         )
         self.sock.send_multipart(msg.ready_message(info, notes))
 

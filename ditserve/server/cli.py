@@ -72,6 +72,18 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
         help="open connections at once (each waiting request holds one); one more is answered 503 and closed",
     )
     serve.add_argument("--max-prompt-chars", type=int, default=8192)
+    limits = serve.add_argument_group("request limits (a request over one gets 400 naming the field)")
+    limits.add_argument(
+        "--max-pixels", type=int, default=None, help="width × height of one image (default: CPU 1024², CUDA 4096²)"
+    )
+    limits.add_argument("--max-frames", type=int, default=None, help="frames of one clip (default: CPU 33, CUDA 1025)")
+    limits.add_argument("--max-steps", type=int, default=None, help="denoising steps (default 200)")
+    limits.add_argument(
+        "--max-request-seconds",
+        type=float,
+        default=None,
+        help="the longest estimated run time of one request (default: --request-timeout; 0: no estimate)",
+    )
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
@@ -101,6 +113,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     from ditserve.engine.scheduler import SchedulerConfig
     from ditserve.loader.folder import resolve_model
+    from ditserve.server.admission import RequestLimits
     from ditserve.server.app import ServerSettings, create_app
     from ditserve.server.connections import ConnectionLimits, guarded_protocol
 
@@ -119,6 +132,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         "max_connections",
     ):
         _check_positive(name.replace("_", "-"), getattr(ns, name))
+    for name in ("max_pixels", "max_frames", "max_steps"):
+        if getattr(ns, name) is not None:
+            _check_positive(name.replace("_", "-"), getattr(ns, name))
+    if ns.max_request_seconds is not None and ns.max_request_seconds < 0:
+        raise UsageError(f"ditserve serve: --max-request-seconds must be 0 (off) or more, got {ns.max_request_seconds}")
     if ns.max_restarts < 0:
         raise UsageError(f"ditserve serve: --max-restarts must be 0 or more, got {ns.max_restarts}")
     engine_args = engine_args_from(ns)  # validates every engine flag before anything starts
@@ -156,6 +174,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts,
         public_url=ns.public_url,
         docs=ns.docs,
+        limits=RequestLimits(ns.max_pixels, ns.max_frames, ns.max_steps, ns.max_request_seconds),
     )
     if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(

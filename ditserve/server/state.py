@@ -18,8 +18,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from ditserve.config import SamplingParams
 from ditserve.engine import messages as msg
 from ditserve.engine.scheduler import Result, Scheduler, SchedulerConfig
+from ditserve.server.admission import OverLimit, RequestLimits, admit, resolve_limits
 from ditserve.server.errors import SCHEDULER_FAILURES, ApiError, ClientGone, failure_error
 from ditserve.server.jobs import JobStore
 from ditserve.server.metrics import ServerMetrics
@@ -47,6 +49,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     public_url: str | None = None  # base of `url` answers (e.g. https://images.example.com); None = relative urls
     docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when there is one)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # admission by cost (server/admission.py)
 
 
 class ServerState:
@@ -135,12 +138,28 @@ class ServerState:
                 "model_not_found",
             )
 
+    def limits(self, info: msg.ModelInfo) -> RequestLimits:
+        """The request limits in force: the flags given, the device's defaults for the others."""
+        return resolve_limits(self.settings.limits, info.device, self.settings.scheduler.request_timeout)
+
+    def admit(
+        self, info: msg.ModelInfo, params: SamplingParams, size_param: str = "size", frames_param: str = "num_frames"
+    ) -> float | None:
+        """Refuse a request over a limit (400 naming the field, counted by reason); its estimated seconds."""
+        try:
+            return admit(params, info.defaults, self.limits(info), self.scheduler.cost, size_param, frames_param)
+        except OverLimit as e:
+            self.metrics.refusals.labels(e.reason).inc()
+            raise
+
     # ---- requests through the scheduler -------------------------------------------------------------------------
-    async def submit(self, request: Request, endpoint: str, item: msg.WorkItem, key: tuple) -> Result:
+    async def submit(
+        self, request: Request, endpoint: str, item: msg.WorkItem, key: tuple, estimate_s: float | None = None
+    ) -> Result:
         """Run one request; its outcome is counted under `endpoint`, a failure raised as its ApiError."""
         accepted = time.monotonic()
         try:
-            result = await unless_disconnected(request, self.scheduler.submit(item, key))
+            result = await unless_disconnected(request, self.scheduler.submit(item, key, estimate_s=estimate_s))
         except SCHEDULER_FAILURES as e:
             outcome, error = failure_error(e)
             self.metrics.requests.labels(endpoint, outcome).inc()

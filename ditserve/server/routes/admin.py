@@ -96,6 +96,8 @@ async def server_info(server: Server):
         "request_timeout": cfg.request_timeout,
         "cancel_grace": cfg.cancel_grace,
         "max_restarts": cfg.max_restarts,
+        "limits": None if info is None else dataclasses.asdict(server.limits(info)),
+        "cost": None if scheduler.cost is None else scheduler.cost.to_dict(),
         "auth": settings.api_key is not None,
         "max_body_bytes": settings.max_body_bytes,
         "uptime_s": round(time.time() - server.started, 1),

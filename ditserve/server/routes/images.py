@@ -91,7 +91,8 @@ async def images_edits(request: Request, server: Server):
         await form.close()
     info = server.ready_info()
     server.check_model(info, body.model)
-    to_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars)
+    params = to_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars)
+    server.admit(info, params, _size_param(body))
     # No pipeline edits images yet; one that does lists "image-edit" in its tasks and gets a route here.
     raise InvalidRequest(
         "model",
@@ -113,12 +114,20 @@ async def _generate_images(request: Request, server: Server, endpoint: str, body
     server.check_model(info, body.model)
     settings = server.settings
     params = to_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars)
+    estimate = server.admit(info, params, _size_param(body))
     params = params.replace(
         height=params.height or info.defaults["height"], width=params.width or info.defaults["width"]
     )
     item = msg.WorkItem(server.scheduler.new_request_id(), msg.params_to_dict(params), body.output_format)
-    result = await server.submit(request, endpoint, item, _batch_key(info, params, body.output_format))
+    result = await server.submit(request, endpoint, item, _batch_key(info, params, body.output_format), estimate)
     return _images_response(server, body, params, result)
+
+
+def _size_param(body: ImageOptions) -> str:
+    """The field that set the size, to name it when the size is over a limit."""
+    if body.size is None and (body.width is not None or body.height is not None):
+        return "width" if body.width is not None else "height"
+    return "size"
 
 
 def _batch_key(info: msg.ModelInfo, params, output_format: str) -> tuple:

@@ -31,7 +31,10 @@ async def create_video(request: Request, server: Server):
     server.check_model(info, body.model)
     fps = info.defaults.get("fps") or DEFAULT_FPS
     settings = server.settings
-    video_sampling_params(body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars, fps)
+    params = video_sampling_params(
+        body, info.spatial_multiple, info.max_sequence_length_limit, settings.max_prompt_chars, fps
+    )
+    server.admit(info, params, "size", "seconds")
     # No pipeline makes video yet; one that does lists "text-to-video" in its tasks, and its jobs run through
     # `jobs.run` with the scheduler's submit.
     raise InvalidRequest(
