@@ -229,3 +229,74 @@ def test_job_store_lifecycle(tmp_path):
     asyncio.run(scenario())
     for bad in ("../../etc/passwd", "video_" + "g" * 32, "video_abc", ""):
         assert store.get(bad) is None
+
+
+# ---- what a request costs, and admission by it ---------------------------------------------------------------------
+def test_the_cost_model_counts_flops_exactly_at_any_size(engine):
+    from ditserve.engine.cost import _decode_flops, _dit_flops, _poly, measure
+
+    cost = measure(engine)
+    m = engine.pipeline.spatial_multiple
+    for side in (40 * m, 64 * m):  # beyond the sizes it was measured at
+        assert _poly(cost.dit, side * side) == pytest.approx(_dit_flops(engine, side), rel=1e-9)
+        assert _poly(cost.decode, side * side) == pytest.approx(_decode_flops(engine.pipeline, side), rel=1e-9)
+    assert cost.dit[2] > 0 and cost.flops_per_s > 0 and cost.method.startswith("timed forward")
+
+
+def _fake_cost():
+    from ditserve.engine.cost import CostModel
+
+    # 1e6 FLOPs per pixel per forward, 1e3 per pixel to decode, at 1e9 FLOP/s: 1 ms per pixel-step
+    return CostModel(dit=(0.0, 1e6, 0.0), decode=(0.0, 1e3, 0.0), flops_per_s=1e9, decode_flops_per_s=1e9)
+
+
+def test_the_estimate_scales_with_size_steps_images_and_guidance():
+    from ditserve.engine.cost import request_shape
+
+    cost = _fake_cost()
+    defaults = {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 1.0}
+    base = cost.seconds(request_shape({"prompt": "x"}, defaults))
+    assert base == pytest.approx(32 * 32 * 4 * 1e-3 + 32 * 32 * 1e-6)
+    double = request_shape({"prompt": "x", "num_images": 2, "num_inference_steps": 8}, defaults)
+    assert cost.seconds(double) == pytest.approx(2 * 2 * 32 * 32 * 4e-3 + 2 * 32 * 32 * 1e-6)
+    cfg = request_shape({"prompt": "x", "negative_prompt": "", "true_cfg_scale": 4.0}, defaults)
+    assert cfg.passes == 2 and request_shape({"prompt": ["a", "b"]}, defaults).images == 2
+
+
+def test_batches_run_correct_the_speed_but_overhead_does_not():
+    from ditserve.engine.cost import Shape
+
+    cost = _fake_cost()
+    shape = Shape(pixels=10_000, steps=10, images=1, passes=1, frames=None)  # predicted: 100 s of denoising
+    cost.observe(shape, {"denoise": 400.0, "encode": 0.5, "prepare": 0.1})
+    assert cost.flops_per_s == pytest.approx(0.5e9)  # 4x slower than thought: half way there (geometric)
+    assert cost.fixed_s == pytest.approx(0.6)
+    tiny = Shape(pixels=4, steps=2, images=1, passes=1, frames=None)  # predicted 8 ms: overhead, not speed
+    cost.observe(tiny, {"denoise": 1.0})
+    assert cost.flops_per_s == pytest.approx(0.5e9)
+
+
+def test_admission_refuses_over_each_limit_naming_the_field():
+    from ditserve.server.admission import OverLimit, RequestLimits, admit, resolve_limits
+
+    defaults = {"height": 32, "width": 32, "num_inference_steps": 4}
+    limits = RequestLimits(max_pixels=64 * 64, max_frames=9, max_steps=100, max_request_seconds=60)
+    cost = _fake_cost()
+    assert admit(SamplingParams(prompt="x"), defaults, limits, cost) == pytest.approx(4.097, rel=1e-3)
+    cases = [
+        (SamplingParams(prompt="x", height=96, width=64), "max_pixels", "size"),
+        (SamplingParams(prompt="x", num_inference_steps=101), "max_steps", "num_inference_steps"),
+        (SamplingParams(prompt="x", num_frames=17), "max_frames", "num_frames"),
+        (SamplingParams(prompt="x", height=64, width=64, num_inference_steps=15), "max_request_seconds", "size"),
+        (SamplingParams(prompt="x", num_inference_steps=60), "max_request_seconds", "num_inference_steps"),
+        (SamplingParams(prompt="x", num_images=16), "max_request_seconds", "n"),
+    ]
+    for params, reason, param in cases:
+        with pytest.raises(OverLimit) as e:
+            admit(params, defaults, limits, cost)
+        assert (e.value.reason, e.value.param, e.value.code) == (reason, param, f"{reason}_exceeded"), params
+    off = RequestLimits(max_pixels=64 * 64, max_frames=9, max_steps=50, max_request_seconds=0)
+    assert admit(SamplingParams(prompt="x", num_images=16), defaults, off, cost) > 60  # 0: no estimate limit
+    cpu, cuda = resolve_limits(RequestLimits(), "cpu", 600), resolve_limits(RequestLimits(), "cuda:0", 600)
+    assert cpu.max_pixels == 1024 * 1024 < cuda.max_pixels == 4096 * 4096 and cpu.max_request_seconds == 600
+    assert resolve_limits(RequestLimits(max_pixels=5), "cuda", 9).max_pixels == 5
