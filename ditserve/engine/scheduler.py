@@ -560,6 +560,8 @@ class Scheduler:
         """Kill the worker (if it still lives) and start a fresh one; the queue waits for it. Without restart
         budget left, the state turns "dead" and every request fails."""
         old = self.worker
+        # First, so that nothing is dispatched to the old worker while it is being ended.
+        self.state, self.error = "restarting", why
         self._receiver.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._receiver
@@ -572,11 +574,10 @@ class Scheduler:
         exhausted = len(self.restarts) >= self.config.max_restarts
         retry = None if exhausted else self.reload_retry_after()
         lost = "the worker process died while running this request" if reason == "died" else "the request was cancelled"
+        lost += "; the worker cannot be restarted" if exhausted else "; a fresh worker is starting"
         for pending in self.running.values():
             if not pending.future.done():
-                pending.future.set_exception(
-                    RequestFailed("worker_died", f"{lost}; a fresh worker is starting", retry_after=retry)
-                )
+                pending.future.set_exception(RequestFailed("worker_died", lost, retry_after=retry))
                 pending.future.exception()
         self.running.clear()
         self._batch_id = None
@@ -591,7 +592,6 @@ class Scheduler:
             return
         self.restarts.append((now, reason))
         self.total_restarts += 1
-        self.state, self.error = "restarting", why
         if self.on_restart is not None:
             self.on_restart(reason)
         self._spawn()
