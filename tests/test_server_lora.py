@@ -109,3 +109,35 @@ def test_serve_lora_flags_apply_from_the_first_request(tiny_dev, lora_dir, tmp_p
         assert r.status_code == 400 and "--lora-dir" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_a_restarted_worker_has_the_loras_set_before(server):
+    """The supervisor replaces a worker that dies; the LoRA changes made over HTTP are made again on the fresh one,
+    so the pictures stay those of the adapters the clients set."""
+    import os
+    import signal
+    import time
+
+    set_ = httpx.post(
+        f"{server.url}/v1/set_lora",
+        json={"lora_nickname": "style", "lora_path": "style.safetensors", "strength": 0.6},
+        timeout=120,
+    )
+    assert set_.status_code == 200, set_.text
+    assert httpx.post(f"{server.url}/v1/merge_lora_weights", json={}, timeout=120).status_code == 200
+    try:
+        before, state = image(server.url), httpx.get(f"{server.url}/v1/list_loras", timeout=60).json()
+        pid = server.info()["worker_pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            info = server.info()
+            if info["worker_pid"] != pid and info["state"] == "ready":
+                break
+            time.sleep(0.2)
+        assert server.info()["worker_restarts"] == 1
+        assert httpx.get(f"{server.url}/v1/list_loras", timeout=60).json() == state
+        assert np.abs(image(server.url) - before).mean() <= 1.0
+    finally:
+        httpx.post(f"{server.url}/v1/unmerge_lora_weights", json={}, timeout=120)
+        httpx.post(f"{server.url}/v1/set_lora", json={"lora_nickname": []}, timeout=60)
