@@ -263,6 +263,20 @@ def test_the_estimate_scales_with_size_steps_images_and_guidance():
     assert cfg.passes == 2 and request_shape({"prompt": ["a", "b"]}, defaults).images == 2
 
 
+def test_frames_are_priced_by_the_latent_tokens_they_make():
+    import dataclasses
+
+    from ditserve.engine.cost import Shape
+
+    video = dataclasses.replace(_fake_cost(), frames=81, temporal=4)  # measured at 81 frames: 21 latent frames
+    clip = Shape(pixels=1000, steps=1, images=1, passes=1, frames=81)
+    assert video.effective_pixels(clip) == 1000
+    assert video.effective_pixels(dataclasses.replace(clip, frames=41)) == pytest.approx(1000 * 11 / 21)
+    assert video.effective_pixels(dataclasses.replace(clip, frames=None)) == 1000  # the default frames
+    image = _fake_cost()  # an image model asked for frames (refused later, by the task): frames count as pixels
+    assert image.effective_pixels(dataclasses.replace(clip, frames=33)) == 33_000
+
+
 def test_batches_run_correct_the_speed_but_overhead_does_not():
     from ditserve.engine.cost import Shape
 

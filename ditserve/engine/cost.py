@@ -14,9 +14,10 @@ timed (its FLOPs over its time). With several ranks a forward on rank 0 alone wo
 matrix product in the model's dtype is timed instead and counted at half its speed per rank. Then every batch the
 worker runs corrects the speed (its denoise time against its FLOPs), and its encode time gives the fixed cost.
 
-Frames count as pixels (frames × height × width), which overstates video models that compress time in their
-latents; guidance runs two forwards per step when the request uses true CFG (a negative prompt with
-true_cfg_scale > 1, as FLUX does), one otherwise.
+A video model's forward is measured at its default frame count; a request with other frames is priced at the pixels
+that make as many latent tokens (pixels × its latent frames / the default's, latent frames being (frames − 1) /
+the VAE's temporal factor + 1). Guidance runs two forwards per step when the request uses true CFG (a negative
+prompt with true_cfg_scale > 1, as FLUX does), one otherwise (families that guide otherwise are estimated low).
 
 This module imports torch only inside `measure`: the HTTP process prices requests without it.
 """
@@ -57,6 +58,14 @@ class CostModel:
     decode_flops_per_s: float  # the decoder's (starts as the DiT's; corrected apart)
     fixed_s: float = 0.0  # text encoding and latents, per batch (learned from the batches run)
     method: str = "timed forward"  # how flops_per_s was first measured
+    frames: int | None = None  # the frame count the polynomials were measured at (video models; None for images)
+    temporal: int = 1  # frames per latent frame (the VAE's temporal factor)
+
+    def effective_pixels(self, shape: Shape) -> float:
+        """Pixels of one image of the measured kind that make as many latent tokens as the request's."""
+        base = self.frames or 1
+        frames = shape.frames or base
+        return shape.pixels * _latent_frames(frames, self.temporal) / _latent_frames(base, self.temporal)
 
     # ---- pricing ------------------------------------------------------------------------------------------------
     def step_flops(self, pixels: int, images: int, passes: int) -> float:
@@ -64,7 +73,7 @@ class CostModel:
 
     def seconds(self, shape: Shape) -> float:
         """Estimated seconds to run a request (or a batch: `shape.images` summed over it)."""
-        p = shape.pixels * (shape.frames or 1)
+        p = self.effective_pixels(shape)
         denoise = shape.steps * self.step_flops(p, shape.images, shape.passes) / self.flops_per_s
         decode = shape.images * _poly(self.decode, p) / self.decode_flops_per_s
         return self.fixed_s + denoise + decode
@@ -72,7 +81,7 @@ class CostModel:
     # ---- learning from the batches run --------------------------------------------------------------------------
     def observe(self, shape: Shape, timings: dict) -> None:
         """Correct the speeds with a batch's stage timings (seconds: encode, prepare, denoise, decode)."""
-        pixels = shape.pixels * (shape.frames or 1)
+        pixels = self.effective_pixels(shape)
         denoise = timings.get("denoise")
         if isinstance(denoise, int | float):
             predicted = shape.steps * self.step_flops(pixels, shape.images, shape.passes) / self.flops_per_s
@@ -101,7 +110,13 @@ class CostModel:
             decode_flops_per_s=float(data["decode_flops_per_s"]),
             fixed_s=float(data.get("fixed_s", 0.0)),
             method=str(data.get("method", "")),
+            frames=data.get("frames"),
+            temporal=int(data.get("temporal", 1)),
         )
+
+
+def _latent_frames(frames: int, temporal: int) -> int:
+    return (frames - 1) // temporal + 1 if temporal > 1 else frames
 
 
 @dataclass
@@ -164,7 +179,15 @@ def measure(engine) -> CostModel:
         rate, method = _timed_forward(engine, dit, torch)
     else:
         rate, method = 0.5 * world * _matmul_rate(engine, torch), f"matmul × 0.5 × {world} ranks"
-    return CostModel(dit=dit, decode=decode, flops_per_s=rate, decode_flops_per_s=rate, method=method)
+    return CostModel(
+        dit=dit,
+        decode=decode,
+        flops_per_s=rate,
+        decode_flops_per_s=rate,
+        method=method,
+        frames=pipe.defaults().num_frames,
+        temporal=int(getattr(pipe, "vae_scale_temporal", 1) or 1),
+    )
 
 
 def _flop_counter(torch):
