@@ -65,3 +65,10 @@ def diffusers_pipe():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    from ditserve.tiny.wan import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))

@@ -56,6 +56,7 @@ class GenerationResult:
     params: SamplingParams  # the request as run, every default filled in
     timings: dict = field(default_factory=dict)  # seconds: encode, prepare, denoise, decode, total; steps: [...]
     peak_memory_mb: float | None = None  # peak device memory during this request (None on the CPU)
+    videos: list[Any] = field(default_factory=list)  # video families: uint8 (T, H, W, 3) arrays (see PipelineOutput)
 
 
 class Engine:
@@ -323,7 +324,12 @@ class Engine:
             out = self.pipeline(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return GenerationResult(
-            images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
+            images=out.images,
+            seed=resolved.seed,
+            params=resolved,
+            timings=out.timings,
+            peak_memory_mb=peak,
+            videos=out.videos,
         )
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[GenerationResult]:
@@ -341,7 +347,9 @@ class Engine:
             outputs = self.pipeline.run_batch(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return [
-            GenerationResult(images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak)
+            GenerationResult(
+                images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak, videos=o.videos
+            )
             for r, o in zip(resolved, outputs)
         ]
 

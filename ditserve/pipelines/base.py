@@ -28,6 +28,8 @@ StepCallback = Callable[[int, int], None]
 class PipelineOutput:
     images: list[Any]  # PIL images, numpy arrays (H, W, 3) in [0, 1], or latent tensors
     timings: dict = field(default_factory=dict)
+    # Video families: uint8 arrays (T, H, W, 3) by default, float arrays in [0, 1] for output_type "np", or latents.
+    videos: list[Any] = field(default_factory=list)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Wan (2.1): diffusers' WanPipeline, our WanTransformer.
+
+The presets' configs are those of the published Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan2.1-T2V-14B-Diffusers
+folders: the transformer, the UMT5-XXL encoder (google/umt5-xxl, as the folders' text_encoder/config.json has it),
+the Wan2.1 VAE and the UniPC scheduler with flow sigmas and a shift of 3 (both folders; diffusers' docs suggest 5 at
+720p, which a request cannot change: put another scheduler config in a folder for that).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ditserve.registry import DiTSpec, ModelSpec, Preset
+
+_WAN21_TRANSFORMER = {
+    "_class_name": "WanTransformer3DModel",
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+_WAN21_T2V_1_3B = {**_WAN21_TRANSFORMER, "ffn_dim": 8960, "num_attention_heads": 12, "num_layers": 30}
+_WAN21_T2V_14B = {**_WAN21_TRANSFORMER, "ffn_dim": 13824, "num_attention_heads": 40, "num_layers": 40}
+_UMT5_XXL = {
+    "architectures": ["UMT5EncoderModel"],
+    "classifier_dropout": 0.0,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "model_type": "umt5",
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "num_layers": 24,
+    "output_past": True,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "scalable_attention": True,
+    "tie_word_embeddings": False,
+    "tokenizer_class": "T5Tokenizer",
+    "use_cache": True,
+    "vocab_size": 256384,
+}
+_WAN21_VAE = {
+    "_class_name": "AutoencoderKLWan",
+    "attn_scales": [],
+    "base_dim": 96,
+    "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0,
+    "latents_mean": [
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    ],
+    "latents_std": [
+        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916,
+    ],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "z_dim": 16,
+}  # fmt: skip
+_WAN_UNIPC = {
+    "_class_name": "UniPCMultistepScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "disable_corrector": [],
+    "dynamic_thresholding_ratio": 0.995,
+    "final_sigmas_type": "zero",
+    "flow_shift": 3.0,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "predict_x0": True,
+    "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_p": None,
+    "solver_type": "bh2",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+}
+
+
+def _wan21_t2v_preset(name: str, transformer: dict) -> Preset:
+    return Preset(
+        name=name,
+        pipeline_class="WanPipeline",
+        configs={
+            "transformer": copy.deepcopy(transformer),
+            "vae": copy.deepcopy(_WAN21_VAE),
+            "text_encoder": copy.deepcopy(_UMT5_XXL),
+            "scheduler": copy.deepcopy(_WAN_UNIPC),
+        },
+    )
+
+
+SPEC = ModelSpec(
+    family="wan",
+    pipeline_classes=("WanPipeline",),
+    # Weight-bearing components in the order dummy weights are seeded (transformer seed, vae +1, text encoder +2).
+    components={
+        "transformer": ("diffusers", "WanTransformer3DModel"),
+        "vae": ("diffusers", "AutoencoderKLWan"),
+        "text_encoder": ("transformers", "UMT5EncoderModel"),
+        "tokenizer": ("transformers", "T5TokenizerFast"),
+        "scheduler": ("diffusers", "UniPCMultistepScheduler"),
+    },
+    dits=(DiTSpec("transformer", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),),
+    pipeline="ditserve.pipelines.wan:WanPipeline",
+    code_tokenizers={"tokenizer": "ditserve.loader.tokenizers:t5_tokenizer"},
+    lora_architecture="wan",
+    output="video",
+    tasks=("text-to-video",),
+    # diffusers' WanPipeline.__call__ defaults (480 × 832 comes from the pipeline); 16 fps is what its examples
+    # export at (the frame rate Wan was trained on).
+    sampling_defaults={
+        "num_inference_steps": 50,
+        "guidance_scale": 5.0,
+        "true_cfg_scale": 1.0,  # unused: Wan's one CFG scale is guidance_scale
+        "max_sequence_length": 512,
+        "num_frames": 81,
+        "fps": 16,
+    },
+    max_sequence_length=512,
+    presets=(
+        _wan21_t2v_preset("wan2.1-t2v-1.3b", _WAN21_T2V_1_3B),
+        _wan21_t2v_preset("wan2.1-t2v-14b", _WAN21_T2V_14B),
+    ),
+    make_tiny="ditserve.tiny.wan:make_tiny_wan_folder",
+)

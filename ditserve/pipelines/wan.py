@@ -1,0 +1,368 @@
+"""Wan text-to-video: UMT5 states → patch tokens → UniPC (flow) multistep → Wan VAE decode.
+
+Every stage reproduces diffusers' WanPipeline (0.42.1) step for step, so that the same folder and seed give the same
+frames: the same prompt cleaning (ftfy's fix_text when ftfy is installed, as diffusers checks; then HTML unescaping
+twice and whitespace collapsing), UMT5's last hidden states with the padding zeroed and the text padded to
+max_sequence_length with zeros (the DiT attends to those zero rows too), the same noise draw (float32 on the CPU
+generator), the scheduler's own timesteps, CFG in the model's dtype as uncond + g·(cond − uncond) whenever
+guidance_scale > 1, and the same un-normalisation (latents · std + mean) and decode. Only the DiT is ours.
+
+What diffusers does inside its transformer (the Conv3d patch embedding's patchify, the RoPE grid) happens here, so
+the DiT takes patch tokens and their positions. The text encoder runs on the batch padded to its longest prompt
+instead of max_sequence_length: UMT5's attention masks padded keys, so the real tokens' states are the same up to
+float rounding (the DiT still sees max_sequence_length rows, zeros past each prompt).
+
+Requests may ask for `output_type` "pil" (the default: each video a uint8 array T×H×W×3, the frames diffusers'
+output_type="np" gives, scaled as its `export_to_video` scales them), "np" (those float frames in [0, 1]) or
+"latent" (the latents [C, T', H', W']).
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import importlib.util
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import regex
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditserve.config import ConfigError, SamplingParams
+from ditserve.models.wan import WanTransformer, to_diffusers_state_dict, video_position_ids
+from ditserve.pipelines.base import (
+    BENCH_PROMPT,
+    Pipeline,
+    PipelineOutput,
+    StepCallback,
+    diffusers_model_sharing,
+    seeded_noise,
+)
+from ditserve.utils.timing import StageTimer
+
+DEFAULT_HEIGHT, DEFAULT_WIDTH = 480, 832  # diffusers' WanPipeline.__call__ defaults
+DIFFUSERS_SIDE_MULTIPLE = 16  # diffusers' check_inputs refuses sides that do not divide by 16
+
+
+@dataclass
+class WanComponents:
+    """What families/wan.py lists, loaded by `loader.folder.load_components`."""
+
+    transformer: WanTransformer
+    vae: nn.Module  # diffusers' AutoencoderKLWan
+    text_encoder: nn.Module  # transformers' UMT5EncoderModel
+    tokenizer: object  # T5TokenizerFast (google/umt5-xxl's)
+    scheduler: object  # UniPCMultistepScheduler with flow sigmas
+
+
+# ---- prompt cleaning, as diffusers' pipeline_wan does it ---------------------------------------------------------
+def _fix_text():
+    """ftfy.fix_text when ftfy is installed (diffusers cleans with it then, and only then), else None."""
+    if importlib.util.find_spec("ftfy") is None:
+        return None
+    import ftfy
+
+    return ftfy.fix_text
+
+
+def prompt_clean(text: str) -> str:
+    """ftfy (if installed), HTML entities unescaped twice, whitespace runs collapsed to one space, ends stripped."""
+    fix = _fix_text()
+    if fix is not None:
+        text = fix(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip()  # diffusers' `regex` module: Unicode White_Space, as there
+
+
+# ---- the token layout diffusers' WanTransformer3DModel builds inside its forward --------------------------------
+def patchify(latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, F, H, W] → [B, (F/pt)(H/ph)(W/pw), C·pt·ph·pw]: tokens frames-slowest, each token's values in the order
+    of the Conv3d weight (channels slowest)."""
+    b, c, f, h, w = latents.shape
+    pt, ph, pw = patch
+    x = latents.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """The DiT's output tokens [B, N, pt·ph·pw·C] (channels fastest, as diffusers' proj_out writes them) over a
+    (F', H', W') token grid → [B, C, F'·pt, H'·ph, W'·pw]."""
+    b = tokens.shape[0]
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+
+class WanPipeline(Pipeline):
+    components_class = WanComponents
+    c: WanComponents
+
+    def __init__(self, spec, components: WanComponents, device, dtype, sampling_defaults: dict | None = None):
+        from diffusers.video_processor import VideoProcessor
+
+        super().__init__(spec, components, device, dtype, sampling_defaults)
+        vae = components.vae.config
+        self.vae_scale_temporal = vae.scale_factor_temporal
+        self.vae_scale_spatial = vae.scale_factor_spatial
+        self.latent_channels = vae.z_dim
+        self.patch = tuple(components.transformer.config.patch_size)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
+
+    # ---- defaults and validation: diffusers' WanPipeline.__call__'s (the spec's), unless the folder names its own
+    @property
+    def default_side(self) -> int:
+        return DEFAULT_HEIGHT
+
+    def defaults(self) -> SamplingParams:
+        params = SamplingParams(height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, **self.spec.sampling_defaults)
+        return params.replace(**self.sampling_defaults)
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Sides divide by 16 (diffusers' check) and by the VAE's factor times the patch (diffusers rounds them down
+        to that with a warning; ditserve refuses them instead)."""
+        _, ph, pw = self.patch
+        return math.lcm(DIFFUSERS_SIDE_MULTIPLE, self.vae_scale_spatial * ph, self.vae_scale_spatial * pw)
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        if params.true_cfg_scale not in (None, 1, 1.0):
+            raise ConfigError(
+                "true_cfg_scale",
+                "Wan has one guidance scale: use guidance_scale (CFG with the negative prompt when > 1, as diffusers' "
+                "WanPipeline)",
+            )
+        if params.extra:
+            raise ConfigError("extra", f"unknown settings {sorted(params.extra)}; Wan takes none")
+        resolved = super().resolve(params)
+        frames, step = resolved.num_frames, self.vae_scale_temporal
+        below = (frames - 1) // step * step + 1  # type: ignore[operator]
+        if frames != below:
+            raise ConfigError(
+                "num_frames",
+                f"must be {step}·k + 1 (the VAE packs {step} frames after the first into each latent frame): "
+                f"{below} or {below + step}, not {frames}",
+            )
+        return resolved
+
+    # ---- stages -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+        """[len(prompts), max_sequence_length, text_dim] in the model's dtype: UMT5's last hidden states of each
+        cleaned prompt, zeros past its tokens. Prompts that repeat are encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        inputs = self.c.tokenizer(
+            [prompt_clean(p) for p in unique],
+            padding="longest",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device)
+        hidden = self.c.text_encoder(ids, mask).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1).tolist()
+        embeds = hidden.new_zeros(len(unique), max_sequence_length, hidden.shape[-1])
+        for i, n in enumerate(lengths):
+            embeds[i, :n] = hidden[i, :n]
+        index = {p: i for i, p in enumerate(unique)}
+        return embeds[[index[p] for p in prompts]].to(self.dtype)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (
+            self.latent_channels,
+            (num_frames - 1) // self.vae_scale_temporal + 1,
+            height // self.vae_scale_spatial,
+            width // self.vae_scale_spatial,
+        )
+
+    def prepare_latents(self, seed: int, batch: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Noise as diffusers draws it: float32 whatever the model's dtype (the scheduler steps in float32)."""
+        shape = (batch, *self.latent_shape(num_frames, height, width))
+        return seeded_noise(shape, seed, torch.float32, self.device)
+
+    def make_scheduler(self, num_steps: int):
+        """A fresh scheduler per request (UniPC keeps the previous outputs of its multistep)."""
+        scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    def token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        f, h, w = latents.shape[-3:]
+        pt, ph, pw = self.patch
+        return f // pt, h // ph, w // pw
+
+    def predict(
+        self,
+        model: WanTransformer,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The model's prediction [B, C, F, H, W] in its dtype, guided when `uncond` is given.
+
+        With CFG parallelism the two branches run at once on the two halves of the ranks, and an all-gather gives
+        every rank both predictions (so every rank takes the same scheduler step)."""
+        grid = self.token_grid(latents)
+        tokens = patchify(latents.to(self.dtype), self.patch)
+        ids = video_position_ids(*grid, device=latents.device)
+
+        def branch(text: torch.Tensor) -> torch.Tensor:
+            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids)
+            return unpatchify(out, grid, self.patch)
+
+        if uncond is None:
+            return branch(cond)
+        cfg_group = self.parallel.cfg_group if self.parallel is not None else None
+        if cfg_group is None:
+            positive, negative = branch(cond), branch(uncond)
+        else:
+            mine = branch(cond if self.parallel.cfg_index == 0 else uncond).contiguous()
+            both = [torch.empty_like(mine), torch.empty_like(mine)]
+            dist.all_gather(both, mine, group=cfg_group)
+            positive, negative = both
+        return negative + guidance_scale * (positive - negative)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        params: SamplingParams,
+        timer: StageTimer,
+        on_step: StepCallback | None,
+    ) -> torch.Tensor:
+        scheduler = self.make_scheduler(params.num_inference_steps)  # type: ignore[arg-type]
+        timesteps = scheduler.timesteps
+        guidance: float = params.guidance_scale  # type: ignore[assignment]
+        for i, t in enumerate(timesteps):
+            timer.step_begin()
+            timestep = t.expand(latents.shape[0])
+            noise_pred = self.predict(self.c.transformer, latents, timestep, cond, uncond, guidance)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            timer.step_end()
+            if on_step is not None:
+                on_step(i, len(timesteps))
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str) -> list:
+        if output_type == "latent":
+            return list(latents)
+        if self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
+            return []  # rank 0 decodes (the Wan VAE tiles within itself when tiling is on)
+        vae = self.c.vae
+        x = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)
+        video = vae.decode(x / inverse_std + mean, return_dict=False)[0]
+        frames = self.video_processor.postprocess_video(video, output_type="np")  # [B, T, H, W, 3] in [0, 1]
+        if output_type == "np":
+            return list(frames)
+        return [(f * 255).astype(np.uint8) for f in frames]  # as diffusers' export_to_video
+
+    # ---- several requests as one batch ------------------------------------------------------------------------
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """Resolved requests of one batch_key as one batch: one encode, one denoise loop, one decode. Each request
+        keeps its own seed (its noise is its own draw, as alone)."""
+        if len({self.batch_key(p) for p in batch}) != 1:
+            raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
+        first = batch[0]
+        timer = StageTimer(self.device)
+        prompt_lists = [[p.prompt] if isinstance(p.prompt, str) else list(p.prompt) for p in batch]
+        with timer.stage("encode"):
+            prompts, negatives = [], []
+            for p, own in zip(batch, prompt_lists):
+                negs = p.negative_prompt if p.negative_prompt is not None else ""
+                negs = [negs] * len(own) if isinstance(negs, str) else list(negs)
+                negs = negs * len(own) if len(negs) == 1 else negs
+                for text, neg in zip(own, negs):  # diffusers' order: each prompt's videos together
+                    prompts += [text] * p.num_images
+                    negatives += [neg] * p.num_images
+            use_cfg = first.guidance_scale > 1.0  # type: ignore[operator]
+            embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
+            cond, uncond = embeds[: len(prompts)], (embeds[len(prompts) :] if use_cfg else None)
+        counts = [len(own) * p.num_images for p, own in zip(batch, prompt_lists)]
+        with timer.stage("prepare"):
+            latents = torch.cat(
+                [self.prepare_latents(p.seed, n, p.num_frames, p.height, p.width) for p, n in zip(batch, counts)]  # type: ignore[arg-type]
+            )
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, first, timer, on_step)
+        with timer.stage("decode"):
+            videos = self.decode(latents, first.output_type)
+        timings = {**timer.summary(), "batch_size": len(batch)}
+        outputs, start = [], 0
+        for n in counts:
+            outputs.append(PipelineOutput(images=[], videos=videos[start : start + n], timings=dict(timings)))
+            start += n
+        return outputs
+
+    # ---- for benchmarks and parity checks ------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_inputs(
+        self, height: int, width: int, prompt: str = BENCH_PROMPT, num_frames: int | None = None
+    ) -> dict:
+        """Keyword arguments of one DiT forward at batch 1 for a fixed prompt at this size (the default frame count
+        unless given), at a mid-schedule timestep."""
+        defaults = self.defaults()
+        latents = self.prepare_latents(0, 1, num_frames or defaults.num_frames, height, width)  # type: ignore[arg-type]
+        return dict(
+            video_tokens=patchify(latents.to(self.dtype), self.patch),
+            timestep=torch.full((1,), 500.0, device=self.device),
+            text_states=self.encode_prompt([prompt], defaults.max_sequence_length),  # type: ignore[arg-type]
+            video_ids=video_position_ids(*self.token_grid(latents), device=self.device),
+        )
+
+    def diffusers_forward_inputs(self, inputs: dict) -> dict:
+        """The same forward in diffusers' form: the latents [B, C, F, H, W] rebuilt from the tokens."""
+        grid = tuple(int(inputs["video_ids"][:, axis].max()) + 1 for axis in range(3))
+        b, n = inputs["video_tokens"].shape[:2]
+        pt, ph, pw = self.patch
+        f, h, w = grid
+        x = inputs["video_tokens"].view(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return dict(
+            hidden_states=x.reshape(b, -1, f * pt, h * ph, w * pw),
+            timestep=inputs["timestep"],
+            encoder_hidden_states=inputs["text_states"],
+        )
+
+    def comparable_outputs(self, ours: torch.Tensor, theirs, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both as latents [B, C, F, H, W]: ours unpatchified."""
+        grid = tuple(int(inputs["video_ids"][:, axis].max()) + 1 for axis in range(3))
+        return unpatchify(ours, grid, self.patch), theirs[0]  # type: ignore[arg-type]
+
+    def diffusers_transformer(self, model: WanTransformer):
+        """diffusers' WanTransformer3DModel holding our DiT's tensors (no copy)."""
+        from diffusers import WanTransformer3DModel
+
+        cfg = model.config
+        # WanConfig's fields are diffusers' config names, so the config passes through as is.
+        config = {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in fields(cfg)}
+        shared = diffusers_model_sharing(WanTransformer3DModel, config, to_diffusers_state_dict(model))
+        # Its RoPE tables are buffers outside the state dict, left on the meta device: built again for real.
+        rope = shared.rope
+        shared.rope = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len).to(self.device)
+        return shared
+
+    def diffusers_pipeline(self):
+        """diffusers' WanPipeline on our components, its transformer holding our DiT's tensors (no copy)."""
+        from diffusers import WanPipeline as DiffusersWanPipeline
+
+        pipe = DiffusersWanPipeline(
+            tokenizer=self.c.tokenizer,
+            text_encoder=self.c.text_encoder,
+            vae=self.c.vae,
+            scheduler=copy.deepcopy(self.c.scheduler),
+            transformer=self.diffusers_transformer(self.c.transformer),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
