@@ -72,3 +72,11 @@ def tiny_wan(tmp_path_factory):
     from ditserve.tiny.wan import make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_experts(tmp_path_factory):
+    """Wan2.2 A14B's layout: two experts switched at boundary_ratio 0.875."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-experts"), TinyWanSpec(two_experts=True, seed=3))

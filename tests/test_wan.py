@@ -269,13 +269,20 @@ def test_engine_serves_the_folder(tiny_wan, theirs):
     assert result.videos[0].shape == (5, 32, 32, 3) and mean_level_difference(result.videos[0], expected) <= 1.0
 
 
-@pytest.mark.parametrize(("preset", "billions"), [("wan2.1-t2v-1.3b", (1.3, 1.5)), ("wan2.1-t2v-14b", (14, 14.5))])
-def test_preset_builds_diffusers_architecture(preset, billions):
-    """The presets at full size, on the meta device: our DiT holds exactly diffusers' tensors."""
+@pytest.mark.parametrize(
+    ("preset", "billions", "experts"),
+    [("wan2.1-t2v-1.3b", (1.3, 1.5), 1), ("wan2.1-t2v-14b", (14, 14.5), 1), ("wan2.2-t2v-a14b", (14, 14.5), 2)],
+)
+def test_preset_builds_diffusers_architecture(preset, billions, experts):
+    """The presets at full size, on the meta device: our DiT holds exactly diffusers' tensors; Wan2.2 A14B has
+    two such experts and its boundary."""
     from transformers import UMT5Config
 
     from ditserve.registry import get_preset
 
+    source = resolve_model(preset, "dummy")
+    assert [d.component for d in source.dits] == ["transformer", "transformer_2"][:experts]
+    assert source.pipeline_config()["boundary_ratio"] == (0.875 if experts == 2 else None)
     spec, p = get_preset(preset)
     assert spec.family == "wan" and UMT5Config.from_dict(p.configs["text_encoder"]).d_model == 4096
     config = p.configs["transformer"]
@@ -286,3 +293,44 @@ def test_preset_builds_diffusers_architecture(preset, billions):
     assert {name: t.shape for name, t in to_diffusers_state_dict(model).items()} == expected
     assert billions[0] * 1e9 < sum(p.numel() for p in model.parameters()) < billions[1] * 1e9
     assert model.config.rope_axes == (44, 42, 42)
+
+
+# ---- Wan2.2 A14B: two experts switched at the folder's boundary_ratio ----------------------------------------------
+def _record_calls(model, log: list, name: str):
+    return model.register_forward_hook(lambda *_: log.append(name))
+
+
+def test_two_experts_switch_where_diffusers_does(tiny_wan_experts):
+    ours = WanPipeline.load(resolve_model(str(tiny_wan_experts)), torch.device("cpu"), torch.float32, "auto")
+    theirs = DiffusersWanPipeline.from_pretrained(tiny_wan_experts)
+    theirs.set_progress_bar_config(disable=True)
+    assert ours.boundary_ratio == 0.875 and set(ours.transformers()) == {"transformer", "transformer_2"}
+    # 4 steps: t = 999, 900 (≥ 875: the first expert), then 750, 500 (the second), each with CFG (two forwards).
+    kwargs = dict(prompt="a red fox", negative_prompt="fog", height=32, width=32, num_frames=5, num_inference_steps=4)
+    kwargs |= dict(guidance_scale=4.0, guidance_scale_2=2.0)
+    ours_log, their_log = [], []
+    hooks = [_record_calls(ours.c.transformer, ours_log, "high"), _record_calls(ours.c.transformer_2, ours_log, "low")]
+    hooks += [_record_calls(theirs.transformer, their_log, "high")]
+    hooks += [_record_calls(theirs.transformer_2, their_log, "low")]
+    try:
+        latents = generate(ours, 5, output_type="latent", **kwargs)[0]
+        expected_latents = run_diffusers(theirs, 5, output_type="latent", **kwargs)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ours_log == their_log == ["high"] * 4 + ["low"] * 4
+    assert (latents - expected_latents).abs().max().item() < 1e-4
+    # guidance_scale_2 matters (the second expert's steps run with it), and the frames match diffusers'.
+    other = generate(ours, 5, output_type="latent", **{**kwargs, "guidance_scale_2": 4.0})[0]
+    assert (other - latents).abs().max() > 1e-3
+    frames = generate(ours, 5, **kwargs)[0]
+    assert frames.std() > 5 and mean_level_difference(frames, run_diffusers(theirs, 5, **kwargs)[0]) <= 1.0
+
+
+def test_guidance_scale_2_needs_a_second_expert(ours):
+    with pytest.raises(ConfigError) as info:
+        ours.resolve(SamplingParams(prompt="x", guidance_scale_2=3.0))
+    assert info.value.field == "guidance_scale_2" and "one transformer" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        SamplingParams(prompt="x", guidance_scale_2=float("nan")).validate()
+    assert info.value.field == "guidance_scale_2"

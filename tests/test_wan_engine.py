@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ditserve import Engine
+from ditserve.parallel.sequence import SequenceParallelAttention
 
 REQUEST = dict(
     prompt="a lighthouse on a cliff",
@@ -45,6 +46,20 @@ def test_parallel_mode_matches_one_process(tiny_wan, single_process, mode):
         got = engine.generate(**REQUEST).videos[0]
     assert got.shape == single_process.shape == (9, 48, 16, 3)
     assert np.abs(got - single_process).max() < 1e-3
+
+
+def test_two_experts_both_sequence_parallel(tiny_wan_experts):
+    """Wan2.2 A14B's layout under Ulysses-2: the engine shards both experts (the second runs the last steps)."""
+    request = {**REQUEST, "num_inference_steps": 4, "guidance_scale_2": 1.5}
+    alone = Engine.from_pretrained(str(tiny_wan_experts))
+    assert set(alone.pipeline.transformers()) == set(alone.lora.targets) == {"transformer", "transformer_2"}
+    expected = alone.generate(**request).videos[0]
+    with Engine.from_pretrained(str(tiny_wan_experts), device="cpu", num_gpus=2, ulysses_degree=2) as engine:
+        for model in engine.pipeline.transformers().values():  # rank 0's experts: both wrapped
+            assert "forward" in vars(model)
+            assert any(isinstance(m, SequenceParallelAttention) for m in model.modules())
+        got = engine.generate(**request).videos[0]
+    assert np.abs(got - expected).max() < 1e-3
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------

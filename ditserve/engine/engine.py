@@ -75,7 +75,7 @@ class Engine:
         if self.parallel.world_size > 1:
             # Refuse a split the model cannot take before any process is started.
             try:
-                for dit in self.source.spec.dits:
+                for dit in self.source.dits:
                     model_cls = load_object(dit.model)
                     self.parallel.check_model(model_cls.attention_heads(self.source.config(dit.component)))
                 if placement is None and torchrun_placement() is None:  # this process starts the other ranks
@@ -290,9 +290,11 @@ class Engine:
         num_frames: int | None = None,
         fps: int | None = None,
         images: list | None = None,
+        guidance_scale_2: float | None = None,
     ) -> GenerationResult:
         """One request. `num_frames` and `fps` are for video families, `images` (PIL images, arrays or paths) for
-        families that take input images; the others refuse them (ConfigError naming the field)."""
+        families that take input images, `guidance_scale_2` for models with a second expert (its CFG scale; None:
+        guidance_scale); the others refuse them (ConfigError naming the field)."""
         params = SamplingParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -308,6 +310,7 @@ class Engine:
             num_frames=num_frames,
             fps=fps,
             images=images,
+            guidance_scale_2=guidance_scale_2,
         )
         return self.run(params, on_step)
 

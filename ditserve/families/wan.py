@@ -1,4 +1,5 @@
-"""Wan (2.1): diffusers' WanPipeline, our WanTransformer.
+"""Wan (2.1, and 2.2's two-expert A14B): diffusers' WanPipeline, our WanTransformer (one, or two switched at the
+folder's boundary_ratio).
 
 The presets' configs are those of the published Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan2.1-T2V-14B-Diffusers
 folders: the transformer, the UMT5-XXL encoder (google/umt5-xxl, as the folders' text_encoder/config.json has it),
@@ -105,31 +106,41 @@ _WAN_UNIPC = {
 }
 
 
-def _wan21_t2v_preset(name: str, transformer: dict) -> Preset:
+def _t2v_preset(name: str, transformer: dict, boundary_ratio: float | None = None) -> Preset:
+    configs = {
+        "transformer": copy.deepcopy(transformer),
+        "vae": copy.deepcopy(_WAN21_VAE),
+        "text_encoder": copy.deepcopy(_UMT5_XXL),
+        "scheduler": copy.deepcopy(_WAN_UNIPC),
+    }
+    if boundary_ratio is not None:  # two experts of the same architecture
+        configs["transformer_2"] = copy.deepcopy(transformer)
     return Preset(
         name=name,
         pipeline_class="WanPipeline",
-        configs={
-            "transformer": copy.deepcopy(transformer),
-            "vae": copy.deepcopy(_WAN21_VAE),
-            "text_encoder": copy.deepcopy(_UMT5_XXL),
-            "scheduler": copy.deepcopy(_WAN_UNIPC),
-        },
+        configs=configs,
+        pipeline_config={"boundary_ratio": boundary_ratio, "expand_timesteps": False},
     )
 
 
 SPEC = ModelSpec(
     family="wan",
     pipeline_classes=("WanPipeline",),
-    # Weight-bearing components in the order dummy weights are seeded (transformer seed, vae +1, text encoder +2).
+    # Weight-bearing components in the order dummy weights are seeded (transformer seed, transformer_2 (if any) +1,
+    # then the VAE and the text encoder).
     components={
         "transformer": ("diffusers", "WanTransformer3DModel"),
+        "transformer_2": ("diffusers", "WanTransformer3DModel"),  # Wan2.2 A14B's low-noise expert
         "vae": ("diffusers", "AutoencoderKLWan"),
         "text_encoder": ("transformers", "UMT5EncoderModel"),
         "tokenizer": ("transformers", "T5TokenizerFast"),
         "scheduler": ("diffusers", "UniPCMultistepScheduler"),
     },
-    dits=(DiTSpec("transformer", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),),
+    dits=(
+        DiTSpec("transformer", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),
+        DiTSpec("transformer_2", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),
+    ),
+    optional_components=("transformer_2",),
     pipeline="ditserve.pipelines.wan:WanPipeline",
     code_tokenizers={"tokenizer": "ditserve.loader.tokenizers:t5_tokenizer"},
     lora_architecture="wan",
@@ -147,8 +158,12 @@ SPEC = ModelSpec(
     },
     max_sequence_length=512,
     presets=(
-        _wan21_t2v_preset("wan2.1-t2v-1.3b", _WAN21_T2V_1_3B),
-        _wan21_t2v_preset("wan2.1-t2v-14b", _WAN21_T2V_14B),
+        _t2v_preset("wan2.1-t2v-1.3b", _WAN21_T2V_1_3B),
+        _t2v_preset("wan2.1-t2v-14b", _WAN21_T2V_14B),
+        # Wan2.2 T2V-A14B: two experts of Wan2.1 14B's architecture, the second from t < 875 (diffusers' conversion
+        # of Wan-AI/Wan2.2-T2V-A14B), the same VAE, encoder and scheduler (shift 3).
+        _t2v_preset("wan2.2-t2v-a14b", _WAN21_T2V_14B, boundary_ratio=0.875),
     ),
     make_tiny="ditserve.tiny.wan:make_tiny_wan_folder",
+    make_tiny_options={"two_experts": "Wan2.2 A14B-style: a second transformer switched at boundary_ratio 0.875"},
 )

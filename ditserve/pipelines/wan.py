@@ -1,5 +1,9 @@
 """Wan text-to-video: UMT5 states → patch tokens → UniPC (flow) multistep → Wan VAE decode.
 
+Wan2.1 runs one transformer; Wan2.2 A14B two experts of the same architecture: `transformer` while the timestep is at
+or above boundary_ratio · num_train_timesteps (model_index.json's boundary_ratio), `transformer_2` after, each with
+its CFG scale (guidance_scale, then guidance_scale_2, which defaults to guidance_scale), as diffusers switches them.
+
 Every stage reproduces diffusers' WanPipeline (0.42.1) step for step, so that the same folder and seed give the same
 frames: the same prompt cleaning (ftfy's fix_text when ftfy is installed, as diffusers checks; then HTML unescaping
 twice and whitespace collapsing), UMT5's last hidden states with the padding zeroed and the text padded to
@@ -56,6 +60,7 @@ class WanComponents:
     text_encoder: nn.Module  # transformers' UMT5EncoderModel
     tokenizer: object  # T5TokenizerFast (google/umt5-xxl's)
     scheduler: object  # UniPCMultistepScheduler with flow sigmas
+    transformer_2: WanTransformer | None = None  # Wan2.2 A14B's low-noise expert
 
 
 # ---- prompt cleaning, as diffusers' pipeline_wan does it ---------------------------------------------------------
@@ -111,6 +116,12 @@ class WanPipeline(Pipeline):
         self.patch = tuple(components.transformer.config.patch_size)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
 
+    @property
+    def boundary_ratio(self) -> float | None:
+        """Where the second expert takes over, as a fraction of the training timesteps (None: one transformer)."""
+        ratio = self.pipeline_config.get("boundary_ratio")
+        return None if ratio is None or self.c.transformer_2 is None else float(ratio)
+
     # ---- defaults and validation: diffusers' WanPipeline.__call__'s (the spec's), unless the folder names its own
     @property
     def default_side(self) -> int:
@@ -136,6 +147,8 @@ class WanPipeline(Pipeline):
             )
         if params.extra:
             raise ConfigError("extra", f"unknown settings {sorted(params.extra)}; Wan takes none")
+        if params.guidance_scale_2 is not None and self.c.transformer_2 is not None and self.boundary_ratio is None:
+            raise ConfigError("guidance_scale_2", "this folder's model_index.json sets no boundary_ratio")
         resolved = super().resolve(params)
         frames, step = resolved.num_frames, self.vae_scale_temporal
         below = (frames - 1) // step * step + 1  # type: ignore[operator]
@@ -242,10 +255,20 @@ class WanPipeline(Pipeline):
         scheduler = self.make_scheduler(params.num_inference_steps)  # type: ignore[arg-type]
         timesteps = scheduler.timesteps
         guidance: float = params.guidance_scale  # type: ignore[assignment]
+        guidance_2 = guidance if params.guidance_scale_2 is None else params.guidance_scale_2
+        ratio = self.boundary_ratio
+        boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
         for i, t in enumerate(timesteps):
             timer.step_begin()
             timestep = t.expand(latents.shape[0])
-            noise_pred = self.predict(self.c.transformer, latents, timestep, cond, uncond, guidance)
+            # Both experts stay on the device. An offload hook would go here: before the first step past the
+            # boundary, transformer_2 in and transformer out (and the first expert's weights prefetched back for the
+            # next request's first step).
+            if boundary is None or t >= boundary:
+                model, scale = self.c.transformer, guidance
+            else:
+                model, scale = self.c.transformer_2, guidance_2
+            noise_pred = self.predict(model, latents, timestep, cond, uncond, scale)  # type: ignore[arg-type]
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             timer.step_end()
             if on_step is not None:
@@ -354,15 +377,18 @@ class WanPipeline(Pipeline):
         return shared
 
     def diffusers_pipeline(self):
-        """diffusers' WanPipeline on our components, its transformer holding our DiT's tensors (no copy)."""
+        """diffusers' WanPipeline on our components, its transformers holding our DiTs' tensors (no copy)."""
         from diffusers import WanPipeline as DiffusersWanPipeline
 
+        second = self.c.transformer_2
         pipe = DiffusersWanPipeline(
             tokenizer=self.c.tokenizer,
             text_encoder=self.c.text_encoder,
             vae=self.c.vae,
             scheduler=copy.deepcopy(self.c.scheduler),
             transformer=self.diffusers_transformer(self.c.transformer),
+            transformer_2=self.diffusers_transformer(second) if second is not None else None,
+            boundary_ratio=self.boundary_ratio,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe

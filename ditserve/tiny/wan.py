@@ -31,6 +31,8 @@ class TinyWanSpec:
     text_layers: int = 2
     weight_std: float = 0.05  # transformer weights; larger than a trained model's so outputs are far from zero
     flow_shift: float = 3.0
+    two_experts: bool = False  # Wan2.2 A14B-style: a second transformer for the steps after the boundary
+    boundary_ratio: float = 0.875
     seed: int = 0
 
 
@@ -66,8 +68,8 @@ def tiny_transformer(spec: TinyWanSpec, seed: int):
 
 
 def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> Path:
-    """Write a tiny Wan2.1 text-to-video folder (model_index.json and every component) that diffusers' WanPipeline
-    loads."""
+    """Write a tiny Wan text-to-video folder (model_index.json and every component) that diffusers' WanPipeline
+    loads: Wan2.1's layout, or with `spec.two_experts` Wan2.2 A14B's (transformer_2 and boundary_ratio)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -115,11 +117,13 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         vae=vae,
         scheduler=scheduler,
         transformer=tiny_transformer(spec, spec.seed + 1),
+        transformer_2=tiny_transformer(spec, spec.seed + 2) if spec.two_experts else None,
+        boundary_ratio=spec.boundary_ratio if spec.two_experts else None,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def make_tiny_wan_folder(path: str | os.PathLike) -> Path:
-    """`ditserve make-tiny wan`: a tiny Wan2.1 text-to-video model with random weights."""
-    return make_tiny_wan(path)
+def make_tiny_wan_folder(path: str | os.PathLike, two_experts: bool = False) -> Path:
+    """`ditserve make-tiny wan [--two-experts]`: a tiny Wan text-to-video model with random weights."""
+    return make_tiny_wan(path, TinyWanSpec(two_experts=two_experts))
