@@ -80,3 +80,11 @@ def tiny_wan_experts(tmp_path_factory):
     from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-experts"), TinyWanSpec(two_experts=True, seed=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_ti2v(tmp_path_factory):
+    """Wan2.2 TI2V-5B's layout: its VAE (16× spatial, 2×2 pixel patches) and expand_timesteps."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-ti2v"), TinyWanSpec(ti2v=True, flow_shift=5.0, seed=4))

@@ -154,6 +154,21 @@ def test_dit_matches_diffusers_other_shape():
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_dit_per_token_timesteps_match_diffusers(ours, theirs):
+    """Wan2.2 TI2V's per-token timesteps ([B, N]: here the first frame's tokens clean, as with an input image)."""
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 4, 3, 4, 6, generator=g)  # 3 × 2 × 3 = 18 tokens, 6 a frame
+    text = ours.encode_prompt(["a red fox", "tree"], 512)
+    per_token = torch.tensor([[0.0] * 6 + [700.0] * 12, [0.0] * 6 + [300.0] * 12])
+    uniform_inputs = dit_inputs(latents, text, torch.tensor([700.0, 300.0]))
+    with torch.no_grad():
+        got = unpatchify(ours.c.transformer(**uniform_inputs, token_timestep=per_token), (3, 2, 3), (1, 2, 2))
+        expected = theirs.transformer(latents, per_token, text, return_dict=False)[0]
+        uniform = unpatchify(ours.c.transformer(**uniform_inputs), (3, 2, 3), (1, 2, 2))
+    assert expected.abs().max() > 1.0 and (got - expected).abs().max().item() <= 1e-5
+    assert (got - uniform)[:, :, 0].abs().max() > 1e-2  # the clean first frame is modulated as such
+
+
 def test_sharding_declaration_names_forward_inputs():
     names = set(inspect.signature(WanTransformer.forward).parameters) - {"self"}
     assert set(WanTransformer.sequence_sharding.inputs) <= names
@@ -271,7 +286,12 @@ def test_engine_serves_the_folder(tiny_wan, theirs):
 
 @pytest.mark.parametrize(
     ("preset", "billions", "experts"),
-    [("wan2.1-t2v-1.3b", (1.3, 1.5), 1), ("wan2.1-t2v-14b", (14, 14.5), 1), ("wan2.2-t2v-a14b", (14, 14.5), 2)],
+    [
+        ("wan2.1-t2v-1.3b", (1.3, 1.5), 1),
+        ("wan2.1-t2v-14b", (14, 14.5), 1),
+        ("wan2.2-t2v-a14b", (14, 14.5), 2),
+        ("wan2.2-ti2v-5b", (4.9, 5.1), 1),
+    ],
 )
 def test_preset_builds_diffusers_architecture(preset, billions, experts):
     """The presets at full size, on the meta device: our DiT holds exactly diffusers' tensors; Wan2.2 A14B has
@@ -293,6 +313,8 @@ def test_preset_builds_diffusers_architecture(preset, billions, experts):
     assert {name: t.shape for name, t in to_diffusers_state_dict(model).items()} == expected
     assert billions[0] * 1e9 < sum(p.numel() for p in model.parameters()) < billions[1] * 1e9
     assert model.config.rope_axes == (44, 42, 42)
+    if preset == "wan2.2-ti2v-5b":
+        assert source.pipeline_config()["expand_timesteps"] and p.configs["vae"]["z_dim"] == 48
 
 
 # ---- Wan2.2 A14B: two experts switched at the folder's boundary_ratio ----------------------------------------------
@@ -334,3 +356,22 @@ def test_guidance_scale_2_needs_a_second_expert(ours):
     with pytest.raises(ConfigError) as info:
         SamplingParams(prompt="x", guidance_scale_2=float("nan")).validate()
     assert info.value.field == "guidance_scale_2"
+
+
+# ---- Wan2.2 TI2V-5B: text to video -------------------------------------------------------------------------------
+def test_ti2v_text_to_video_matches_diffusers(tiny_wan_ti2v):
+    """Its 48-channel-style VAE (residual, 2×2 pixel patches, 16× spatial) and expand_timesteps, without an image."""
+    ours = WanPipeline.load(resolve_model(str(tiny_wan_ti2v)), torch.device("cpu"), torch.float32, "auto")
+    theirs = DiffusersWanPipeline.from_pretrained(tiny_wan_ti2v)
+    theirs.set_progress_bar_config(disable=True)
+    assert ours.pipeline_config["expand_timesteps"] and ours.spatial_multiple == 32
+    kwargs = dict(prompt="a red fox", negative_prompt="fog", height=64, width=32, num_frames=5, num_inference_steps=3)
+    latents = generate(ours, 2, output_type="latent", **kwargs)[0]
+    expected = run_diffusers(theirs, 2, output_type="latent", **kwargs)[0]
+    assert latents.shape == expected.shape == (4, 2, 4, 2) and (latents - expected).abs().max().item() < 1e-4
+    frames = generate(ours, 2, **kwargs)[0]
+    assert frames.shape == (5, 64, 32, 3) and frames.std() > 5
+    assert mean_level_difference(frames, run_diffusers(theirs, 2, **kwargs)[0]) <= 1.0
+    with pytest.raises(ConfigError) as info:
+        ours.resolve(SamplingParams(prompt="x", height=48, width=32))
+    assert info.value.field == "height"

@@ -1,5 +1,5 @@
-"""Wan (2.1, and 2.2's two-expert A14B): diffusers' WanPipeline, our WanTransformer (one, or two switched at the
-folder's boundary_ratio).
+"""Wan (2.1; 2.2's two-expert A14B and TI2V-5B): diffusers' WanPipeline, our WanTransformer (one, or two switched at
+the folder's boundary_ratio).
 
 The presets' configs are those of the published Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan2.1-T2V-14B-Diffusers
 folders: the transformer, the UMT5-XXL encoder (google/umt5-xxl, as the folders' text_encoder/config.json has it),
@@ -106,12 +106,62 @@ _WAN_UNIPC = {
 }
 
 
-def _t2v_preset(name: str, transformer: dict, boundary_ratio: float | None = None) -> Preset:
+# Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers): its own DiT width and 48-channel VAE (residual blocks, 2×2 pixel
+# patches in 12 channels: 16× spatial compression), per-token timesteps (expand_timesteps), a shift of 5.
+_WAN22_TI2V_5B = {
+    **_WAN21_TRANSFORMER,
+    "ffn_dim": 14336,
+    "in_channels": 48,
+    "num_attention_heads": 24,
+    "num_layers": 30,
+    "out_channels": 48,
+    "pos_embed_seq_len": None,
+}
+_WAN22_VAE = {
+    "_class_name": "AutoencoderKLWan",
+    "attn_scales": [],
+    "base_dim": 160,
+    "clip_output": False,
+    "decoder_base_dim": 256,
+    "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0,
+    "in_channels": 12,
+    "is_residual": True,
+    "latents_mean": [
+        -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+        0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+        -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313, -0.1649, 0.0117, 0.0723,
+        -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+    ],
+    "latents_std": [
+        0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+        0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+        0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+        0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+    ],
+    "num_res_blocks": 2,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+    "temperal_downsample": [False, True, True],
+    "z_dim": 48,
+}  # fmt: skip
+
+
+def _t2v_preset(
+    name: str,
+    transformer: dict,
+    boundary_ratio: float | None = None,
+    vae: dict = _WAN21_VAE,
+    flow_shift: float = 3.0,
+    expand_timesteps: bool = False,
+) -> Preset:
     configs = {
         "transformer": copy.deepcopy(transformer),
-        "vae": copy.deepcopy(_WAN21_VAE),
+        "vae": copy.deepcopy(vae),
         "text_encoder": copy.deepcopy(_UMT5_XXL),
-        "scheduler": copy.deepcopy(_WAN_UNIPC),
+        "scheduler": {**copy.deepcopy(_WAN_UNIPC), "flow_shift": flow_shift},
     }
     if boundary_ratio is not None:  # two experts of the same architecture
         configs["transformer_2"] = copy.deepcopy(transformer)
@@ -119,7 +169,7 @@ def _t2v_preset(name: str, transformer: dict, boundary_ratio: float | None = Non
         name=name,
         pipeline_class="WanPipeline",
         configs=configs,
-        pipeline_config={"boundary_ratio": boundary_ratio, "expand_timesteps": False},
+        pipeline_config={"boundary_ratio": boundary_ratio, "expand_timesteps": expand_timesteps},
     )
 
 
@@ -163,7 +213,11 @@ SPEC = ModelSpec(
         # Wan2.2 T2V-A14B: two experts of Wan2.1 14B's architecture, the second from t < 875 (diffusers' conversion
         # of Wan-AI/Wan2.2-T2V-A14B), the same VAE, encoder and scheduler (shift 3).
         _t2v_preset("wan2.2-t2v-a14b", _WAN21_T2V_14B, boundary_ratio=0.875),
+        _t2v_preset("wan2.2-ti2v-5b", _WAN22_TI2V_5B, vae=_WAN22_VAE, flow_shift=5.0, expand_timesteps=True),
     ),
     make_tiny="ditserve.tiny.wan:make_tiny_wan_folder",
-    make_tiny_options={"two_experts": "Wan2.2 A14B-style: a second transformer switched at boundary_ratio 0.875"},
+    make_tiny_options={
+        "two_experts": "Wan2.2 A14B-style: a second transformer switched at boundary_ratio 0.875",
+        "ti2v": "Wan2.2 TI2V-5B-style: its VAE (16x spatial, 2x2 pixel patches) and per-token timesteps",
+    },
 )

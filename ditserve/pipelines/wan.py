@@ -3,6 +3,9 @@
 Wan2.1 runs one transformer; Wan2.2 A14B two experts of the same architecture: `transformer` while the timestep is at
 or above boundary_ratio · num_train_timesteps (model_index.json's boundary_ratio), `transformer_2` after, each with
 its CFG scale (guidance_scale, then guidance_scale_2, which defaults to guidance_scale), as diffusers switches them.
+Wan2.2 TI2V-5B (model_index.json's expand_timesteps) has diffusers hand the DiT one timestep per token; for text to
+video they are all the step's t, so the DiT gets the one t per sample (the same arithmetic, without a [B, N, 6, dim]
+modulation per token).
 
 Every stage reproduces diffusers' WanPipeline (0.42.1) step for step, so that the same folder and seed give the same
 frames: the same prompt cleaning (ftfy's fix_text when ftfy is installed, as diffusers checks; then HTML unescaping

@@ -3,7 +3,7 @@
 Used by the tests (ditserve and diffusers' WanPipeline load the same folder) and by `ditserve make-tiny wan`. The
 tokenizer is the code-built T5 one of `ditserve.loader.tokenizers` (UMT5's structure: `<pad>` 0, `</s>` 1, `<unk>`
 2); the text encoder a tiny `UMT5EncoderModel`, the VAE a tiny `AutoencoderKLWan` with Wan's 4× temporal and 8×
-spatial compression, the scheduler Wan's UniPC with flow sigmas.
+spatial compression (Wan2.2 TI2V's: 16×), the scheduler Wan's UniPC with flow sigmas.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class TinyWanSpec:
     flow_shift: float = 3.0
     two_experts: bool = False  # Wan2.2 A14B-style: a second transformer for the steps after the boundary
     boundary_ratio: float = 0.875
+    # Wan2.2 TI2V-5B-style: its VAE (residual blocks, 2×2 pixel patches in 12 channels, 16× spatial compression)
+    # and expand_timesteps (per-token timesteps, the first frame's clean when an image is given)
+    ti2v: bool = False
     seed: int = 0
 
 
@@ -98,6 +101,11 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         )
     )
     z = spec.latent_channels
+    wan22_vae = (
+        dict(decoder_base_dim=2 * spec.vae_base_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2)
+        if spec.ti2v
+        else {}
+    )
     vae = AutoencoderKLWan(
         base_dim=spec.vae_base_dim,
         z_dim=z,
@@ -107,6 +115,8 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         temperal_downsample=[False, True, True],
         latents_mean=_LATENTS_MEAN[:z],
         latents_std=_LATENTS_STD[:z],
+        scale_factor_spatial=16 if spec.ti2v else 8,
+        **wan22_vae,
     )
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.flow_shift, num_train_timesteps=1000
@@ -119,11 +129,14 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         transformer=tiny_transformer(spec, spec.seed + 1),
         transformer_2=tiny_transformer(spec, spec.seed + 2) if spec.two_experts else None,
         boundary_ratio=spec.boundary_ratio if spec.two_experts else None,
+        expand_timesteps=spec.ti2v,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def make_tiny_wan_folder(path: str | os.PathLike, two_experts: bool = False) -> Path:
-    """`ditserve make-tiny wan [--two-experts]`: a tiny Wan text-to-video model with random weights."""
-    return make_tiny_wan(path, TinyWanSpec(two_experts=two_experts))
+def make_tiny_wan_folder(path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False) -> Path:
+    """`ditserve make-tiny wan [--two-experts | --ti2v]`: a tiny Wan model with random weights."""
+    if two_experts and ti2v:
+        raise ValueError("--two-experts and --ti2v are two different Wan2.2 models; choose one")
+    return make_tiny_wan(path, TinyWanSpec(two_experts=two_experts, ti2v=ti2v, flow_shift=5.0 if ti2v else 3.0))
