@@ -4,7 +4,10 @@ our pipeline and diffusers' are made once per session."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch
 from diffusers import WanPipeline as DiffusersWanPipeline
 from diffusers import WanTransformer3DModel
 from diffusers.pipelines.wan import pipeline_wan
+from PIL import Image
 
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.layers import norm as norm_mod
@@ -20,7 +24,7 @@ from ditserve.loader.folder import resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.wan import WanConfig, WanTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.parallel.state import TensorParallelGroup
-from ditserve.pipelines.wan import WanPipeline, patchify, prompt_clean, unpatchify
+from ditserve.pipelines.wan import WanPipeline, image_from_data_uri, patchify, prompt_clean, unpatchify
 
 
 @pytest.fixture(scope="session")
@@ -291,6 +295,8 @@ def test_engine_serves_the_folder(tiny_wan, theirs):
         ("wan2.1-t2v-14b", (14, 14.5), 1),
         ("wan2.2-t2v-a14b", (14, 14.5), 2),
         ("wan2.2-ti2v-5b", (4.9, 5.1), 1),
+        ("wan2.1-i2v-14b", (16.3, 16.5), 1),
+        ("wan2.2-i2v-a14b", (14, 14.5), 2),
     ],
 )
 def test_preset_builds_diffusers_architecture(preset, billions, experts):
@@ -302,7 +308,9 @@ def test_preset_builds_diffusers_architecture(preset, billions, experts):
 
     source = resolve_model(preset, "dummy")
     assert [d.component for d in source.dits] == ["transformer", "transformer_2"][:experts]
-    assert source.pipeline_config()["boundary_ratio"] == (0.875 if experts == 2 else None)
+    assert source.has("image_encoder") == source.has("image_processor") == (preset == "wan2.1-i2v-14b")
+    boundary = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}.get(preset)
+    assert source.pipeline_config()["boundary_ratio"] == boundary
     spec, p = get_preset(preset)
     assert spec.family == "wan" and UMT5Config.from_dict(p.configs["text_encoder"]).d_model == 4096
     config = p.configs["transformer"]
@@ -375,3 +383,78 @@ def test_ti2v_text_to_video_matches_diffusers(tiny_wan_ti2v):
     with pytest.raises(ConfigError) as info:
         ours.resolve(SamplingParams(prompt="x", height=48, width=32))
     assert info.value.field == "height"
+
+
+# ---- image to video: Wan2.1 I2V (CLIP), Wan2.2 I2V-A14B (two experts), Wan2.2 TI2V with an image -------------------
+@pytest.fixture
+def diffusers_i2v_without_ftfy(monkeypatch):
+    """diffusers' WanImageToVideoPipeline (0.42.1) calls ftfy.fix_text whether or not ftfy is installed (its
+    pipeline_wan sibling checks first); without ftfy it cannot clean a prompt at all. Both sides then skip ftfy, as
+    ours and diffusers' WanPipeline do without it."""
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    if not pipeline_wan_i2v.is_ftfy_available():
+        monkeypatch.setattr(pipeline_wan_i2v, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False)
+
+
+def test_image_processor_pil_backend_gives_clip_pixels():
+    """Without torchvision, transformers serves CLIPImageProcessor through its PIL backend (diffusers and we load
+    the same object from the folder): CLIP's classic preprocessing exactly (shorter side to 224 by PIL's bicubic,
+    centre crop, CLIP's mean and std)."""
+    from ditserve.loader.tokenizers import clip_image_processor
+
+    processor = clip_image_processor()
+    image = Image.fromarray((np.random.default_rng(1).random((300, 500, 3)) * 255).astype(np.uint8))
+    got = processor(images=image, return_tensors="pt").pixel_values[0].numpy()
+    resized = image.resize((373, 224), Image.BICUBIC)  # 500 × 224 / 300 = 373.3
+    crop = np.asarray(resized.crop((74, 0, 298, 224))).astype(np.float32) / 255
+    mean, std = np.array(processor.image_mean, np.float32), np.array(processor.image_std, np.float32)
+    assert np.array_equal(got, ((crop - mean) / std).transpose(2, 0, 1))
+
+
+I2V_CASES = {
+    "wan2.1_i2v_clip": ("tiny_wan_i2v", "concat", dict(height=32, width=48)),
+    "wan2.2_i2v_a14b_experts": ("tiny_wan_i2v_experts", "concat", dict(height=32, width=48)),
+    "wan2.2_ti2v_image": ("tiny_wan_ti2v", "first_frame", dict(height=64, width=32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(I2V_CASES))
+def test_image_to_video_matches_diffusers(case, request, diffusers_i2v_without_ftfy):
+    from diffusers import WanImageToVideoPipeline
+
+    fixture, mode, size = I2V_CASES[case]
+    folder = request.getfixturevalue(fixture)
+    ours = WanPipeline.load(resolve_model(str(folder)), torch.device("cpu"), torch.float32, "auto")
+    theirs = WanImageToVideoPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    assert ours.image_mode == mode
+    image = Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8))
+    kwargs = dict(prompt="a red fox", negative_prompt="fog", num_frames=5, num_inference_steps=4, **size)
+    got = generate(ours, 2, output_type="latent", images=[image], **kwargs)[0]
+    out = theirs(image=image, generator=torch.Generator("cpu").manual_seed(2), output_type="latent", **kwargs)
+    expected = out.frames[0]
+    assert expected.abs().max() > 1.0 and (got - expected).abs().max().item() < 1e-4
+    if case == "wan2.1_i2v_clip":  # the frames too, and the image changes them
+        frames = generate(ours, 2, images=[image], **kwargs)[0]
+        their_frames = theirs(image=image, generator=torch.Generator("cpu").manual_seed(2), **kwargs).frames[0]
+        assert frames.std() > 5 and mean_level_difference(frames, (their_frames * 255).astype(np.uint8)) <= 1.0
+        other = generate(ours, 2, output_type="latent", images=[np.asarray(image)[::-1].copy()], **kwargs)[0]
+        assert (other - got).abs().max() > 1e-2
+
+
+def test_image_inputs_are_checked_and_travel_as_plain_data(ours, tiny_wan_i2v, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        ours.resolve(SamplingParams(prompt="x", images=[np.zeros((32, 32, 3), np.uint8)]))
+    assert info.value.field == "images" and "text only" in str(info.value)
+    i2v = WanPipeline.load(resolve_model(str(tiny_wan_i2v)), torch.device("cpu"), torch.float32, "auto")
+    for images in (None, [np.zeros((32, 32, 3), np.uint8)] * 2, [np.zeros((32, 32), np.uint8)], [tmp_path / "no"]):
+        with pytest.raises(ConfigError) as info:
+            i2v.resolve(SamplingParams(prompt="x", images=images))
+        assert info.value.field == "images"
+    array = (np.random.default_rng(3).random((20, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(array).save(tmp_path / "in.png")
+    resolved = [i2v.resolve(SamplingParams(prompt="x", images=[im])) for im in (array, str(tmp_path / "in.png"))]
+    assert resolved[0].images == resolved[1].images and resolved[0].images[0].startswith("data:image/png;base64,")
+    json.dumps(dataclasses.asdict(resolved[0]))  # what crosses to the other ranks
+    assert np.array_equal(np.asarray(image_from_data_uri(resolved[0].images[0])), array)

@@ -48,20 +48,6 @@ def test_parallel_mode_matches_one_process(tiny_wan, single_process, mode):
     assert np.abs(got - single_process).max() < 1e-3
 
 
-def test_two_experts_both_sequence_parallel(tiny_wan_experts):
-    """Wan2.2 A14B's layout under Ulysses-2: the engine shards both experts (the second runs the last steps)."""
-    request = {**REQUEST, "num_inference_steps": 4, "guidance_scale_2": 1.5}
-    alone = Engine.from_pretrained(str(tiny_wan_experts))
-    assert set(alone.pipeline.transformers()) == set(alone.lora.targets) == {"transformer", "transformer_2"}
-    expected = alone.generate(**request).videos[0]
-    with Engine.from_pretrained(str(tiny_wan_experts), device="cpu", num_gpus=2, ulysses_degree=2) as engine:
-        for model in engine.pipeline.transformers().values():  # rank 0's experts: both wrapped
-            assert "forward" in vars(model)
-            assert any(isinstance(m, SequenceParallelAttention) for m in model.modules())
-        got = engine.generate(**request).videos[0]
-    assert np.abs(got - expected).max() < 1e-3
-
-
 # ---- LoRA ------------------------------------------------------------------------------------------------------
 def _pair(g: torch.Generator, out_features: int, in_features: int, rank: int = 4):
     return torch.randn(rank, in_features, generator=g) * 0.2, torch.randn(out_features, rank, generator=g) * 0.2
@@ -126,3 +112,32 @@ def test_lora_matches_diffusers(tiny_wan, tmp_path, writer):
     engine.unmerge_lora_weights()
     engine.set_lora([], [])
     assert np.array_equal(engine.generate(**request).videos[0], base)
+
+
+# ---- Wan2.2's experts and input images across ranks ----------------------------------------------------------------
+IMAGE = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+
+
+def test_two_experts_and_an_image_under_ulysses(tiny_wan_i2v_experts):
+    """Wan2.2 I2V-A14B's layout under Ulysses-2: the engine shards both experts (the second runs the last steps,
+    with guidance_scale_2), and the input image reaches the other rank (a PNG data URI in the broadcast request)."""
+    job = {**REQUEST, "num_inference_steps": 4, "guidance_scale_2": 1.5, "images": [IMAGE]}
+    alone = Engine.from_pretrained(str(tiny_wan_i2v_experts))
+    assert set(alone.pipeline.transformers()) == set(alone.lora.targets) == {"transformer", "transformer_2"}
+    expected = alone.generate(**job).videos[0]
+    with Engine.from_pretrained(str(tiny_wan_i2v_experts), device="cpu", num_gpus=2, ulysses_degree=2) as engine:
+        for model in engine.pipeline.transformers().values():  # rank 0's experts: both wrapped
+            assert "forward" in vars(model)
+            assert any(isinstance(m, SequenceParallelAttention) for m in model.modules())
+        got = engine.generate(**job).videos[0]
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_ti2v_image_under_ring(tiny_wan_ti2v):
+    """Wan2.2 TI2V with an image under Ring-2: its per-token timesteps (0 on the image's frame) are sharded with the
+    video tokens (9 frames at 64 × 32: 3 latent frames of 2 tokens, split 3 + 3)."""
+    job = {**REQUEST, "height": 64, "width": 32, "images": [IMAGE]}
+    expected = Engine.from_pretrained(str(tiny_wan_ti2v)).generate(**job).videos[0]
+    with Engine.from_pretrained(str(tiny_wan_ti2v), device="cpu", num_gpus=2, ring_degree=2) as engine:
+        got = engine.generate(**job).videos[0]
+    assert got.shape == expected.shape == (9, 64, 32, 3) and np.abs(got - expected).max() < 1e-3

@@ -149,6 +149,53 @@ _WAN22_VAE = {
 }  # fmt: skip
 
 
+# Image to video (WanImageToVideoPipeline): Wan2.1 I2V-14B (480P and 720P share the architecture) reads the image's
+# latents and mask beside the noise (36 channels) and CLIP ViT-H/14's penultimate states through image k/v in every
+# cross-attention; Wan2.2 I2V-A14B takes the 36 channels without CLIP, in two experts from t < 900.
+_WAN21_I2V_14B = {**_WAN21_T2V_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
+_WAN22_I2V_A14B = {**_WAN21_T2V_14B, "in_channels": 36}
+_CLIP_VIT_H_14 = {
+    "architectures": ["CLIPVisionModel"],
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "image_size": 224,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 32,
+    "patch_size": 14,
+    "projection_dim": 1024,
+}
+_CLIP_IMAGE_PROCESSOR = {  # its preprocessor_config.json: OpenAI CLIP's (built in code for the preset)
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 224},
+}
+
+
+def _i2v_preset(name: str, transformer: dict, clip: bool, boundary_ratio: float | None = None) -> Preset:
+    preset = _t2v_preset(name, transformer, boundary_ratio=boundary_ratio)
+    preset.pipeline_class = "WanImageToVideoPipeline"
+    if clip:
+        preset.configs["image_encoder"] = copy.deepcopy(_CLIP_VIT_H_14)
+        preset.configs["image_processor"] = copy.deepcopy(_CLIP_IMAGE_PROCESSOR)
+    return preset
+
+
 def _t2v_preset(
     name: str,
     transformer: dict,
@@ -175,7 +222,7 @@ def _t2v_preset(
 
 SPEC = ModelSpec(
     family="wan",
-    pipeline_classes=("WanPipeline",),
+    pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
     # Weight-bearing components in the order dummy weights are seeded (transformer seed, transformer_2 (if any) +1,
     # then the VAE and the text encoder).
     components={
@@ -185,17 +232,25 @@ SPEC = ModelSpec(
         "text_encoder": ("transformers", "UMT5EncoderModel"),
         "tokenizer": ("transformers", "T5TokenizerFast"),
         "scheduler": ("diffusers", "UniPCMultistepScheduler"),
+        "image_encoder": ("transformers", "CLIPVisionModel"),  # Wan2.1 I2V
+        "image_processor": ("transformers", "CLIPImageProcessor"),  # Wan2.1 I2V
     },
     dits=(
         DiTSpec("transformer", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),
         DiTSpec("transformer_2", "ditserve.models.wan:WanTransformer", "ditserve.models.wan:map_diffusers_key"),
     ),
-    optional_components=("transformer_2",),
+    optional_components=("transformer_2", "image_encoder", "image_processor"),
     pipeline="ditserve.pipelines.wan:WanPipeline",
-    code_tokenizers={"tokenizer": "ditserve.loader.tokenizers:t5_tokenizer"},
+    code_tokenizers={
+        "tokenizer": "ditserve.loader.tokenizers:t5_tokenizer",
+        "image_processor": "ditserve.loader.tokenizers:clip_image_processor",
+    },
     lora_architecture="wan",
     output="video",
-    tasks=("text-to-video",),
+    # Image to video: I2V folders (WanImageToVideoPipeline) need the image, TI2V folders take one or none, the pipeline
+    # refuses it for text-to-video folders.
+    tasks=("text-to-video", "image-to-video"),
+    image_inputs=1,
     # diffusers' WanPipeline.__call__ defaults (480 × 832 comes from the pipeline); 16 fps is what its examples
     # export at (the frame rate Wan was trained on).
     sampling_defaults={
@@ -214,10 +269,13 @@ SPEC = ModelSpec(
         # of Wan-AI/Wan2.2-T2V-A14B), the same VAE, encoder and scheduler (shift 3).
         _t2v_preset("wan2.2-t2v-a14b", _WAN21_T2V_14B, boundary_ratio=0.875),
         _t2v_preset("wan2.2-ti2v-5b", _WAN22_TI2V_5B, vae=_WAN22_VAE, flow_shift=5.0, expand_timesteps=True),
+        _i2v_preset("wan2.1-i2v-14b", _WAN21_I2V_14B, clip=True),
+        _i2v_preset("wan2.2-i2v-a14b", _WAN22_I2V_A14B, clip=False, boundary_ratio=0.9),
     ),
     make_tiny="ditserve.tiny.wan:make_tiny_wan_folder",
     make_tiny_options={
         "two_experts": "Wan2.2 A14B-style: a second transformer switched at boundary_ratio 0.875",
         "ti2v": "Wan2.2 TI2V-5B-style: its VAE (16x spatial, 2x2 pixel patches) and per-token timesteps",
+        "i2v": "image to video: Wan2.1 I2V-style (tiny CLIP), or with --two-experts Wan2.2 I2V-A14B-style",
     },
 )

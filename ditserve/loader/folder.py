@@ -194,7 +194,8 @@ def load_components(
             model_index += 1
             continue
         cls = library_class(library, class_name)
-        if name in spec.code_tokenizers or class_name.endswith(("Tokenizer", "TokenizerFast")):
+        # Tokenizers and image processors: no weights, files of their own (or built in code for presets).
+        if name in spec.code_tokenizers or class_name.endswith(("Tokenizer", "TokenizerFast", "Processor")):
             fallback = spec.code_tokenizers.get(name)
             loaded[name] = load_tokenizer(source, name, cls, load_object(fallback) if fallback else None)
         elif hasattr(cls, "set_timesteps"):  # a scheduler: configured, no weights
@@ -275,7 +276,8 @@ def load_library_model(
 
 
 def load_tokenizer(source: ModelSource, component: str, tokenizer_cls, fallback=None):
-    """A tokenizer from the folder; for presets (no files) one built in code with the same special tokens."""
+    """A tokenizer (or image processor) from the folder; for presets (no files) one built in code with the same
+    settings."""
     if source.folder is not None and (source.folder / component).is_dir():
         try:
             return tokenizer_cls.from_pretrained(source.folder / component)

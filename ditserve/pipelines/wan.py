@@ -19,6 +19,17 @@ the DiT takes patch tokens and their positions. The text encoder runs on the bat
 instead of max_sequence_length: UMT5's attention masks padded keys, so the real tokens' states are the same up to
 float rounding (the DiT still sees max_sequence_length rows, zeros past each prompt).
 
+Image to video, as diffusers' WanImageToVideoPipeline (the same class of folder served here, and a TI2V folder with
+or without an image): the image resized and normalised by diffusers' VideoProcessor, VAE-encoded (the latent
+distribution's mode) and normalised, then
+- Wan2.1 I2V and Wan2.2 I2V-A14B (a DiT whose in_channels exceed the VAE's latent channels): the image followed by
+  black frames encoded as a video, beside a mask of the first frame, concatenated to the noisy latents on every step;
+  Wan2.1 I2V also attends to CLIP's penultimate hidden states of the image (CLIPImageProcessor, CLIPVisionModel);
+- Wan2.2 TI2V-5B (expand_timesteps): the image's latent frame replaces the first latent frame on every step and at
+  the end, and its tokens get timestep 0 (per-token timesteps).
+Input images are turned into PNG data URIs when the request is resolved, so a request stays plain data (it crosses
+process boundaries as JSON); RGB conversion is the only change to their pixels.
+
 Requests may ask for `output_type` "pil" (the default: each video a uint8 array T×H×W×3, the frames diffusers'
 output_type="np" gives, scaled as its `export_to_video` scales them), "np" (those float frames in [0, 1]) or
 "latent" (the latents [C, T', H', W']).
@@ -26,10 +37,13 @@ output_type="np" gives, scaled as its `export_to_video` scales them), "np" (thos
 
 from __future__ import annotations
 
+import base64
 import copy
 import html
 import importlib.util
+import io
 import math
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -64,6 +78,8 @@ class WanComponents:
     tokenizer: object  # T5TokenizerFast (google/umt5-xxl's)
     scheduler: object  # UniPCMultistepScheduler with flow sigmas
     transformer_2: WanTransformer | None = None  # Wan2.2 A14B's low-noise expert
+    image_encoder: nn.Module | None = None  # Wan2.1 I2V: transformers' CLIPVisionModel
+    image_processor: object | None = None  # Wan2.1 I2V: CLIPImageProcessor
 
 
 # ---- prompt cleaning, as diffusers' pipeline_wan does it ---------------------------------------------------------
@@ -104,6 +120,41 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[in
     return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
 
+# ---- input images ---------------------------------------------------------------------------------------------
+_DATA_URI = "data:image/png;base64,"
+
+
+def image_as_data_uri(image) -> str:
+    """An input image (PIL image, H×W×3 uint8 array, file path or one of these URIs) as a PNG data URI of its RGB
+    pixels: lossless and plain data."""
+    from PIL import Image
+
+    if isinstance(image, str) and image.startswith(_DATA_URI):
+        return image
+    if isinstance(image, str | os.PathLike):
+        try:
+            with Image.open(image) as opened:
+                pil = opened.convert("RGB")
+        except OSError as e:
+            raise ConfigError("images", f"cannot read image {str(image)!r} ({e})") from None
+    elif isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise ConfigError("images", f"an array image must be H×W×3 uint8, got {array.shape} {array.dtype}")
+        pil = Image.fromarray(array)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return _DATA_URI + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_from_data_uri(uri: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(uri[len(_DATA_URI) :]))).convert("RGB")
+
+
 class WanPipeline(Pipeline):
     components_class = WanComponents
     c: WanComponents
@@ -118,6 +169,15 @@ class WanPipeline(Pipeline):
         self.latent_channels = vae.z_dim
         self.patch = tuple(components.transformer.config.patch_size)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
+
+    @property
+    def image_mode(self) -> str | None:
+        """How this model takes an input image: "concat" (its DiT reads the image's latents and mask beside the noisy
+        latents: Wan2.1 I2V, Wan2.2 I2V-A14B; the image is required), "first_frame" (the image's latents are the
+        first latent frame: Wan2.2 TI2V; optional), or None (text to video only)."""
+        if self.c.transformer.config.in_channels != self.latent_channels:
+            return "concat"
+        return "first_frame" if self.pipeline_config.get("expand_timesteps") else None
 
     @property
     def boundary_ratio(self) -> float | None:
@@ -152,7 +212,18 @@ class WanPipeline(Pipeline):
             raise ConfigError("extra", f"unknown settings {sorted(params.extra)}; Wan takes none")
         if params.guidance_scale_2 is not None and self.c.transformer_2 is not None and self.boundary_ratio is None:
             raise ConfigError("guidance_scale_2", "this folder's model_index.json sets no boundary_ratio")
+        images = params.images or []
+        if images and self.image_mode is None:
+            raise ConfigError(
+                "images", "this Wan model makes videos from text only (an image-to-video or TI2V model takes one)"
+            )
+        if not images and self.image_mode == "concat":
+            raise ConfigError(
+                "images", "this Wan image-to-video model needs an input image (images: [the first frame])"
+            )
         resolved = super().resolve(params)
+        if images:
+            resolved = resolved.replace(images=[image_as_data_uri(image) for image in images])
         frames, step = resolved.num_frames, self.vae_scale_temporal
         below = (frames - 1) // step * step + 1  # type: ignore[operator]
         if frames != below:
@@ -163,7 +234,48 @@ class WanPipeline(Pipeline):
             )
         return resolved
 
+    def batch_key(self, params: SamplingParams) -> tuple:
+        return (*super().batch_key(params), bool(params.images))
+
     # ---- stages -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        """Wan2.1 I2V: CLIP's second-to-last hidden states of the image [1, 257, image_dim], in the model's dtype."""
+        inputs = self.c.image_processor(images=image, return_tensors="pt").to(self.device)
+        return self.c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2].to(self.dtype)
+
+    @torch.no_grad()
+    def image_condition(
+        self, image, batch: int, num_frames: int, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image's part of the DiT input, float32, for `batch` samples: "concat" mode → ([B, 4 + C, T', h, w]
+        (the first frame's mask, then the latents of the image followed by black frames), None); "first_frame" mode
+        → ([B, C, 1, h, w] (the image's latent frame), mask [1, 1, T', h, w] (0 on the first frame, 1 after))."""
+        vae = self.c.vae
+        pixels = self.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
+        video = pixels.unsqueeze(2)
+        if self.image_mode == "concat":
+            black = video.new_zeros(video.shape[0], video.shape[1], num_frames - 1, height, width)
+            video = torch.cat([video, black], dim=2)
+        latent = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(self.device, torch.float32)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latent.device, latent.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latent.device, latent.dtype)
+        latent = ((latent - mean) * inverse_std).repeat(batch, 1, 1, 1, 1)
+        _, frames, h, w = self.latent_shape(num_frames, height, width)
+        step = self.vae_scale_temporal
+        if self.image_mode == "first_frame":
+            mask = torch.ones(1, 1, frames, h, w, dtype=torch.float32, device=self.device)
+            mask[:, :, 0] = 0
+            return latent, mask
+        # One mask channel per frame the VAE packs into a latent frame: the first latent frame holds the image alone
+        # (its mask repeated), each later one `step` black frames.
+        per_frame = torch.zeros(batch, 1, num_frames, h, w, dtype=torch.float32, device=self.device)
+        per_frame[:, :, 0] = 1
+        per_frame = torch.cat([per_frame[:, :, :1].repeat_interleave(step, dim=2), per_frame[:, :, 1:]], dim=2)
+        mask = per_frame.view(batch, -1, step, h, w).transpose(1, 2)
+        return torch.cat([mask, latent], dim=1), None
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
         """[len(prompts), max_sequence_length, text_dim] in the model's dtype: UMT5's last hidden states of each
@@ -220,8 +332,11 @@ class WanPipeline(Pipeline):
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
         guidance_scale: float,
+        **inputs,
     ) -> torch.Tensor:
-        """The model's prediction [B, C, F, H, W] in its dtype, guided when `uncond` is given.
+        """The model's prediction [B, C, F, H, W] in its dtype for the DiT input `latents` (the noisy latents, with
+        an image's condition when there is one), guided when `uncond` is given; `inputs`: the DiT's other keyword
+        arguments (token_timestep, image_states).
 
         With CFG parallelism the two branches run at once on the two halves of the ranks, and an all-gather gives
         every rank both predictions (so every rank takes the same scheduler step)."""
@@ -230,7 +345,7 @@ class WanPipeline(Pipeline):
         ids = video_position_ids(*grid, device=latents.device)
 
         def branch(text: torch.Tensor) -> torch.Tensor:
-            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids)
+            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids, **inputs)
             return unpatchify(out, grid, self.patch)
 
         if uncond is None:
@@ -254,7 +369,12 @@ class WanPipeline(Pipeline):
         params: SamplingParams,
         timer: StageTimer,
         on_step: StepCallback | None,
+        condition: torch.Tensor | None = None,
+        first_frame_mask: torch.Tensor | None = None,
+        image_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The denoising loop; `condition` and `first_frame_mask` from `image_condition`, `image_states` from
+        `encode_image` (one row per sample)."""
         scheduler = self.make_scheduler(params.num_inference_steps)  # type: ignore[arg-type]
         timesteps = scheduler.timesteps
         guidance: float = params.guidance_scale  # type: ignore[assignment]
@@ -271,11 +391,23 @@ class WanPipeline(Pipeline):
                 model, scale = self.c.transformer, guidance
             else:
                 model, scale = self.c.transformer_2, guidance_2
-            noise_pred = self.predict(model, latents, timestep, cond, uncond, scale)  # type: ignore[arg-type]
+            inputs: dict = {} if image_states is None else {"image_states": image_states}
+            if first_frame_mask is not None:  # the image's latent frame in place of the first, its tokens at t = 0
+                model_input = (1 - first_frame_mask) * condition + first_frame_mask * latents
+                pt, ph, pw = self.patch
+                per_token = (first_frame_mask[0, 0, ::pt, ::ph, ::pw] * t).flatten()
+                inputs["token_timestep"] = per_token.unsqueeze(0).expand(latents.shape[0], -1)
+            elif condition is not None:
+                model_input = torch.cat([latents, condition], dim=1)
+            else:
+                model_input = latents
+            noise_pred = self.predict(model, model_input, timestep, cond, uncond, scale, **inputs)  # type: ignore[arg-type]
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             timer.step_end()
             if on_step is not None:
                 on_step(i, len(timesteps))
+        if first_frame_mask is not None:
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
 
     @torch.no_grad()
@@ -317,12 +449,26 @@ class WanPipeline(Pipeline):
             embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
             cond, uncond = embeds[: len(prompts)], (embeds[len(prompts) :] if use_cfg else None)
         counts = [len(own) * p.num_images for p, own in zip(batch, prompt_lists)]
+        images = [image_from_data_uri(p.images[0]) if p.images else None for p in batch]
+        image_states = None
+        if images[0] is not None and self.c.transformer.config.image_dim is not None:
+            with timer.stage("encode"):
+                image_states = torch.cat([self.encode_image(im).expand(n, -1, -1) for im, n in zip(images, counts)])
         with timer.stage("prepare"):
             latents = torch.cat(
                 [self.prepare_latents(p.seed, n, p.num_frames, p.height, p.width) for p, n in zip(batch, counts)]  # type: ignore[arg-type]
             )
+            condition = first_frame_mask = None
+            if images[0] is not None:
+                parts = [
+                    self.image_condition(im, n, p.num_frames, p.height, p.width)  # type: ignore[arg-type]
+                    for im, p, n in zip(images, batch, counts)
+                ]
+                condition, first_frame_mask = torch.cat([c for c, _ in parts]), parts[0][1]
         with timer.stage("denoise"):
-            latents = self.denoise(latents, cond, uncond, first, timer, on_step)
+            latents = self.denoise(
+                latents, cond, uncond, first, timer, on_step, condition, first_frame_mask, image_states
+            )
         with timer.stage("decode"):
             videos = self.decode(latents, first.output_type)
         timings = {**timer.summary(), "batch_size": len(batch)}
@@ -380,11 +526,12 @@ class WanPipeline(Pipeline):
         return shared
 
     def diffusers_pipeline(self):
-        """diffusers' WanPipeline on our components, its transformers holding our DiTs' tensors (no copy)."""
-        from diffusers import WanPipeline as DiffusersWanPipeline
+        """diffusers' WanPipeline (WanImageToVideoPipeline for image-to-video models) on our components, its
+        transformers holding our DiTs' tensors (no copy)."""
+        import diffusers
 
         second = self.c.transformer_2
-        pipe = DiffusersWanPipeline(
+        common = dict(
             tokenizer=self.c.tokenizer,
             text_encoder=self.c.text_encoder,
             vae=self.c.vae,
@@ -392,6 +539,13 @@ class WanPipeline(Pipeline):
             transformer=self.diffusers_transformer(self.c.transformer),
             transformer_2=self.diffusers_transformer(second) if second is not None else None,
             boundary_ratio=self.boundary_ratio,
+            expand_timesteps=bool(self.pipeline_config.get("expand_timesteps")),
         )
+        if self.image_mode == "concat":
+            pipe = diffusers.WanImageToVideoPipeline(
+                image_encoder=self.c.image_encoder, image_processor=self.c.image_processor, **common
+            )
+        else:
+            pipe = diffusers.WanPipeline(**common)
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -36,6 +36,11 @@ class TinyWanSpec:
     # Wan2.2 TI2V-5B-style: its VAE (residual blocks, 2×2 pixel patches in 12 channels, 16× spatial compression)
     # and expand_timesteps (per-token timesteps, the first frame's clean when an image is given)
     ti2v: bool = False
+    # Image to video (WanImageToVideoPipeline): the DiT reads the image's latents and mask beside the noisy latents;
+    # alone Wan2.1 I2V's layout (a tiny CLIP image encoder, image k/v in the cross-attention), with two_experts
+    # Wan2.2 I2V-A14B's (no CLIP, boundary_ratio 0.9)
+    i2v: bool = False
+    clip_dim: int = 16
     seed: int = 0
 
 
@@ -43,12 +48,15 @@ def tiny_transformer(spec: TinyWanSpec, seed: int):
     """A tiny WanTransformer3DModel with every parameter random (also those diffusers initialises to 0 or 1)."""
     from diffusers import WanTransformer3DModel
 
+    clip = spec.i2v and not spec.two_experts
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=spec.heads,
         attention_head_dim=spec.head_dim,
-        in_channels=spec.latent_channels,
+        in_channels=2 * spec.latent_channels + 4 if spec.i2v else spec.latent_channels,
         out_channels=spec.latent_channels,
+        image_dim=spec.clip_dim if clip else None,
+        added_kv_proj_dim=spec.heads * spec.head_dim if clip else None,
         text_dim=spec.text_dim,
         freq_dim=32,
         ffn_dim=spec.ffn_dim,
@@ -70,10 +78,29 @@ def tiny_transformer(spec: TinyWanSpec, seed: int):
     return transformer
 
 
+def tiny_clip(spec: TinyWanSpec):
+    """A tiny CLIPVisionModel (28-pixel images in 14-pixel patches: 5 tokens) and its CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=spec.clip_dim,
+            intermediate_size=2 * spec.clip_dim,
+            num_hidden_layers=3,  # the pipeline reads hidden_states[-2]
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=spec.clip_dim,
+        )
+    )
+    return encoder, CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+
+
 def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> Path:
-    """Write a tiny Wan text-to-video folder (model_index.json and every component) that diffusers' WanPipeline
-    loads: Wan2.1's layout, or with `spec.two_experts` Wan2.2 A14B's (transformer_2 and boundary_ratio)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    """Write a tiny Wan folder (model_index.json and every component) that diffusers' WanPipeline (with `spec.i2v`:
+    WanImageToVideoPipeline) loads: Wan2.1's layout, with `spec.two_experts` Wan2.2 A14B's (transformer_2 and
+    boundary_ratio), with `spec.ti2v` Wan2.2 TI2V's."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     from ditserve.loader.tokenizers import t5_tokenizer
@@ -121,7 +148,7 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.flow_shift, num_train_timesteps=1000
     )
-    pipe = WanPipeline(
+    parts = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
@@ -131,12 +158,24 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         boundary_ratio=spec.boundary_ratio if spec.two_experts else None,
         expand_timesteps=spec.ti2v,
     )
+    if not spec.i2v:
+        pipe = WanPipeline(**parts)
+    elif spec.two_experts:
+        pipe = WanImageToVideoPipeline(**parts)
+    else:
+        image_encoder, image_processor = tiny_clip(spec)
+        pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=image_processor)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def make_tiny_wan_folder(path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False) -> Path:
-    """`ditserve make-tiny wan [--two-experts | --ti2v]`: a tiny Wan model with random weights."""
-    if two_experts and ti2v:
-        raise ValueError("--two-experts and --ti2v are two different Wan2.2 models; choose one")
-    return make_tiny_wan(path, TinyWanSpec(two_experts=two_experts, ti2v=ti2v, flow_shift=5.0 if ti2v else 3.0))
+def make_tiny_wan_folder(
+    path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False, i2v: bool = False
+) -> Path:
+    """`ditserve make-tiny wan [--two-experts] [--ti2v | --i2v]`: a tiny Wan model with random weights."""
+    if ti2v and (two_experts or i2v):
+        raise ValueError("--ti2v is a model of its own (it takes an image or none); leave out --two-experts and --i2v")
+    spec = TinyWanSpec(two_experts=two_experts, ti2v=ti2v, i2v=i2v, flow_shift=5.0 if ti2v else 3.0)
+    if two_experts and i2v:
+        spec.boundary_ratio = 0.9  # Wan2.2 I2V-A14B's
+    return make_tiny_wan(path, spec)
