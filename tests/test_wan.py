@@ -435,7 +435,16 @@ def test_image_to_video_matches_diffusers(case, request, diffusers_i2v_without_f
     out = theirs(image=image, generator=torch.Generator("cpu").manual_seed(2), output_type="latent", **kwargs)
     expected = out.frames[0]
     assert expected.abs().max() > 1.0 and (got - expected).abs().max().item() < 1e-4
-    if case == "wan2.1_i2v_clip":  # the frames too, and the image changes them
+    if case == "wan2.1_i2v_clip":  # what `ditserve bench` runs: the same forward in diffusers, with CLIP states
+        forward = ours.forward_inputs(32, 48, num_frames=5)
+        with torch.no_grad():
+            mine, their_out = ours.comparable_outputs(
+                ours.c.transformer(**forward),
+                ours.diffusers_pipeline().transformer(**ours.diffusers_forward_inputs(forward), return_dict=False),
+                forward,
+            )
+        assert forward["image_states"].shape[1] == 5 and (mine - their_out).abs().max() <= 1e-5
+        # the frames too, and the image changes them
         frames = generate(ours, 2, images=[image], **kwargs)[0]
         their_frames = theirs(image=image, generator=torch.Generator("cpu").manual_seed(2), **kwargs).frames[0]
         assert frames.std() > 5 and mean_level_difference(frames, (their_frames * 255).astype(np.uint8)) <= 1.0

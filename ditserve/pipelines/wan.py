@@ -484,14 +484,24 @@ class WanPipeline(Pipeline):
         self, height: int, width: int, prompt: str = BENCH_PROMPT, num_frames: int | None = None
     ) -> dict:
         """Keyword arguments of one DiT forward at batch 1 for a fixed prompt at this size (the default frame count
-        unless given), at a mid-schedule timestep."""
+        unless given), at a mid-schedule timestep; image-to-video models get the condition of a grey first frame."""
+        from PIL import Image
+
         defaults = self.defaults()
-        latents = self.prepare_latents(0, 1, num_frames or defaults.num_frames, height, width)  # type: ignore[arg-type]
+        frames: int = num_frames or defaults.num_frames  # type: ignore[assignment]
+        latents = self.prepare_latents(0, 1, frames, height, width)
+        inputs: dict = {}
+        if self.image_mode == "concat":
+            grey = Image.new("RGB", (width, height), (128, 128, 128))
+            latents = torch.cat([latents, self.image_condition(grey, 1, frames, height, width)[0]], dim=1)
+            if self.c.transformer.config.image_dim is not None:
+                inputs["image_states"] = self.encode_image(grey)
         return dict(
             video_tokens=patchify(latents.to(self.dtype), self.patch),
             timestep=torch.full((1,), 500.0, device=self.device),
             text_states=self.encode_prompt([prompt], defaults.max_sequence_length),  # type: ignore[arg-type]
             video_ids=video_position_ids(*self.token_grid(latents), device=self.device),
+            **inputs,
         )
 
     def diffusers_forward_inputs(self, inputs: dict) -> dict:
@@ -505,6 +515,7 @@ class WanPipeline(Pipeline):
             hidden_states=x.reshape(b, -1, f * pt, h * ph, w * pw),
             timestep=inputs["timestep"],
             encoder_hidden_states=inputs["text_states"],
+            encoder_hidden_states_image=inputs.get("image_states"),
         )
 
     def comparable_outputs(self, ours: torch.Tensor, theirs, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
