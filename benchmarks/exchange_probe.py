@@ -8,7 +8,8 @@ written into its peer's buffer in symmetric memory by a device copy, the own pie
 the scheme of ditserve/parallel/exchange.py, written out here), eager and replayed from a CUDA graph; a GEMM
 [tokens × 12288] · [12288 × 3072] (FLUX.1's single-block MLP GEMM) alone; the GEMM with each exchange on a side
 stream (the wall time of both, and the GEMM's own time). It also checks that the copy-engine exchange, eager and
-replayed, receives what NCCL's all-to-all does. Results: benchmarks/RESULTS.md, session 9, calls C and D.
+replayed, receives what NCCL's all-to-all does. Results: benchmarks/RESULTS.md, the run of 2026-11-27 at ba8f52d,
+calls C and D.
 """
 
 from __future__ import annotations

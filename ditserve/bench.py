@@ -147,7 +147,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
-    from ditserve.cli import engine_args_from
+    from ditserve.cli_common import engine_args_from
     from ditserve.engine.engine import Engine
 
     args = engine_args_from(ns)
@@ -157,7 +157,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         # against, and diffusers on that one GPU. diffusers' own context parallelism needs a process group
         # per rank: benchmarks/parallel_scaling.py (torchrun) times it beside every one of our modes.
         if args.nnodes > 1:
-            from ditserve.cli import UsageError
+            from ditserve.cli_common import UsageError
 
             raise UsageError("ditserve bench: --nnodes > 1 is not measured; bench one node's GPUs")
         parallel = _bench_parallel(args, ns)

@@ -1,4 +1,4 @@
-"""`ditserve generate | bench | make-tiny | serve | bench-serve` (and the subcommands other modules register).
+"""`ditserve generate | bench | make-tiny | serve | bench-serve` (serve and bench-serve are set up in server/cli.py).
 
 Errors a user can fix (a bad flag, a missing folder) print one line on stderr and exit with status 2; nothing
 prints a traceback unless DITSERVE_DEBUG=1.
@@ -7,98 +7,24 @@ prints a traceback unless DITSERVE_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
-import warnings
-from collections.abc import Callable
 
-from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS, ConfigError
-from ditserve.lora.cli import add_lora_flags
+from ditserve.cli_common import (
+    CliParser,
+    UsageError,
+    add_engine_flags,
+    add_lora_flags,
+    apply_lora_flags,
+    engine_args_from,
+    field_to_flag,
+    lora_request,
+    quiet_libraries,
+)
+from ditserve.config import ConfigError
+from ditserve.errors import LoaderError
 from ditserve.registry import DEFAULT_BENCH_MODEL
-
-
-class UsageError(Exception):
-    """A user error; the message is shown as is."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def field_to_flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal to our progress bar and summary: the libraries' own bars and notices are noise here."""
-    warnings.filterwarnings("ignore")
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="diffusers model folder, preset name, or built-in: digits (the default), tiny-flux",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
-    p.add_argument(
-        "--vae-tiling",
-        action="store_true",
-        help="decode large images in overlapping tiles (as diffusers' enable_tiling); spread over the GPUs",
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="replay the DiT forward as a CUDA graph per image size (CUDA only; on by default)",
-    )
-    par = p.add_argument_group("several GPUs (on the CPU: processes); num-gpus = ulysses × ring × cfg × tp")
-    par.add_argument("--num-gpus", type=int, default=1)
-    par.add_argument("--ulysses-degree", type=int, default=1, help="sequence parallel: all-to-all over heads")
-    par.add_argument("--ring-degree", type=int, default=1, help="sequence parallel: K/V passed around a ring")
-    par.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on two halves of the ranks")
-    par.add_argument("--tp-size", type=int, default=1, help="tensor parallel: linears sharded across ranks")
-    par.add_argument(
-        "--tp-all-reduce",
-        default="nccl",
-        help="how tensor-parallel partial sums are added: nccl (default) or two-shot (symmetric memory over NVLink; "
-        "a little faster on 2 GPUs at 1024²)",
-    )
-    par.add_argument(
-        "--ulysses-exchange",
-        default="auto",
-        help="how Ulysses's all-to-alls move: copy-engine (symmetric memory, copied by the GPUs' copy engines, "
-        "leaving every SM to the work beside it; one node), nccl, or auto (default: copy-engine on one node's GPUs "
-        "with CUDA graphs, also beside Ring, tensor or CFG parallelism; else nccl)",
-    )
-    par.add_argument("--nnodes", type=int, default=1)
-    par.add_argument("--node-rank", type=int, default=0)
-    par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (several nodes)")
-
-
-def engine_args_from(ns: argparse.Namespace):
-    import dataclasses
-
-    from ditserve.config import EngineArgs
-
-    # Every flag of add_engine_flags is named after its EngineArgs field; fields with no flag keep their default.
-    names = [f.name for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name)]
-    return EngineArgs(**{name: getattr(ns, name) for name in names})
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -132,7 +58,6 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from ditserve.config import SamplingParams
     from ditserve.engine.engine import Engine
-    from ditserve.lora.cli import apply_lora_flags, lora_request
     from ditserve.utils.media import image_format, save_images
 
     try:
@@ -199,10 +124,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return run_bench(ns)
 
 
-# Other modules (the server, later) add their subcommands here: name → (register(subparsers), handler).
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
 def _add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     """The family and every family's own options (flags), from the registrations (plain data: no torch)."""
     from ditserve.registry import specs
@@ -219,8 +140,8 @@ def _add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = CliParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
 
     gen = sub.add_parser("generate", help="make images from a prompt")
     add_engine_flags(gen)
@@ -248,25 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     from ditserve.server.cli import register_server_commands
 
     register_server_commands(sub)
-    for register in EXTRA_COMMANDS:
-        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ditserve.loader.weights import LoaderError
-
     debug = os.environ.get("DITSERVE_DEBUG") == "1"
+    # Importing torch, diffusers and transformers makes some 500k objects that live as long as the process. The
+    # cyclic collector would walk them at each of its full passes while they are made and once more at exit (about
+    # 1.3 s of a 6 s `generate` on two cores): they are made with it paused, then frozen out of its sight. The few
+    # thousand cycles the imports leave behind are frozen with them rather than found by a full pass (0.25 s).
+    gc.disable()
     try:
         ns = build_parser().parse_args(argv)
         if not debug:
-            quiet_libraries()
+            quiet_libraries()  # imports the libraries
+        gc.freeze()
+        gc.enable()
         return ns.handler(ns)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
     except ConfigError as e:
-        print(f"ditserve: {field_to_flag(e.field)}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+        print(f"ditserve: {field_to_flag(e.field)}: {e.message}", file=sys.stderr)
         return 2
     except LoaderError as e:
         print(f"ditserve: --model: {e}", file=sys.stderr)
@@ -279,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ditserve: error: {type(e).__name__}: {e} (set DITSERVE_DEBUG=1 for details)", file=sys.stderr)
         return 1
+    finally:
+        gc.enable()
+        gc.freeze()  # the process ends next: its last collection need not walk what the command made
 
 
 if __name__ == "__main__":

@@ -3,22 +3,30 @@
 `EngineArgs` says how a model is loaded and run; `SamplingParams` says what one request asks for. Both are plain
 dataclasses so they can cross process boundaries as data. Validation raises `ConfigError` whose message names the
 field, so the CLI and the server can show it to the user as is.
+
+Importing this module does not import torch (the HTTP process and the CLI's parsers read these definitions); torch
+is imported when an EngineArgs is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ditserve.errors import FieldError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+if TYPE_CHECKING:
+    import torch
+
+# Accepted dtype names → torch's.
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 LOAD_FORMATS = ("auto", "dummy")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -33,19 +41,17 @@ MAX_FPS = 240
 MAX_INPUT_IMAGES = 16
 
 
-class ConfigError(ValueError):
-    """A setting is invalid. The message names the setting (`field`) and says what is allowed."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+class ConfigError(FieldError):
+    """A setting is invalid: `field` names the setting and `message` says what is allowed."""
 
 
 def parse_dtype(value: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
+    import torch
+
     if value is None or isinstance(value, torch.dtype):
         return value
     try:
-        return DTYPES[value.lower()]
+        return getattr(torch, DTYPES[value.lower()])
     except KeyError:
         raise ConfigError(field_name, f"unknown dtype {value!r}; use one of float32, bfloat16, float16") from None
 
@@ -81,6 +87,8 @@ class EngineArgs:
     dist_init_addr: str | None = None  # host:port of node 0
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -102,7 +110,7 @@ class EngineArgs:
         try:
             self.parallel_config().validate()
         except ParallelConfigError as e:
-            raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+            raise ConfigError(e.field, e.message) from None
         if self.tp_all_reduce == "two-shot" and self.resolved_device().type != "cuda":
             raise ConfigError("tp_all_reduce", f"{self.tp_all_reduce} goes through GPU memory: it needs CUDA GPUs")
         if self.ulysses_exchange == "copy-engine" and self.resolved_device().type != "cuda":
@@ -135,17 +143,23 @@ class EngineArgs:
 
     def to_dict(self) -> dict:
         """Plain data (dtype as its name), for sending to other processes."""
+        import torch
+
         data = dataclasses.asdict(self)
         if isinstance(self.dtype, torch.dtype):
             data["dtype"] = str(self.dtype).replace("torch.", "")
         return data
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def resolved_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype is not None:
             return self.dtype  # type: ignore[return-value]
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
@@ -168,10 +182,12 @@ class SamplingParams:
     fps: int | None = None
     # Edit and image-to-video families: input images (PIL images, H×W×3 uint8 arrays, or file paths).
     images: list | None = None
+    # Settings of the model family's own, beyond the fields above (ModelSpec.sampling_options names them with their
+    # defaults; any other name is refused). Plain JSON values, so they travel to the worker.
+    options: dict | None = None
     num_images: int = 1
     max_sequence_length: int | None = None
     output_type: str = "pil"
-    extra: dict = field(default_factory=dict)
     # Models with two experts (one for the noisy steps, one for the rest): the second's CFG scale; None: guidance_scale.
     guidance_scale_2: float | None = None
 
@@ -221,6 +237,14 @@ class SamplingParams:
             for image in self.images:
                 if not _is_image_like(image):
                     raise ConfigError("images", f"{type(image).__name__} is not an image (PIL image, array or path)")
+        if self.options is not None:
+            if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+                raise ConfigError("options", "must be an object of setting names to values")
+            for name, value in self.options.items():
+                if value is not None and not isinstance(value, bool | int | float | str):
+                    raise ConfigError(
+                        f"options.{name}", f"must be a number, a string, true/false or null, got {value!r}"
+                    )
         n = self.num_images
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
             raise ConfigError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")

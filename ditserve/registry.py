@@ -76,6 +76,8 @@ class ModelSpec:
     # diffusers' pipeline __call__ defaults, except the size (the pipeline derives it from the VAE).
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     max_sequence_length: int = 512  # the longest text sequence the family's encoder is used with
+    # Settings of the family's own that a request may set in `SamplingParams.options`: name → default.
+    sampling_options: dict[str, Any] = field(default_factory=dict)
     presets: tuple[Preset, ...] = ()
     # "module:function" writing a tiny random folder of this family: function(path, **options) → path, with
     # `make_tiny_options` naming the options `ditserve make-tiny` offers (flag → help).

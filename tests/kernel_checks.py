@@ -94,6 +94,132 @@ def check_gelu_tanh(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol
     assert a._rows(fused.transpose(0, 1)[..., : 3 * d]) is None or b == 1  # rows at no single stride: torch's
 
 
+def assert_rounds_like(out: torch.Tensor, today: torch.Tensor, size: torch.Tensor, what: tuple) -> None:
+    """On CUDA in bf16, a fused kernel must round like the unfused ops it replaces (`today`, in the same dtype): the
+    same values but where the row's RMS, summed in another order, tips a rounding of the norm (a small share), and
+    there by no more than two bf16 steps of `size`, the magnitude of the terms added up (the norm's step, scaled, and
+    the step of the final rounding). Triton's CPU interpreter converts float32 to bf16 by truncating: not there."""
+    assert out.dtype == today.dtype and out.shape == today.shape
+    if out.device.type != "cuda" or out.dtype != torch.bfloat16:
+        return
+    differ = (out != today).float().mean().item()
+    assert differ < 0.01, ("share of elements that differ from today's ops", differ, what)
+    step = size.float().abs() * 2**-7 + 2**-126  # a bf16 step or more: 7 stored mantissa bits
+    worst = ((out.float() - today.float()).abs() / step).max().item()
+    assert worst <= 2, ("bf16 steps from today's ops", worst, what)
+
+
+def check_rms_norm_scale(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """Z-Image's modulated block inputs: the joint sequence's rows (strided view), per-sample scales chunked from
+    one modulation output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    scale = torch.randn(b, 4 * d, generator=g).to(device, dtype).chunk(4, dim=-1)[2]  # a strided [B, D] view
+    assert k._use_triton(x), "the Triton path is not taken"
+    out = k.rms_norm_scale(x, w, 1e-5, scale)
+    ref = k.rms_norm_scale_reference(x.double(), w.double(), 1e-5, scale.double())
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
+    assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
+    today = k.rms_norm_scale_reference(x, w, 1e-5, scale)
+    assert_rounds_like(out, today, today, ("rms_norm_scale", b, s, d))
+
+
+def check_gated_rms_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """x + gate · rms_norm(y) · w with per-sample gates, and x + rms_norm(y) · w (gate None); x strided."""
+    from ditserve.kernels import fused_residual as r
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 2, d, generator=g).to(device, dtype)[:, 2:]
+    y = (4 * torch.randn(b, s, d, generator=g)).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    gate = torch.randn(b, 4 * d, generator=g).to(device, dtype).chunk(4, dim=-1)[1].tanh()
+    for gt in (gate, None):
+        out = r.gated_rms_residual(x, gt, y, w, 1e-5)
+        ref = r.gated_rms_residual_reference(
+            x.double(), None if gt is None else gt.double(), y.double(), w.double(), 1e-5
+        )
+        assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
+        assert rel(out, ref) < tol, (rel(out, ref), b, s, d, gt is None)
+        # What the model ran before: the norm, then the residual (the gated kernel, one rounding; x is contiguous).
+        normed = torch.nn.functional.rms_norm(y, (d,), w, 1e-5)
+        today = x + normed if gt is None else r.gated_residual(x.contiguous(), gt, normed)
+        assert_rounds_like(out, today, x.abs() + today.abs(), ("gated_rms_residual", b, s, d, gt is None))
+
+
+def check_silu_and_mul(device: str, dtype: torch.dtype, b: int, s: int, h: int, tol: float, seed: int) -> None:
+    """On the output of a merged [gate | up] GEMM (plain), on a view whose rows are strided, and on 2-D rows."""
+    from ditserve.kernels import swiglu as a
+
+    g = torch.Generator().manual_seed(seed)
+    wide = (3 * torch.randn(b, s, 2 * h + 24, generator=g)).to(device, dtype)
+    for x in (wide[..., : 2 * h].contiguous(), wide[..., 24:], wide[0, :, 24:]):
+        assert a._use_triton(x) and a._rows(x) is not None, "the Triton path is not taken"
+        out = a.silu_and_mul(x)
+        ref = a.silu_and_mul_reference(x.double())
+        assert out.shape == (*x.shape[:-1], h) and out.dtype == dtype and out.is_contiguous()
+        assert rel(out, ref) < tol, (rel(out, ref), b, s, h)
+        today = a.silu_and_mul_reference(x)
+        assert_rounds_like(out, today, today, ("silu_and_mul", b, s, h))
+
+
+class _Counted:
+    """A Triton kernel that counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def check_zimage_forward(device: str, dtype: torch.dtype, tol: float) -> None:
+    """A small Z-Image DiT (batch 2, noise and context refiners, main layers) with its kernels against itself on the
+    torch references: the blocks hand the kernels what they expect (strided scales and gates, no gate in the
+    context refiner), and every one of them runs."""
+    import os
+
+    from ditserve.kernels import fused_residual, swiglu
+    from ditserve.models.zimage import ZImageConfig, ZImageTransformer
+
+    g = torch.Generator().manual_seed(0)
+    cfg = ZImageConfig(dim=120, n_heads=4, n_layers=2, n_refiner_layers=1, cap_feat_dim=40, axes_dims=(6, 12, 12))
+    model = ZImageTransformer(cfg)
+    for name, param in model.named_parameters():
+        param.data.copy_(("norm" in name) + 0.05 * torch.randn(param.shape, generator=g))  # norm scales near 1
+    model.to(device, dtype)
+    n, cap = 64, 32
+    inputs = (
+        torch.randn(2, n, cfg.token_dim, generator=g).to(device, dtype),
+        torch.randn(2, cap, cfg.cap_feat_dim, generator=g).to(device, dtype),
+        torch.tensor([0.3, 0.8], device=device),  # per-sample timesteps: per-sample scales and gates
+        torch.randint(0, 8, (n, 3), generator=g).float().to(device),
+        torch.randint(0, 8, (cap, 3), generator=g).float().to(device),
+        torch.zeros(n, dtype=torch.bool, device=device),
+        torch.zeros(2, cap, dtype=torch.bool, device=device),
+    )
+    kernels = [(k, "_rms_norm_scale_kernel"), (fused_residual, "_gated_rms_residual_kernel")]
+    kernels.append((swiglu, "_silu_and_mul_kernel"))
+    originals = [getattr(module, name) for module, name in kernels]
+    counted = [_Counted(kernel) for kernel in originals]
+    try:
+        for (module, name), wrapper in zip(kernels, counted, strict=True):
+            setattr(module, name, wrapper)
+        with torch.no_grad():
+            out = model(*inputs)
+            os.environ["DITSERVE_DISABLE_TRITON"] = "1"
+            ref = model(*inputs)
+    finally:
+        os.environ.pop("DITSERVE_DISABLE_TRITON", None)
+        for (module, name), kernel in zip(kernels, originals, strict=True):
+            setattr(module, name, kernel)
+    blocks = 2 * cfg.n_refiner_layers + cfg.n_layers
+    modulated = cfg.n_refiner_layers + cfg.n_layers
+    assert [c.launches for c in counted] == [2 * modulated, 2 * blocks, blocks], [c.launches for c in counted]
+    assert rel(out, ref) < tol, ("Z-Image forward", rel(out, ref))
+
+
 def check_copy_rows(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> None:
     """Head regrouping as Ulysses does it (bit-exact copies): q, k, v [B, S, H, D] into a message
     [ranks, 3, B, S, h, D], the received message into [3, B, ranks, S, h, D], and the output back into [B, S, H, D]."""
@@ -121,6 +247,19 @@ def check_copy_rows(device: str, dtype: torch.dtype, shape: tuple[int, ...], see
     assert torch.equal(c.copy_rows(out, rows), rows)
 
 
+def run_zimage(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -> None:
+    """Z-Image's kernels at its widths (dim, its SwiGLU's hidden 8/3 · dim): 3840 and 10240 at full size, the
+    joint sequence of 4096 image and 32 caption tokens (1024²)."""
+    if sizes == "small" and dtype == torch.float32:  # the wiring; in bf16, four blocks' roundings add up
+        check_zimage_forward(device, dtype, tol)
+    for seed, (b, s, d) in enumerate(
+        [(1, 7, 48), (2, 33, 120), (2, 5, 3840)] if sizes == "small" else [(1, 4128, 3840), (2, 4128, 3840)]
+    ):
+        check_rms_norm_scale(device, dtype, b, s, d, tol, seed)
+        check_gated_rms_residual(device, dtype, b, s, d, tol, seed)
+        check_silu_and_mul(device, dtype, b, s, int(d / 3 * 8), tol, seed)
+
+
 def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -> None:
     for seed, (b, s, d) in enumerate(
         [(1, 7, 48), (2, 33, 96), (2, 5, 3072)] if sizes == "small" else [(1, 4608, 3072), (2, 4096, 3072)]
@@ -128,6 +267,8 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         check_layer_norm_modulate(device, dtype, b, s, d, tol, seed)
         check_gated_residual(device, dtype, b, s, d, tol, seed)
         check_gelu_tanh(device, dtype, b, s, d, tol, seed)
+    if sizes == "small":
+        run_zimage(device, dtype, tol)
     shapes = (
         [(1, 3, 5, 3, 16), (2, 4, 9, 2, 32), (1, 2, 6, 24, 128)]
         if sizes == "small"
@@ -146,5 +287,6 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
 
 if __name__ == "__main__":
     run_all("cpu", torch.float32, 1e-5)
+    run_all("cpu", torch.bfloat16, 1e-2)
     print("kernel checks passed")
     sys.exit(0)

@@ -149,3 +149,42 @@ def test_make_tiny_folder_loads_in_diffusers(tmp_path):
 def test_make_tiny_unknown_family(tmp_path):
     proc = run_cli("make-tiny", "sd15", str(tmp_path / "t"))
     assert proc.returncode == 2 and "unknown family" in proc.stderr
+
+
+def test_import_and_help_load_no_model_stack():
+    """`import ditserve` and building every command's parser (what --help does) import neither torch nor the
+    libraries of the model stack or the server: the HTTP process and --help need none of them."""
+    code = (
+        "import sys, ditserve, ditserve.cli; ditserve.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    proc = run_cli("serve", "--help", timeout=60)
+    assert proc.returncode == 0 and "--lora-dir" in proc.stdout
+
+
+def test_public_names_load_on_first_use():
+    import ditserve
+    from ditserve.config import SamplingParams
+    from ditserve.errors import LoaderError
+
+    assert ditserve.SamplingParams is SamplingParams and ditserve.LoaderError is LoaderError
+    assert set(ditserve.__all__) <= set(dir(ditserve))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        ditserve.Nope  # noqa: B018
+
+
+def test_main_turns_the_collector_back_on():
+    """main pauses the cyclic collector while the libraries are imported; it must be running again afterwards,
+    whether the command succeeded or failed."""
+    import gc
+
+    from ditserve.cli import main
+
+    try:
+        assert main(["generate", "--prompt", "x", "--bogus"]) == 2
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()  # main froze this test process's objects, as a command's last step does

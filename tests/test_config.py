@@ -32,7 +32,8 @@ def test_sampling_params_validation_names_the_field(changes, field):
     with pytest.raises(ConfigError) as err:
         params.validate()
     assert err.value.field == field
-    assert str(err.value).startswith(field + ":")
+    assert str(err.value) == f"{field}: {err.value.message}"
+    assert not err.value.message.startswith(field + ":")
 
 
 def test_engine_args_validation():
@@ -42,5 +43,9 @@ def test_engine_args_validation():
         EngineArgs(dtype="int4")
     with pytest.raises(ConfigError, match="attention_backend"):
         EngineArgs(attention_backend="sage")
+    with pytest.raises(ConfigError) as err:  # raised as ParallelConfigError, reported as the setting at fault
+        EngineArgs(device="cpu", num_gpus=3, ulysses_degree=2)
+    assert err.value.field == "num_gpus"
+    assert err.value.message == "3 does not equal ulysses 2 × ring 1 × cfg 1 × tp 1 = 2"
     args = EngineArgs(device="cpu")
     assert str(args.resolved_device()) == "cpu" and str(args.resolved_dtype()) == "torch.float32"

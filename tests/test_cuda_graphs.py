@@ -27,7 +27,7 @@ def test_cuda_graphs_need_cuda(tiny_dev):
 def test_cli_flag_turns_them_off():
     import argparse
 
-    from ditserve.cli import add_engine_flags, engine_args_from
+    from ditserve.cli_common import add_engine_flags, engine_args_from
 
     p = argparse.ArgumentParser()
     add_engine_flags(p)
@@ -168,7 +168,7 @@ def test_graphs_with_collectives_match_one_gpu(tiny_4_heads, mode):
 @pytest.mark.gpu
 def test_a_second_engine_in_one_process_runs_without_symmetric_memory(tiny_4_heads):
     """After an engine whose copy-engine exchange set up symmetric memory, the same process's next engine cannot set
-    it up with its fresh ranks (every rank hung, 4 H200s, session 10): it goes through NCCL and gives the same
+    it up with its fresh ranks (every rank hung: docs/parallel.md): it goes through NCCL and gives the same
     image, and a method that needs symmetric memory, named outright, is refused with its flag."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")

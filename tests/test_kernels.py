@@ -35,3 +35,14 @@ def test_kernels_match_reference_cuda_bf16(sizes):
 
     run_all("cuda", torch.bfloat16, 1e-2, sizes)
     run_all("cuda", torch.float32, 1e-5, sizes)
+
+
+@pytest.mark.gpu
+def test_zimage_kernels_match_reference_cuda_bf16():
+    """rms_norm_scale, gated_rms_residual (gated and not) and silu_and_mul at Z-Image-Turbo's 1024² sizes, batch 1
+    and 2: close to the float64 references, and in bf16 rounded as the unfused ops the model ran before."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernel_checks import run_zimage
+
+    run_zimage("cuda", torch.bfloat16, 1e-2, "full")
+    run_zimage("cuda", torch.float32, 1e-5, "full")

@@ -25,6 +25,7 @@ from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.wan import WanConfig, WanTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.parallel.state import TensorParallelGroup
 from ditserve.pipelines.wan import WanPipeline, image_from_data_uri, patchify, prompt_clean, unpatchify
+from ditserve.utils.video import Video
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +232,7 @@ def test_defaults_and_validation(ours):
     got = (p.height, p.width, p.num_frames, p.fps, p.num_inference_steps, p.guidance_scale, p.max_sequence_length)
     assert got == (480, 832, 81, 16, 50, 5.0, 512)
     assert ours.spatial_multiple == 16
-    for field, value in (("num_frames", 8), ("height", 40), ("true_cfg_scale", 2.0), ("extra", {"a": 1})):
+    for field, value in (("num_frames", 8), ("height", 40), ("true_cfg_scale", 2.0), ("options", {"a": 1})):
         with pytest.raises(ConfigError) as info:
             ours.resolve(SamplingParams(prompt="x", **{field: value}))
         assert info.value.field == field
@@ -276,7 +277,7 @@ def test_diffusers_pipeline_shares_our_weights(ours):
 
 
 # ---- the registration: engine, presets ---------------------------------------------------------------------------
-def test_engine_serves_the_folder(tiny_wan, theirs):
+def test_engine_serves_the_folder(tiny_wan, theirs, tmp_path):
     from ditserve import Engine
 
     engine = Engine.from_pretrained(str(tiny_wan))
@@ -285,6 +286,8 @@ def test_engine_serves_the_folder(tiny_wan, theirs):
     result = engine.generate(seed=7, negative_prompt="blurry", **kwargs)
     expected = run_diffusers(theirs, 7, negative_prompt="blurry", **kwargs)[0]
     assert result.images == [] and len(result.timings["steps"]) == 2 and result.params.fps == 16
+    assert isinstance(result.videos[0], Video) and result.videos[0].fps == 16  # saves itself (utils/video.py)
+    assert result.videos[0].save(tmp_path / "fox.mp4").stat().st_size > 0
     assert result.videos[0].shape == (5, 32, 32, 3) and mean_level_difference(result.videos[0], expected) <= 1.0
 
 

@@ -39,8 +39,8 @@ def mean_level_difference(a, b) -> float:
 
 
 def generate(pipe: ZImagePipeline, seed: int, **kwargs):
-    extra = {k: kwargs.pop(k) for k in ("cfg_normalization", "cfg_truncation") if k in kwargs}
-    params = SamplingParams(seed=seed, extra=extra, **kwargs)
+    options = {k: kwargs.pop(k) for k in ("cfg_normalization", "cfg_truncation") if k in kwargs}
+    params = SamplingParams(seed=seed, options=options, **kwargs)
     return pipe(pipe.resolve(params)).images
 
 
@@ -196,12 +196,16 @@ def test_defaults_are_diffusers(ours):
         5.0,
         512,
     )
-    assert p.extra == {"cfg_normalization": False, "cfg_truncation": 1.0}
+    assert p.options == {"cfg_normalization": False, "cfg_truncation": 1.0}
     assert ours.spatial_multiple == 4 and ours.max_sequence_length_limit == 1504
     with pytest.raises(ConfigError, match="true_cfg_scale"):
         ours.resolve(SamplingParams(prompt="x", true_cfg_scale=3.0))
-    with pytest.raises(ConfigError, match="extra"):
-        ours.resolve(SamplingParams(prompt="x", extra={"cfg_norm": 1}))
+    with pytest.raises(ConfigError, match="cfg_norm") as info:
+        ours.resolve(SamplingParams(prompt="x", options={"cfg_norm": 1}))
+    assert info.value.field == "options"
+    with pytest.raises(ConfigError) as info:
+        ours.resolve(SamplingParams(prompt="x", options={"cfg_truncation": "late"}))
+    assert info.value.field == "options.cfg_truncation"
 
 
 # ---- (d) batching ----------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def broadcast_json(obj, group, src: int = 0):
 
 def rank_main(engine_args: dict, placement: dict) -> None:
     """Entry point of a spawned non-driver rank: build the engine, then follow rank 0 until it says stop."""
-    from ditserve.cli import quiet_libraries
+    from ditserve.cli_common import quiet_libraries
     from ditserve.config import EngineArgs
     from ditserve.engine.engine import Engine
 

@@ -84,7 +84,7 @@ class Engine:
                         # The ranks build their config from the arguments: they get the method chosen here.
                         self.args = args = dataclasses.replace(args, ulysses_exchange=self.parallel.ulysses_exchange)
             except ParallelConfigError as e:
-                raise ConfigError(e.field, str(e).split(": ", 1)[1]) from None
+                raise ConfigError(e.field, e.message) from None
         try:
             self._load(args, placement)
         except BaseException:
@@ -230,8 +230,8 @@ class Engine:
     def _shutdown(self) -> None:
         """Forget the tensor-parallel group, leave the process group, wait for the ranks this process started.
 
-        Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 must not wait for its
-        ranks to exit before leaving itself (that was a deadlock on GPUs: gloo on the CPU does not wait). Captured
+        Every rank leaves together: NCCL's teardown waits for its peers' teardown, so rank 0 leaves before it waits
+        for its ranks to exit, or on GPUs each would wait for the other (gloo on the CPU does not wait). Captured
         graphs go first: NCCL's communicator teardown blocks while a graph that captured its collectives is alive
         (pytorch/pytorch#115388)."""
         self._reset_cuda_graphs()
@@ -314,11 +314,14 @@ class Engine:
         )
         return self.run(params, on_step)
 
-    def run(self, params: SamplingParams, on_step: StepCallback | None = None) -> GenerationResult:
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """The request as it runs: validated against the model, its defaults filled in, and a seed drawn if it has
+        none (the seed is reported back, so any image can be made again)."""
         resolved = self.pipeline.resolve(params)
-        if resolved.seed is None:
-            # A drawn seed is reported back, so any image can be made again.
-            resolved = resolved.replace(seed=secrets.randbits(63))
+        return resolved if resolved.seed is not None else resolved.replace(seed=secrets.randbits(63))
+
+    def run(self, params: SamplingParams, on_step: StepCallback | None = None) -> GenerationResult:
+        resolved = self.resolve(params)
         self._check_driver()
         with self._lock:
             if self.parallel.world_size > 1:
@@ -338,10 +341,7 @@ class Engine:
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[GenerationResult]:
         """Requests with the same batch key (shape and settings) as one batched run; one result per request, each
         with its own seed's noise. With several ranks every rank runs the batch."""
-        resolved = []
-        for params in batch:
-            r = self.pipeline.resolve(params)
-            resolved.append(r if r.seed is not None else r.replace(seed=secrets.randbits(63)))
+        resolved = [self.resolve(params) for params in batch]
         self._check_driver()
         with self._lock:
             if self.parallel.world_size > 1:
@@ -366,7 +366,7 @@ class Engine:
     ) -> dict:
         """Load (if new) and activate these adapters with these strengths on the target(s); `[]` turns LoRA off.
 
-        Raises `LoRAError` (a ValueError with `.field`) on any bad input, leaving the previous state unchanged.
+        Raises `LoRAError` (a ValueError with `.field` and `.message`) on any bad input, leaving the previous state unchanged.
         Returns `list_loras()`.
         """
         return self._lora_op(

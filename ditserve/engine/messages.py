@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ditserve.config import SamplingParams
 
-# Fields of SamplingParams that travel; `extra` stays behind on purpose (it may hold non-JSON values), and so do
-# input `images` (no family the worker serves takes them yet; each would travel encoded as an image file).
+# Fields of SamplingParams that travel to the worker (not output_type: the worker makes PIL images and encodes them;
+# not input `images`: no family the worker serves takes them yet, and each would travel encoded as an image file).
 _PARAM_FIELDS = (
     "prompt",
     "negative_prompt",
@@ -31,6 +31,7 @@ _PARAM_FIELDS = (
     "num_frames",
     "fps",
     "num_images",
+    "options",
     "max_sequence_length",
 )
 
@@ -71,7 +72,6 @@ class ModelInfo:
     device: str
     dtype: str
     pid: int
-    extra: dict = field(default_factory=dict)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

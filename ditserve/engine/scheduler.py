@@ -115,7 +115,7 @@ class Scheduler:
         # A Unix socket in a private directory: nothing off this machine, and no other user, can reach the worker.
         self._dir = tempfile.mkdtemp(prefix="ditserve-")
         os.chmod(self._dir, 0o700)
-        address = f"ipc://{self._dir}/worker-0.sock"
+        address = f"ipc://{self._dir}/worker.sock"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PAIR)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -124,7 +124,7 @@ class Scheduler:
         # A worker whose server is gone exits by itself (it watches its parent).
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
-            target=worker_main, args=(json.dumps(self.engine_args), address, 0), name="ditserve-worker-0"
+            target=worker_main, args=(json.dumps(self.engine_args), address), name="ditserve-worker"
         )
         self.process.start()
         self.state = "loading"

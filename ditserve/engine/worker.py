@@ -1,7 +1,8 @@
-"""A worker process: loads the engine once, then runs batches the server sends it, until told to stop.
+"""The worker process: loads the engine once, then runs the batches the server sends it, until told to stop.
 
-One worker per GPU rank; rank 0 holds the socket to the HTTP process (the only rank there is today: multi-GPU
-ranks will get their batches from rank 0 over the process group). The worker never sees HTTP, and the HTTP process
+The server starts one worker, whatever the number of GPUs. Its engine is rank 0: with several GPUs that engine
+starts the other ranks itself, and they run each batch with it as rank 0 broadcasts it (engine/distributed.py), so
+the worker is the only process that talks to the HTTP process. The worker never sees HTTP, and the HTTP process
 never runs model work. Everything on the socket is `messages` (JSON plus raw image bytes).
 
 A batch that raises is retried request by request, so that one bad request fails alone. Out-of-memory frees the
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
 import sys
 import time
@@ -45,10 +45,9 @@ def _prompts(params: dict) -> list[str]:
 
 
 class Worker:
-    def __init__(self, engine_args: dict, address: str, rank: int = 0):
+    def __init__(self, engine_args: dict, address: str):
         import zmq
 
-        self.rank = rank
         self.parent = os.getppid()
         self.testing = os.environ.get("DITSERVE_TESTING") == "1"
         self.ctx = zmq.Context()
@@ -152,19 +151,15 @@ class Worker:
         from ditserve.utils.media import encode_image
 
         engine = self.engine
-        pipe = engine.pipeline  # type: ignore[union-attr]
-        tasks = pipe.spec.tasks
-        resolved = []
+        tasks = engine.pipeline.spec.tasks  # type: ignore[union-attr]
         for item in items:
             if item.task not in tasks:
                 raise ValueError(f"this model does {', '.join(tasks)}, not {item.task}")
-            params = pipe.resolve(msg.params_from_dict(item.params))
-            if params.seed is None:
-                params = params.replace(seed=secrets.randbits(63))
-            resolved.append(params)
         on_step = self._step_hook(batch_id, items)
-        # Through the engine, which holds the LoRA lock and, with several ranks, makes every rank run the batch.
-        results = engine.run_batch(resolved, on_step)  # type: ignore[union-attr]
+        # Through the engine, which resolves and seeds the requests, holds the LoRA lock and, with several ranks,
+        # makes every rank run the batch.
+        batch = [msg.params_from_dict(item.params) for item in items]
+        results = engine.run_batch(batch, on_step)  # type: ignore[union-attr]
         for item, result in zip(items, results):
             if item.request_id in self.cancelled:
                 continue
@@ -256,9 +251,9 @@ class Worker:
         self.ctx.term()
 
 
-def worker_main(engine_args_json: str, address: str, rank: int = 0) -> None:
+def worker_main(engine_args_json: str, address: str) -> None:
     """Entry point of a spawned worker process. Arguments are JSON text, so nothing pickled is trusted."""
-    from ditserve.cli import quiet_libraries
+    from ditserve.cli_common import quiet_libraries
 
     # The server stops a worker with a message, after its in-flight batch; a Ctrl-C or SIGTERM sent to the whole
     # process group must not kill the batch underneath it. (SIGKILL still works, and a worker whose parent is gone
@@ -267,7 +262,7 @@ def worker_main(engine_args_json: str, address: str, rank: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("DITSERVE_DEBUG") != "1":
         quiet_libraries()
-    worker = Worker(json.loads(engine_args_json), address, rank)
+    worker = Worker(json.loads(engine_args_json), address)
     try:
         try:
             worker.load()

@@ -110,6 +110,10 @@ SPEC = ModelSpec(
     # Caption positions must stay inside the first RoPE axis (axes_lens[0] = 1536 positions): captions up to 1504
     # tokens; the pipeline computes this from the loaded config.
     max_sequence_length=1504,
+    # diffusers' ZImagePipeline call settings that SamplingParams has no field for: cfg_normalization caps each
+    # sample's guided norm at that multiple of the positive's (true = 1; false/null: off); cfg_truncation turns CFG
+    # off once (1000 − t) / 1000 exceeds it (null: never).
+    sampling_options={"cfg_normalization": False, "cfg_truncation": 1.0},
     presets=(
         Preset(
             name="z-image-turbo",

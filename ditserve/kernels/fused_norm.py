@@ -5,6 +5,8 @@ on FLUX.1 at 1024², the QK-norm + RoPE of one block moves about 1.2 GB instead 
 here reads its input once and writes its output once.
 
 - `layer_norm_modulate`: LayerNorm (no affine) then x·(1 + scale) + shift, per-sample [B, D] modulation.
+- `rms_norm_scale`: RMS norm with its learned weight, then · (1 + scale), per-sample [B, D] scale (Z-Image's
+  modulated block inputs; eager torch's broadcast multiply is not vectorised: H200, 1024², 69 µs → 21 µs).
 - `rms_norm_rope_into`: RMS norm over each head, then interleaved-pair rotary embedding, written into a slice of
   a (joint) output sequence, so the concatenation of text and image tokens costs nothing extra.
 - `rms_norm_across_heads_rope_into`: the same with one RMS over all heads of a token together (Wan normalises q and
@@ -94,6 +96,87 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         x.stride(0),
         x.stride(1),
         shift.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return out
+
+
+# ---- RMS norm + scale --------------------------------------------------------------------------------------------
+def rms_norm_scale_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps) * (1.0 + scale)[:, None]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_scale_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        out_ptr,
+        seq_len,
+        dim,
+        x_stride_b,
+        x_stride_s,
+        scale_batch_stride,
+        eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        batch = row // seq_len
+        pos = row % seq_len
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        # Every load is issued before the reduction waits on x: one memory round trip per row, not two.
+        x = tl.load(
+            x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+        )
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        scale = tl.load(
+            scale_ptr + batch * scale_batch_stride + offs, mask=mask, other=0.0, eviction_policy="evict_last"
+        )
+        x = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
+        w = w.to(tl.float32)
+        scale = scale.to(tl.float32)
+        # Rounded where the reference rounds: the norm's output and 1 + scale are tensors of the activation dtype
+        # there, and their product is rounded once more.
+        dtype = out_ptr.dtype.element_ty
+        normed = (x * rstd * w).to(dtype).to(tl.float32)
+        out = normed * (1.0 + scale).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * dim + offs, out.to(dtype), mask=mask)
+
+
+def rms_norm_scale(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
+    """rms_norm(x) · weight · (1 + scale[:, None]); x [B, S, D] (rows may be strided), weight [D], scale [B, D]."""
+    usable = (
+        _use_triton(x)
+        and x.dim() == 3
+        and x.numel() > 0
+        and scale.shape == (x.shape[0], x.shape[2])
+        and x.stride(-1) == 1
+        and weight.is_contiguous()
+        and scale.stride(-1) == 1
+        and weight.dtype == x.dtype
+        and scale.dtype == x.dtype
+    )
+    if not usable:
+        return rms_norm_scale_reference(x, weight, eps, scale)
+    b, s, d = x.shape
+    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(d)
+    _rms_norm_scale_kernel[(b * s,)](
+        x,
+        weight,
+        scale,
+        out,
+        s,
+        d,
+        x.stride(0),
+        x.stride(1),
+        scale.stride(0),
         eps,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,

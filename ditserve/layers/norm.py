@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditserve.kernels.fused_norm import layer_norm_modulate, rms_norm_across_heads_rope_into, rms_norm_rope_into
+from ditserve.kernels.fused_norm import (
+    layer_norm_modulate,
+    rms_norm_across_heads_rope_into,
+    rms_norm_rope_into,
+    rms_norm_scale,
+)
+from ditserve.kernels.fused_residual import gated_rms_residual
 from ditserve.layers.linear import ShapeMismatchError
 from ditserve.parallel.state import tp_group
 
@@ -23,6 +29,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """self(x) · (1 + scale[:, None]) in one pass; x [B, S, D], scale [B, D]."""
+        return rms_norm_scale(x, self.weight, self.eps, scale)
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x + gate[:, None] · self(y) in one pass (x + self(y) without a gate); x, y [B, S, D], gate [B, D]."""
+        return gated_rms_residual(x, gate, y, self.weight, self.eps)
 
 
 class QKNorm(nn.Module):

@@ -1,5 +1,5 @@
 """Reading diffusers model folders: the DiT into our modules, everything else through diffusers/transformers."""
 
-from ditserve.loader.weights import LoaderError
+from ditserve.errors import LoaderError
 
 __all__ = ["LoaderError"]

@@ -17,12 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ditserve.errors import LoaderError
 from ditserve.layers.linear import LinearBase, ShapeMismatchError
-
-
-class LoaderError(Exception):
-    """A model folder or checkpoint cannot be loaded; the message says what is wrong and where."""
-
 
 KeyMap = Callable[[str], "tuple[str, int | None] | None"]
 

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ditserve.errors import FieldError
 
-class LoRAError(ValueError):
+
+class LoRAError(FieldError):
     """A LoRA request cannot be honoured. `field` names the offending input (lora_path, lora_nickname, strength,
-    target), so the CLI can name the flag and the server can answer 400. Nothing was changed when it is raised."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+    target) and `message` says why, so the CLI can name the flag and the server can answer 400. Nothing was changed
+    when it is raised."""
 
 
 @dataclass

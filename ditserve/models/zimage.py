@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.kernels.fused_norm import layer_norm_modulate
-from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import silu_and_mul
 from ditserve.layers.attention import Attention, write_heads
 from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
@@ -133,8 +132,7 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13.split(self.w13(x))
-        return self.w2(silu_and_mul(gate, up))
+        return self.w2(silu_and_mul(self.w13(x)))  # [gate | up], this rank's share of each
 
 
 class ZImageBlock(nn.Module):
@@ -176,14 +174,15 @@ class ZImageBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor | None = None
     ) -> torch.Tensor:
+        # norm.scaled(x, s) is norm(x) · (1 + s) and norm.residual(x, y, g) is x + g · norm(y), each one pass.
         if self.modulation is None:
-            x = x + self.attention_norm2(self.attend(self.attention_norm1(x), rope))
-            return x + self.ffn_norm2(self.ff(self.ffn_norm1(x)))
+            x = self.attention_norm2.residual(x, self.attend(self.attention_norm1(x), rope))
+            return self.ffn_norm2.residual(x, self.ff(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(adaln).chunk(4, dim=-1)
-        attn_out = self.attend(self.attention_norm1(x) * (1.0 + scale_msa)[:, None], rope)
-        x = gated_residual(x, gate_msa.tanh(), self.attention_norm2(attn_out))
-        ff_out = self.ff(self.ffn_norm1(x) * (1.0 + scale_mlp)[:, None])
-        return gated_residual(x, gate_mlp.tanh(), self.ffn_norm2(ff_out))
+        attn_out = self.attend(self.attention_norm1.scaled(x, scale_msa), rope)
+        x = self.attention_norm2.residual(x, attn_out, gate_msa.tanh())
+        ff_out = self.ff(self.ffn_norm1.scaled(x, scale_mlp))
+        return self.ffn_norm2.residual(x, ff_out, gate_mlp.tanh())
 
 
 class ZImageTransformer(nn.Module):

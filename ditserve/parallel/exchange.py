@@ -1,22 +1,18 @@
 """How a Ulysses all-to-all moves its pieces between the ranks of a group: the collective that Ulysses adds.
 
-- "nccl": `dist.all_to_all_single` (gloo's on the CPU). NCCL's kernel moves the data with SMs of its own, and the
-  GEMMs that run beside the exchange lose them: on 2 H100s a GEMM that takes 254 µs alone took 345 µs beside the
-  exchange of Ulysses-2's q/k/v at 1024² (10 MB to the peer), 283 µs beside Ulysses-4's (benchmarks/RESULTS.md,
-  session 9). Capping NCCL's channels spared the GEMM but slowed the exchange more.
+- "nccl": `dist.all_to_all_single` (gloo's on the CPU). NCCL's kernel moves the data with SMs of its own, which the
+  GEMMs that run beside the exchange then lack, and they run slower; capping NCCL's channels spares the GEMMs but
+  slows the exchange more.
 - "copy-engine": through symmetric memory. Each exchange's receive buffer lies in memory that every rank of the
   group has mapped, and a rank writes its piece for each peer straight into that peer's buffer with a device copy
   (cudaMemcpyAsync), which the GPU's copy engines carry out: no SMs. Two barriers of the group (one-block kernels)
   frame the copies: after the first, every rank is done reading the buffers from their last use; after the second,
-  every piece has arrived. Alone, in a CUDA graph: 10 MB in 39 µs against NCCL's 81–91 on 2 H100s, 57 against 86
-  on 4 (same source). Per step of FLUX.1-dev, 2.2–2.3 % faster than NCCL on 2 H200s and 2.6–3.0 % on 4, at 1024²
-  and 2048². It needs CUDA GPUs with NCCL in one machine (symmetric memory maps the peers' memory over NVLink or
-  PCIe peer access).
+  every piece has arrived. Faster than NCCL's all-to-all, alone and per step of FLUX.1-dev. It needs CUDA GPUs
+  with NCCL in one machine (symmetric memory maps the peers' memory over NVLink or PCIe peer access).
 - "auto" (the default): the copy engines where they can work (a NCCL group, every rank on one machine) under CUDA
   graphs, for pure Ulysses and for Ulysses groups inside Ring, tensor or CFG parallelism alike (faster than NCCL
-  in every one measured on 4 H200s: U2·R2 2.6–6.1 %, U2·T2 1.6–2.4 %, U2+CFG 1.3–2.3 %, session 10); NCCL for an
-  eager forward: launched one by one, the two barriers and a copy per rank cost more host time than NCCL's one
-  call (in the probe, eager, 202 µs against 86 on 4 ranks), and eager multi-GPU steps wait on the host already.
+  in each); NCCL for an eager forward: launched one by one, the two barriers and a copy per rank cost more host time
+  than NCCL's one call, and eager multi-GPU steps wait on the host already.
   If symmetric memory cannot be set up (no peer access between the GPUs, say), NCCL from then on, with a warning.
   The ranks are assumed alike: a set-up that failed on some ranks only would leave the others waiting in the
   rendezvous. (A process that set symmetric memory up for an earlier engine cannot for the next one's fresh ranks:
@@ -26,6 +22,8 @@ The ranks of a Ulysses group run the same layers on the same shapes in the same 
 the shared buffer identically; growing is collective (a rendezvous) and cannot happen inside a CUDA graph capture,
 so a call whose buffers do not fit then goes through NCCL (the engine's eager warm-up at the same shape has grown
 it by then).
+
+The measurements behind each choice: docs/parallel.md, "Why the thresholds are what they are".
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ditserve.errors import FieldError
 from ditserve.parallel.exchange import ULYSSES_EXCHANGES
 from ditserve.parallel.reduce import ALL_REDUCE_METHODS
 from ditserve.parallel.sequence import SequenceParallelGroups, build_sequence_parallel_groups
@@ -26,10 +27,8 @@ from ditserve.parallel.symmetric import rendezvous_made
 log = logging.getLogger(__name__)
 
 
-class ParallelConfigError(ValueError):
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.field = flag
+class ParallelConfigError(FieldError):
+    """A parallel layout that cannot run: `field` names the EngineArgs setting at fault, `message` says why."""
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,9 @@ Row-parallel linears end in an all-reduce of their output (a few to a hundred MB
   group maps into its own address space; PyTorch's two-shot kernel has every rank sum 1/n of the elements, reading
   the peers' partials directly over NVLink, and write its sums to every rank (the ranks synchronise through signal
   pads before reading and after). The layer writes its GEMM output straight into the buffer (`buffer_for`), so the
-  partial is not copied. Measured on 2 H200s: 96 µs against NCCL's 114 for a 25 MB message inside a CUDA graph,
-  20 against 35 µs for 3 MB, the same as NCCL at 100 MB; FLUX.1-dev T2 at 1024² 2 % faster per step, at 2048² the
-  same (benchmarks/RESULTS.md). It is not the default: PyTorch's one-shot kernel, tried beside it, hung inside the
-  engine for reasons not yet found, so the two-shot path has less mileage than NCCL.
+  partial is not copied. Faster than NCCL on 2 GPUs for messages of a few to tens of MB, the same at 100 MB. It is
+  not the default: it has run far less than NCCL. The measurements, and why PyTorch's one-shot kernel is not
+  offered: docs/parallel.md, "Why the thresholds are what they are".
 
 The symmetric buffer grows to the largest message seen. Growing is collective (a rendezvous), which is safe
 because the ranks of a tensor-parallel group run the same layers on the same shapes in the same order; it cannot

@@ -233,12 +233,12 @@ def ulysses_attention(
 
     Each message to a rank is one piece [S, 3, B, h, D] (q, k and v together, token-major), so each exchange is
     one all-to-all, and what arrives from every rank, in rank order, reads as the whole sequence with one stride:
-    attention takes q, k and v as strided views of the received buffer, with no regrouping after receiving.
-    (Sending q, k and v as separate pieces instead made the exchange slower than the copy it saved, measured on
-    4 H200s.) With `message` (from `message_layout`, which q, k and v are then views of: the model wrote them
-    there, see `SequenceParallelAttention.input_buffers`) nothing is copied before sending either. Otherwise heads
-    are regrouped into the messages with `copy_rows`: torch's own strided copy was the largest overhead of
-    sequence parallelism (5.3 ms of a 46 ms FLUX.1 forward at 1024² on 4 H100s).
+    attention takes q, k and v as strided views of the received buffer, with no regrouping after receiving (three
+    separate pieces would make the exchange slower than that regrouping costs: docs/parallel.md). With `message`
+    (from `message_layout`, which q, k and v are then views of: the model wrote them there, see
+    `SequenceParallelAttention.input_buffers`) nothing is copied before sending either. Otherwise heads are
+    regrouped into the messages with `copy_rows`, which moves whole rows where torch's strided copy moves one
+    element at a time (docs/parallel.md).
 
     With `chunks` > 1 the heads go in that many groups so communication overlaps attention: every group's q/k/v
     exchange is queued at once (NCCL runs them in order on its own stream), attention on group j waits only for
@@ -311,14 +311,9 @@ def ulysses_attention(
 
 # SMs that the GEMMs run beside a Ulysses exchange (`alongside`) leave free, up to `CARVEOUT_MAX_TOKENS` tokens in
 # the whole sequence. cuBLAS's Hopper GEMMs are persistent kernels that fill every SM, and NCCL's kernel needs SMs of
-# its own to move data. At FLUX.1-dev 1024² (4608 tokens) the exchange began only after the GEMM had ended, on every
-# rank (rank 0's kernel timeline, U4 on 4 H200s: the single blocks' exchange, 84 µs, always after the 122 µs MLP GEMM);
-# with 16 SMs free they run together and the GEMM takes ~5 % longer: U4 44.0 → 42.2 ms, U2 76.5 → 74.3 ms (32 SMs:
-# 42.6, 74.8). At 2048² (16896 tokens) a carve-out only slowed the exchange (16 SMs are fewer than NCCL's kernel runs
-# on there: 368 → 1203 µs): 382.4 ms without, 386.9 with 16, 391.7 with 48 (U2, 2 H200s). benchmarks/RESULTS.md,
-# session 7. Since the single blocks' GELU moved into the work beside the exchange (session 8), the exchange is
-# queued before any of that work and the carve-out no longer changes the time at 1024² (U2 75.1 vs 75.3 ms, U4 43.1
-# vs 43.4 without and with, one run); it is kept, as it costs nothing measurable there either.
+# its own to move data: without free SMs the exchange waits for the GEMM to end. On longer sequences NCCL's kernel
+# runs on more SMs than are left free, and a carve-out only slows the exchange. The measurements: docs/parallel.md,
+# "Why the thresholds are what they are".
 ALONGSIDE_SM_CARVEOUT = 16
 CARVEOUT_MAX_TOKENS = 8192
 
@@ -340,19 +335,15 @@ def gemm_sm_carveout(sms: int):
 
 
 # The output projection runs in pieces beside the output exchange above this many tokens in the whole sequence.
-# Measured on FLUX.1-dev (4 H200s, benchmarks/RESULTS.md, session 8, calls C and D, with the single blocks' GELU
-# beside the q/k/v exchange), pieces against the whole output: at 2048² (16896 tokens) never slower in five paired
-# runs, and 0.4 % faster on average (U2 373.3 vs 375.2 and 370.8 vs 371.0 ms, U4 192.9 vs 193.8); at 1024² (4608
-# tokens) level on 2 GPUs (74.4 both) and slower on 4 (43.2 vs 42.3), where each piece is a small GEMM (1152 tokens ×
-# 384 columns). Before the GELU moved (calls A and B), pieces were level with the whole output within noise.
+# Below it each piece is a small GEMM, and the pieces cost more than overlapping the exchange wins. The
+# measurements: docs/parallel.md, "Why the thresholds are what they are".
 PIECEWISE_PROJECTION_MIN_TOKENS = 8192
 
 
 # Pure Ulysses pipelines two head groups up to this many tokens in the whole sequence, and sends all heads at once
-# above it. Measured on FLUX.1-dev (benchmarks/RESULTS.md), two groups against one: at 1024² (4608 tokens) 0–1 %
-# faster on 2 GPUs and 2 % on 4; at 2048² (16896 tokens) 1–2 % slower on 2 GPUs and 0.5–1 % on 4, in every run. Long
-# sequences already keep attention busy long enough to cover the exchange, and halving the head count per kernel
-# then costs more than the overlap wins.
+# above it: long sequences keep attention busy long enough to cover the exchange, and halving the head count per
+# kernel then costs more than the overlap wins. The measurements: docs/parallel.md, "Why the thresholds are what
+# they are".
 PIPELINED_MAX_TOKENS = 8192
 
 

@@ -7,8 +7,8 @@ The ranks of a world line up only if each has made as many rendezvous as the oth
 - the ranks of a torchrun job run one program, so they have;
 - the ranks our engine spawns start fresh, and so does the driver at its first multi-GPU engine;
 - a driver whose earlier engine made rendezvous is ahead of the fresh ranks it spawns for the next one: its next
-  rendezvous waits on keys they never write, and every rank hangs (4 H200s, session 10: the copy-engine exchange
-  of a second engine in one pytest process, whatever the groups were named).
+  rendezvous waits on keys they never write, and every rank hangs, whatever the groups are named
+  (docs/parallel.md).
 So every symmetric buffer of ours comes from `symmetric_buffer` here, whose rendezvous are counted, and the engine
 keeps a world that it spawns from a process that has made any off symmetric memory (`ParallelConfig.for_fresh_ranks`).
 """

@@ -113,7 +113,7 @@ class Pipeline:
         return self.spec.max_sequence_length
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
-        """Validate, then fill every `None` from the model's defaults."""
+        """Validate, then fill every `None` from the model's defaults (and every option from the spec's)."""
         check_capabilities(params, self.spec)
         if params.guidance_scale_2 is not None and len(self.transformers()) < 2:
             raise ConfigError(
@@ -122,7 +122,9 @@ class Pipeline:
                 "(models with two, switched during denoising)",
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
-        return params.with_defaults(self.defaults())
+        return params.with_defaults(self.defaults()).replace(
+            options={**self.spec.sampling_options, **(params.options or {})}
+        )
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         """One request: a batch of one."""
@@ -134,7 +136,7 @@ class Pipeline:
 
         Prompts, seeds and image counts may differ; everything that shapes the computation must not.
         """
-        return (*params.computation_key(), params.output_type)
+        return (*params.computation_key(), params.output_type, tuple(sorted((params.options or {}).items())))
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
         """Run resolved requests of one `batch_key`, returning one output per request, in order."""
@@ -174,11 +176,15 @@ def diffusers_model_sharing(model_cls, config: dict, state_dict: dict[str, torch
 
 def check_capabilities(params: SamplingParams, spec: ModelSpec) -> None:
     """Refuse, naming the field, what the family cannot take: frames for image models, input images for models
-    that take none."""
+    that take none, options it does not have."""
     if spec.output != "video":
         for name in ("num_frames", "fps"):
             if getattr(params, name) is not None:
                 raise ConfigError(name, f"{spec.family} makes images, not videos; {name} is for video models")
+    unknown = sorted(set(params.options or {}) - set(spec.sampling_options))
+    if unknown:
+        known = ", ".join(sorted(spec.sampling_options)) or "none"
+        raise ConfigError("options", f"{spec.family} has no setting {', '.join(unknown)} (its settings: {known})")
     images = params.images or []
     if images and not spec.image_inputs:
         raise ConfigError("images", f"{spec.family} takes no input images (it is a text-to-{spec.output} model)")

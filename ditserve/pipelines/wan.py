@@ -30,8 +30,9 @@ distribution's mode) and normalised, then
 Input images are turned into PNG data URIs when the request is resolved, so a request stays plain data (it crosses
 process boundaries as JSON); RGB conversion is the only change to their pixels.
 
-Requests may ask for `output_type` "pil" (the default: each video a uint8 array T×H×W×3, the frames diffusers'
-output_type="np" gives, scaled as its `export_to_video` scales them), "np" (those float frames in [0, 1]) or
+Requests may ask for `output_type` "pil" (the default: each video a `utils.video.Video`, a uint8 array T×H×W×3 with
+the request's fps that saves itself as MP4, the frames diffusers' output_type="np" gives, scaled as its
+`export_to_video` scales them), "np" (those float frames in [0, 1]) or
 "latent" (the latents [C, T', H', W']).
 """
 
@@ -63,6 +64,7 @@ from ditserve.pipelines.base import (
     seeded_noise,
 )
 from ditserve.utils.timing import StageTimer
+from ditserve.utils.video import Video
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 480, 832  # diffusers' WanPipeline.__call__ defaults
 DIFFUSERS_SIDE_MULTIPLE = 16  # diffusers' check_inputs refuses sides that do not divide by 16
@@ -208,8 +210,6 @@ class WanPipeline(Pipeline):
                 "Wan has one guidance scale: use guidance_scale (CFG with the negative prompt when > 1, as diffusers' "
                 "WanPipeline)",
             )
-        if params.extra:
-            raise ConfigError("extra", f"unknown settings {sorted(params.extra)}; Wan takes none")
         if params.guidance_scale_2 is not None and self.c.transformer_2 is not None and self.boundary_ratio is None:
             raise ConfigError("guidance_scale_2", "this folder's model_index.json sets no boundary_ratio")
         images = params.images or []
@@ -471,6 +471,8 @@ class WanPipeline(Pipeline):
             )
         with timer.stage("decode"):
             videos = self.decode(latents, first.output_type)
+            if first.output_type == "pil":  # uint8 clips that save themselves (utils/video.py), at the request's fps
+                videos = [Video(v, fps=first.fps) for v in videos]  # type: ignore[arg-type]
         timings = {**timer.summary(), "batch_size": len(batch)}
         outputs, start = [], 0
         for n in counts:

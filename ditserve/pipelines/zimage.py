@@ -145,8 +145,6 @@ class ZImagePipeline(Pipeline):
         self.latent_channels = components.transformer.config.in_channels
 
     # ---- defaults: diffusers' ZImagePipeline.__call__'s (the spec's), unless the folder names its own -----------
-    # Two settings of diffusers' call have no SamplingParams field; a request sets them in `params.extra`.
-    EXTRA_DEFAULTS = {"cfg_normalization": False, "cfg_truncation": 1.0}
 
     @property
     def default_side(self) -> int:
@@ -169,17 +167,14 @@ class ZImagePipeline(Pipeline):
                 "Z-Image has one guidance scale: use guidance_scale (CFG with the negative prompt when > 0, as "
                 "diffusers' ZImagePipeline)",
             )
-        unknown = set(params.extra) - set(self.EXTRA_DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                "extra", f"unknown settings {sorted(unknown)}; Z-Image knows {sorted(self.EXTRA_DEFAULTS)}"
-            )
-        resolved = super().resolve(params)
-        return resolved.replace(extra={**self.EXTRA_DEFAULTS, **params.extra})
-
-    def batch_key(self, params: SamplingParams) -> tuple:
-        extra = {**self.EXTRA_DEFAULTS, **params.extra}
-        return (*super().batch_key(params), extra["cfg_normalization"], extra["cfg_truncation"])
+        for name, value in (params.options or {}).items():
+            if name == "cfg_normalization" and not (value is None or isinstance(value, bool | int | float)):
+                raise ConfigError("options.cfg_normalization", f"must be true/false, a number or null, got {value!r}")
+            if name == "cfg_truncation" and (
+                isinstance(value, bool) or not (value is None or isinstance(value, int | float))
+            ):
+                raise ConfigError("options.cfg_truncation", f"must be a number or null, got {value!r}")
+        return super().resolve(params)
 
     # ---- stages -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,10 +296,10 @@ class ZImagePipeline(Pipeline):
         scheduler = self.make_scheduler(params.num_inference_steps, (h // 2) * (w // 2))  # type: ignore[arg-type]
         cond_groups = caption_groups(cond, h // p, w // p)
         uncond_groups = caption_groups(uncond, h // p, w // p) if uncond is not None else None
-        extra = {**self.EXTRA_DEFAULTS, **params.extra}
+        options = {**self.spec.sampling_options, **(params.options or {})}
         # None turns either off, as in diffusers; cfg_normalization=True caps the norm at the positive's.
-        truncation = float("inf") if extra["cfg_truncation"] is None else float(extra["cfg_truncation"])
-        normalization = float(extra["cfg_normalization"] or 0.0)
+        truncation = float("inf") if options["cfg_truncation"] is None else float(options["cfg_truncation"])
+        normalization = float(options["cfg_normalization"] or 0.0)
         timesteps = scheduler.timesteps
         t_norms = ((1000 - timesteps.float()) / 1000).tolist()
         batch = latents.shape[0]

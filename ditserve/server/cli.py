@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from ditserve.cli_common import UsageError, add_engine_flags, add_lora_flags, engine_args_from, lora_request
+
 
 def register_server_commands(sub: argparse._SubParsersAction) -> None:
-    from ditserve.cli import add_engine_flags
-
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_engine_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -33,8 +33,6 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--lora-dir", default=None, help="folder POST /v1/set_lora may load LoRA files from (default: none)"
     )
-    from ditserve.lora.cli import add_lora_flags
-
     add_lora_flags(serve)  # LoRAs active from the first request
     serve.set_defaults(handler=cmd_serve)
 
@@ -46,30 +44,13 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_positive(name: str, value: float) -> None:
-    from ditserve.cli import UsageError
-
     if value <= 0:
         raise UsageError(f"ditserve serve: --{name} must be positive, got {value}")
-
-
-def plain_engine_args(args) -> dict:
-    """EngineArgs as JSON-able data for the worker: every field, so every engine flag of `generate` reaches it."""
-    import dataclasses
-
-    import torch
-
-    if hasattr(args, "to_dict"):
-        return args.to_dict()
-    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    if isinstance(data.get("dtype"), torch.dtype):
-        data["dtype"] = str(data["dtype"]).removeprefix("torch.")
-    return data
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    from ditserve.cli import UsageError, engine_args_from
     from ditserve.engine.scheduler import SchedulerConfig
     from ditserve.loader.folder import resolve_model
     from ditserve.server.app import ServerSettings, create_app
@@ -89,9 +70,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.output_dir is not None and os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
     from ditserve.engine.worker import STARTUP_LORA_KEY
-    from ditserve.lora.cli import lora_request
 
-    worker_args = plain_engine_args(engine_args)
+    worker_args = engine_args.to_dict()  # every field, so every engine flag of `generate` reaches the worker
     startup_lora = lora_request(ns)  # checks the --lora-* flags (paths exist, counts agree) before starting
     if startup_lora:
         worker_args[STARTUP_LORA_KEY] = startup_lora

@@ -8,13 +8,12 @@ names the field. Every failure becomes `InvalidRequest`, which the app turns int
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ditserve.config import MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 # OpenAI's parameter names → ours, so an error names what the client sent.
 _FIELD_NAMES = {"num_images": "n"}
@@ -71,6 +70,9 @@ class VideoRequest(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -109,6 +111,16 @@ def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int |
     return int(m.group(1)), int(m.group(2))
 
 
+def validated(model: type[Body], fields: dict) -> Body:
+    """`model` from `fields` (None values left out, as unset), any pydantic error raised as InvalidRequest."""
+    try:
+        return model.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(x) for x in first.get("loc", ())) or None
+        raise InvalidRequest(param, first.get("msg", "invalid value")) from None
+
+
 def to_sampling_params(
     body: ImageOptions, spatial_multiple: int, max_sequence_length_limit: int, max_prompt_chars: int
 ) -> SamplingParams:
@@ -137,7 +149,7 @@ def to_sampling_params(
         field = _FIELD_NAMES.get(e.field, e.field)
         if field in ("width", "height") and body.size is not None and getattr(body, field) is None:
             field = "size"  # the client sent size, so name size
-        raise InvalidRequest(field, str(e).split(": ", 1)[1]) from None
+        raise InvalidRequest(field, e.message) from None
     return params
 
 
