@@ -145,7 +145,8 @@ class Pipeline:
     # ---- benchmarks and parity checks -----------------------------------------------------------------------------
     def forward_inputs(self, height: int, width: int) -> dict[str, Any]:
         """Keyword arguments of one forward of the (first) DiT at batch 1 and this size, for a fixed prompt; the
-        same arguments run diffusers' transformer from `diffusers_pipeline()`."""
+        same arguments run diffusers' transformer from `diffusers_pipeline()`. Video families also take
+        `num_frames` (default: the model's)."""
         raise NotImplementedError
 
     def diffusers_forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
