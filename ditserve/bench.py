@@ -52,7 +52,7 @@ def _peak_gib(device: torch.device) -> float | None:
 def _request(ns: argparse.Namespace, defaults) -> dict:
     """The timed request: the bench's size, and the model's default steps and guidance unless --num-inference-steps
     and --guidance-scale name them."""
-    return dict(
+    request = dict(
         prompt=BENCH_PROMPT,
         height=ns.height,
         width=ns.width,
@@ -60,6 +60,9 @@ def _request(ns: argparse.Namespace, defaults) -> dict:
         guidance_scale=defaults.guidance_scale if ns.guidance_scale is None else ns.guidance_scale,
         seed=0,
     )
+    if ns.num_frames is not None:  # video models; image models refuse it by name
+        request["num_frames"] = ns.num_frames
+    return request
 
 
 def _time_generations(engine, gen: dict, repeat: int) -> dict:
@@ -107,6 +110,7 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.d
         width=gen["width"],
         num_inference_steps=gen["num_inference_steps"],
         guidance_scale=gen["guidance_scale"],
+        **({"num_frames": gen["num_frames"]} if "num_frames" in gen else {}),
     )
     pipe(**{**kwargs, "num_inference_steps": 2}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
     totals, steps, peaks = [], [], []
@@ -168,7 +172,8 @@ def run_bench(ns: argparse.Namespace) -> int:
     pipeline = engine.pipeline
     device = engine.device
     gen = _request(ns, pipeline.defaults())
-    inputs = pipeline.forward_inputs(ns.height, ns.width)
+    frames = {"num_frames": ns.num_frames} if ns.num_frames is not None else {}
+    inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
     report: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

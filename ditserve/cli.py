@@ -38,19 +38,26 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
+    video = p.add_argument_group("video and image-conditioned models")
+    video.add_argument("--num-frames", type=int, default=None, help="frames of the clip (video models; 4k+1 for Wan)")
+    video.add_argument("--fps", type=int, default=None, help="frame rate of the written clip (default: the model's)")
+    video.add_argument(
+        "--guidance-scale-2", type=float, default=None, help="guidance of the second expert (Wan2.2 A14B)"
+    )
+    video.add_argument(
+        "--image", action="append", default=None, help="input image (image-to-video, edits); repeat for several"
+    )
 
 
 def _format_summary(result, paths) -> str:
+    made = f"{len(result.videos)} video(s)" if result.videos else f"{len(result.images)} image(s)"
     t = result.timings
     steps = t.get("steps") or []
     per_step = f"; {sum(steps) / len(steps):.3f} s/step" if steps else ""
     stages = ", ".join(f"{k} {t[k]:.2f} s" for k in ("encode", "prepare", "denoise", "decode") if k in t)
     peak = f"{result.peak_memory_mb:.0f} MiB" if result.peak_memory_mb is not None else "n/a on cpu"
     wrote = ", ".join(str(p) for p in paths)
-    return (
-        f"{len(result.images)} image(s) in {t['total']:.2f} s ({stages}{per_step}); "
-        f"peak memory {peak}; seed {result.seed}; wrote {wrote}"
-    )
+    return f"{made} in {t['total']:.2f} s ({stages}{per_step}); peak memory {peak}; seed {result.seed}; wrote {wrote}"
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -58,12 +65,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from ditserve.config import SamplingParams
     from ditserve.engine.engine import Engine
-    from ditserve.utils.media import image_format, save_images
+    from ditserve.utils.media import image_format, numbered_paths, save_images
+    from ditserve.utils.video import VIDEO_SUFFIXES, is_video_path
 
-    try:
-        image_format(os.path.splitext(ns.output)[1] or ".png")
-    except ValueError as e:
-        raise UsageError(f"ditserve: --output: {e}") from None
+    def is_image_path(path: str) -> bool:
+        try:
+            image_format(os.path.splitext(path)[1])
+        except ValueError:
+            return False
+        return True
+
+    if ns.output is not None and not (is_image_path(ns.output) or is_video_path(ns.output)):
+        raise UsageError(
+            f"ditserve: --output: {ns.output!r}: use .png, .jpg or .webp for images, "
+            f"{', '.join(VIDEO_SUFFIXES)} or a folder/ for videos"
+        )
+    for image in ns.image or []:
+        if not os.path.isfile(image):
+            raise UsageError(f"ditserve: --image: {image!r} is not a file")
     params = SamplingParams(
         prompt=ns.prompt,
         negative_prompt=ns.negative_prompt,
@@ -75,6 +94,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         seed=ns.seed,
         num_images=ns.num_images,
         max_sequence_length=ns.max_sequence_length,
+        num_frames=ns.num_frames,
+        fps=ns.fps,
+        images=ns.image,
+        guidance_scale_2=ns.guidance_scale_2,
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)
@@ -82,6 +105,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if not engine.is_driver:  # another rank of a torchrun or multi-node launch: follow rank 0
         engine.follow()
         return 0
+    makes_video = engine.pipeline.spec.output == "video"
+    output = ns.output or ("out.mp4" if makes_video else "out.png")
+    if not (is_video_path(output) if makes_video else is_image_path(output)):
+        engine.close()
+        wanted = f"{', '.join(VIDEO_SUFFIXES)} or a folder/" if makes_video else ".png, .jpg or .webp"
+        kind = "videos" if makes_video else "images"
+        raise UsageError(f"ditserve: --output: this model makes {kind}: use {wanted}, not {output!r}")
     apply_lora_flags(engine, ns)
     bars: list[tqdm] = []
 
@@ -96,7 +126,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
         engine.close()
-    paths = save_images(result.images, ns.output)
+    if result.videos:
+        paths = [video.save(path) for video, path in zip(result.videos, numbered_paths(output, len(result.videos)))]
+    else:
+        paths = save_images(result.images, output)
     print(_format_summary(result, paths))
     return 0
 
@@ -143,11 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
 
-    gen = sub.add_parser("generate", help="make images from a prompt")
+    gen = sub.add_parser("generate", help="make images or videos from a prompt")
     add_engine_flags(gen)
     add_sampling_flags(gen)
     add_lora_flags(gen)
-    gen.add_argument("--output", default="out.png", help="file to write (.png, .jpg, .webp); numbered if several")
+    gen.add_argument(
+        "--output",
+        default=None,
+        help="file to write: .png, .jpg, .webp for images (default out.png); .mp4, .gif, .webp or a folder/ of PNG "
+        "frames for videos (default out.mp4); numbered if several",
+    )
     gen.set_defaults(handler=cmd_generate)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model folder in diffusers layout")
@@ -161,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--num-inference-steps", type=int, default=None, help="default: the model's")
     bench.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    bench.add_argument("--num-frames", type=int, default=None, help="video models: default the model's")
     bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")
     bench.add_argument("--json", default=None, help="write the results to this file")

@@ -188,6 +188,8 @@ class SamplingParams:
     num_images: int = 1
     max_sequence_length: int | None = None
     output_type: str = "pil"
+    # Models with two experts (one for the noisy steps, one for the rest): the second's CFG scale; None: guidance_scale.
+    guidance_scale_2: float | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -213,7 +215,7 @@ class SamplingParams:
         steps = self.num_inference_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
             raise ConfigError("num_inference_steps", f"must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        for name in ("guidance_scale", "true_cfg_scale"):
+        for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -275,6 +277,7 @@ class SamplingParams:
             self.width,
             self.num_inference_steps,
             self.guidance_scale,
+            self.guidance_scale_2,
             self.true_cfg_scale,
             self.max_sequence_length,
             uses_negative,
@@ -297,6 +300,7 @@ DEFAULTED_FIELDS = (
     "width",
     "num_inference_steps",
     "guidance_scale",
+    "guidance_scale_2",
     "true_cfg_scale",
     "negative_prompt",
     "max_sequence_length",

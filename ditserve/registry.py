@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILY_MODULES = ("flux", "zimage")
+FAMILY_MODULES = ("flux", "zimage", "wan")
 
 # The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
 # digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).
@@ -48,6 +48,8 @@ class Preset:
     name: str
     pipeline_class: str
     configs: dict[str, dict] = field(default_factory=dict)
+    # model_index.json's own settings beside the components (e.g. the step at which a second expert takes over).
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class ModelSpec:
     components: dict[str, tuple[str, str]]
     dits: tuple[DiTSpec, ...]  # the components that are ours
     pipeline: str  # "module:Class" of the Pipeline subclass
+    # Components a folder of the family may lack (model_index.json names them null, or there is no such folder, or
+    # a preset configures none): they load as None, and a DiT among them is left out of `Pipeline.transformers()`.
+    optional_components: tuple[str, ...] = ()
     # Tokenizer components → "module:function" building a tokenizer in code, for presets (which have no files).
     code_tokenizers: dict[str, str] = field(default_factory=dict)
     lora_architecture: str | None = None  # the LoRA naming schemes' architecture (lora/naming.py); None: no LoRA

@@ -65,3 +65,43 @@ def diffusers_pipe():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    from ditserve.tiny.wan import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_experts(tmp_path_factory):
+    """Wan2.2 A14B's layout: two experts switched at boundary_ratio 0.875."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-experts"), TinyWanSpec(two_experts=True, seed=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_ti2v(tmp_path_factory):
+    """Wan2.2 TI2V-5B's layout: its VAE (16× spatial, 2×2 pixel patches) and expand_timesteps."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-ti2v"), TinyWanSpec(ti2v=True, flow_shift=5.0, seed=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_i2v(tmp_path_factory):
+    """Wan2.1 I2V's layout: WanImageToVideoPipeline with a tiny CLIP image encoder."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-i2v"), TinyWanSpec(i2v=True, seed=5))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_i2v_experts(tmp_path_factory):
+    """Wan2.2 I2V-A14B's layout: two experts switched at boundary_ratio 0.9, no CLIP."""
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    spec = TinyWanSpec(i2v=True, two_experts=True, boundary_ratio=0.9, seed=6)
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-i2v-experts"), spec)

@@ -188,3 +188,21 @@ def test_main_turns_the_collector_back_on():
         assert gc.isenabled()
     finally:
         gc.unfreeze()  # main froze this test process's objects, as a command's last step does
+
+
+def test_generate_video_writes_mp4_and_refuses_image_outputs(tiny_wan, tmp_path):
+    """A video model through the CLI: --num-frames and --fps reach the MP4 (decoded back: frame count, size, rate);
+    an image file name for a video model is refused before any work, naming --output."""
+    from ditserve.utils.video import decode_video
+
+    out = tmp_path / "clip.mp4"
+    args = ["--model", str(tiny_wan), "--prompt", "a fox", "--height", "32", "--width", "48", "--seed", "1"]
+    proc = run_cli(
+        "generate", *args, "--num-frames", "5", "--fps", "8", "--num-inference-steps", "2", "--output", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 video(s)" in proc.stdout
+    frames, fps = decode_video(out.read_bytes())
+    assert frames.shape == (5, 32, 48, 3) and fps == 8
+    refused = run_cli("generate", *args, "--output", str(tmp_path / "clip.png"))
+    assert refused.returncode == 2 and "--output" in refused.stderr and "makes videos" in refused.stderr

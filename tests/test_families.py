@@ -41,7 +41,8 @@ def test_registrations_are_consistent():
         assert issubclass(load_object(spec.pipeline), load_object("ditserve.pipelines.base:Pipeline"))
         for preset in spec.presets:
             assert preset.pipeline_class in spec.pipeline_classes
-            assert {d.component for d in spec.dits} <= set(preset.configs)
+            required = {d.component for d in spec.dits} - set(spec.optional_components)
+            assert required <= set(preset.configs)
         for name, builder in spec.code_tokenizers.items():
             assert name in spec.components and callable(load_object(builder))
 
@@ -88,9 +89,9 @@ def digits_engine():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_frames", 9), ("fps", 16), ("images", ["in.png"])],
+    [("num_frames", 9), ("fps", 16), ("images", ["in.png"]), ("guidance_scale_2", 2.0)],
 )
-def test_image_family_refuses_video_and_image_inputs(digits_engine, field, value):
+def test_image_family_refuses_video_and_image_inputs_and_a_second_scale(digits_engine, field, value):
     with pytest.raises(ConfigError) as info:
         digits_engine.generate("the digit 3", num_inference_steps=1, **{field: value})
     assert info.value.field == field

@@ -130,3 +130,30 @@ def test_cuda_graphs_replay_what_eager_computes(tiny_zimage):
     kwargs = {k: v for k, v in request.items() if k != "seed"}
     theirs = pipe(**{**kwargs, "height": 64, "width": 64}, generator=torch.Generator("cpu").manual_seed(7)).images[0]
     assert np.abs(want - theirs).mean() < 2 / 255  # bf16: other kernels, other rounding
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "lora_unet_"])
+def test_original_and_kohya_names_convert_to_diffusers_modules(prefix):
+    """Z-Image's own module names (ComfyUI's `diffusion_model.` keys, kohya's flattened `lora_unet_` keys): the fused
+    `attention.qkv` covers diffusers' to_q, to_k and to_v (B's rows in that order), `attention.out` is to_out.0."""
+    from ditserve.lora import convert
+
+    def key(module: str, part: str) -> str:
+        name = module.replace(".", "_") if prefix == "lora_unet_" else module
+        return f"{prefix}{name}.lora_{part}.weight"
+
+    tensors = {
+        key("layers.3.attention.qkv", "down"): torch.randn(4, 64),
+        key("layers.3.attention.qkv", "up"): torch.randn(192, 4),
+        key("noise_refiner.0.attention.out", "down"): torch.randn(4, 64),
+        key("noise_refiner.0.attention.out", "up"): torch.randn(64, 4),
+        key("context_refiner.1.feed_forward.w2", "down"): torch.randn(4, 160),
+        key("context_refiner.1.feed_forward.w2", "up"): torch.randn(64, 4),
+    }
+    lora = convert(tensors, prefer_architecture="zimage")
+    assert lora.architecture == "zimage"
+    assert sorted(m.targets for m in lora.modules) == [
+        ("context_refiner.1.feed_forward.w2",),
+        ("layers.3.attention.to_q", "layers.3.attention.to_k", "layers.3.attention.to_v"),
+        ("noise_refiner.0.attention.to_out.0",),
+    ]

@@ -56,6 +56,7 @@ class GenerationResult:
     params: SamplingParams  # the request as run, every default filled in
     timings: dict = field(default_factory=dict)  # seconds: encode, prepare, denoise, decode, total; steps: [...]
     peak_memory_mb: float | None = None  # peak device memory during this request (None on the CPU)
+    videos: list[Any] = field(default_factory=list)  # video families: uint8 (T, H, W, 3) arrays (see PipelineOutput)
 
 
 class Engine:
@@ -74,7 +75,7 @@ class Engine:
         if self.parallel.world_size > 1:
             # Refuse a split the model cannot take before any process is started.
             try:
-                for dit in self.source.spec.dits:
+                for dit in self.source.dits:
                     model_cls = load_object(dit.model)
                     self.parallel.check_model(model_cls.attention_heads(self.source.config(dit.component)))
                 if placement is None and torchrun_placement() is None:  # this process starts the other ranks
@@ -289,9 +290,11 @@ class Engine:
         num_frames: int | None = None,
         fps: int | None = None,
         images: list | None = None,
+        guidance_scale_2: float | None = None,
     ) -> GenerationResult:
         """One request. `num_frames` and `fps` are for video families, `images` (PIL images, arrays or paths) for
-        families that take input images; the others refuse them (ConfigError naming the field)."""
+        families that take input images, `guidance_scale_2` for models with a second expert (its CFG scale; None:
+        guidance_scale); the others refuse them (ConfigError naming the field)."""
         params = SamplingParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -307,6 +310,7 @@ class Engine:
             num_frames=num_frames,
             fps=fps,
             images=images,
+            guidance_scale_2=guidance_scale_2,
         )
         return self.run(params, on_step)
 
@@ -326,7 +330,12 @@ class Engine:
             out = self.pipeline(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return GenerationResult(
-            images=out.images, seed=resolved.seed, params=resolved, timings=out.timings, peak_memory_mb=peak
+            images=out.images,
+            seed=resolved.seed,
+            params=resolved,
+            timings=out.timings,
+            peak_memory_mb=peak,
+            videos=out.videos,
         )
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[GenerationResult]:
@@ -341,7 +350,9 @@ class Engine:
             outputs = self.pipeline.run_batch(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return [
-            GenerationResult(images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak)
+            GenerationResult(
+                images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak, videos=o.videos
+            )
             for r, o in zip(resolved, outputs)
         ]
 

@@ -9,6 +9,9 @@ here reads its input once and writes its output once.
   modulated block inputs; eager torch's broadcast multiply is not vectorised: H200, 1024², 69 µs → 21 µs).
 - `rms_norm_rope_into`: RMS norm over each head, then interleaved-pair rotary embedding, written into a slice of
   a (joint) output sequence, so the concatenation of text and image tokens costs nothing extra.
+- `rms_norm_across_heads_rope_into`: the same with one RMS over all heads of a token together (Wan normalises q and
+  k over the whole inner width, before splitting heads); under tensor parallelism the mean square is summed over
+  the ranks' heads.
 
 The references are what the models ran before these kernels existed; they stay the semantics.
 """
@@ -305,4 +308,49 @@ def rms_norm_rope_into(
         BLOCK_H=triton.next_power_of_2(h),
         num_warps=4,
     )
+    return out
+
+
+# ---- RMS norm across all heads + rotary embedding (Wan) ---------------------------------------------------------
+def rms_norm_across_heads_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, reduce=None, total_width: int | None = None
+) -> torch.Tensor:
+    """RMS-normalise each token of x [B, S, H, D] over all its heads at once (weight [H·D]), as torch.nn.RMSNorm
+    over the flat inner width does. With `reduce` (a sum over tensor-parallel ranks, each holding some heads of the
+    `total_width`-wide inner dimension), the mean square is taken over every rank's heads."""
+    flat = x.reshape(*x.shape[:2], -1)
+    if reduce is None:
+        return F.rms_norm(flat, (flat.shape[-1],), weight, eps).view(x.shape)
+    # torch's own composite: the mean square in float32, the normalised value rounded, then the scale.
+    xf = flat.float()
+    square_sum = reduce(xf.square().sum(-1, keepdim=True))
+    normed = (xf * torch.rsqrt(square_sum / (total_width or flat.shape[-1]) + eps)).to(x.dtype)
+    return (normed * weight).view(x.shape)
+
+
+def rms_norm_across_heads_rope_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    seq_offset: int = 0,
+    reduce=None,
+    total_width: int | None = None,
+) -> torch.Tensor:
+    """out[:, seq_offset : seq_offset + S] = rope(rms_norm_across_heads(x)); cos/sin None: no rotation.
+
+    Shapes as `rms_norm_rope_into`: x [B, S, H, D] (a strided view is fine), out [B, S_total, H, D] or with the
+    heads in up to three groups. `reduce` and `total_width` as `rms_norm_across_heads_reference`."""
+    from ditserve.layers.rotary import apply_rope
+
+    b, s, h, d = x.shape
+    target = out[:, seq_offset : seq_offset + s]
+    if math.prod(target.shape[2:-1]) != h:
+        raise ValueError(f"output heads {list(target.shape[2:-1])} do not hold the input's {h} heads")
+    y = rms_norm_across_heads_reference(x, weight, eps, reduce, total_width)
+    if cos is not None:
+        y = apply_rope(y, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
+    target.copy_(y.reshape(target.shape))
     return out

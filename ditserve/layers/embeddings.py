@@ -30,3 +30,22 @@ class MLPEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbedding(ReplicatedLinear):
+    """A convolution whose kernel equals its stride (a patch embedding, Conv3d or Conv2d in the checkpoint) as the
+    linear it is: one GEMM over patch tokens of `in_channels × prod(patch)` values, channels slowest, the order of
+    the convolution's flattened weight [out, C, *patch]. The checkpoint's convolution weight loads flattened."""
+
+    def __init__(self, in_channels: int, patch: tuple[int, ...], out_features: int):
+        self.patch = tuple(patch)
+        super().__init__(in_channels * math.prod(self.patch), out_features)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if param is self.weight and loaded.dim() == 2 + len(self.patch):
+            loaded = loaded.flatten(1)
+        super().weight_loader(param, loaded, shard_id)
+
+    def conv_weight(self) -> torch.Tensor:
+        """The weight in the checkpoint's convolution shape [out, C, *patch] (a view)."""
+        return self.weight.view(self.out_features, -1, *self.patch)

@@ -6,10 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditserve.kernels.fused_norm import layer_norm_modulate, rms_norm_rope_into, rms_norm_scale
+from ditserve.kernels.fused_norm import (
+    layer_norm_modulate,
+    rms_norm_across_heads_rope_into,
+    rms_norm_rope_into,
+    rms_norm_scale,
+)
 from ditserve.kernels.fused_residual import gated_rms_residual
+from ditserve.layers.linear import ShapeMismatchError
+from ditserve.parallel.state import tp_group
 
-__all__ = ["QKNorm", "RMSNorm", "layer_norm_modulate"]
+__all__ = ["FP32LayerNorm", "HeadsRMSNorm", "QKNorm", "RMSNorm", "layer_norm_modulate"]
 
 
 class RMSNorm(nn.Module):
@@ -52,3 +59,63 @@ class QKNorm(nn.Module):
         """q_out/k_out[:, seq_offset : seq_offset + S] = rope(norm(q/k)); outputs are joint [B, S_total, H, D]."""
         rms_norm_rope_into(q_out, q, self.norm_q.weight, self.norm_q.eps, *rope, seq_offset)
         rms_norm_rope_into(k_out, k, self.norm_k.weight, self.norm_k.eps, *rope, seq_offset)
+
+
+class FP32LayerNorm(nn.Module):
+    """LayerNorm with a learned scale and bias, computed in float32 whatever the activations' dtype (the result is
+    float32), as diffusers' FP32LayerNorm (Wan's cross-attention norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+
+
+class HeadsRMSNorm(nn.Module):
+    """One RMS norm over all heads of a token together (Wan's q and k norm over the whole inner width), with a
+    learned scale per channel; then, optionally, the rotary embedding per head.
+
+    Under tensor parallelism each rank holds some heads: its scale is its share of the checkpoint's (loaded by
+    `weight_loader`), and the mean square is summed over the ranks, so the result is the unsharded one."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.tp = tp_group()
+        if width % self.tp.size:
+            raise ValueError(f"width {width} is not divisible by the tensor-parallel size ({self.tp.size})")
+        self.eps = eps
+        self.width = width  # unsharded
+        self.weight = nn.Parameter(torch.empty(width // self.tp.size), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if tuple(loaded.shape) != (self.width,):
+            raise ShapeMismatchError(
+                f"weight: checkpoint has shape {tuple(loaded.shape)}, model expects ({self.width},)"
+            )
+        n = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
+
+    def _reduce(self):
+        return self.tp.all_reduce if self.tp.size > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D] (this rank's heads) → normalised, same shape."""
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return self.norm_rope_into(out, x, None)
+
+    def norm_rope_into(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        seq_offset: int = 0,
+    ) -> torch.Tensor:
+        """out[:, seq_offset : seq_offset + S] = rope(norm(x)); out as `Attention.input_buffers` hands it out."""
+        cos, sin = rope if rope is not None else (None, None)
+        return rms_norm_across_heads_rope_into(
+            out, x, self.weight, self.eps, cos, sin, seq_offset, self._reduce(), self.width
+        )

@@ -51,6 +51,37 @@ class ModelSource:
     spec: ModelSpec
     folder: Path | None = None
     preset_configs: dict[str, dict] = field(default_factory=dict)
+    preset_pipeline_config: dict[str, Any] = field(default_factory=dict)
+
+    def model_index(self) -> dict:
+        """The folder's model_index.json (a preset's: the spec's components with its pipeline config)."""
+        if self.folder is None:
+            return {**self.spec.model_index(self.spec.pipeline_classes[0]), **self.preset_pipeline_config}
+        try:
+            return json.loads((self.folder / "model_index.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LoaderError(f"{self.folder / 'model_index.json'}: unreadable ({e})") from None
+
+    def has(self, component: str) -> bool:
+        """Whether this model has the component: a required one always; an optional one when the folder holds it
+        (and model_index.json does not name it null) or the preset configures it."""
+        if component not in self.spec.optional_components:
+            return True
+        if self.folder is None:
+            return component in self.preset_configs
+        entry = self.model_index().get(component)
+        named = isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+        return named and (self.folder / component).is_dir()
+
+    @property
+    def dits(self) -> tuple:
+        """The family's DiTs (`DiTSpec`s) that this model has."""
+        return tuple(d for d in self.spec.dits if self.has(d.component))
+
+    def pipeline_config(self) -> dict[str, Any]:
+        """model_index.json's settings beside the components (not its `_` metadata)."""
+        index = self.model_index()
+        return {k: v for k, v in index.items() if not k.startswith("_") and k not in self.spec.components}
 
     def config(self, component: str) -> dict:
         if self.folder is None:
@@ -98,7 +129,9 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
                 f"{name!r} is a preset: it holds the real configs but no weights. Pass load_format='dummy' "
                 "(--load-format dummy) for random weights at full size, or give the path of a downloaded folder."
             )
-        return ModelSource(name=name, spec=spec, preset_configs=preset.configs)
+        return ModelSource(
+            name=name, spec=spec, preset_configs=preset.configs, preset_pipeline_config=preset.pipeline_config
+        )
     path = Path(name).expanduser()
     if not path.exists():
         known = ", ".join([*BUILTIN_MODELS, *preset_names()])
@@ -134,7 +167,7 @@ def _folder_source(path: Path, name: str) -> ModelSource:
     if spec is None:
         supported = ", ".join(supported_pipeline_classes())
         raise LoaderError(f"{index_file}: pipeline class {class_name!r} is not supported (supported: {supported})")
-    missing = [c for c in spec.components if not (path / c).is_dir()]
+    missing = [c for c in spec.components if c not in spec.optional_components and not (path / c).is_dir()]
     if missing:
         raise LoaderError(f"{path}: missing component folder(s) {', '.join(missing)} needed by {class_name}")
     return ModelSource(name=name, spec=spec, folder=path)
@@ -150,6 +183,9 @@ def load_components(
     loaded: dict[str, Any] = {}
     model_index = 0
     for name, (library, class_name) in spec.components.items():
+        if not source.has(name):
+            loaded[name] = None
+            continue
         if name in dits:
             cls, key_map = load_object(dits[name].model), load_object(dits[name].key_map)
             config = source.config(name)
@@ -158,7 +194,8 @@ def load_components(
             model_index += 1
             continue
         cls = library_class(library, class_name)
-        if name in spec.code_tokenizers or class_name.endswith(("Tokenizer", "TokenizerFast")):
+        # Tokenizers and image processors: no weights, files of their own (or built in code for presets).
+        if name in spec.code_tokenizers or class_name.endswith(("Tokenizer", "TokenizerFast", "Processor")):
             fallback = spec.code_tokenizers.get(name)
             loaded[name] = load_tokenizer(source, name, cls, load_object(fallback) if fallback else None)
         elif hasattr(cls, "set_timesteps"):  # a scheduler: configured, no weights
@@ -239,7 +276,8 @@ def load_library_model(
 
 
 def load_tokenizer(source: ModelSource, component: str, tokenizer_cls, fallback=None):
-    """A tokenizer from the folder; for presets (no files) one built in code with the same special tokens."""
+    """A tokenizer (or image processor) from the folder; for presets (no files) one built in code with the same
+    settings."""
     if source.folder is not None and (source.folder / component).is_dir():
         try:
             return tokenizer_cls.from_pretrained(source.folder / component)

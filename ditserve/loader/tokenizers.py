@@ -75,3 +75,12 @@ def qwen3_tokenizer():
         ]
     )
     return tokenizer
+
+
+def clip_image_processor():
+    """CLIP's image preprocessing as the published Wan2.1 I2V folders' image_processor has it (OpenAI CLIP's: the
+    shorter side to 224 by bicubic resampling, a centre crop of 224, CLIP's mean and std): transformers' defaults.
+    Without torchvision transformers serves it through its PIL backend."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor()

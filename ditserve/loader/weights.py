@@ -104,7 +104,7 @@ def load_checkpoint(
         target, shard = mapped
         param, owner = params[target], owners[target]
         try:
-            if isinstance(owner, LinearBase):
+            if isinstance(owner, LinearBase) or hasattr(owner, "weight_loader"):  # a layer that shards or reshapes
                 owner.weight_loader(param, tensor.to(param.dtype), shard)
             else:
                 if tuple(param.shape) != tuple(tensor.shape):

@@ -17,6 +17,7 @@ def lora_targets(pipeline: Pipeline) -> dict[str, LoRATarget]:
     return {
         d.component: LoRATarget(d.component, models[d.component], load_object(d.key_map), spec.lora_architecture)
         for d in spec.dits
+        if d.component in models
     }
 
 

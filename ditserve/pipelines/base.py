@@ -28,6 +28,8 @@ StepCallback = Callable[[int, int], None]
 class PipelineOutput:
     images: list[Any]  # PIL images, numpy arrays (H, W, 3) in [0, 1], or latent tensors
     timings: dict = field(default_factory=dict)
+    # Video families: uint8 arrays (T, H, W, 3) by default, float arrays in [0, 1] for output_type "np", or latents.
+    videos: list[Any] = field(default_factory=list)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -61,6 +63,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
+        self.pipeline_config: dict[str, Any] = {}  # model_index.json's settings beside the components (`load` sets)
 
     @classmethod
     def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
@@ -69,7 +72,9 @@ class Pipeline:
         from ditserve.loader.folder import load_components
 
         components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
-        return cls(source.spec, components, device, dtype, source.sampling_defaults())
+        pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
+        pipeline.pipeline_config = source.pipeline_config()
+        return pipeline
 
     @property
     def family(self) -> str:
@@ -77,8 +82,10 @@ class Pipeline:
 
     # ---- what the engine applies its features to -----------------------------------------------------------------
     def transformers(self) -> dict[str, nn.Module]:
-        """Our DiTs by component name (sequence parallelism, attention backend, compile, CUDA graphs, LoRA)."""
-        return {d.component: getattr(self.c, d.component) for d in self.spec.dits}
+        """Our DiTs by component name (sequence parallelism, attention backend, compile, CUDA graphs, LoRA); an
+        optional one the model lacks is left out."""
+        models = {d.component: getattr(self.c, d.component, None) for d in self.spec.dits}
+        return {name: model for name, model in models.items() if model is not None}
 
     @property
     def vae(self) -> nn.Module:
@@ -108,6 +115,12 @@ class Pipeline:
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Validate, then fill every `None` from the model's defaults (and every option from the spec's)."""
         check_capabilities(params, self.spec)
+        if params.guidance_scale_2 is not None and len(self.transformers()) < 2:
+            raise ConfigError(
+                "guidance_scale_2",
+                f"this {self.family} model has one transformer; guidance_scale_2 is the second expert's CFG scale "
+                "(models with two, switched during denoising)",
+            )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
         return params.with_defaults(self.defaults()).replace(
             options={**self.spec.sampling_options, **(params.options or {})}
@@ -132,7 +145,8 @@ class Pipeline:
     # ---- benchmarks and parity checks -----------------------------------------------------------------------------
     def forward_inputs(self, height: int, width: int) -> dict[str, Any]:
         """Keyword arguments of one forward of the (first) DiT at batch 1 and this size, for a fixed prompt; the
-        same arguments run diffusers' transformer from `diffusers_pipeline()`."""
+        same arguments run diffusers' transformer from `diffusers_pipeline()`. Video families also take
+        `num_frames` (default: the model's)."""
         raise NotImplementedError
 
     def diffusers_forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
