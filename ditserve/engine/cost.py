@@ -222,14 +222,22 @@ def _dit_flops(engine, side: int) -> float:
 
 
 def _decode_flops(pipe, side: int) -> float:
+    """FLOPs of decoding one image (a video model's: one clip of its default frames) of side × side."""
     import torch
 
     vae = pipe.vae
     config = vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
+    factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_spatial", None)
+    if factor is None:
+        factor = 2 ** (len(config.block_out_channels) - 1)
     with torch.device("meta"):
         model = type(vae).from_config(config)
-    latent = torch.empty(1, config.latent_channels, side // factor, side // factor, device="meta")
+    if "z_dim" in config:  # a video VAE (Wan's): latents [batch, channels, frames, height, width]
+        frames = _latent_frames(pipe.defaults().num_frames or 1, int(getattr(pipe, "vae_scale_temporal", 1) or 1))
+        shape: tuple = (1, config.z_dim, frames, side // factor, side // factor)
+    else:
+        shape = (1, config.latent_channels, side // factor, side // factor)
+    latent = torch.empty(shape, device="meta")
     with torch.no_grad(), _flop_counter(torch) as counter:  # in float32: the count does not depend on the dtype
         model.decode(latent)
     return float(counter.get_total_flops())
