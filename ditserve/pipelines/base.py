@@ -166,6 +166,25 @@ class Pipeline:
         raise NotImplementedError
 
 
+def prompts_with_negatives(batch: list[SamplingParams]) -> tuple[list[str], list[str], list[int]]:
+    """A batch's samples in diffusers' order (each prompt's images or videos together): every prompt repeated
+    num_images times, the negative prompt beside each (a request's one negative for all its prompts, or one per
+    prompt; "" when none), and how many samples each request has."""
+    prompts: list[str] = []
+    negatives: list[str] = []
+    counts: list[int] = []
+    for p in batch:
+        own = [p.prompt] if isinstance(p.prompt, str) else list(p.prompt)
+        negs = p.negative_prompt if p.negative_prompt is not None else ""
+        negs = [negs] * len(own) if isinstance(negs, str) else list(negs)
+        negs = negs * len(own) if len(negs) == 1 else negs
+        for text, neg in zip(own, negs):
+            prompts += [text] * p.num_images
+            negatives += [neg] * p.num_images
+        counts.append(len(own) * p.num_images)
+    return prompts, negatives, counts
+
+
 def diffusers_model_sharing(model_cls, config: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """diffusers' `model_cls` built on the meta device from `config` and given the tensors of `state_dict` (ours,
     under diffusers' names: no memory is added)."""

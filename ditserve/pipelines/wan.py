@@ -61,6 +61,7 @@ from ditserve.pipelines.base import (
     PipelineOutput,
     StepCallback,
     diffusers_model_sharing,
+    prompts_with_negatives,
     seeded_noise,
 )
 from ditserve.utils.timing import StageTimer
@@ -435,20 +436,11 @@ class WanPipeline(Pipeline):
             raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
         first = batch[0]
         timer = StageTimer(self.device)
-        prompt_lists = [[p.prompt] if isinstance(p.prompt, str) else list(p.prompt) for p in batch]
+        prompts, negatives, counts = prompts_with_negatives(batch)
         with timer.stage("encode"):
-            prompts, negatives = [], []
-            for p, own in zip(batch, prompt_lists):
-                negs = p.negative_prompt if p.negative_prompt is not None else ""
-                negs = [negs] * len(own) if isinstance(negs, str) else list(negs)
-                negs = negs * len(own) if len(negs) == 1 else negs
-                for text, neg in zip(own, negs):  # diffusers' order: each prompt's videos together
-                    prompts += [text] * p.num_images
-                    negatives += [neg] * p.num_images
             use_cfg = first.guidance_scale > 1.0  # type: ignore[operator]
             embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
             cond, uncond = embeds[: len(prompts)], (embeds[len(prompts) :] if use_cfg else None)
-        counts = [len(own) * p.num_images for p, own in zip(batch, prompt_lists)]
         images = [image_from_data_uri(p.images[0]) if p.images else None for p in batch]
         image_states = None
         if images[0] is not None and self.c.transformer.config.image_dim is not None:

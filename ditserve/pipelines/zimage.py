@@ -31,6 +31,7 @@ from ditserve.pipelines.base import (
     PipelineOutput,
     StepCallback,
     diffusers_model_sharing,
+    prompts_with_negatives,
     seeded_noise,
 )
 from ditserve.pipelines.flux import calculate_shift  # the same mu as FLUX.1 (diffusers copies it too)
@@ -342,20 +343,11 @@ class ZImagePipeline(Pipeline):
             raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
         first = batch[0]
         timer = StageTimer(self.device)
-        prompt_lists = [[p.prompt] if isinstance(p.prompt, str) else list(p.prompt) for p in batch]
+        prompts, negatives, counts = prompts_with_negatives(batch)
         with timer.stage("encode"):
-            prompts, negatives = [], []
-            for p, own in zip(batch, prompt_lists):
-                negs = p.negative_prompt if p.negative_prompt is not None else ""
-                negs = [negs] * len(own) if isinstance(negs, str) else list(negs)
-                negs = negs * len(own) if len(negs) == 1 else negs
-                for text, neg in zip(own, negs):  # diffusers' order: each prompt's images together
-                    prompts += [text] * p.num_images
-                    negatives += [neg] * p.num_images
             use_cfg = first.guidance_scale > 0  # type: ignore[operator]
             embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
             cond, uncond = embeds[: len(prompts)], (embeds[len(prompts) :] if use_cfg else None)
-        counts = [len(own) * p.num_images for p, own in zip(batch, prompt_lists)]
         with timer.stage("prepare"):
             latents = torch.cat(
                 [self.prepare_latents(p.seed, n, p.height, p.width) for p, n in zip(batch, counts)]  # type: ignore[arg-type]
