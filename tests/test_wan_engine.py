@@ -114,6 +114,37 @@ def test_lora_matches_diffusers(tiny_wan, tmp_path, writer):
     assert np.array_equal(engine.generate(**request).videos[0], base)
 
 
+def test_lora_on_the_second_expert_matches_diffusers(tiny_wan_experts, tmp_path):
+    """A LoRA with `target="transformer_2"` changes only the steps the second expert runs, and gives what diffusers'
+    `load_lora_weights(..., load_into_transformer_2=True)` gives; merged and unmerged likewise."""
+    from diffusers import WanPipeline
+
+    engine = Engine.from_pretrained(str(tiny_wan_experts))
+    cfg = engine.pipeline.c.transformer_2.config
+    lora = tmp_path / "late_lora.safetensors"
+    save_file(_original_named({"dim": cfg.dim, "ffn": cfg.ffn_dim}), str(lora))
+    request = {**REQUEST, "guidance_scale": 1.0, "negative_prompt": None, "num_inference_steps": 4}
+    base = engine.generate(**request).videos[0]
+    engine.set_lora("late", str(lora), target="transformer_2")
+    targets = engine.list_loras()["targets"]
+    assert targets["transformer"]["active"] == [] and [a["nickname"] for a in targets["transformer_2"]["active"]] == [
+        "late"
+    ]
+    ours = engine.generate(**request).videos[0]
+    pipe = WanPipeline.from_pretrained(tiny_wan_experts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="late", load_into_transformer_2=True)
+    kwargs = {k: v for k, v in request.items() if k not in ("seed", "negative_prompt")}
+    theirs = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(request["seed"])).frames[0]
+    assert np.abs(ours - base).max() > 1e-2
+    assert np.abs(ours - theirs).max() < 1e-4
+    engine.merge_lora_weights(target="transformer_2")
+    assert np.abs(engine.generate(**request).videos[0] - theirs).max() < 1e-4
+    engine.unmerge_lora_weights(target="transformer_2")
+    engine.set_lora([], [])
+    assert np.array_equal(engine.generate(**request).videos[0], base)
+
+
 # ---- Wan2.2's experts and input images across ranks ----------------------------------------------------------------
 IMAGE = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
 
