@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 
@@ -38,6 +39,19 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument(
+        "--sampling-preset",
+        default=None,
+        metavar="NAME",
+        help="a named way of sampling of the model's family (e.g. Wan's lightx2v-4step, for LightX2V's 4-step LoRAs)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a setting of the model family's own (repeatable), e.g. --option sampler=euler --option flow_shift=5",
+    )
     video = p.add_argument_group("video and image-conditioned models")
     video.add_argument("--num-frames", type=int, default=None, help="frames of the clip (video models; 4k+1 for Wan)")
     video.add_argument("--fps", type=int, default=None, help="frame rate of the written clip (default: the model's)")
@@ -47,6 +61,23 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--image", action="append", default=None, help="input image (image-to-video, edits); repeat for several"
     )
+
+
+def parse_options(pairs: list[str] | None) -> dict | None:
+    """--option NAME=VALUE flags as an options dict: VALUE read as JSON (numbers, true/false, null), else a string."""
+    if not pairs:
+        return None
+    options: dict = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"ditserve: --option: {pair!r} is not NAME=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options[name.strip()] = value
+    return options
 
 
 def _format_summary(result, paths) -> str:
@@ -98,6 +129,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         fps=ns.fps,
         images=ns.image,
         guidance_scale_2=ns.guidance_scale_2,
+        sampling_preset=ns.sampling_preset,
+        options=parse_options(ns.option),
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)

@@ -25,6 +25,11 @@ class CliParser(argparse.ArgumentParser):
 
 
 def field_to_flag(field: str) -> str:
+    """The CLI flag of a request field, as errors name it: `options.flow_shift` is `--option flow_shift=...`."""
+    if field.startswith("options."):
+        return f"--option {field.split('.', 1)[1]}"
+    if field == "options":
+        return "--option"
     return "--" + field.replace("_", "-")
 
 

@@ -190,6 +190,8 @@ class SamplingParams:
     output_type: str = "pil"
     # Models with two experts (one for the noisy steps, one for the rest): the second's CFG scale; None: guidance_scale.
     guidance_scale_2: float | None = None
+    # A named way of sampling of the model's family (ModelSpec.sampling_presets): it fills the fields left unset.
+    sampling_preset: str | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -245,6 +247,8 @@ class SamplingParams:
                     raise ConfigError(
                         f"options.{name}", f"must be a number, a string, true/false or null, got {value!r}"
                     )
+        if self.sampling_preset is not None and not isinstance(self.sampling_preset, str):
+            raise ConfigError("sampling_preset", f"must be a preset's name, got {self.sampling_preset!r}")
         n = self.num_images
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
             raise ConfigError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")

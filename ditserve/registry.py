@@ -78,6 +78,9 @@ class ModelSpec:
     max_sequence_length: int = 512  # the longest text sequence the family's encoder is used with
     # Settings of the family's own that a request may set in `SamplingParams.options`: name → default.
     sampling_options: dict[str, Any] = field(default_factory=dict)
+    # Named ways of sampling a request may pick (`SamplingParams.sampling_preset`), e.g. a few-step distillation
+    # LoRA's: name → SamplingParams fields (and `options`) that fill what the request leaves unset.
+    sampling_presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     presets: tuple[Preset, ...] = ()
     # "module:function" writing a tiny random folder of this family: function(path, **options) → path, with
     # `make_tiny_options` naming the options `ditserve make-tiny` offers (flag → help).

@@ -122,9 +122,26 @@ class Pipeline:
                 "(models with two, switched during denoising)",
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
+        preset_options: dict = {}
+        if params.sampling_preset is not None:
+            preset = dict(self.sampling_preset(params.sampling_preset))
+            preset_options = preset.pop("options", {})
+            if len(self.transformers()) < 2:
+                preset.pop("guidance_scale_2", None)
+            params = params.with_defaults(SamplingParams(**preset))
         return params.with_defaults(self.defaults()).replace(
-            options={**self.spec.sampling_options, **(params.options or {})}
+            options={**self.spec.sampling_options, **preset_options, **(params.options or {})}
         )
+
+    def sampling_preset(self, name: str) -> dict:
+        """The family's named way of sampling (`ModelSpec.sampling_presets`), or an error naming the field."""
+        presets = self.spec.sampling_presets
+        if name not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(
+                "sampling_preset", f"{self.family} has no sampling preset {name!r} (its presets: {known})"
+            )
+        return presets[name]
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         """One request: a batch of one."""

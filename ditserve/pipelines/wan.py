@@ -223,6 +223,7 @@ class WanPipeline(Pipeline):
                 "images", "this Wan image-to-video model needs an input image (images: [the first frame])"
             )
         resolved = super().resolve(params)
+        _check_sampler(resolved.options or {}, resolved.num_inference_steps)  # type: ignore[arg-type]
         if images:
             resolved = resolved.replace(images=[image_as_data_uri(image) for image in images])
         frames, step = resolved.num_frames, self.vae_scale_temporal
@@ -313,10 +314,28 @@ class WanPipeline(Pipeline):
         shape = (batch, *self.latent_shape(num_frames, height, width))
         return seeded_noise(shape, seed, torch.float32, self.device)
 
-    def make_scheduler(self, num_steps: int):
-        """A fresh scheduler per request (UniPC keeps the previous outputs of its multistep)."""
-        scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
-        scheduler.set_timesteps(num_steps, device=self.device)
+    def make_scheduler(self, num_steps: int, options: dict | None = None):
+        """A fresh scheduler per request (UniPC keeps the previous outputs of its multistep): the folder's, or what
+        the request's options name (`sampler`, `flow_shift`, `denoising_steps`; checked in `resolve`)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        options = options or {}
+        config = self.c.scheduler.config
+        shift = options.get("flow_shift")
+        if options.get("sampler", "unipc") == "euler":
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                shift=float(shift if shift is not None else config.get("flow_shift", 1.0)),
+            )
+        else:
+            overrides = {} if shift is None else {"flow_shift": float(shift)}
+            scheduler = type(self.c.scheduler).from_config(config, **overrides)
+        steps = options.get("denoising_steps")
+        if steps:
+            sigmas = [int(t) / config.num_train_timesteps for t in steps.split(",")]
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        else:
+            scheduler.set_timesteps(num_steps, device=self.device)
         scheduler.set_begin_index(0)
         return scheduler
 
@@ -376,7 +395,7 @@ class WanPipeline(Pipeline):
     ) -> torch.Tensor:
         """The denoising loop; `condition` and `first_frame_mask` from `image_condition`, `image_states` from
         `encode_image` (one row per sample)."""
-        scheduler = self.make_scheduler(params.num_inference_steps)  # type: ignore[arg-type]
+        scheduler = self.make_scheduler(params.num_inference_steps, params.options)  # type: ignore[arg-type]
         timesteps = scheduler.timesteps
         guidance: float = params.guidance_scale  # type: ignore[assignment]
         guidance_2 = guidance if params.guidance_scale_2 is None else params.guidance_scale_2
@@ -558,6 +577,33 @@ class WanPipeline(Pipeline):
             pipe = diffusers.WanPipeline(**common)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _check_sampler(options: dict, num_steps: int) -> None:
+    sampler, shift, steps = options.get("sampler"), options.get("flow_shift"), options.get("denoising_steps")
+    if sampler not in ("unipc", "euler"):
+        raise ConfigError("options.sampler", f"must be 'unipc' or 'euler', got {sampler!r}")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 < shift <= 100):
+        raise ConfigError(
+            "options.flow_shift", f"must be a number in (0, 100], or null for the folder's, got {shift!r}"
+        )
+    if steps is None:
+        return
+    if sampler != "euler":
+        raise ConfigError("options.denoising_steps", "needs options.sampler 'euler' (UniPC takes its own timesteps)")
+    parts = steps.split(",") if isinstance(steps, str) else []
+    if not parts or not all(p.strip().isdigit() and 0 < int(p) <= 1000 for p in parts):
+        raise ConfigError(
+            "options.denoising_steps",
+            f"must be comma-separated timesteps in 1..1000, e.g. '1000,750,500,250', got {steps!r}",
+        )
+    values = [int(p) for p in parts]
+    if values != sorted(set(values), reverse=True):
+        raise ConfigError("options.denoising_steps", f"must decrease strictly, got {steps!r}")
+    if len(values) != num_steps:
+        raise ConfigError(
+            "options.denoising_steps", f"names {len(values)} timesteps for {num_steps} steps (num_inference_steps)"
+        )
 
 
 # ---- the VAE decode with its tiles shared out over the ranks ------------------------------------------------------
