@@ -110,6 +110,8 @@ def make_tiny_flux2(path: str | os.PathLike, spec: TinyFlux2Spec | None = None) 
     torch.manual_seed(spec.seed)
     tokenizer = qwen3_tokenizer() if spec.klein else mistral_tokenizer()
     text_encoder = _qwen3(tokenizer, spec) if spec.klein else _mistral3(tokenizer, spec)
+    with torch.no_grad():  # unit-scale token embeddings, so that prompts (and CFG's negative) visibly differ
+        text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
     levels = len(spec.vae_block_out_channels)
     vae = AutoencoderKLFlux2(
         in_channels=3,
