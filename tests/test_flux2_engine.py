@@ -61,7 +61,10 @@ def test_parallel_mode_matches_one_process(case, dev_folder, klein_folder):
 
 def _pairs(modules: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0) -> dict[str, tuple]:
     g = torch.Generator().manual_seed(seed)
-    return {m: (torch.randn(rank, i, generator=g) * 0.3, torch.randn(o, rank, generator=g) * 0.3) for m, (o, i) in modules.items()}
+    return {
+        m: (torch.randn(rank, i, generator=g) * 0.3, torch.randn(o, rank, generator=g) * 0.3)
+        for m, (o, i) in modules.items()
+    }
 
 
 def test_lora_matches_diffusers_in_both_namings(dev_engine, tmp_path):
@@ -116,8 +119,13 @@ def test_lora_matches_diffusers_in_both_namings(dev_engine, tmp_path):
         "single_blocks.1.linear2": pairs["single_transformer_blocks.1.attn.to_out"],
         "double_stream_modulation_img.lin": pairs["double_stream_modulation_img.linear"],
     }
-    same = {m: pairs[m] for m in modules if m not in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v")}
-    same |= {f"transformer_blocks.0.attn.to_{x}": (a_qkv.clone(), pairs[f"transformer_blocks.0.attn.to_{x}"][1]) for x in "kv"}
+    same = {
+        m: pairs[m] for m in modules if m not in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v")
+    }
+    same |= {
+        f"transformer_blocks.0.attn.to_{x}": (a_qkv.clone(), pairs[f"transformer_blocks.0.attn.to_{x}"][1])
+        for x in "kv"
+    }
     bfl_file, same_file = tmp_path / "bfl.safetensors", tmp_path / "same.safetensors"
     save_file(
         {f"diffusion_model.{m}.lora_{p}.weight": t for m, (a, b) in bfl.items() for p, t in (("A", a), ("B", b))},

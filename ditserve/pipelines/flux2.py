@@ -79,9 +79,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 def position_ids(t: int, h: int, w: int, length: int, device: torch.device) -> torch.Tensor:
     """[h·w·length, 4] ids (t, row, col, l), row-major: the order tokens are packed in."""
-    grids = torch.meshgrid(
-        torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(length), indexing="ij"
-    )
+    grids = torch.meshgrid(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(length), indexing="ij")
     return torch.stack([g.reshape(-1) for g in grids], dim=-1).to(device)
 
 
@@ -172,7 +170,8 @@ class Flux2Pipeline(Pipeline):
             )
         if params.negative_prompt is not None:
             raise ConfigError(
-                "negative_prompt", "FLUX.2 [dev] is guidance-distilled and takes no negative prompt (diffusers' neither)"
+                "negative_prompt",
+                "FLUX.2 [dev] is guidance-distilled and takes no negative prompt (diffusers' neither)",
             )
 
     def batch_key(self, params: SamplingParams) -> tuple:
@@ -233,14 +232,17 @@ class Flux2Pipeline(Pipeline):
         `images`)."""
         width, height = image.size
         if width * height > REFERENCE_MAX_DECODED_PIXELS:
-            raise ConfigError("images", f"image {index} is {width}×{height}: larger than {REFERENCE_MAX_DECODED_PIXELS} pixels")
+            raise ConfigError(
+                "images", f"image {index} is {width}×{height}: larger than {REFERENCE_MAX_DECODED_PIXELS} pixels"
+            )
         if min(width, height) < REFERENCE_MIN_SIDE:
             raise ConfigError(
                 "images", f"image {index} is {width}×{height}: both sides must be at least {REFERENCE_MIN_SIDE} pixels"
             )
         if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
             raise ConfigError(
-                "images", f"image {index} is {width}×{height}: the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1"
+                "images",
+                f"image {index} is {width}×{height}: the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1",
             )
         if width * height > REFERENCE_MAX_AREA:
             image = self.image_processor._resize_to_target_area(image, REFERENCE_MAX_AREA)
