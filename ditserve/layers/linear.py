@@ -311,3 +311,33 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.apply_lora(x, self._product(x, self.weight))
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
+
+
+class PackedColumnParallelLinear(MergedColumnParallelLinear):
+    """A merged column-parallel linear whose parts a checkpoint stores as one tensor (FLUX.2's SwiGLU `linear_in`
+    holds [gate | up]; its single-stream `to_qkv_mlp_proj` holds [q | k | v | gate | up]). The one tensor is cut
+    into its parts at load time, so each rank still keeps its share of every part side by side; a LoRA on the
+    checkpoint's module covers every part."""
+
+    def expected_shards(self) -> int:
+        return 1
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is not None:
+            raise ValueError(f"a packed linear loads from one tensor; got shard id {shard_id}")
+        expected = (sum(self.output_sizes), *param.shape[1:])
+        _check_shape("weight" if param.dim() == 2 else "bias", torch.Size(expected), loaded.shape)
+        for part, piece in enumerate(loaded.split(self.output_sizes, dim=0)):
+            super().weight_loader(param, piece, part)
+
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        if first_part is None and num_parts == 1:  # the checkpoint's one module: every part
+            return sum(self.output_sizes), self.in_features
+        return super().lora_full_shape(first_part, num_parts)
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if first_part is None and num_parts == 1:
+            return super().lora_shard(down, up, 0, len(self.output_sizes))
+        return super().lora_shard(down, up, first_part, num_parts)
