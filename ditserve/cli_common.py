@@ -30,6 +30,8 @@ def field_to_flag(field: str) -> str:
         return f"--option {field.split('.', 1)[1]}"
     if field == "options":
         return "--option"
+    if field == "images":
+        return "--image"
     return "--" + field.replace("_", "-")
 
 

@@ -224,3 +224,4 @@ def test_option_flags_parse_and_errors_name_them():
         parse_options(["sampler"])
     assert field_to_flag("options.flow_shift") == "--option flow_shift"
     assert field_to_flag("sampling_preset") == "--sampling-preset"
+    assert field_to_flag("images") == "--image"
