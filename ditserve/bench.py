@@ -202,13 +202,24 @@ def run_bench(ns: argparse.Namespace) -> int:
     if args.compile:
         report["ditserve_compile_and_bench_s"] = time.perf_counter() - t0
 
+    reference = pipeline  # whose weights diffusers runs: ours, unless they are quantised
+    if args.quantization is not None:
+        # diffusers runs the model in the activation dtype: from an engine of ours without quantisation, which is
+        # timed too (the quantisation's own speed-up), and whose DiT the quantised one is compared with.
+        plain = Engine(dataclasses.replace(args, quantization=None))
+        reference = plain.pipeline
+        plain_inputs = reference.forward_inputs(ns.height, ns.width, **frames)
+        report["results"][f"ditserve {str(engine.dtype).replace('torch.', '')}"] = _bench_ours(
+            plain, gen, ns.repeat, plain_inputs
+        )
+        report["quantization"] = args.quantization
     if not ns.no_diffusers:
         import diffusers
 
         report["diffusers"] = diffusers.__version__
-        pipe = pipeline.diffusers_pipeline()
+        pipe = reference.diffusers_pipeline()
         dt = pipe.transformer
-        their_inputs = pipeline.diffusers_forward_inputs(inputs)
+        their_inputs = reference.diffusers_forward_inputs(inputs)
         ours_dit = next(iter(pipeline.transformers().values()))
         with torch.no_grad():
             ours_out, ref_out = (
@@ -242,7 +253,8 @@ def run_bench(ns: argparse.Namespace) -> int:
 
     print(
         f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {report['steps']} steps, "
-        f"{report['dtype']}, compile={args.compile}, on {report['device']}"
+        f"{report['dtype']}{', ' + args.quantization if args.quantization else ''}, compile={args.compile}, "
+        f"on {report['device']}"
     )
     print(f"{'engine':<20} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
     for name, r in report["results"].items():

@@ -12,7 +12,7 @@ import math
 import warnings
 from pathlib import Path
 
-from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS
+from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS, QUANTIZATIONS
 
 
 class UsageError(Exception):
@@ -62,6 +62,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="fp8: the DiT blocks' linears in float8 e4m3 (per-channel weight scales, per-token activations; "
+        "needs FP8 tensor cores: Ada, Hopper or newer)",
+    )
     p.add_argument(
         "--vae-tiling",
         action="store_true",

@@ -31,6 +31,7 @@ DTYPES: dict[str, str] = {
 LOAD_FORMATS = ("auto", "dummy")
 OUTPUT_TYPES = ("pil", "np", "latent")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
 
 # Bounds that keep one request from exhausting the machine; generous for real use.
 MAX_SIDE = 4096
@@ -70,6 +71,8 @@ class EngineArgs:
     # shared out over the ranks when there are several); off by default, as in diffusers.
     vae_tiling: bool = False
     cuda_graphs: bool = True  # replay the DiT forward as a CUDA graph per input shape (CUDA only; see accel/cuda_graph)
+    # "fp8": the DiT blocks' linears in float8 e4m3 with per-channel scales, activations per token (accel/fp8.py).
+    quantization: str | None = None
     seed_for_dummy_weights: int = 0
     # Several GPUs (on the CPU: several processes); num_gpus = ulysses · ring · (2 if cfg_parallel) · tp_size.
     num_gpus: int = 1
@@ -94,6 +97,10 @@ class EngineArgs:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 "attention_backend", f"{self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                "quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or none)"
             )
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:

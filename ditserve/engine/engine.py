@@ -101,11 +101,23 @@ class Engine:
             # Groups first: tensor-parallel layers read their group while the model is built.
             self.groups = init_parallel_groups(self.parallel)
             self._control = dist.new_group(backend="gloo")
+        if args.quantization == "fp8":  # before the (long) load: a card without FP8 tensor cores is refused
+            from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+            try:
+                check_fp8_device(self.device)
+            except FP8Unsupported as e:
+                raise ConfigError("quantization", str(e)) from None
         cls = load_object(self.source.spec.pipeline)
         self.pipeline: Pipeline = cls.load(
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
         transformers = self.pipeline.transformers().values()
+        if args.quantization == "fp8":
+            from ditserve.accel.fp8 import quantize_dit
+
+            for transformer in transformers:
+                quantize_dit(transformer)
         if self.groups is not None:
             self.pipeline.parallel = self.groups
             if self.groups.sequence is not None:
