@@ -62,6 +62,12 @@ class CacheDiTSettings:
     taylorseer: bool = False  # TaylorSeer: cached steps extrapolate the blocks' output instead of reusing it
     taylorseer_order: int | None = None
 
+    @staticmethod
+    def flag_field(name: str) -> str:
+        """The engine flag's field of a setting (`cache_dit_fn` for fn_compute_blocks, ...)."""
+        short = {"fn_compute_blocks": "fn", "bn_compute_blocks": "bn", "config_file": "config"}
+        return "cache_dit_" + short.get(name, name)
+
     def validate(self) -> None:
         import os
 
@@ -70,11 +76,11 @@ class CacheDiTSettings:
         for name in ("fn_compute_blocks", "bn_compute_blocks", "max_warmup_steps", "taylorseer_order"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"cache_dit_{name}", f"must be an integer >= 0, got {value!r}")
+                raise ConfigError(self.flag_field(name), f"must be an integer >= 0, got {value!r}")
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
-                raise ConfigError(f"cache_dit_{name}", f"must be an integer >= -1 (-1: no limit), got {value!r}")
+                raise ConfigError(self.flag_field(name), f"must be an integer >= -1 (-1: no limit), got {value!r}")
         value = self.residual_diff_threshold
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
             raise ConfigError("cache_dit_residual_diff_threshold", f"must be a number >= 0, got {value!r}")
