@@ -38,6 +38,14 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a setting of the model's own (a diffusers pipeline's __call__ parameter with the diffusers backend, "
+        "e.g. use_resolution_binning=false); VALUE is JSON, else a string; repeatable",
+    )
     video = p.add_argument_group("video and image-conditioned models")
     video.add_argument("--num-frames", type=int, default=None, help="frames of the clip (video models; 4k+1 for Wan)")
     video.add_argument("--fps", type=int, default=None, help="frame rate of the written clip (default: the model's)")
@@ -47,6 +55,24 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--image", action="append", default=None, help="input image (image-to-video, edits); repeat for several"
     )
+
+
+def parse_options(values: list[str] | None) -> dict | None:
+    """--option NAME=VALUE flags as SamplingParams.options (VALUE read as JSON, else kept as a string)."""
+    import json
+
+    if not values:
+        return None
+    options = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"ditserve: --option: {item!r} is not NAME=VALUE")
+        try:
+            options[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[name.strip()] = raw
+    return options
 
 
 def _format_summary(result, paths) -> str:
@@ -98,6 +124,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         fps=ns.fps,
         images=ns.image,
         guidance_scale_2=ns.guidance_scale_2,
+        options=parse_options(ns.option),
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)

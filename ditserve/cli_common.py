@@ -67,9 +67,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="decode large images in overlapping tiles (as diffusers' enable_tiling); spread over the GPUs",
     )
-    p.add_argument(
-        "--vae-slicing", action="store_true", help="decode a batch's images one at a time (less memory)"
-    )
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch's images one at a time (less memory)")
     p.add_argument(
         "--dit-layerwise-offload",
         action="store_true",

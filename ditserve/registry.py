@@ -128,7 +128,7 @@ def spec_for_pipeline_class(class_name: str) -> ModelSpec | None:
 
 
 def choose_backend(class_name: str, backend: str) -> str:
-    """"native" or "diffusers" for a folder of this pipeline class and a --backend value; ValueError (the message
+    """ "native" or "diffusers" for a folder of this pipeline class and a --backend value; ValueError (the message
     for the user) when native is asked for a class no family serves."""
     if backend not in BACKENDS:
         raise ValueError(f"{backend!r} is not one of {', '.join(BACKENDS)}")

@@ -53,8 +53,6 @@ def enable_cache_dit(pipe, settings: CacheDiTSettings) -> None:
 
     try:
         loaded = cache_dit.load_configs(cache_dit_configs(settings))
-        cache_dit.enable_cache(
-            pipe, cache_config=loaded["cache_config"], calibrator_config=loaded["calibrator_config"]
-        )
+        cache_dit.enable_cache(pipe, cache_config=loaded["cache_config"], calibrator_config=loaded["calibrator_config"])
     except (ValueError, TypeError, KeyError, AssertionError) as e:
         raise ConfigError("cache_dit", f"cache-dit refused the settings or this pipeline ({e})") from None

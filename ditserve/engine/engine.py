@@ -277,7 +277,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """"native" (our family's pipeline) or "diffusers" (the diffusers backend)."""
+        """ "native" (our family's pipeline) or "diffusers" (the diffusers backend)."""
         return self.source.backend
 
     def defaults(self) -> SamplingParams:

@@ -250,4 +250,3 @@ def _adapter_footprint(model: nn.Module, adapter: str) -> tuple[int, int, set[in
         for part in (layer.lora_A[adapter], layer.lora_B[adapter]):
             size += sum(p.numel() * p.element_size() for p in part.parameters())
     return count, size, ranks
-

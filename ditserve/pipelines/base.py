@@ -97,7 +97,9 @@ class Pipeline:
         """Refuse, naming the flag, what the engine arguments ask of this pipeline that it cannot do (before any
         rank starts). Native families: the cache-dit library and layerwise offload are the diffusers backend's."""
         if args.cache_dit is not None:
-            raise ConfigError("cache_dit", "the cache-dit library runs with the diffusers backend (--backend diffusers)")
+            raise ConfigError(
+                "cache_dit", "the cache-dit library runs with the diffusers backend (--backend diffusers)"
+            )
         if args.dit_layerwise_offload:
             raise ConfigError(
                 "dit_layerwise_offload",

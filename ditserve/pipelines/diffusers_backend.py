@@ -139,7 +139,9 @@ def backend_spec(
         defaults["negative_prompt"] = negative.default
     if video:
         frame_rate = parameters.get("frame_rate")
-        defaults["fps"] = frame_rate.default if frame_rate is not None and isinstance(frame_rate.default, int) else VIDEO_FPS
+        defaults["fps"] = (
+            frame_rate.default if frame_rate is not None and isinstance(frame_rate.default, int) else VIDEO_FPS
+        )
     return ModelSpec(
         family=class_name,
         pipeline_classes=(class_name,),
@@ -182,7 +184,7 @@ class DiffusersBackendPipeline(Pipeline):
             pipe = pipeline_cls(**{name: value for name, value in components.items() if name in accepted})
         else:
             try:
-                pipe = diffusers.DiffusionPipeline.from_pretrained(source.folder, torch_dtype=dtype)
+                pipe = diffusers.DiffusionPipeline.from_pretrained(source.folder, dtype=dtype)
             except (OSError, ValueError, TypeError) as e:
                 raise LoaderError(f"{source.folder}: diffusers cannot load it ({type(e).__name__}: {e})") from None
             pipe.to(device)
