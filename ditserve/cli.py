@@ -132,7 +132,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if not engine.is_driver:  # another rank of a torchrun or multi-node launch: follow rank 0
         engine.follow()
         return 0
-    print(f"ditserve: {engine.source.describe_backend()}", file=sys.stderr)
+    if engine.backend != "native" or ns.backend != "auto":  # a folder's native family is the unremarkable case
+        print(f"ditserve: {engine.source.describe_backend()}", file=sys.stderr)
     makes_video = engine.pipeline.spec.output == "video"
     output = ns.output or ("out.mp4" if makes_video else "out.png")
     if not (is_video_path(output) if makes_video else is_image_path(output)):

@@ -329,3 +329,32 @@ def test_served_through_the_openai_client(folders, engines, tmp_path):
         assert np.array_equal(styled, ours(engine, "sd3", "a fox", 5))
     finally:
         engine.set_lora([])
+
+
+def test_bench_times_native_and_the_backend_in_one_run(tiny_dev, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tiny_dev), "--load-format", "auto", "--device", "cpu", "--height", "32"]
+    argv += ["--width", "32", "--repeat", "1", "--num-inference-steps", "2", "--no-diffusers", "--json", str(out)]
+    assert main([*argv, "--backend", "native,diffusers"]) == 0
+    report = json.loads(out.read_text())
+    assert report["backends"] == ["native", "diffusers"]
+    assert set(report["results"]) == {"ditserve", "ditserve[diffusers]"}
+    assert report["results"]["ditserve[diffusers]"]["step_ms"] > 0
+    assert report["native_over_diffusers_backend"]["generation"] > 0
+    assert main([*argv, "--backend", "native,bogus"]) == 2
+
+
+def test_cache_dit_steps_when_installed(folders, engines):
+    """cache-dit (optional): warm-up over every step computes every step, the plain picture; caching after the
+    first step with a threshold nothing stays under changes it."""
+    pytest.importorskip("cache_dit")
+    steps = {**SIZE, "num_inference_steps": 6}
+    plain = engines("sd3").generate("x", seed=1, **steps).images[0]
+    warm = {"max_warmup_steps": 6, "fn_compute_blocks": 1, "bn_compute_blocks": 0}
+    every = Engine.from_pretrained(str(folders["sd3"]), cache_dit=warm).generate("x", seed=1, **steps).images[0]
+    assert np.array_equal(np.asarray(every), np.asarray(plain))
+    cached = {**warm, "max_warmup_steps": 1, "residual_diff_threshold": 10.0, "taylorseer": True}
+    skipped = Engine.from_pretrained(str(folders["sd3"]), cache_dit=cached).generate("x", seed=1, **steps).images[0]
+    assert not np.array_equal(np.asarray(skipped), np.asarray(plain))
