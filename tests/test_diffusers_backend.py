@@ -358,3 +358,17 @@ def test_cache_dit_steps_when_installed(folders, engines):
     cached = {**warm, "max_warmup_steps": 1, "residual_diff_threshold": 10.0, "taylorseer": True}
     skipped = Engine.from_pretrained(str(folders["sd3"]), cache_dit=cached).generate("x", seed=1, **steps).images[0]
     assert not np.array_equal(np.asarray(skipped), np.asarray(plain))
+
+
+@pytest.mark.gpu
+def test_context_parallelism_through_diffusers_matches_one_gpu(tiny_dev):
+    """--ulysses-degree 2 with the backend: diffusers' context parallelism over two GPUs, the one-GPU picture."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    kwargs = dict(seed=2, height=64, width=64, num_inference_steps=2, output_type="np")
+    one = Engine.from_pretrained(str(tiny_dev), backend="diffusers", dtype="float32").generate("x", **kwargs)
+    with Engine.from_pretrained(
+        str(tiny_dev), backend="diffusers", dtype="float32", num_gpus=2, ulysses_degree=2
+    ) as engine:
+        two = engine.generate("x", **kwargs)
+    assert np.abs(np.asarray(one.images[0]) - np.asarray(two.images[0])).max() < 1e-3
