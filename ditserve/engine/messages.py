@@ -75,6 +75,7 @@ class ModelInfo:
     dtype: str
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
+    backend: str = "native"  # who runs the model: "native" (our DiT) or "diffusers" (the diffusers backend)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

@@ -140,3 +140,35 @@ def mistral_tokenizer():
         model_max_length=131072,
         chat_template=MISTRAL_CHAT_TEMPLATE,
     )
+
+
+def _byte_vocab(specials: tuple[str, ...]) -> dict[str, int]:
+    """Byte-level BPE's 256 single-byte tokens, then the special tokens."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in specials:
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def gemma_tokenizer():
+    """Gemma's tokenizer structure (Sana's Gemma2 text encoder): `<pad>`, `<eos>`, `<bos>` (prepended), `<unk>`,
+    spaces as ▁, BPE over a small vocabulary (no merges)."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "▁": 4}  # ▁: a space
+    vocab.update({ch: i + 5 for ch, i in _byte_vocab(()).items()})
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192)
+
+
+def llama_tokenizer():
+    """Llama's tokenizer structure (HunyuanVideo's Llama text encoder): `<s>` prepended, `</s>`, `<unk>` as the pad,
+    spaces as ▁, BPE over a small vocabulary (no merges)."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}  # ▁: a space
+    vocab.update({ch: i + 4 for ch, i in _byte_vocab(()).items()})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

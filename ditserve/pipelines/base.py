@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ditserve.config import ConfigError, SamplingParams
+from ditserve.config import ConfigError, EngineArgs, SamplingParams
 from ditserve.registry import ModelSpec
 
 # The prompt of `Pipeline.forward_inputs` (benchmarks time one DiT forward on it).
@@ -90,6 +90,32 @@ class Pipeline:
     @property
     def vae(self) -> nn.Module:
         return self.c.vae
+
+    # ---- engine options the pipeline applies itself ---------------------------------------------------------------
+    @classmethod
+    def check_engine_args(cls, args: EngineArgs, source) -> None:
+        """Refuse, naming the flag, what the engine arguments ask of this pipeline that it cannot do (before any
+        rank starts). Native families: the cache-dit library and layerwise offload are the diffusers backend's."""
+        if args.cache_dit is not None:
+            raise ConfigError(
+                "cache_dit", "the cache-dit library runs with the diffusers backend (--backend diffusers)"
+            )
+        if args.dit_layerwise_offload:
+            raise ConfigError(
+                "dit_layerwise_offload",
+                "native families have no layerwise offload yet; the diffusers backend (--backend diffusers) has "
+                "diffusers' group offload",
+            )
+
+    def configure(self, args: EngineArgs, groups) -> None:
+        """Engine options this pipeline applies itself, after the engine's own on `transformers()` (sequence
+        parallelism, attention backend, compile, CUDA graphs): none for native families."""
+
+    def lora_manager(self):
+        """The LoRA manager of this pipeline: adapters on our DiTs' linear layers (lora.LoRAManager)."""
+        from ditserve.lora import LoRAManager, lora_targets
+
+        return LoRAManager(lora_targets(self))
 
     # ---- defaults and validation ---------------------------------------------------------------------------------
     @property
