@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ditserve.accel.cache_config import CacheConfig
 from ditserve.errors import FieldError
 
 if TYPE_CHECKING:
@@ -85,9 +86,13 @@ class EngineArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # host:port of node 0
+    # DiT caching for requests that name none (a CacheConfig, its dict, or a method name; None: off).
+    cache: CacheConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         import torch
+
+        self.cache = CacheConfig.coerce(self.cache)
 
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -190,6 +195,8 @@ class SamplingParams:
     output_type: str = "pil"
     # Models with two experts (one for the noisy steps, one for the rest): the second's CFG scale; None: guidance_scale.
     guidance_scale_2: float | None = None
+    # DiT caching (accel/cache_config.py): a CacheConfig or its dict; None: the engine's default; method "none": off.
+    cache: CacheConfig | dict | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -255,6 +262,10 @@ class SamplingParams:
                 raise ConfigError("max_sequence_length", f"must be an integer from 1 to {limit}, got {msl!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise ConfigError("output_type", f"{self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if self.cache is not None:
+            if not isinstance(self.cache, CacheConfig | dict):
+                raise ConfigError("cache", f"must be an object of cache settings, got {type(self.cache).__name__}")
+            CacheConfig.coerce(self.cache)
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -281,6 +292,7 @@ class SamplingParams:
             self.true_cfg_scale,
             self.max_sequence_length,
             uses_negative,
+            CacheConfig.coerce(self.cache).key() if self.cache is not None else None,
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ditserve.accel.cache_config import CacheConfig
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.registry import ModelSpec
 
@@ -123,12 +124,40 @@ class Pipeline:
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
         return params.with_defaults(self.defaults()).replace(
-            options={**self.spec.sampling_options, **(params.options or {})}
+            options={**self.spec.sampling_options, **(params.options or {})}, cache=self.resolve_cache(params.cache)
         )
+
+    def resolve_cache(self, cache) -> CacheConfig:
+        """A request's cache setting with the method's defaults filled in, checked against the DiTs' blocks."""
+        config = CacheConfig.coerce(cache).resolved()
+        if config.enabled:
+            for name, model in self.transformers().items():
+                if getattr(model, "block_loop", None) is None:
+                    raise ConfigError("cache", f"{self.family}'s {name} has no block loop to cache")
+                config.check_blocks(len(model.repeated_blocks()))
+        return config
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         """One request: a batch of one."""
-        return self.run_batch([params], on_step)[0]
+        return self.generate([params], on_step)[0]
+
+    def generate(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """`run_batch` with the batch's DiT caching on the DiTs' block loops (the requests of a batch share their
+        `cache` setting: it is part of the batch key); the outputs' timings then carry `cache`, the counts of
+        block computations run and skipped."""
+        config = CacheConfig.coerce(batch[0].cache)
+        if not config.enabled:
+            return self.run_batch(batch, on_step)
+        from ditserve.accel.cache import caching
+
+        models = list(self.transformers().values())
+        steps: int = batch[0].num_inference_steps  # type: ignore[assignment]
+        with caching(models, config, steps, self.parallel) as session:
+            outputs = self.run_batch(batch, session.wrap(on_step))
+        report = {"method": config.method, **session.stats.to_dict()}
+        for output in outputs:
+            output.timings["cache"] = dict(report)
+        return outputs
 
     # ---- batches of requests --------------------------------------------------------------------------------------
     def batch_key(self, params: SamplingParams) -> tuple:
