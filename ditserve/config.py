@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ditserve.accel.cache_config import CacheConfig
+from ditserve.accel.cache_config import CacheConfig, CacheConfigError
 from ditserve.errors import FieldError
 
 if TYPE_CHECKING:
@@ -265,7 +265,10 @@ class SamplingParams:
         if self.cache is not None:
             if not isinstance(self.cache, CacheConfig | dict):
                 raise ConfigError("cache", f"must be an object of cache settings, got {type(self.cache).__name__}")
-            CacheConfig.coerce(self.cache)
+            try:
+                CacheConfig.coerce(self.cache)
+            except CacheConfigError as e:
+                raise ConfigError(e.field, e.message) from None
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)

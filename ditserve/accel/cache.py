@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ditserve.accel.cache_config import CacheConfig, mask_compute_steps
+from ditserve.accel.cuda_graph import CudaGraphs
 from ditserve.layers.blocks import LoopStep, State, run_steps
 
 # Relative changes are computed in float32; a denominator below this counts as zero (the change as infinite).
@@ -114,8 +116,10 @@ class LoopCache:
         teacache_coefficients: Sequence[float],
         reduce_sum: Callable[[torch.Tensor], None],
         reduce_max: Callable[[torch.Tensor], None],
+        graphs: CudaGraphs | None = None,
     ):
         self.session = session
+        self.graphs = graphs
         self.coefficients = list(teacache_coefficients)
         self.reduce_sum = reduce_sum
         self.reduce_max = reduce_max
@@ -153,7 +157,7 @@ class LoopCache:
         stats.blocks_total += n
 
         state_in = state
-        state = run_steps(steps[:head], state)
+        state = self._run(steps, state, 0, head)
         if cfg.method in ("dbcache", "taylorseer"):
             first_residual = state[0] - _glued(steps[:head], state_in)[0]
             skip = self._dbcache_rows(branch, first_residual, step)
@@ -173,7 +177,7 @@ class LoopCache:
             state = self._apply_cached(branch, _glued(middle, state), step)
         else:
             entry = state
-            state = run_steps(middle, state)
+            state = self._run(steps, state, head, tail)
             residual = tuple(out - base for out, base in zip(state, _glued(middle, entry)))
             if bool(skip.any()):
                 cached = self._apply_cached(branch, _glued(middle, entry), step)
@@ -183,7 +187,41 @@ class LoopCache:
         if all_skip:
             stats.blocks_skipped += tail_blocks(block_at, head, tail)
             stats.forwards_skipping += 1
-        return run_steps(steps[tail:], state)
+        return self._run(steps, state, tail, len(steps))
+
+    def _run(self, steps: list[LoopStep], state: State, start: int, stop: int) -> State:
+        """Steps [start, stop) on the state: replayed as a CUDA graph when the model has them (one per run of
+        blocks and input shapes, shared by every branch and request: the state and the blocks' tensors are its
+        inputs), else eagerly."""
+        part = steps[start:stop]
+        if not part or self.graphs is None or state[0].device.type != "cuda":
+            return run_steps(part, state)
+        tensors: list[torch.Tensor] = []
+        index: dict[int, int] = {}
+        templates = []
+        for step in part:
+            leaves, spec = tree_flatten(step.args)
+            template = []
+            for leaf in leaves:
+                if isinstance(leaf, torch.Tensor):
+                    if id(leaf) not in index:
+                        index[id(leaf)] = len(tensors)
+                        tensors.append(leaf)
+                    template.append(("tensor", index[id(leaf)]))
+                else:
+                    template.append(("value", leaf))
+            templates.append((spec, template))
+        n_state = len(state)
+
+        def run(*flat: torch.Tensor) -> State:
+            current, inputs = tuple(flat[:n_state]), flat[n_state:]
+            for step, (spec, template) in zip(part, templates):
+                leaves = [inputs[v] if kind == "tensor" else v for kind, v in template]
+                current = LoopStep(step.block, step.fn, tree_unflatten(leaves, spec)).run(current)
+            return current
+
+        name = ("blocks", start, stop, n_state, tuple(tuple(t) for _, t in templates))
+        return self.graphs.replay(name, run, (*state, *tensors))  # type: ignore[return-value]
 
     # ---- decisions ------------------------------------------------------------------------------------------------
     def _limits_allow(self, branch: _Branch, step: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -363,7 +401,9 @@ def caching(models: Sequence[nn.Module], config: CacheConfig, num_steps: int, gr
             if loop.hook is not None:
                 raise RuntimeError(f"{type(model).__name__}'s block loop already has a hook")
             coefficients = config.teacache_coefficients or getattr(model, "teacache_coefficients", IDENTITY_RESCALE)
-            hook = LoopCache(session, coefficients, reduce_sum, reduce_max)
+            graphs = model.__dict__.get("forward")  # the engine's CUDA graphs of this model, when it has them
+            graphs = graphs if isinstance(graphs, CudaGraphs) else None
+            hook = LoopCache(session, coefficients, reduce_sum, reduce_max, graphs)
             session.hooks.append(hook)
             loop.hook = hook
             loops.append(loop)

@@ -34,6 +34,7 @@ _PARAM_FIELDS = (
     "num_images",
     "options",
     "max_sequence_length",
+    "cache",
 )
 
 

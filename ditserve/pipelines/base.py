@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ditserve.accel.cache_config import CacheConfig
+from ditserve.accel.cache_config import CacheConfig, CacheConfigError
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.registry import ModelSpec
 
@@ -129,12 +129,15 @@ class Pipeline:
 
     def resolve_cache(self, cache) -> CacheConfig:
         """A request's cache setting with the method's defaults filled in, checked against the DiTs' blocks."""
-        config = CacheConfig.coerce(cache).resolved()
-        if config.enabled:
-            for name, model in self.transformers().items():
-                if getattr(model, "block_loop", None) is None:
-                    raise ConfigError("cache", f"{self.family}'s {name} has no block loop to cache")
-                config.check_blocks(len(model.repeated_blocks()))
+        try:
+            config = CacheConfig.coerce(cache).resolved()
+            if config.enabled:
+                for name, model in self.transformers().items():
+                    if getattr(model, "block_loop", None) is None:
+                        raise ConfigError("cache", f"{self.family}'s {name} has no block loop to cache")
+                    config.check_blocks(len(model.repeated_blocks()))
+        except CacheConfigError as e:
+            raise ConfigError(e.field, e.message) from None
         return config
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
