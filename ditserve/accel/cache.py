@@ -192,9 +192,9 @@ class LoopCache:
     def _run(self, steps: list[LoopStep], state: State, start: int, stop: int) -> State:
         """Steps [start, stop) on the state: replayed as a CUDA graph when the model has them (one per run of
         blocks and input shapes, shared by every branch and request: the state and the blocks' tensors are its
-        inputs), else eagerly."""
+        inputs; CudaGraphs runs it eagerly where a graph cannot be used), else eagerly."""
         part = steps[start:stop]
-        if not part or self.graphs is None or state[0].device.type != "cuda":
+        if not part or self.graphs is None:
             return run_steps(part, state)
         tensors: list[torch.Tensor] = []
         index: dict[int, int] = {}
@@ -386,9 +386,17 @@ def _reducers(groups) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.T
 
 
 @contextlib.contextmanager
-def caching(models: Sequence[nn.Module], config: CacheConfig, num_steps: int, groups=None) -> Iterator[CacheSession]:
+def caching(
+    models: Sequence[nn.Module],
+    config: CacheConfig,
+    num_steps: int,
+    groups=None,
+    teacache_coefficients: Sequence[float] | None = None,
+) -> Iterator[CacheSession]:
     """Cache the block loops of `models` for one batch of `num_steps` denoising steps (`groups`: the engine's
-    ParallelGroups, or None on one rank). The pipeline's step callback must go through `session.wrap`."""
+    ParallelGroups, or None on one rank; `teacache_coefficients`: the checkpoint's fitted rescale polynomial, used
+    unless the config names its own; without either the change is taken as it is). The pipeline's step callback
+    must go through `session.wrap`."""
     config = config.resolved()
     session = CacheSession(config, num_steps)
     reduce_sum, reduce_max = _reducers(groups)
@@ -400,7 +408,7 @@ def caching(models: Sequence[nn.Module], config: CacheConfig, num_steps: int, gr
                 raise ValueError(f"{type(model).__name__} has no block_loop: it cannot be cached")
             if loop.hook is not None:
                 raise RuntimeError(f"{type(model).__name__}'s block loop already has a hook")
-            coefficients = config.teacache_coefficients or getattr(model, "teacache_coefficients", IDENTITY_RESCALE)
+            coefficients = config.teacache_coefficients or teacache_coefficients or IDENTITY_RESCALE
             graphs = model.__dict__.get("forward")  # the engine's CUDA graphs of this model, when it has them
             graphs = graphs if isinstance(graphs, CudaGraphs) else None
             hook = LoopCache(session, coefficients, reduce_sum, reduce_max, graphs)

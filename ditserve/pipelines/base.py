@@ -65,6 +65,8 @@ class Pipeline:
         self.dtype = dtype
         self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
         self.pipeline_config: dict[str, Any] = {}  # model_index.json's settings beside the components (`load` sets)
+        # TeaCache's rescale polynomial fitted for this checkpoint (the folder's ditserve.json), or None
+        self.teacache_coefficients: tuple[float, ...] | None = None
 
     @classmethod
     def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
@@ -75,6 +77,7 @@ class Pipeline:
         components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
         pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
         pipeline.pipeline_config = source.pipeline_config()
+        pipeline.teacache_coefficients = source.teacache_coefficients()
         return pipeline
 
     @property
@@ -155,7 +158,7 @@ class Pipeline:
 
         models = list(self.transformers().values())
         steps: int = batch[0].num_inference_steps  # type: ignore[assignment]
-        with caching(models, config, steps, self.parallel) as session:
+        with caching(models, config, steps, self.parallel, self.teacache_coefficients) as session:
             outputs = self.run_batch(batch, session.wrap(on_step))
         report = {"method": config.method, **session.stats.to_dict()}
         for output in outputs:
