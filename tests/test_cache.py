@@ -300,10 +300,9 @@ def test_other_families(family, tiny_zimage, tiny_wan):
     folder = tiny_zimage if family == "zimage" else tiny_wan
     engine = Engine.from_pretrained(str(folder), device="cpu")
     call = dict(prompt="a fox", negative_prompt="rain", seed=2, num_inference_steps=6, output_type="np")
+    call.update(guidance_scale=3.0, height=32, width=32)
     if family == "wan":
-        call.update(num_frames=5, guidance_scale=3.0)
-    else:
-        call.update(guidance_scale=3.0)
+        call.update(num_frames=5)
     want = engine.generate(**call)
     out = want.videos[0] if family == "wan" else want.images[0]
     same = engine.generate(**call, cache=dict(method="dbcache", threshold=0.0, max_warmup_steps=0))
