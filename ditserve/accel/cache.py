@@ -43,15 +43,21 @@ class CacheStats:
     blocks_skipped: int = 0
     forwards: int = 0
     forwards_skipping: int = 0  # forwards that skipped some blocks
+    # Per sample: what each sample's own decisions skipped (in a batch the middle blocks run when any sample needs
+    # them, so the batch may skip less than its samples would alone; for one sample the two counts agree).
+    sample_blocks_total: int = 0
+    sample_blocks_skipped: int = 0
 
     def to_dict(self) -> dict:
         fraction = self.blocks_skipped / self.blocks_total if self.blocks_total else 0.0
+        per_sample = self.sample_blocks_skipped / self.sample_blocks_total if self.sample_blocks_total else 0.0
         return {
             "blocks_total": self.blocks_total,
             "blocks_skipped": self.blocks_skipped,
             "skipped_fraction": round(fraction, 4),
             "forwards": self.forwards,
             "forwards_skipping": self.forwards_skipping,
+            "sample_skipped_fraction": round(per_sample, 4),
         }
 
 
@@ -184,8 +190,11 @@ class LoopCache:
                 state = tuple(torch.where(_rows(skip, s), c, s) for s, c in zip(state, cached))
             self._store(branch, residual, ~skip, step)
         self._count(branch, skip)
+        middle_blocks = tail_blocks(block_at, head, tail)
+        stats.sample_blocks_total += n * rows
+        stats.sample_blocks_skipped += middle_blocks * int(skip.sum())
         if all_skip:
-            stats.blocks_skipped += tail_blocks(block_at, head, tail)
+            stats.blocks_skipped += middle_blocks
             stats.forwards_skipping += 1
         return self._run(steps, state, tail, len(steps))
 
@@ -357,11 +366,11 @@ def _glued(steps: Sequence[LoopStep], state: State) -> State:
 
 
 def rescale(coefficients: Sequence[float], x: torch.Tensor) -> torch.Tensor:
-    """The TeaCache polynomial (highest power first) at x."""
+    """The TeaCache polynomial (highest power first) at x, at least 0 (a change adds up, never subtracts)."""
     out = torch.zeros_like(x)
     for c in coefficients:
         out = out * x + c
-    return out
+    return out.clamp_min(0)
 
 
 # Rescaling when a model names no coefficients: the relative change as it is.

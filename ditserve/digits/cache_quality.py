@@ -42,6 +42,10 @@ SETTINGS: list[tuple[str, dict]] = [
     ("teacache 0.2", {"method": "teacache", "threshold": 0.2}),
     ("teacache 0.3 (default)", {"method": "teacache"}),
     ("teacache 0.5", {"method": "teacache", "threshold": 0.5}),
+    ("teacache 1.0", {"method": "teacache", "threshold": 1.0}),
+    ("teacache 0.3, unfitted", {"method": "teacache", "teacache_coefficients": [1.0, 0.0]}),
+    ("dbcache F1B0 0.4", {"method": "dbcache", "threshold": 0.4}),
+    ("mask, 5 of 20 steps", {"method": "mask", "compute_steps": [0, 1, 5, 10, 19]}),
 ]
 GATE_POINTS = 2.0
 
@@ -82,8 +86,8 @@ def evaluate(engine, settings: list[tuple[str, dict]], seeds: list[int], video: 
                 reference[seed] = got
             outputs.append((seed, got))
             report = result.timings.get("cache", {})
-            skipped += report.get("blocks_skipped", 0)
-            total += report.get("blocks_total", 0)
+            skipped += report.get("sample_skipped_fraction", 0.0)
+            total += 1
         asked = np.asarray(digits * len(seeds))
         flat = [o for _, got in outputs for o in got]
         classes = _classes(flat, video)
