@@ -259,6 +259,19 @@ def test_decisions_agree_across_gloo_ranks():
     assert ran_whole == [ALL, EDGES, EDGES, ALL, EDGES]
 
 
+def test_engine_under_ulysses_and_cfg_parallel_decides_as_one_process(digits):
+    """The digits model over 4 gloo ranks (Ulysses 2 × CFG parallel): the same skips as one process, and the
+    same image up to float rounding (a rank that decided otherwise would hang or diverge)."""
+    call = dict(DIGIT, cache={"method": "dbcache", "threshold": 0.12, "max_warmup_steps": 1})
+    want = digits.generate(**call)
+    with Engine.from_pretrained(None, device="cpu", num_gpus=4, ulysses_degree=2, cfg_parallel=True) as engine:
+        got = engine.generate(**call)
+    assert got.timings["cache"]["blocks_skipped"] > 0
+    # With CFG parallelism rank 0 runs one branch: its counts are half of one process's.
+    assert 2 * got.timings["cache"]["blocks_skipped"] == want.timings["cache"]["blocks_skipped"]
+    assert np.abs(got.images[0] - want.images[0]).max() < 1e-3
+
+
 # ---- real models --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():

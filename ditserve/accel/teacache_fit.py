@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--degree", type=int, default=2, help="2 by default: higher degrees can go negative between the measured changes")
+    p.add_argument(
+        "--degree",
+        type=int,
+        default=2,
+        help="2 by default: higher degrees can go negative between the measured changes",
+    )
     p.add_argument("--write", action="store_true", help="store the coefficients in the folder's ditserve.json")
     ns = p.parse_args(argv)
 
