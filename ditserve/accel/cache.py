@@ -5,7 +5,7 @@
 step callback advances it) and the skipped blocks.
 
 State is kept per branch: the k-th call of a model within a denoising step is branch k (true CFG's positive and
-negative, Z-Image's caption groups), each with its own history; under CFG parallelism each rank holds its own
+negative, the groups a pipeline runs separately), each with its own history; under CFG parallelism each rank holds its own
 branch. Decisions are per sample (row of the batch): a row skips when its own history allows, so a request batched
 with others is treated exactly as it would be alone. The middle blocks run when any row needs them; a row that
 skips still gets its cached (or forecast) residual in place of the computed one.

@@ -7,7 +7,7 @@ it agrees with the uncached image's class, and the PSNR against the uncached ima
 its accuracy stays within 2 points of uncached.
 
 `--video` scores a video model the same way, every frame of a clip classified as the digit asked for (the
-moving-digits Wan model: `--model FOLDER --video`).
+moving-digits video model: `--model FOLDER --video`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A model describes its loop as data instead of writing the `for` itself: the state (a tuple of tensors: the streams
 the blocks carry), then runs of blocks (`Blocks`: the modules and how one is called on the state, with the
-per-forward tensors every block of the run takes), with `Glue` between runs where the state changes form (FLUX.1
-joins its text and image streams into one sequence). With no hook installed `BlockLoop` runs the steps in order,
+per-forward tensors every block of the run takes), with `Glue` between runs where the state changes form (a model
+that joins its text and image streams into one sequence). With no hook installed `BlockLoop` runs the steps in order,
 exactly the loop the model would have written. A hook (DiT caching, accel/cache.py) receives the same steps and
 decides which blocks run.
 
