@@ -81,12 +81,15 @@ def _time_generations(engine, gen: dict, repeat: int) -> dict:
         steps.extend(result.timings["steps"])
         peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
         stages = {k: result.timings[k] for k in ("encode", "prepare", "denoise", "decode") if k in result.timings}
-    return dict(
+    timed = dict(
         step_ms=statistics.median(steps) * 1000,
         generation_s=statistics.median(totals),
         peak_gib=max(peaks) if peaks[0] is not None else None,  # rank 0's with several GPUs
         stages_s=stages,
     )
+    if "cache" in result.timings:
+        timed["cache"] = result.timings["cache"]
+    return timed
 
 
 def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
@@ -233,6 +236,18 @@ def run_bench(ns: argparse.Namespace) -> int:
         report["results"]["ditserve"] = _bench_ours(engine, gen, ns.repeat, inputs)
     else:
         report["results"]["ditserve[diffusers]"] = dict(forward_ms=None, **_time_generations(engine, gen, ns.repeat))
+    if native and args.cache.enabled:  # the engine's default cache ran above; the same engine uncached is the yardstick
+        report["cache"] = args.cache.to_dict()
+        uncached = _time_generations(engine, {**gen, "cache": "none"}, ns.repeat)
+        report["results"]["ditserve uncached"] = dict(
+            forward_ms=report["results"]["ditserve"]["forward_ms"], **uncached
+        )
+        ours = report["results"]["ditserve"]
+        report["cache_speedup"] = {
+            "step": uncached["step_ms"] / ours["step_ms"],
+            "generation": uncached["generation_s"] / ours["generation_s"],
+            "skipped_fraction": ours["cache"]["skipped_fraction"],
+        }
     if parallel is not None:
         label, result = parallel
         ours = next(iter(report["results"].values()))
@@ -327,6 +342,12 @@ def run_bench(ns: argparse.Namespace) -> int:
         print(
             f"{name:<20} {_fmt(r['forward_ms'], '>11.1f')} {r['step_ms']:>9.1f} {r['generation_s']:>13.3f} "
             f"{_fmt(r['peak_gib'], '>9.2f')}"
+        )
+    if "cache_speedup" in report:
+        s = report["cache_speedup"]
+        print(
+            f"cache {report['cache']}: skipped {s['skipped_fraction']:.0%} of block computations; over uncached: "
+            f"step {s['step']:.2f}x, generation {s['generation']:.2f}x"
         )
     if "parallel_speedup" in report:
         s = report["parallel_speedup"]

@@ -90,7 +90,16 @@ def _format_summary(result, paths) -> str:
     stages = ", ".join(f"{k} {t[k]:.2f} s" for k in ("encode", "prepare", "denoise", "decode") if k in t)
     peak = f"{result.peak_memory_mb:.0f} MiB" if result.peak_memory_mb is not None else "n/a on cpu"
     wrote = ", ".join(str(p) for p in paths)
-    return f"{made} in {t['total']:.2f} s ({stages}{per_step}); peak memory {peak}; seed {result.seed}; wrote {wrote}"
+    cache = t.get("cache")
+    cached = (
+        f"; {cache['method']} skipped {cache['blocks_skipped']} of {cache['blocks_total']} block computations"
+        if cache
+        else ""
+    )
+    return (
+        f"{made} in {t['total']:.2f} s ({stages}{per_step}){cached}; peak memory {peak}; seed {result.seed}; "
+        f"wrote {wrote}"
+    )
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import math
 import warnings
 from pathlib import Path
 
+from ditserve.accel.cache_config import METHODS, CacheConfig, CacheConfigError
 from ditserve.config import ATTENTION_BACKENDS, BACKENDS, LOAD_FORMATS, QUANTIZATIONS
 
 
@@ -26,6 +27,8 @@ class CliParser(argparse.ArgumentParser):
 
 def field_to_flag(field: str) -> str:
     """The CLI flag of a request field, as errors name it: `options.flow_shift` is `--option flow_shift=...`."""
+    if field == "cache" or field.startswith(("cache.", "cache_config")):
+        return cache_flag(field)
     if field.startswith("options."):
         return f"--option {field.split('.', 1)[1]}"
     if field == "options":
@@ -129,6 +132,63 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (several nodes)")
+    add_cache_flags(p)
+
+
+# ---- DiT caching flags: --cache METHOD, --cache-<setting> for each CacheConfig setting, or --cache-config FILE ----
+_CACHE_FLAG_TYPES = {
+    "fn": int,
+    "bn": int,
+    "threshold": float,
+    "max_warmup_steps": int,
+    "max_cached_steps": int,
+    "max_continuous_cached_steps": int,
+    "taylorseer_order": int,
+    "teacache_coefficients": str,  # comma-separated numbers
+    "mask": str,
+    "compute_steps": str,  # comma-separated step indices
+}
+
+
+def cache_flag(field: str) -> str:
+    """The flag that sets a cache field ("cache.threshold" → --cache-threshold, "cache.method" → --cache)."""
+    name = field.removeprefix("cache").lstrip(".")
+    if field == "cache_config":
+        return "--cache-config"
+    return "--cache" if name in ("", "method") else "--cache-" + name.replace("_", "-")
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DiT caching (docs/caching.md): the default of every request; a request may name its own")
+    g.add_argument("--cache", dest="cache_method", default=None, metavar="|".join(METHODS), help="caching method")
+    g.add_argument("--cache-config", default=None, metavar="FILE", help="JSON object of cache settings")
+    for name, kind in _CACHE_FLAG_TYPES.items():
+        g.add_argument(cache_flag(f"cache.{name}"), dest=f"cache_{name}", default=None, type=kind, metavar="V")
+
+
+def cache_config_from(ns: argparse.Namespace) -> CacheConfig:
+    """The CacheConfig the cache flags describe (the file's settings, the flags over them); a bad setting is a usage
+    error naming its flag."""
+    try:
+        values = CacheConfig.from_file(ns.cache_config).to_dict() if getattr(ns, "cache_config", None) else {}
+        if getattr(ns, "cache_method", None) is not None:
+            values["method"] = ns.cache_method
+        for name in _CACHE_FLAG_TYPES:
+            value = getattr(ns, f"cache_{name}", None)
+            if value is None:
+                continue
+            if name in ("teacache_coefficients", "compute_steps"):
+                kind = float if name == "teacache_coefficients" else int
+                try:
+                    value = tuple(kind(v) for v in value.split(","))
+                except ValueError:
+                    raise CacheConfigError(f"cache.{name}", f"must be comma-separated numbers, got {value!r}") from None
+            values[name] = value
+        if values and "method" not in values:
+            raise CacheConfigError("cache.method", "name the method (--cache) for these cache settings")
+        return CacheConfig.from_dict(values)
+    except CacheConfigError as e:
+        raise UsageError(f"ditserve: {cache_flag(e.field)}: {e.message}") from None
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -139,6 +199,8 @@ def engine_args_from(ns: argparse.Namespace):
 
     names = [f.name for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name) and f.name != "cache_dit"]
     values = {name: getattr(ns, name) for name in names}
+    if hasattr(ns, "cache_method"):
+        values["cache"] = cache_config_from(ns)
     cache_dit = cache_dit_settings(ns)
     if cache_dit is not None:
         values["cache_dit"] = cache_dit

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ditserve.accel.cache_config import CacheConfig, CacheConfigError
 from ditserve.errors import FieldError
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class EngineArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # host:port of node 0
+    # DiT caching for requests that name none (a CacheConfig, its dict, or a method name; None: off).
+    cache: CacheConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -166,6 +169,8 @@ class EngineArgs:
                 raise ConfigError("cache_dit", f"unknown setting ({e})") from None
         if self.cache_dit is not None:
             self.cache_dit.validate()
+        self.cache = CacheConfig.coerce(self.cache)
+
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -273,6 +278,8 @@ class SamplingParams:
     guidance_scale_2: float | None = None
     # A named way of sampling of the model's family (ModelSpec.sampling_presets): it fills the fields left unset.
     sampling_preset: str | None = None
+    # DiT caching (accel/cache_config.py): a CacheConfig or its dict; None: the engine's default; method "none": off.
+    cache: CacheConfig | dict | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -340,6 +347,13 @@ class SamplingParams:
                 raise ConfigError("max_sequence_length", f"must be an integer from 1 to {limit}, got {msl!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise ConfigError("output_type", f"{self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if self.cache is not None:
+            if not isinstance(self.cache, CacheConfig | dict):
+                raise ConfigError("cache", f"must be an object of cache settings, got {type(self.cache).__name__}")
+            try:
+                CacheConfig.coerce(self.cache)
+            except CacheConfigError as e:
+                raise ConfigError(e.field, e.message) from None
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -366,6 +380,7 @@ class SamplingParams:
             self.true_cfg_scale,
             self.max_sequence_length,
             uses_negative,
+            CacheConfig.coerce(self.cache).key() if self.cache is not None else None,
         )
 
 

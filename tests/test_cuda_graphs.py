@@ -223,10 +223,11 @@ def test_graph_cache_keys_eviction_and_fallback(monkeypatch):
         for n in (1, 2, 1, 3, 2):
             assert torch.equal(model(torch.ones(n)), torch.full((n,), 2.0))
         assert _FakeGraph.made == [(torch.Size([1]),), (torch.Size([2]),), (torch.Size([3]),), (torch.Size([2]),)]
-        assert list(graphs.graphs) == [((torch.Size([3]), None),), ((torch.Size([2]), None),)]  # 1 was dropped
+        # 1 was dropped
+        assert list(graphs.graphs) == [("forward", ((torch.Size([3]), None),)), ("forward", ((torch.Size([2]), None),))]
         assert len(_FakeGraph.released) == 2  # the dropped graphs were freed: the first 2, then 1
         assert torch.equal(model(torch.ones(4), fail=True), torch.full((4,), 2.0))  # eager after a failed capture
-        assert ((torch.Size([4]), True),) in graphs.failed
+        assert ("forward", ((torch.Size([4]), True),)) in graphs.failed
     model(torch.ones(5))  # grad mode: eager, no capture
     assert graphs.captures == 4 and len(_FakeGraph.made) == 4
     kept = list(graphs.graphs.values())

@@ -1,1 +1,1 @@
-"""Speed features that attach to a model from outside: compile now; offload, caching and FP8 later."""
+"""Speed features that attach to a model from outside: compile, CUDA graphs, DiT caching (cache.py); offload and FP8 later."""

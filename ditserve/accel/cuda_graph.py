@@ -12,6 +12,10 @@ Graphs share one memory pool: each replay's intermediates are dead once its outp
 reuse another's intermediate memory. Only the model's tensors are read in place, so anything that changes which
 kernels run or which tensors they read (LoRA changes) must call `reset()`.
 
+While a hook decides at the block loop which blocks run (DiT caching, accel/cache.py), one graph of the whole
+forward cannot hold both outcomes: the forward then runs eagerly around the loop, and the hook replays graphs of
+the runs of blocks it chose (`CudaGraphs.replay`), keyed with the model's, forgotten with them.
+
 With several ranks, every rank captures the same graphs in the same order (they run the same forwards), so the
 collectives inside line up as in eager mode.
 """
@@ -63,15 +67,19 @@ class _Graph:
         # thread_local: a server's other threads may touch CUDA (memory stats) while this thread captures.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = fn(*self.args, **self.kwargs)
-        if not isinstance(self.output, torch.Tensor):
-            raise TypeError(f"CUDA graphs need a tensor output, got {type(self.output).__name__}")
+        outputs = self.output if isinstance(self.output, tuple) else (self.output,)
+        if not all(isinstance(t, torch.Tensor) for t in outputs):
+            raise TypeError(f"CUDA graphs need a tensor output (or a tuple of them), got {type(self.output).__name__}")
 
-    def replay(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def replay(self, args: tuple, kwargs: dict) -> torch.Tensor | tuple[torch.Tensor, ...]:
         for mine, value in [*zip(self.args, args), *((self.kwargs[k], v) for k, v in kwargs.items())]:
             if isinstance(mine, torch.Tensor):
                 mine.copy_(value)
         self.graph.replay()
-        return self.output.clone()  # the pool's memory is reused by the next replay of any graph
+        # Copies: the pool's memory is reused by the next replay of any graph.
+        if isinstance(self.output, tuple):
+            return tuple(t.clone() for t in self.output)
+        return self.output.clone()
 
     def release(self) -> None:
         """Free the executable graph now rather than whenever Python collects it: NCCL cannot tear down a
@@ -80,9 +88,10 @@ class _Graph:
 
 
 class CudaGraphs:
-    """Graphs of one model's forward, keyed by input shapes, at most `max_graphs` kept (least recently used goes)."""
+    """Graphs of one model's forward (and of its runs of blocks, while a block-loop hook is on), keyed by input
+    shapes, at most `max_graphs` kept (least recently used goes)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 8):
+    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 16):
         self.model = model
         self.device = device
         self.max_graphs = max_graphs
@@ -94,18 +103,28 @@ class CudaGraphs:
         self.captures = 0  # for tests and logs: how many graphs were captured since the start
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        key = _signature(args, kwargs)
+        loop = getattr(self.model, "block_loop", None)
+        if loop is not None and loop.hook is not None:
+            return self.eager_forward(*args, **kwargs)  # the hook replays graphs of the blocks it runs
+        return self.replay("forward", self.eager_forward, args, kwargs)
+
+    def replay(self, name: str, fn: Callable, args: tuple, kwargs: dict | None = None):
+        """`fn(*args, **kwargs)` (tensors, or a tuple of them) through the graph captured for `name` and these input
+        shapes, capturing it on first use; eager where a graph cannot be used."""
+        kwargs = kwargs or {}
+        signature = _signature(args, kwargs)
+        key = None if signature is None else (name, signature)
         if key is None or key in self.failed or torch.is_grad_enabled():
-            return self.eager_forward(*args, **kwargs)
+            return fn(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = _Graph(self.eager_forward, args, kwargs, self.pool, self.device)
+                graph = _Graph(fn, args, kwargs, self.pool, self.device)
             except Exception as e:  # noqa: BLE001 - a forward that can't be captured still runs, eagerly
                 log.warning("CUDA graph capture failed (%s: %s); running this shape eagerly", type(e).__name__, e)
                 self.failed.add(key)
                 torch.cuda.synchronize(self.device)
-                return self.eager_forward(*args, **kwargs)
+                return fn(*args, **kwargs)
             self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
@@ -123,7 +142,7 @@ class CudaGraphs:
         self.failed.clear()
 
 
-def enable_cuda_graphs(model: nn.Module, device: torch.device, max_graphs: int = 8) -> CudaGraphs:
+def enable_cuda_graphs(model: nn.Module, device: torch.device, max_graphs: int = 16) -> CudaGraphs:
     """Route `model(...)` through CUDA graphs (inference only: with grad enabled the eager forward runs)."""
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}")

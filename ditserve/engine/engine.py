@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ditserve.accel.cache_config import CacheConfig
 from ditserve.accel.compile import compile_repeated_blocks
 from ditserve.accel.cuda_graph import CudaGraphs, enable_cuda_graphs
 from ditserve.config import ConfigError, EngineArgs, SamplingParams
@@ -219,7 +220,7 @@ class Engine:
             elif op == "run_batch":
                 batch = [SamplingParams(**p).replace(output_type=output_type) for p in message["params"]]
                 with contextlib.suppress(_StoppedByDriver):
-                    self.pipeline.run_batch(batch, self._synced_steps(None))
+                    self.pipeline.generate(batch, self._synced_steps(None))
             elif op == "lora":
                 self._apply_lora(message["method"], message["kwargs"])
         self._shutdown()
@@ -313,10 +314,13 @@ class Engine:
         fps: int | None = None,
         images: list | None = None,
         guidance_scale_2: float | None = None,
+        cache: CacheConfig | dict | str | None = None,
     ) -> GenerationResult:
         """One request. `num_frames` and `fps` are for video families, `images` (PIL images, arrays or paths) for
         families that take input images, `guidance_scale_2` for models with a second expert (its CFG scale; None:
-        guidance_scale); the others refuse them (ConfigError naming the field)."""
+        guidance_scale); the others refuse them (ConfigError naming the field). `cache`: DiT caching (a
+        CacheConfig, its dict or a method name; None: the engine's `cache`; "none": off); the result's
+        timings["cache"] counts the block computations skipped."""
         params = SamplingParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -333,12 +337,15 @@ class Engine:
             fps=fps,
             images=images,
             guidance_scale_2=guidance_scale_2,
+            cache=CacheConfig.coerce(cache) if isinstance(cache, str) else cache,
         )
         return self.run(params, on_step)
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """The request as it runs: validated against the model, its defaults filled in, and a seed drawn if it has
         none (the seed is reported back, so any image can be made again)."""
+        if params.cache is None:
+            params = params.replace(cache=self.args.cache)
         resolved = self.pipeline.resolve(params)
         return resolved if resolved.seed is not None else resolved.replace(seed=secrets.randbits(63))
 
@@ -369,7 +376,7 @@ class Engine:
             if self.parallel.world_size > 1:
                 self._broadcast({"op": "run_batch", "params": [dataclasses.asdict(r) for r in resolved]})
             reset_peak(self.device)
-            outputs = self.pipeline.run_batch(resolved, self._synced_steps(on_step))
+            outputs = self.pipeline.generate(resolved, self._synced_steps(on_step))
             peak = peak_mb(self.device)
         return [
             GenerationResult(

@@ -35,6 +35,7 @@ _PARAM_FIELDS = (
     "options",
     "max_sequence_length",
     "sampling_preset",
+    "cache",
 )
 
 

@@ -124,6 +124,22 @@ class ModelSource:
             raise LoaderError(f"{path}: the default negative_prompt must be a string")
         return dict(values)
 
+    def teacache_coefficients(self) -> tuple[float, ...] | None:
+        """TeaCache's rescale polynomial fitted for this checkpoint (`ditserve.json`'s `teacache_coefficients`,
+        written by `python -m ditserve.accel.teacache_fit`), or None."""
+        if self.folder is None or not (self.folder / SAMPLING_DEFAULTS_FILE).is_file():
+            return None
+        path = self.folder / SAMPLING_DEFAULTS_FILE
+        try:
+            values = json.loads(path.read_text()).get("teacache_coefficients")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise LoaderError(f"{path}: invalid JSON object ({e})") from None
+        if values is None:
+            return None
+        if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values) or not values:
+            raise LoaderError(f"{path}: teacache_coefficients must be a list of numbers (highest power first)")
+        return tuple(float(v) for v in values)
+
 
 def resolve_model(model: str | None, load_format: str = "auto", backend: str = "auto") -> ModelSource:
     """Turn a --model value into a ModelSource, with an error that says what to do when it can't. `backend`

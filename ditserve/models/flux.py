@@ -20,6 +20,7 @@ from torch import nn
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention, write_heads
+from ditserve.layers.blocks import BlockLoop, Blocks, Glue, State
 from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
 from ditserve.layers.linear import (
     ColumnParallelLinear,
@@ -116,6 +117,11 @@ class DoubleStreamBlock(nn.Module):
         self.attn = Attention(segments=("text", "image"))
         self.img_mlp = FeedForward(dim, 4 * dim)
         self.txt_mlp = FeedForward(dim, 4 * dim)
+
+    def modulated_input(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The image stream as this block's attention reads it: normed and modulated by the timestep."""
+        shift, scale = self.img_mod(temb)[:2]
+        return layer_norm_modulate(img, shift, scale)
 
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -233,6 +239,7 @@ class FluxTransformer(nn.Module):
         self.single_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
         self.norm_out = Modulation(dim, 2)
         self.proj_out = ReplicatedLinear(dim, cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
+        self.block_loop = BlockLoop()
 
     @classmethod
     def from_config(cls, config: dict) -> FluxTransformer:
@@ -276,16 +283,32 @@ class FluxTransformer(nn.Module):
         txt = self.context_embedder(encoder_hidden_states)
         rope = multi_axis_rope(torch.cat([txt_ids, img_ids], dim=0), list(self.config.axes_dims_rope))
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, temb, rope)
         txt_len = txt.shape[1]
-        x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = block(x, temb, rope)
+        (x,) = self.block_loop(
+            (img, txt),
+            Blocks(self.double_blocks, _double_block, temb, rope),
+            Glue(_join_streams),
+            Blocks(self.single_blocks, _single_block, temb, rope),
+            signal=lambda: self.double_blocks[0].modulated_input(img, temb),
+        )
         img = x[:, txt_len:]
 
         scale, shift = self.norm_out(temb.to(img.dtype))  # diffusers' AdaLayerNormContinuous: scale first
         return self.proj_out(layer_norm_modulate(img, shift, scale))
+
+
+# ---- the block loop's steps (see layers/blocks.py): state (img, txt), then ([txt | img],) ------------------------
+def _double_block(block: DoubleStreamBlock, state: State, temb: torch.Tensor, rope) -> State:
+    return block(*state, temb, rope)
+
+
+def _join_streams(state: State) -> State:
+    img, txt = state
+    return (torch.cat([txt, img], dim=1),)
+
+
+def _single_block(block: SingleStreamBlock, state: State, temb: torch.Tensor, rope) -> State:
+    return (block(state[0], temb, rope),)
 
 
 # ---- diffusers checkpoint names → ours ------------------------------------------------------------------------

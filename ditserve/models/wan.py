@@ -27,6 +27,7 @@ from ditserve.kernels.fused_norm import layer_norm_modulate
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention, write_heads
+from ditserve.layers.blocks import BlockLoop, Blocks, State
 from ditserve.layers.embeddings import MLPEmbedder, PatchEmbedding, sinusoidal_embedding
 from ditserve.layers.linear import (
     ColumnParallelLinear,
@@ -190,6 +191,15 @@ class WanBlock(nn.Module):
             out = out + self.cross_attn(q, self.image_norm_k(k_img), v_img)
         return self.cross_out(out.flatten(2))
 
+    def modulations(self, timestep_proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mod = self.scale_shift_table.unsqueeze(0) if timestep_proj.dim() == 4 else self.scale_shift_table
+        return (mod + timestep_proj.float()).unbind(-2)
+
+    def modulated_input(self, x: torch.Tensor, timestep_proj: torch.Tensor) -> torch.Tensor:
+        """The tokens as this block's self-attention reads them: normed and modulated by the timestep."""
+        shift, scale = self.modulations(timestep_proj)[:2]
+        return modulate(x, shift, scale, self.eps)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -199,8 +209,7 @@ class WanBlock(nn.Module):
         image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, S, dim]; text [B, L, dim] (embedded); timestep_proj [B, 6, dim] or [B, S, 6, dim] (per token)."""
-        mod = self.scale_shift_table.unsqueeze(0) if timestep_proj.dim() == 4 else self.scale_shift_table
-        shift, scale, gate, c_shift, c_scale, c_gate = (mod + timestep_proj.float()).unbind(-2)
+        shift, scale, gate, c_shift, c_scale, c_gate = self.modulations(timestep_proj)
         x = gated_add(x, gate, self.self_attention(modulate(x, shift, scale, self.eps), rope))
         h = self.norm2(x).to(x.dtype) if self.norm2 is not None else x
         x = x + self.cross_attention(h, text, image)
@@ -283,6 +292,7 @@ class WanTransformer(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim, dtype=torch.float32), requires_grad=False)
         self.proj_out = ReplicatedLinear(dim, cfg.output_token_dim)
+        self.block_loop = BlockLoop()
 
     @classmethod
     def from_config(cls, config: dict) -> WanTransformer:
@@ -326,11 +336,19 @@ class WanTransformer(nn.Module):
                 raise ValueError("image_states given to a model without an image embedder (not an I2V model)")
             image = self.image_embedder(image_states.to(dtype))
         rope = self.rope(video_ids)
-        for block in self.blocks:
-            x = block(x, text, timestep_proj, rope, image)
+        (x,) = self.block_loop(
+            (x,),
+            Blocks(self.blocks, _block, text, timestep_proj, rope, image),
+            signal=lambda: self.blocks[0].modulated_input(x, timestep_proj),
+        )
         table = self.scale_shift_table if token_timestep is None else self.scale_shift_table.unsqueeze(0)
         shift, scale = (table + temb.unsqueeze(-2)).unbind(-2)
         return self.proj_out(modulate(x, shift, scale, self.config.eps))
+
+
+# ---- the block loop's steps (see layers/blocks.py): state (video tokens,) ----------------------------------------
+def _block(block: WanBlock, state: State, text: torch.Tensor, timestep_proj: torch.Tensor, rope, image) -> State:
+    return (block(state[0], text, timestep_proj, rope, image),)
 
 
 # ---- diffusers checkpoint names → ours ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 from ditserve.kernels.fused_norm import layer_norm_modulate
 from ditserve.layers.activation import silu_and_mul
 from ditserve.layers.attention import Attention, write_heads
+from ditserve.layers.blocks import BlockLoop, Blocks, Glue, State
 from ditserve.layers.embeddings import MLPEmbedder, sinusoidal_embedding
 from ditserve.layers.linear import (
     MergedColumnParallelLinear,
@@ -171,6 +172,11 @@ class ZImageBlock(nn.Module):
         )
         return self.attn_out.finish(projected)
 
+    def modulated_input(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        """The tokens as this (modulated) block's attention reads them: normed and scaled by the timestep."""
+        scale_msa = self.modulation(adaln).chunk(4, dim=-1)[0]  # type: ignore[misc]
+        return self.attention_norm1.scaled(x, scale_msa)
+
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -231,6 +237,7 @@ class ZImageTransformer(nn.Module):
         self.layers = nn.ModuleList([ZImageBlock(cfg, ("image", "text"), modulated=True) for _ in range(cfg.n_layers)])
         self.final_modulation = ReplicatedLinear(cfg.adaln_dim, dim)
         self.final_linear = ReplicatedLinear(dim, cfg.token_dim)
+        self.block_loop = BlockLoop()
 
     @classmethod
     def from_config(cls, config: dict) -> ZImageTransformer:
@@ -268,20 +275,36 @@ class ZImageTransformer(nn.Module):
         cap = torch.where(caption_pad[:, :, None], self.cap_pad_token, cap)
         img_rope, cap_rope = self.rope(image_ids), self.rope(caption_ids)
 
-        for block in self.noise_refiner:
-            img = block(img, img_rope, adaln)
-        for block in self.context_refiner:
-            cap = block(cap, cap_rope)
-
         img_len = img.shape[1]
-        x = torch.cat([img, cap], dim=1)
         rope = (torch.cat([img_rope[0], cap_rope[0]]), torch.cat([img_rope[1], cap_rope[1]]))
-        for block in self.layers:
-            x = block(x, rope, adaln)
-
+        (x,) = self.block_loop(
+            (img, cap),
+            Blocks(self.noise_refiner, _image_refiner_block, img_rope, adaln),
+            Blocks(self.context_refiner, _caption_refiner_block, cap_rope),
+            Glue(_join_streams),
+            Blocks(self.layers, _joint_block, rope, adaln),
+            signal=lambda: self.noise_refiner[0].modulated_input(img, adaln),
+        )
         img = x[:, :img_len]
         scale = self.final_modulation(F.silu(adaln))
         return self.final_linear(layer_norm_modulate(img, torch.zeros_like(scale), scale))
+
+
+# ---- the block loop's steps (see layers/blocks.py): state (img, cap), then ([img | cap],) ------------------------
+def _image_refiner_block(block: ZImageBlock, state: State, rope, adaln: torch.Tensor) -> State:
+    return (block(state[0], rope, adaln), state[1])
+
+
+def _caption_refiner_block(block: ZImageBlock, state: State, rope) -> State:
+    return (state[0], block(state[1], rope))
+
+
+def _join_streams(state: State) -> State:
+    return (torch.cat(state, dim=1),)
+
+
+def _joint_block(block: ZImageBlock, state: State, rope, adaln: torch.Tensor) -> State:
+    return (block(state[0], rope, adaln),)
 
 
 # ---- diffusers checkpoint names → ours ------------------------------------------------------------------------

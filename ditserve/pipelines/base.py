@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ditserve.accel.cache_config import CacheConfig, CacheConfigError
 from ditserve.config import ConfigError, EngineArgs, SamplingParams
 from ditserve.registry import ModelSpec
 
@@ -64,6 +65,8 @@ class Pipeline:
         self.dtype = dtype
         self.sampling_defaults = dict(sampling_defaults or {})  # the folder's own, over diffusers' (ditserve.json)
         self.pipeline_config: dict[str, Any] = {}  # model_index.json's settings beside the components (`load` sets)
+        # TeaCache's rescale polynomial fitted for this checkpoint (the folder's ditserve.json), or None
+        self.teacache_coefficients: tuple[float, ...] | None = None
 
     @classmethod
     def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
@@ -74,6 +77,7 @@ class Pipeline:
         components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
         pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
         pipeline.pipeline_config = source.pipeline_config()
+        pipeline.teacache_coefficients = source.teacache_coefficients()
         return pipeline
 
     @property
@@ -156,7 +160,8 @@ class Pipeline:
                 preset.pop("guidance_scale_2", None)
             params = params.with_defaults(SamplingParams(**preset))
         return params.with_defaults(self.defaults()).replace(
-            options={**self.spec.sampling_options, **preset_options, **(params.options or {})}
+            options={**self.spec.sampling_options, **preset_options, **(params.options or {})},
+            cache=self.resolve_cache(params.cache),
         )
 
     def sampling_preset(self, name: str) -> dict:
@@ -169,9 +174,40 @@ class Pipeline:
             )
         return presets[name]
 
+    def resolve_cache(self, cache) -> CacheConfig:
+        """A request's cache setting with the method's defaults filled in, checked against the DiTs' blocks."""
+        try:
+            config = CacheConfig.coerce(cache).resolved()
+            if config.enabled:
+                for name, model in self.transformers().items():
+                    if getattr(model, "block_loop", None) is None:
+                        raise ConfigError("cache", f"{self.family}'s {name} has no block loop to cache")
+                    config.check_blocks(len(model.repeated_blocks()))
+        except CacheConfigError as e:
+            raise ConfigError(e.field, e.message) from None
+        return config
+
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         """One request: a batch of one."""
-        return self.run_batch([params], on_step)[0]
+        return self.generate([params], on_step)[0]
+
+    def generate(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """`run_batch` with the batch's DiT caching on the DiTs' block loops (the requests of a batch share their
+        `cache` setting: it is part of the batch key); the outputs' timings then carry `cache`, the counts of
+        block computations run and skipped."""
+        config = CacheConfig.coerce(batch[0].cache)
+        if not config.enabled:
+            return self.run_batch(batch, on_step)
+        from ditserve.accel.cache import caching
+
+        models = list(self.transformers().values())
+        steps: int = batch[0].num_inference_steps  # type: ignore[assignment]
+        with caching(models, config, steps, self.parallel, self.teacache_coefficients) as session:
+            outputs = self.run_batch(batch, session.wrap(on_step))
+        report = {"method": config.method, **session.stats.to_dict()}
+        for output in outputs:
+            output.timings["cache"] = dict(report)
+        return outputs
 
     # ---- batches of requests --------------------------------------------------------------------------------------
     def batch_key(self, params: SamplingParams) -> tuple:

@@ -438,6 +438,8 @@ class DiffusersBackendPipeline(Pipeline):
     @classmethod
     def check_engine_args(cls, args: EngineArgs, source) -> None:
         """Refuse, naming the flag, what the diffusers backend cannot do with this model, before anything starts."""
+        if args.cache is not None and args.cache.enabled:
+            raise ConfigError("cache", "ditserve's DiT caching is for native families; the backend has --cache-dit")
         if args.quantization is not None:
             raise ConfigError(
                 "quantization", "FP8 quantisation is for native families' DiTs; the diffusers backend runs bf16"

@@ -30,6 +30,12 @@ MAX_SECONDS = 600  # the longest clip a video request may ask for (frames are bo
 _FIELD_NAMES = {"num_images": "n"}
 
 
+_CACHE_HELP = (
+    'DiT caching for this request, e.g. {"method": "dbcache", "threshold": 0.08} or {"method": "mask", "mask": '
+    '"fast"}; {"method": "none"} turns off the server\'s default (docs/caching.md)'
+)
+
+
 class InvalidRequest(Exception):
     """A client error: `param` is the offending field, `message` says what is allowed."""
 
@@ -67,6 +73,7 @@ class ImageOptions(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     width: int | None = Field(default=None, ge=1, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=1, le=MAX_SIDE)
+    cache: dict | None = Field(default=None, description=_CACHE_HELP)
 
 
 class ImageGenerationRequest(ImageOptions):
@@ -89,6 +96,7 @@ class VideoRequest(_Strict):
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=-1e4, le=1e4, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    cache: dict | None = Field(default=None, description=_CACHE_HELP)
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -109,6 +117,8 @@ class ImagesResponse(BaseModel):
     queue_time_s: float
     peak_memory_mb: float | None
     batch_size: int
+    # DiT caching as run: method, block computations in all and skipped (None: no caching)
+    cache: dict | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -214,6 +224,7 @@ def to_sampling_params(
         true_cfg_scale=body.true_cfg_scale,
         seed=body.seed,
         num_images=body.n,
+        cache=body.cache,
     )
     # The client sent size, not width or height: name size.
     names = {side: "size" for side in ("width", "height") if body.size is not None and getattr(body, side) is None}
@@ -249,6 +260,7 @@ def video_sampling_params(
         seed=body.seed,
         num_frames=frames,
         fps=fps if frames is not None else None,
+        cache=body.cache,
     )
     names = {"width": "size", "height": "size", "num_frames": "seconds", "fps": "seconds"}
     return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)

@@ -154,4 +154,5 @@ def _images_response(server: Server, body: ImageOptions, params, result: Result)
         queue_time_s=round(result.queue_time_s, 4),
         peak_memory_mb=result.peak_memory_mb,
         batch_size=result.batch_size,
+        cache=result.timings.get("cache") if isinstance(result.timings, dict) else None,
     ).model_dump(exclude_none=False)

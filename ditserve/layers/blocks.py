@@ -1,0 +1,80 @@
+"""The block loop: the one place a DiT runs its repeated blocks, and the seam features that skip blocks attach to.
+
+A model describes its loop as data instead of writing the `for` itself: the state (a tuple of tensors: the streams
+the blocks carry), then runs of blocks (`Blocks`: the modules and how one is called on the state, with the
+per-forward tensors every block of the run takes), with `Glue` between runs where the state changes form (a model
+that joins its text and image streams into one sequence). With no hook installed `BlockLoop` runs the steps in order,
+exactly the loop the model would have written. A hook (DiT caching, accel/cache.py) receives the same steps and
+decides which blocks run.
+
+`signal`, when a model gives it, computes the first block's timestep-modulated input on demand (TeaCache reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+
+
+class Blocks:
+    """A run of blocks that take the state the same way: `call(block, state, *args) -> state`."""
+
+    def __init__(self, modules: Sequence[nn.Module], call: Callable[..., State], *args: Any):
+        self.modules = modules
+        self.call = call
+        self.args = args
+
+
+@dataclass(frozen=True)
+class Glue:
+    """A cheap change of the state's form between runs of blocks (no weights, not a block)."""
+
+    fn: Callable[[State], State]
+
+
+@dataclass(frozen=True)
+class LoopStep:
+    """One step of the loop: a block (`block` set) or glue (`block` None); `run(state) -> state`."""
+
+    block: nn.Module | None
+    fn: Callable[..., State]
+    args: tuple[Any, ...] = ()
+
+    def run(self, state: State) -> State:
+        if self.block is None:
+            return self.fn(state)
+        return self.fn(self.block, state, *self.args)
+
+
+class BlockLoopHook(Protocol):
+    def __call__(self, steps: list[LoopStep], state: State, signal: Callable[[], torch.Tensor] | None) -> State: ...
+
+
+def run_steps(steps: Sequence[LoopStep], state: State) -> State:
+    for step in steps:
+        state = step.run(state)
+    return state
+
+
+class BlockLoop:
+    """Runs a model's repeated blocks; `hook` (None: plain loop) may run them its own way."""
+
+    def __init__(self) -> None:
+        self.hook: BlockLoopHook | None = None
+
+    def __call__(self, state: State, *parts: Blocks | Glue, signal: Callable[[], torch.Tensor] | None = None) -> State:
+        steps: list[LoopStep] = []
+        for part in parts:
+            if isinstance(part, Glue):
+                steps.append(LoopStep(None, part.fn))
+            else:
+                steps.extend(LoopStep(block, part.call, part.args) for block in part.modules)
+        if self.hook is None:
+            return run_steps(steps, state)
+        return self.hook(steps, state, signal)
