@@ -69,6 +69,37 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=True,
         help="replay the DiT forward as a CUDA graph per image size (CUDA only; on by default)",
     )
+    mem = p.add_argument_group("memory (docs/memory.md)")
+    mem.add_argument(
+        "--dit-layerwise-offload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the DiT's blocks in host memory, each copied to the GPU ahead of its turn (default: on for video "
+        "models that would not fit the GPU with room for activations)",
+    )
+    mem.add_argument(
+        "--offload-prefetch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blocks copied ahead under --dit-layerwise-offload (default: the model's choice)",
+    )
+    mem.add_argument("--text-encoder-cpu-offload", action="store_true", help="text encoders on the GPU only to run")
+    mem.add_argument("--image-encoder-cpu-offload", action="store_true", help="image encoder on the GPU only to run")
+    mem.add_argument("--vae-cpu-offload", action="store_true", help="VAE on the GPU only to encode or decode")
+    mem.add_argument(
+        "--pin-cpu-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offloaded components in pinned host memory (faster copies; on by default)",
+    )
+    mem.add_argument(
+        "--max-gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory budget: the cheapest combination of the offloads that fits is chosen (and printed)",
+    )
     par = p.add_argument_group("several GPUs (on the CPU: processes); num-gpus = ulysses × ring × cfg × tp")
     par.add_argument("--num-gpus", type=int, default=1)
     par.add_argument("--ulysses-degree", type=int, default=1, help="sequence parallel: all-to-all over heads")

@@ -159,9 +159,7 @@ class BlockOffload:
         for block in self.blocks:
             tensors = _module_tensors(block)
             places, size = _layout(tensors)
-            entries = [
-                _Entry(t, off, n, t.dtype, tuple(t.shape)) for t, (off, n) in zip(tensors, places, strict=True)
-            ]
+            entries = [_Entry(t, off, n, t.dtype, tuple(t.shape)) for t, (off, n) in zip(tensors, places, strict=True)]
             flat = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             for e in entries:
                 e.view(flat).copy_(e.tensor.detach())

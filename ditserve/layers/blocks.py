@@ -51,7 +51,6 @@ class LoopStep:
     args: tuple[Any, ...] = ()
     offload: Any = None  # the loop's BlockOffload (accel/offload.py), when its blocks live on the host
 
-
     def run(self, state: State) -> State:
         if self.block is None:
             return self.fn(state)

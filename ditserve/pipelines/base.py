@@ -67,12 +67,21 @@ class Pipeline:
         self.pipeline_config: dict[str, Any] = {}  # model_index.json's settings beside the components (`load` sets)
 
     @classmethod
-    def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
+    def load(
+        cls,
+        source,
+        device: torch.device,
+        dtype: torch.dtype,
+        load_format: str,
+        seed: int = 0,
+        host_components: frozenset[str] = frozenset(),
+    ) -> Pipeline:
         """From a `loader.folder.ModelSource`: every component of the family's spec, weights from the folder (or
-        random with load_format="dummy")."""
+        random with load_format="dummy"); `host_components` (to be offloaded) into host memory."""
         from ditserve.loader.folder import load_components
 
-        components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
+        loaded = load_components(source, device, dtype, load_format, seed, host_components)
+        components = cls.components_class(**loaded)
         pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
         pipeline.pipeline_config = source.pipeline_config()
         return pipeline
