@@ -4,8 +4,9 @@
 picks, among the combinations of component offloads and layerwise DiT offload the settings leave open, the cheapest
 one whose estimate fits the budget. Cost is bytes copied per request: an offloaded component once per request, the
 DiT's blocks once per forward (so every component offload is tried before layerwise offload). The estimate is what
-is resident (components not offloaded, each DiT's parts outside its blocks, the ring of block slots) plus the
-largest offloaded component while it runs, plus room for activations (`ACTIVATION_ROOM_GIB`).
+is resident (components not offloaded, each DiT's parts outside its blocks and the ring of block slots, or the whole
+DiT) plus the larger of the largest offloaded component (while it runs) and the room for the denoising loop's
+activations (`ACTIVATION_ROOM_GIB`): the two are not on the device at the same time.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def estimate(sizes: ComponentSizes, output: str, layerwise: bool, prefetch: int,
         dits = sum(d.outside_blocks for d in sizes.dits.values()) + slots * slot
     else:
         dits = sum(d.total for d in sizes.dits.values())
-    return resident + running + dits + int(ACTIVATION_ROOM_GIB[output] * GIB)
+    return resident + dits + max(running, int(ACTIVATION_ROOM_GIB[output] * GIB))
 
 
 def plan(args: EngineArgs, sizes: ComponentSizes, output: str, device_bytes: int | None) -> MemoryPlan:

@@ -1,0 +1,277 @@
+"""Offload on the CPU: the mechanism of layerwise DiT offload (which block is copied into which ring slot when),
+component offload, the memory plan, memory reporting and the out-of-memory path.
+
+On the CPU "host" and "device" are different buffers of the same memory, and every copy is synchronous: a block
+that ran with the wrong weights (copied into the wrong slot, or overwritten before its turn) changes the output, so
+the outputs with offload must equal those without, exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from lora_writers import write_ai_toolkit
+
+from ditserve import Engine
+from ditserve.accel.memory_plan import ComponentSizes, DiTSize, plan
+from ditserve.accel.offload import ComponentOffload, enable_layerwise_offload
+from ditserve.config import ConfigError, EngineArgs
+from ditserve.utils.memory import DeviceOutOfMemory
+
+CPU = torch.device("cpu")
+REQUEST = dict(prompt="a red fox in snow", seed=5, height=32, width=32, num_inference_steps=3, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_dev):
+    """The tiny FLUX engine without offload (2 double + 2 single blocks of different sizes), and a forward's inputs."""
+    engine = Engine.from_pretrained(str(tiny_dev), device="cpu")
+    return engine, engine.pipeline.forward_inputs(32, 32)
+
+
+@pytest.fixture(scope="module")
+def flux_reference(flux):
+    return flux[0].generate(**REQUEST).images[0]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 8])
+def test_layerwise_offload_equals_resident_and_reuses_the_ring(flux, prefetch):
+    engine, inputs = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    with torch.no_grad():
+        expected = model(**inputs)
+    blocks = model.repeated_blocks()
+    (offload,) = enable_layerwise_offload([model], CPU, prefetch)
+    ring = offload.ring
+    assert model.block_loop.offload is offload
+    assert ring.size == min(prefetch + 1, len(blocks))
+    slots = [_storage(b) for b in ring.buffers]
+    # Every block tensor is a view into its slot (block i in slot i % size), set once.
+    for i, block in enumerate(blocks):
+        for t in [*block.parameters(), *block.buffers()]:
+            assert _storage(t) == slots[i % ring.size]
+    with torch.no_grad():
+        first = model(**inputs)
+        second = model(**inputs)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert ring.copies == 2 * len(blocks)  # each block copied in once per forward
+    assert [_storage(b) for b in ring.buffers] == slots  # the same buffers, not new ones
+    # What a forward computes with is what the host buffers hold: zeroing block 0's host copy changes the output.
+    offload.host[0].zero_()
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs), expected)
+
+
+def test_small_modules_stay_resident_and_blocks_leave(flux):
+    engine, _ = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    (offload,) = enable_layerwise_offload([model], CPU, 1)
+    in_ring = {_storage(b) for b in offload.ring.buffers}
+    in_blocks = {id(t) for b in model.repeated_blocks() for t in b.parameters()}
+    outside = [t for t in model.parameters() if id(t) not in in_blocks]
+    assert outside and all(_storage(t) not in in_ring for t in outside)
+    assert offload.ring.nbytes < offload.host_bytes  # two slots hold less than the four blocks
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [{"method": "dbcache", "threshold": 10.0, "max_warmup_steps": 1}, {"method": "teacache", "threshold": 10.0}],
+)
+def test_offload_under_dit_caching(flux, tiny_dev, cache):
+    """Caching skips blocks at the same seam: the runs it chooses (and TeaCache's signal, read from the first
+    block's weights) still get their blocks copied in."""
+    request = dict(REQUEST, num_inference_steps=4, cache=cache)
+    expected = flux[0].generate(**request)
+    engine = Engine.from_pretrained(str(tiny_dev), device="cpu", dit_layerwise_offload=True, offload_prefetch_size=1)
+    got = engine.generate(**request)
+    assert got.timings["cache"]["blocks_skipped"] > 0
+    assert got.timings["cache"] == expected.timings["cache"]
+    assert np.array_equal(got.images[0], expected.images[0])
+
+
+@pytest.fixture(scope="module")
+def offloaded_flux(tiny_dev):
+    return Engine.from_pretrained(
+        str(tiny_dev),
+        device="cpu",
+        dit_layerwise_offload=True,
+        offload_prefetch_size=2,
+        text_encoder_cpu_offload=True,
+        vae_cpu_offload=True,
+    )
+
+
+def test_engine_with_every_offload_equals_without(offloaded_flux, flux_reference):
+    engine = offloaded_flux
+    assert engine.memory_plan.dit_layerwise_offload and engine.memory_plan.offload_prefetch_size == 2
+    assert sorted(engine.component_offloads) == ["text_encoder", "text_encoder_2", "vae"]
+    before = {name: o.loads for name, o in engine.component_offloads.items()}
+    got = engine.generate(**REQUEST)
+    assert np.array_equal(got.images[0], flux_reference)
+    # Each component came to the device once for the request (its entry calls) and is back on the host.
+    assert {name: o.loads - before[name] for name, o in engine.component_offloads.items()} == dict.fromkeys(before, 1)
+    assert all(o.depth == 0 for o in engine.component_offloads.values())
+
+
+def test_component_offload_holds_host_copies_between_calls():
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    x = torch.randn(2, 4)
+    expected = layer(x)
+    offload = ComponentOffload(layer, CPU, pin=False)
+    hosts = [host for _, host in offload.tensors]
+    assert torch.equal(layer(x), expected)
+    assert offload.loads == 1 and offload.nbytes == sum(t.numel() * 4 for t in layer.parameters())
+    assert all(t.data_ptr() == h.data_ptr() for (t, _), h in zip(offload.tensors, hosts))
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_dev, tmp_path_factory):
+    return write_ai_toolkit(tiny_dev, tmp_path_factory.mktemp("lora") / "a.safetensors", seed=31)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["dynamic", "merged"])
+def test_lora_with_offload_equals_without(flux, offloaded_flux, lora_file, merged):
+    """Adapters stay on the device; a merge changes the host copies, which later forwards copy in; unmerging puts
+    the base weights back."""
+    path = lora_file
+    results = []
+    for engine in (flux[0], offloaded_flux):
+        engine.set_lora("fox", str(path), 0.8)
+        if merged:
+            engine.merge_lora_weights()
+        results.append(engine.generate(**REQUEST).images[0])
+        engine.unmerge_lora_weights() if merged else None
+        engine.set_lora([])
+    assert np.array_equal(results[0], results[1])
+    assert not np.array_equal(results[1], offloaded_flux.generate(**REQUEST).images[0])  # the LoRA did something
+    assert np.array_equal(offloaded_flux.generate(**REQUEST).images[0], flux[0].generate(**REQUEST).images[0])
+
+
+def test_two_experts_share_one_ring(tiny_wan_experts):
+    request = dict(prompt="a lighthouse", seed=7, height=48, width=16, num_frames=5, num_inference_steps=4)
+    request.update(guidance_scale=3.0, max_sequence_length=40, output_type="np")
+    expected = Engine.from_pretrained(str(tiny_wan_experts), device="cpu").generate(**request).videos[0]
+    engine = Engine.from_pretrained(str(tiny_wan_experts), device="cpu", dit_layerwise_offload=True)
+    offloads = engine.block_offloads
+    assert sorted(offloads) == ["transformer", "transformer_2"]
+    assert offloads["transformer"].ring is offloads["transformer_2"].ring  # the idle expert is all on the host
+    got = engine.generate(**request).videos[0]
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", [dict(tp_size=2), dict(ulysses_degree=2)], ids=["tp", "ulysses"])
+def test_offload_under_parallel_modes(tiny_wan, mode):
+    """Each rank offloads its own shard; every rank reports its memory."""
+    request = dict(prompt="a lighthouse", seed=7, height=48, width=16, num_frames=9, num_inference_steps=2)
+    request.update(max_sequence_length=40, output_type="np")
+    expected = Engine.from_pretrained(str(tiny_wan), device="cpu").generate(**request).videos[0]
+    with Engine.from_pretrained(
+        str(tiny_wan), device="cpu", num_gpus=2, dit_layerwise_offload=True, offload_prefetch_size=1, **mode
+    ) as engine:
+        got = engine.generate(**request)
+    assert np.abs(got.videos[0] - expected).max() < 1e-3
+    assert [r["rank"] for r in got.memory["ranks"]] == [0, 1]
+
+
+# ---- memory reporting ---------------------------------------------------------------------------------------------
+def test_memory_per_stage_and_rank_in_the_result(flux, monkeypatch):
+    """torch counts no CPU memory: a fake allocator's peaks show where the figures go."""
+    from ditserve.utils import memory
+
+    peaks = iter(range(100, 10_000, 100))
+    monkeypatch.setattr(memory, "peak_mb", lambda device: float(next(peaks)))
+    result = flux[0].generate(**REQUEST)
+    stages = result.memory["stages"]
+    assert set(stages) == {"encode", "prepare", "denoise", "decode"}
+    assert all(isinstance(v, float) for v in stages.values())
+    assert result.memory["ranks"][0]["stages"] == stages and result.memory["ranks"][0]["device"] == "cpu"
+    assert result.peak_memory_mb == result.memory["peak_allocated_mb"] >= max(stages.values())
+    assert "stage_peak_memory_mb" not in result.timings
+
+
+def test_cpu_memory_fields_are_present_and_empty(flux):
+    memory = flux[0].generate(**REQUEST).memory
+    assert memory["peak_allocated_mb"] is None
+    assert memory["stages"] == dict.fromkeys(("encode", "prepare", "denoise", "decode"))
+
+
+def test_out_of_memory_fails_one_request_and_the_next_runs(offloaded_flux, flux_reference, monkeypatch):
+    block = offloaded_flux.pipeline.c.transformer.repeated_blocks()[1]
+    forward = block.forward
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", failing)
+    with pytest.raises(DeviceOutOfMemory, match="out of device memory.*--dit-layerwise-offload"):
+        offloaded_flux.generate(**REQUEST)
+    assert all(o.depth == 0 for o in offloaded_flux.component_offloads.values())
+    assert np.array_equal(offloaded_flux.generate(**REQUEST).images[0], flux_reference)
+
+
+# ---- settings and the memory plan ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [("offload_prefetch_size", 0), ("offload_prefetch_size", 1.5), ("max_gpu_memory", -1), ("vae_cpu_offload", 1)],
+)
+def test_bad_settings_name_their_field(field, value):
+    with pytest.raises(ConfigError) as e:
+        EngineArgs(device="cpu", **{field: value})
+    assert e.value.field == field
+
+
+GIB = 2**30
+
+
+def _sizes() -> ComponentSizes:
+    # A video model: a 28 GiB DiT of 40 blocks (0.2 GiB outside them), an 11 GiB text encoder, a 0.5 GiB VAE.
+    block = int(27.8 * GIB / 40)
+    return ComponentSizes(
+        dits={"transformer": DiTSize(int(28 * GIB), [block] * 40, 1)},
+        others={"text_encoder": int(11 * GIB), "vae": GIB // 2},
+    )
+
+
+# Estimates (GiB): resident components + the DiT (or its parts outside the blocks, 0.2, and two slots of 0.7) +
+# the larger of the biggest offloaded component and 8 for activations.
+@pytest.mark.parametrize(
+    "budget, layerwise, offloaded",
+    [
+        (80, False, []),  # 11.5 + 28 + 8 = 47.5
+        (47.2, False, ["vae"]),  # 11 + 28 + 8 = 47: the VAE is the cheapest to move
+        (45, False, ["text_encoder"]),  # 0.5 + 28 + 11 = 39.5
+        (39.2, False, ["text_encoder", "vae"]),  # 28 + 11 = 39
+        (24, True, []),  # 11.5 + 1.6 + 8: only the blocks' offload fits
+        (13.5, True, ["text_encoder"]),  # 0.5 + 1.6 + 11
+    ],
+)
+def test_the_budget_picks_the_cheapest_offloads_that_fit(budget, layerwise, offloaded):
+    chosen = plan(EngineArgs(device="cpu", max_gpu_memory=budget), _sizes(), "video", None)
+    assert (chosen.dit_layerwise_offload, chosen.offloaded) == (layerwise, offloaded)
+    assert chosen.estimate_bytes <= budget * GIB
+    assert "max_gpu_memory" in chosen.describe()
+
+
+def test_a_budget_nothing_fits_is_refused_naming_the_flag():
+    with pytest.raises(ConfigError) as e:
+        plan(EngineArgs(device="cpu", max_gpu_memory=12.5), _sizes(), "video", None)  # 12.6 at the least
+    assert e.value.field == "max_gpu_memory" and "least it needs" in e.value.message
+
+
+def test_video_models_offload_their_blocks_when_they_would_not_fit():
+    args = EngineArgs(device="cpu")
+    assert plan(args, _sizes(), "video", 24 * GIB).dit_layerwise_offload
+    assert not plan(args, _sizes(), "video", 80 * GIB).dit_layerwise_offload
+    assert not plan(args, _sizes(), "image", 24 * GIB).dit_layerwise_offload  # image models: the user decides
+    assert not plan(EngineArgs(device="cpu", dit_layerwise_offload=False), _sizes(), "video", GIB).dit_layerwise_offload
