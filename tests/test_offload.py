@@ -196,6 +196,29 @@ def test_memory_per_stage_and_rank_in_the_result(flux, monkeypatch):
     assert "stage_peak_memory_mb" not in result.timings
 
 
+def test_memory_in_the_cli_summary_and_metrics(flux, monkeypatch):
+    from ditserve.cli import _format_summary
+    from ditserve.server.metrics import ServerMetrics
+    from ditserve.utils import memory
+
+    peaks = iter(range(100, 10_000, 100))
+    monkeypatch.setattr(memory, "peak_mb", lambda device: float(next(peaks)))
+    result = flux[0].generate(**REQUEST)
+    stages = result.memory["stages"]
+    summary = _format_summary(result, ["out.png"])
+    assert f"peak memory {result.peak_memory_mb:.0f} MiB (encode {stages['encode']:.0f}, " in summary
+    metrics = ServerMetrics()
+    ranks = [
+        dict(r, device=f"cuda:{i}", allocated_mb=10.0 + i, reserved_mb=20.0)
+        for i, r in enumerate(2 * result.memory["ranks"])
+    ]
+    metrics.observe_result("images/generations", 1.0, 0.0, {"memory": dict(result.memory, ranks=ranks)}, 1.0)
+    text = metrics.render().decode()
+    assert 'ditserve_device_memory_allocated_mb{device="cuda:1"} 11.0' in text
+    assert 'ditserve_device_memory_reserved_mb{device="cuda:0"} 20.0' in text
+    assert f'ditserve_device_memory_peak_mb{{device="cuda:0"}} {ranks[0]["peak_allocated_mb"]}' in text
+
+
 def test_cpu_memory_fields_are_present_and_empty(flux):
     memory = flux[0].generate(**REQUEST).memory
     assert memory["peak_allocated_mb"] is None

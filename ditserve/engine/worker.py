@@ -229,6 +229,10 @@ class Worker:
     def _describe(e: Exception) -> tuple[str, str]:
         import torch
 
+        from ditserve.utils.memory import DeviceOutOfMemory
+
+        if isinstance(e, DeviceOutOfMemory):
+            return "out_of_memory", str(e)
         if isinstance(e, torch.OutOfMemoryError):
             return "out_of_memory", "the device ran out of memory; try a smaller size, fewer images or steps"
         if os.environ.get("DITSERVE_DEBUG") == "1":
