@@ -271,6 +271,21 @@ def enable_layerwise_offload(
     return offloads
 
 
+def disable_layerwise_offload(models: Sequence[nn.Module]) -> None:
+    """Undo enable_layerwise_offload: each block's tensors get storage of their own on the ring's device again,
+    from the host copies (a LoRA merge made meanwhile included)."""
+    for model in models:
+        offload = model.block_loop.offload  # type: ignore[union-attr]
+        if offload is None:
+            continue
+        offload.ring.synchronize()
+        device = offload.ring.device
+        for entries, flat in zip(offload.entries, offload.host):
+            for e in entries:
+                e.tensor.data = e.view(flat).to(device, copy=True)
+        model.block_loop.offload = None  # type: ignore[union-attr]
+
+
 class ComponentOffload:
     """A component (text encoder, image encoder, VAE) kept in host memory and on the device only while one of its
     entry methods runs. Its weights do not change, so nothing is copied back."""
@@ -321,4 +336,11 @@ class ComponentOffload:
                     t.data = host  # the device copy is freed (the caching allocator reuses it once the stream is past)
 
 
-__all__ = ["BlockOffload", "ComponentOffload", "Ring", "enable_layerwise_offload", "tensor_bytes"]
+__all__ = [
+    "BlockOffload",
+    "ComponentOffload",
+    "Ring",
+    "disable_layerwise_offload",
+    "enable_layerwise_offload",
+    "tensor_bytes",
+]
