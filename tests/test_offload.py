@@ -17,7 +17,7 @@ from lora_writers import write_ai_toolkit
 
 from ditserve import Engine
 from ditserve.accel.memory_plan import ComponentSizes, DiTSize, plan
-from ditserve.accel.offload import ComponentOffload, enable_layerwise_offload
+from ditserve.accel.offload import ComponentOffload, disable_layerwise_offload, enable_layerwise_offload
 from ditserve.config import ConfigError, EngineArgs
 from ditserve.utils.memory import DeviceOutOfMemory
 
@@ -67,6 +67,20 @@ def test_layerwise_offload_equals_resident_and_reuses_the_ring(flux, prefetch):
     offload.host[0].zero_()
     with torch.no_grad():
         assert not torch.equal(model(**inputs), expected)
+
+
+def test_disabling_gives_the_blocks_their_own_storage_back(flux):
+    engine, inputs = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    with torch.no_grad():
+        expected = model(**inputs)
+    (offload,) = enable_layerwise_offload([model], CPU, 1)
+    in_ring = {_storage(b) for b in offload.ring.buffers}
+    disable_layerwise_offload([model])
+    assert model.block_loop.offload is None
+    assert all(_storage(t) not in in_ring for b in model.repeated_blocks() for t in b.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), expected)
 
 
 def test_small_modules_stay_resident_and_blocks_leave(flux):

@@ -155,19 +155,23 @@ class BlockOffload:
         self.ring = ring
         self.index = {id(b): i for i, b in enumerate(self.blocks)}
         self.entries: list[list[_Entry]] = []
-        self.host: list[torch.Tensor] = []
+        sizes = []
         for block in self.blocks:
             tensors = _module_tensors(block)
             places, size = _layout(tensors)
-            entries = [_Entry(t, off, n, t.dtype, tuple(t.shape)) for t, (off, n) in zip(tensors, places, strict=True)]
-            flat = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            self.entries.append(
+                [_Entry(t, off, n, t.dtype, tuple(t.shape)) for t, (off, n) in zip(tensors, places, strict=True)]
+            )
+            sizes.append(size)
+        if max(sizes) > ring.buffers[0].numel():
+            raise ValueError("a block is larger than the ring's slots")
+        # One host allocation for all blocks (the pinned allocator rounds each allocation up, so once, not per block).
+        whole = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+        self.host: list[torch.Tensor] = list(whole.split(sizes))
+        for i, (entries, flat) in enumerate(zip(self.entries, self.host)):
             for e in entries:
                 e.view(flat).copy_(e.tensor.detach())
-            self.entries.append(entries)
-            self.host.append(flat)
-        if max(f.numel() for f in self.host) > ring.buffers[0].numel():
-            raise ValueError("a block is larger than the ring's slots")
-        self._point_at_slots()  # the block's own storage (device or host) is freed here
+            self._point_block_at_slot(i)  # the block's own storage (device or host) is freed as we go
 
     def slot(self, block_index: int) -> int:
         return block_index % self.ring.size
@@ -176,11 +180,14 @@ class BlockOffload:
     def host_bytes(self) -> int:
         return sum(f.numel() for f in self.host)
 
+    def _point_block_at_slot(self, i: int) -> None:
+        slot = self.ring.buffers[self.slot(i)]
+        for e in self.entries[i]:
+            e.tensor.data = e.view(slot)
+
     def _point_at_slots(self) -> None:
-        for i, entries in enumerate(self.entries):
-            slot = self.ring.buffers[self.slot(i)]
-            for e in entries:
-                e.tensor.data = e.view(slot)
+        for i in range(len(self.entries)):
+            self._point_block_at_slot(i)
 
     def _point_at_host(self) -> None:
         for entries, flat in zip(self.entries, self.host):
