@@ -312,3 +312,32 @@ def test_video_models_offload_their_blocks_when_they_would_not_fit():
     assert not plan(args, _sizes(), "video", 80 * GIB).dit_layerwise_offload
     assert not plan(args, _sizes(), "image", 24 * GIB).dit_layerwise_offload  # image models: the user decides
     assert not plan(EngineArgs(device="cpu", dit_layerwise_offload=False), _sizes(), "video", GIB).dit_layerwise_offload
+
+
+def test_engine_and_cli_refuse_a_budget_too_small(tiny_dev, capsys):
+    with pytest.raises(ConfigError) as e:
+        Engine.from_pretrained(str(tiny_dev), device="cpu", max_gpu_memory=1)
+    assert e.value.field == "max_gpu_memory"
+    from ditserve.cli import main
+
+    common = ["generate", "--model", str(tiny_dev), "--device", "cpu", "--prompt", "x"]
+    assert main([*common, "--max-gpu-memory", "1"]) == 2
+    assert "ditserve: --max-gpu-memory: 1 GiB is too little for this model" in capsys.readouterr().err
+    assert main([*common, "--offload-prefetch-size", "0"]) == 2
+    assert "ditserve: --offload-prefetch-size: must be a number of blocks" in capsys.readouterr().err
+
+
+def test_the_engine_applies_what_the_budget_picks(tiny_dev, flux_reference, monkeypatch):
+    from ditserve.accel import memory_plan
+    from ditserve.loader.folder import resolve_model
+
+    monkeypatch.setattr(memory_plan, "ACTIVATION_ROOM_GIB", {"image": 0.0, "video": 0.0})
+    sizes = memory_plan.component_sizes(resolve_model(str(tiny_dev)), torch.float32)
+    budget = 0.9 * memory_plan.estimate(sizes, "image", False, 2, set()) / GIB  # everything resident does not fit
+    expected = plan(EngineArgs(device="cpu", max_gpu_memory=budget), sizes, "image", None)
+    assert expected.dit_layerwise_offload or expected.offloaded
+    engine = Engine.from_pretrained(str(tiny_dev), device="cpu", max_gpu_memory=budget)
+    assert engine.memory_plan == expected and expected.reason == "max_gpu_memory"
+    assert bool(engine.block_offloads) == expected.dit_layerwise_offload
+    assert sorted(engine.component_offloads) == expected.offloaded
+    assert np.array_equal(engine.generate(**REQUEST).images[0], flux_reference)

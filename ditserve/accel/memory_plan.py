@@ -91,8 +91,9 @@ def offload_kind(component: str) -> str | None:
     return None
 
 
-def component_sizes(source, dtype: torch.dtype) -> ComponentSizes:
-    """Bytes of every model component of `source` (a loader.folder.ModelSource) in `dtype`, built on meta."""
+def component_sizes(source, dtype: torch.dtype, measure: bool = True) -> ComponentSizes:
+    """Bytes of every model component of `source` (a loader.folder.ModelSource) in `dtype`, built on meta;
+    `measure` False: the components and the DiTs' prefetch sizes only (every size 0), for plans from flags alone."""
     from ditserve.loader.folder import library_class
     from ditserve.loader.weights import build_on_meta
     from ditserve.registry import load_object
@@ -105,10 +106,15 @@ def component_sizes(source, dtype: torch.dtype) -> ComponentSizes:
             continue
         if name in dits:
             cls = load_object(dits[name].model)
+            if not measure:
+                sizes.dits[name] = DiTSize(0, [], getattr(cls, "offload_prefetch_size", DEFAULT_PREFETCH))
+                continue
             model = build_on_meta(functools.partial(cls.from_config, source.config(name)), dtype)
             blocks = [_layout(_module_tensors(b))[1] for b in model.repeated_blocks()]
             prefetch = getattr(model, "offload_prefetch_size", DEFAULT_PREFETCH)
             sizes.dits[name] = DiTSize(tensor_bytes(model), blocks, prefetch)
+        elif offload_kind(name) is not None and not measure:
+            sizes.others[name] = 0
         elif offload_kind(name) is not None:
             cls = library_class(library, class_name)
             raw = source.config(name)

@@ -165,12 +165,17 @@ class Engine:
         total = None
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
-        sizes = component_sizes(self.source, self.dtype)
+        # Sizes matter to a budget, and to the default for video models on a GPU; flags alone need none.
+        auto = args.dit_layerwise_offload is None and spec.output == "video" and total is not None
+        sizes = component_sizes(self.source, self.dtype, measure=args.max_gpu_memory is not None or auto)
         if args.dit_layerwise_offload and not sizes.dits:
             raise ConfigError("dit_layerwise_offload", f"{spec.family} has no DiT of ours to offload")
         chosen = plan(args, sizes, spec.output, total)
         if chosen.dit_layerwise_offload or chosen.offloaded:
             log.info("memory: %s", chosen.describe())
+        if args.max_gpu_memory is not None and total is not None:
+            # The budget is a cap, as a smaller card would be: a request beyond it fails as out of memory.
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), self.device)
         return chosen
 
     def _apply_memory_plan(self, args: EngineArgs) -> None:
