@@ -12,6 +12,7 @@ import torch
 from lora_writers import write_ai_toolkit
 
 from ditserve import Engine
+from ditserve.accel.cuda_graph import enable_cuda_graphs
 from ditserve.accel.offload import enable_layerwise_offload
 from ditserve.bench import forward_peak_gib
 from ditserve.utils.memory import DeviceOutOfMemory
@@ -38,16 +39,19 @@ def reference(resident):
     return resident.generate(**REQUEST)
 
 
+@pytest.fixture(scope="module")
+def ungraphed(tiny_dev):
+    return _engine(tiny_dev, cuda_graphs=False)
+
+
 @pytest.mark.parametrize("prefetch", [1, 3])
-def test_graphed_forward_with_offload_equals_resident(resident, prefetch):
-    model = copy.deepcopy(resident.pipeline.c.transformer)  # without the engine's graphs
-    inputs = resident.pipeline.forward_inputs(64, 64)
+def test_graphed_forward_with_offload_equals_resident(ungraphed, prefetch):
+    model = copy.deepcopy(ungraphed.pipeline.c.transformer)
+    inputs = ungraphed.pipeline.forward_inputs(64, 64)
     with torch.no_grad():
         expected = model(**inputs)
         resident_peak = forward_peak_gib(lambda: model(**inputs), CUDA)
     (offload,) = enable_layerwise_offload([model], CUDA, prefetch)
-    from ditserve.accel.cuda_graph import enable_cuda_graphs
-
     graphs = enable_cuda_graphs(model, CUDA)
     slots = [b.data_ptr() for b in offload.ring.buffers]
     with torch.no_grad():
@@ -119,3 +123,26 @@ def test_out_of_memory_fails_one_request_and_frees_it(tiny_dev, reference):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before + 2**20
     np.testing.assert_allclose(engine.generate(**REQUEST).images[0], reference.images[0], atol=1e-4)
+
+
+WAN_REQUEST = dict(prompt="a lighthouse", seed=7, height=48, width=16, num_frames=5, num_inference_steps=4)
+WAN_REQUEST.update(guidance_scale=3.0, max_sequence_length=40, output_type="np")
+
+
+def test_two_experts_on_one_ring_with_graphs(tiny_wan_experts):
+    expected = _engine(tiny_wan_experts).generate(**WAN_REQUEST).videos[0]
+    engine = _engine(tiny_wan_experts, dit_layerwise_offload=True)
+    assert engine.block_offloads["transformer"].ring is engine.block_offloads["transformer_2"].ring
+    np.testing.assert_allclose(engine.generate(**WAN_REQUEST).videos[0], expected, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("mode", [dict(tp_size=2), dict(ulysses_degree=2)], ids=["tp", "ulysses"])
+def test_offload_on_two_gpus(tiny_wan, mode):
+    request = dict(WAN_REQUEST, num_frames=9, guidance_scale=1.0)
+    expected = _engine(tiny_wan).generate(**request).videos[0]
+    with _engine(tiny_wan, num_gpus=2, dit_layerwise_offload=True, offload_prefetch_size=1, **mode) as engine:
+        got = engine.generate(**request)
+    np.testing.assert_allclose(got.videos[0], expected, atol=1e-3)
+    assert [r["device"] for r in got.memory["ranks"]] == ["cuda:0", "cuda:1"]
+    assert all(r["peak_allocated_mb"] > 0 for r in got.memory["ranks"])
