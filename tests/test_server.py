@@ -250,6 +250,7 @@ def test_models_health_metrics_info(server):
         assert name in text, name
     info = server.info()
     assert info["state"] == "ready" and info["worker_pid"] and info["max_batch_size"] == 4
+    assert info["model"]["memory_plan"]["dit_layerwise_offload"] is False  # the offloads in effect (none here)
 
 
 def test_a_failing_request_fails_alone(server):

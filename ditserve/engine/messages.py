@@ -75,6 +75,7 @@ class ModelInfo:
     dtype: str
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
+    memory_plan: dict | None = None  # accel.memory_plan.MemoryPlan.to_dict(): the offloads in effect
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

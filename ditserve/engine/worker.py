@@ -108,6 +108,7 @@ class Worker:
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
             cost=cost,
+            memory_plan=self.engine.memory_plan.to_dict() if self.engine.memory_plan is not None else None,
         )
         self.sock.send_multipart(msg.ready_message(info, notes))
 
