@@ -147,6 +147,27 @@ class Ring:
             self.stream.synchronize()
 
 
+def _host_buffers(sizes: Sequence[int], pin: bool) -> list[torch.Tensor]:
+    """One host buffer per block, carved from few allocations. torch's pinned allocator rounds every allocation up
+    to a power of two (a 0.66 GiB block would take 1 GiB): blocks are grouped, in order, into allocations of at most
+    the largest power of two the remaining blocks fill, so the rounding wastes little (about 1.5% for Wan2.1-14B)."""
+    if not pin:
+        return list(torch.empty(sum(sizes), dtype=torch.uint8).split(list(sizes)))
+    buffers: list[torch.Tensor] = []
+    i = 0
+    while i < len(sizes):
+        rest = sum(sizes[i:])
+        cap = max(1 << max(rest.bit_length() - 1, 0), sizes[i])
+        j, used = i, 0
+        while j < len(sizes) and used + sizes[j] <= cap:
+            used += sizes[j]
+            j += 1
+        group = torch.empty(used, dtype=torch.uint8, pin_memory=True)
+        buffers.extend(group.split(list(sizes[i:j])))
+        i = j
+    return buffers
+
+
 class BlockOffload:
     """One model's repeated blocks on the host, streamed through a `Ring` at its block loop."""
 
@@ -165,9 +186,7 @@ class BlockOffload:
             sizes.append(size)
         if max(sizes) > ring.buffers[0].numel():
             raise ValueError("a block is larger than the ring's slots")
-        # One host allocation for all blocks (the pinned allocator rounds each allocation up, so once, not per block).
-        whole = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-        self.host: list[torch.Tensor] = list(whole.split(sizes))
+        self.host = _host_buffers(sizes, pin)
         for i, (entries, flat) in enumerate(zip(self.entries, self.host)):
             for e in entries:
                 e.view(flat).copy_(e.tensor.detach())
@@ -303,11 +322,13 @@ class ComponentOffload:
         self.module = module
         self.device = device
         pin = pin and device.type == "cuda"
+        tensors = _module_tensors(module)
+        places, _ = _layout(tensors)
+        flats = _host_buffers([-(-n // _ALIGN) * _ALIGN for _, n in places], pin)
         self.tensors = []
-        for t in _module_tensors(module):
-            host = t.detach().to("cpu")
-            if pin:
-                host = host.pin_memory()
+        for t, (_, n), flat in zip(tensors, places, flats, strict=True):
+            host = flat.narrow(0, 0, n).view(t.dtype).view(t.shape)
+            host.copy_(t.detach())
             t.data = host
             self.tensors.append((t, host))
         self.depth = 0
