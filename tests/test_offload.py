@@ -341,3 +341,17 @@ def test_the_engine_applies_what_the_budget_picks(tiny_dev, flux_reference, monk
     assert bool(engine.block_offloads) == expected.dit_layerwise_offload
     assert sorted(engine.component_offloads) == expected.offloaded
     assert np.array_equal(engine.generate(**REQUEST).images[0], flux_reference)
+
+
+def test_host_buffers_are_grouped_below_powers_of_two():
+    from ditserve.accel.offload import _host_buffers
+
+    sizes = [3 << 20] * 10 + [0]  # 30 MiB: allocations of 15, 6, 6 and 3 MiB, under 16, 8, 8 and 4
+    buffers = _host_buffers(sizes, pin=False)
+    assert [b.numel() for b in buffers] == sizes
+    allocations = {}
+    for b in buffers:
+        allocations.setdefault(b.untyped_storage().data_ptr(), []).append(b.numel())
+    totals = [sum(v) for v in allocations.values()]
+    assert sum(totals) == sum(sizes) and len(totals) < len(sizes)
+    assert all(total <= 1 << (total - 1).bit_length() <= 1.5 * total for total in totals if total)
