@@ -419,12 +419,15 @@ class Engine:
     def _run_pipeline(self, batch: list[SamplingParams], on_step: StepCallback | None) -> list:
         """The pipeline on a resolved batch, its memory figures added to each output's timings["memory"]. Running out
         of device memory fails this batch alone: what it allocated is freed and the error says so."""
+        failure = None
         try:
             outputs = self.pipeline.generate(batch, self._synced_steps(on_step))
         except Exception as e:
-            if is_out_of_memory(e):
-                raise out_of_memory(e, self.device) from None
-            raise
+            if not is_out_of_memory(e):
+                raise
+            failure = str(e)
+        if failure is not None:  # outside the handler: the failed run's frames, and their tensors, are gone
+            raise out_of_memory(failure, self.device)
         memory = self._gather_memory(outputs[0].timings)
         for output in outputs:
             output.timings.pop("stage_peak_memory_mb", None)

@@ -40,15 +40,15 @@ class DeviceOutOfMemory(torch.OutOfMemoryError):
     """A request needed more device memory than was free. What it had allocated is freed; the engine serves on."""
 
 
-def out_of_memory(e: BaseException, device: torch.device, stage: str | None = None) -> DeviceOutOfMemory:
-    """Free what the failed request left (its tensors are unreachable once the exception is handled) and say what
-    happened, naming memory and what helps."""
+def out_of_memory(error: str, device: torch.device) -> DeviceOutOfMemory:
+    """Free what a failed request left (call it once the exception is handled, when its tensors are unreachable)
+    and say what happened, naming memory and what helps; `error` is the allocator's message."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    where = f" during {stage}" if stage else ""
+    first_line = error.splitlines()[0] if error else "no details"
     return DeviceOutOfMemory(
-        f"out of device memory{where}: the request needed more than {device} had free ({str(e).splitlines()[0]}). "
+        f"out of device memory: the request needed more than {device} had free ({first_line}). "
         "Try a smaller size, fewer frames, images or steps, or offload (--dit-layerwise-offload, "
         "--text-encoder-cpu-offload, --vae-cpu-offload, --max-gpu-memory GIB)"
     )
