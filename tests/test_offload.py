@@ -355,3 +355,140 @@ def test_host_buffers_are_grouped_below_powers_of_two():
     totals = [sum(v) for v in allocations.values()]
     assert sum(totals) == sum(sizes) and len(totals) < len(sizes)
     assert all(total <= 1 << (total - 1).bit_length() <= 1.5 * total for total in totals if total)
+
+
+# ---- the CUDA ordering, replayed on the CPU ----------------------------------------------------------------------
+class RecordedOrder:
+    """Copies done at once (as on the CPU), while the waits and records StreamOrder makes on CUDA are replayed on
+    vector clocks: each stream counts its operations and knows how many of the other's it has waited for. Operation
+    a (on stream S, its n-th) happens before operation b iff b's clock has seen n operations of S. A wait on an event
+    recorded in an earlier run would tie a captured CUDA graph to work outside it: refused."""
+
+    def __init__(self, host_blocks: dict[int, int], slots: int):
+        self.host_blocks = host_blocks  # host buffer address → block index
+        self.clocks = {"copy": {"copy": 0, "compute": 0}, "compute": {"copy": 0, "compute": 0}}
+        self.copied: list[dict | None] = [None] * slots
+        self.computed: list[dict | None] = [None] * slots
+        self.events: list[tuple] = []  # ("copy" | "compute", block, slot, clock), in the order issued
+        self.running: int | None = None  # the block whose forward started (a pre-hook sets it)
+        self.run = 0
+        self.recorded_in: dict[int, int] = {}  # id of an event's clock → the run it was recorded in
+
+    def _join(self, stream: str, clock: dict | None, event: bool = True) -> None:
+        assert clock is not None, "a wait on an event never recorded"
+        assert not event or self.recorded_in[id(clock)] == self.run, "a wait on an event of an earlier run"
+        for s in clock:
+            self.clocks[stream][s] = max(self.clocks[stream][s], clock[s])
+
+    def _tick(self, stream: str) -> dict:
+        self.clocks[stream][stream] += 1
+        clock = dict(self.clocks[stream])
+        self.recorded_in[id(clock)] = self.run
+        return clock
+
+    def begin(self) -> None:
+        self.run += 1
+        self._join("copy", self.clocks["compute"], event=False)
+
+    def copy(self, slot, dst, src, after_compute) -> None:
+        dst.copy_(src)
+        if after_compute:
+            self._join("copy", self.computed[slot])
+        self.copied[slot] = clock = self._tick("copy")
+        self.events.append(("copy", self.host_blocks[src.data_ptr()], slot, clock))
+
+    def before_compute(self, slot) -> None:
+        self._join("compute", self.copied[slot])
+
+    def after_compute(self, slot) -> None:
+        self.computed[slot] = clock = self._tick("compute")
+        block = self.running
+        if block is None:  # no block forward ran: TeaCache's signal, which reads the block just copied to the slot
+            block = next(e[1] for e in reversed(self.events) if e[0] == "copy" and e[2] == slot)
+        self.events.append(("compute", block, slot, clock))
+        self.running = None
+
+    def end(self) -> None:
+        self._join("compute", self.clocks["copy"], event=False)
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _record(offload, model) -> RecordedOrder:
+    recorder = RecordedOrder({h.data_ptr(): i for i, h in enumerate(offload.host)}, offload.ring.size)
+    offload.ring.order = recorder
+    for i, block in enumerate(model.repeated_blocks()):
+        block.register_forward_pre_hook(lambda *_, i=i: setattr(recorder, "running", i))
+    return recorder
+
+
+def _check_ordering(events: list[tuple]) -> int:
+    """Every block computes after its copy has landed, and its slot is not overwritten until it is done."""
+    computes = 0
+    for p, (kind, block, slot, clock) in enumerate(events):
+        if kind != "compute":
+            continue
+        computes += 1
+        fill = max(q for q, e in enumerate(events[:p]) if e[0] == "copy" and e[1] == block)
+        assert events[fill][2] == slot, f"block {block} computed in slot {slot}, copied to {events[fill][2]}"
+        assert clock["copy"] >= events[fill][3]["copy"], f"block {block} computed before its copy landed"
+        for kind2, other, slot2, clock2 in events[fill + 1 :]:
+            if kind2 == "copy" and slot2 == slot:
+                assert clock2["compute"] >= clock["compute"], f"block {other} overwrote block {block} too early"
+    return computes
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_ordering_keeps_every_slot_until_its_block_is_done(flux, prefetch):
+    engine, inputs = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    (offload,) = enable_layerwise_offload([model], CPU, prefetch)
+    recorder = _record(offload, model)
+    with torch.no_grad():
+        model(**inputs)
+        model(**inputs)
+    assert _check_ordering(recorder.events) == 2 * len(model.repeated_blocks())
+
+
+def test_cuda_ordering_under_caching(tiny_dev):
+    """A cache hook runs the loop in parts (and TeaCache reads the first block outside it): each part orders its
+    own copies."""
+    engine = Engine.from_pretrained(str(tiny_dev), device="cpu", dit_layerwise_offload=True, offload_prefetch_size=1)
+    offload = engine.block_offloads["transformer"]
+    recorder = _record(offload, engine.pipeline.c.transformer)
+    for cache in ({"method": "dbcache", "threshold": 10.0, "max_warmup_steps": 1}, {"method": "teacache"}):
+        result = engine.generate(**dict(REQUEST, num_inference_steps=4, cache=cache))
+        assert result.timings["cache"]["forwards"] == 4
+        if cache["method"] == "dbcache":
+            assert result.timings["cache"]["blocks_skipped"] > 0  # the loop ran in parts
+    assert _check_ordering(recorder.events) > 0
+
+
+def test_the_ordering_check_catches_a_copy_that_does_not_wait(flux, monkeypatch):
+    from ditserve.accel.offload import Ring
+
+    engine, inputs = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    (offload,) = enable_layerwise_offload([model], CPU, 1)
+    recorder = _record(offload, model)
+    hasty = lambda self, slot, host: self.order.copy(slot, self.buffers[slot][: host.numel()], host, False)  # noqa: E731
+    monkeypatch.setattr(Ring, "copy", hasty)
+    with torch.no_grad():
+        model(**inputs)
+    with pytest.raises(AssertionError, match="overwrote block 0 too early"):
+        _check_ordering(recorder.events)
+
+
+def test_the_ordering_check_catches_a_wait_on_an_earlier_run(flux, monkeypatch):
+    from ditserve.accel.offload import Ring
+
+    engine, inputs = flux
+    model = copy.deepcopy(engine.pipeline.c.transformer)
+    (offload,) = enable_layerwise_offload([model], CPU, 1)
+    _record(offload, model)
+    monkeypatch.setattr(Ring, "begin_run", lambda self: self.order.begin())  # forgets to start the run afresh
+    with torch.no_grad():
+        model(**inputs)
+        with pytest.raises(AssertionError, match="an event of an earlier run"):
+            model(**inputs)

@@ -82,22 +82,72 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _module_tensors(module))
 
 
-class Ring:
-    """The device slots blocks are copied into, and the ordering of copies against compute.
+class Immediate:
+    """Ordering on the CPU: every copy is done when issued, so there is nothing to wait for."""
 
-    On CUDA the copies run on their own stream: `copied[s]` tells the compute stream slot s is filled, `computed[s]`
-    tells the copy stream the block in slot s is done with it. An event is waited on only if it was recorded in the
-    same run, so a run captured in a CUDA graph holds no dependency on work outside it. On the CPU every call is
-    immediate."""
+    def begin(self) -> None:
+        pass
+
+    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor, after_compute: bool) -> None:
+        dst.copy_(src)
+
+    def before_compute(self, slot: int) -> None:
+        pass
+
+    def after_compute(self, slot: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class StreamOrder:
+    """Ordering on CUDA: copies on a stream of their own; `copied[s]` tells the compute stream slot s is filled,
+    `computed[s]` tells the copy stream the block in slot s is done with it."""
+
+    def __init__(self, device: torch.device, slots: int):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.copied = [torch.cuda.Event() for _ in range(slots)]
+        self.computed = [torch.cuda.Event() for _ in range(slots)]
+
+    def begin(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor, after_compute: bool) -> None:
+        with torch.cuda.stream(self.stream):
+            if after_compute:
+                self.stream.wait_event(self.computed[slot])
+            dst.copy_(src, non_blocking=True)
+            self.copied[slot].record(self.stream)
+
+    def before_compute(self, slot: int) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+
+    def after_compute(self, slot: int) -> None:
+        self.computed[slot].record(torch.cuda.current_stream(self.device))
+
+    def end(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+
+class Ring:
+    """The device slots blocks are copied into, and the ordering of copies against compute (`order`: StreamOrder
+    on CUDA, Immediate on the CPU). A slot's `computed` event is waited on only if it was recorded in the same run,
+    so a run captured in a CUDA graph holds no dependency on work outside it; the run's start orders it after
+    everything before."""
 
     def __init__(self, device: torch.device, slots: int, slot_bytes: int):
         self.device = device
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            self.copied = [torch.cuda.Event() for _ in range(slots)]
-            self.computed = [torch.cuda.Event() for _ in range(slots)]
+        self.order: Immediate | StreamOrder = StreamOrder(device, slots) if self.cuda else Immediate()
         self._computed_in_run: set[int] = set()
         self.copies = 0  # blocks copied in since the start (for tests and logs)
 
@@ -110,41 +160,29 @@ class Ring:
         return sum(b.numel() for b in self.buffers)
 
     def begin_run(self) -> None:
-        """The copy stream waits for everything issued so far (the previous run's last blocks used the slots)."""
+        """Copies from here on wait for everything issued so far (the previous run's last blocks used the slots)."""
         self._computed_in_run.clear()
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.order.begin()
 
     def copy(self, slot: int, host: torch.Tensor) -> None:
         """Copy a block's host buffer into `slot`, after the slot's previous block (in this run) is computed."""
-        dst = self.buffers[slot].narrow(0, 0, host.numel())
         self.copies += 1
-        if not self.cuda:
-            dst.copy_(host)
-            return
-        with torch.cuda.stream(self.stream):
-            if slot in self._computed_in_run:
-                self.stream.wait_event(self.computed[slot])
-            dst.copy_(host, non_blocking=True)
-            self.copied[slot].record(self.stream)
+        dst = self.buffers[slot].narrow(0, 0, host.numel())
+        self.order.copy(slot, dst, host, after_compute=slot in self._computed_in_run)
 
     def before_compute(self, slot: int) -> None:
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        self.order.before_compute(slot)
 
     def after_compute(self, slot: int) -> None:
         self._computed_in_run.add(slot)
-        if self.cuda:
-            self.computed[slot].record(torch.cuda.current_stream(self.device))
+        self.order.after_compute(slot)
 
     def end_run(self) -> None:
         """The compute stream joins the copy stream (a copy of a block a cache hook skipped may still be running)."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.order.end()
 
     def synchronize(self) -> None:
-        if self.cuda:
-            self.stream.synchronize()
+        self.order.synchronize()
 
 
 def _host_buffers(sizes: Sequence[int], pin: bool) -> list[torch.Tensor]:
