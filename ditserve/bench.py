@@ -55,6 +55,17 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def forward_peak_gib(fn, device: torch.device) -> float | None:
+    """Peak allocated device memory (GiB) while fn() runs: resident weights, offload buffers and activations."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return _peak_gib(device)
+
+
 def _request(ns: argparse.Namespace, defaults) -> dict:
     """The timed request: the bench's size, and the model's default steps and guidance unless --num-inference-steps
     and --guidance-scale name them."""
@@ -86,6 +97,7 @@ def _time_generations(engine, gen: dict, repeat: int) -> dict:
         generation_s=statistics.median(totals),
         peak_gib=max(peaks) if peaks[0] is not None else None,  # rank 0's with several GPUs
         stages_s=stages,
+        memory_mb=result.memory,  # the last generation's peak per stage and per rank
     )
     if "cache" in result.timings:
         timed["cache"] = result.timings["cache"]
@@ -96,7 +108,8 @@ def _bench_ours(engine, gen: dict, repeat: int, inputs: dict) -> dict:
     model = next(iter(engine.pipeline.transformers().values()))
     with torch.no_grad():
         forward_s = _time_calls(lambda: model(**inputs), engine.device)
-    return dict(forward_ms=forward_s * 1000, **_time_generations(engine, gen, repeat))
+        forward_peak = forward_peak_gib(lambda: model(**inputs), engine.device)
+    return dict(forward_ms=forward_s * 1000, forward_peak_gib=forward_peak, **_time_generations(engine, gen, repeat))
 
 
 def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
@@ -111,11 +124,12 @@ def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
 
 
 def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict | None, device: torch.device) -> dict:
-    """diffusers' pipeline called directly; its DiT's forward timed alone when `inputs` are given."""
-    forward_s = None
+    """diffusers' pipeline called directly; its DiT's forward timed alone (and its peak) when `inputs` are given."""
+    forward_s = forward_peak = None
     if inputs is not None:
         with torch.no_grad():
             forward_s = _time_calls(lambda: pipe.transformer(**inputs, return_dict=False), device)
+            forward_peak = forward_peak_gib(lambda: pipe.transformer(**inputs, return_dict=False), device)
     kwargs = dict(
         prompt=gen["prompt"],
         height=gen["height"],
@@ -152,6 +166,7 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict | None, device: 
         peaks.append(_peak_gib(device))
     return dict(
         forward_ms=None if forward_s is None else forward_s * 1000,
+        forward_peak_gib=forward_peak,
         step_ms=statistics.median(steps) * 1000 if steps else float("nan"),
         generation_s=statistics.median(totals),
         peak_gib=max(peaks) if peaks[0] is not None else None,
@@ -229,6 +244,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         "compile": args.compile,
         "attention_backend": args.attention_backend,
         "backends": [engine.backend],
+        "memory_plan": engine.memory_plan.to_dict() if engine.memory_plan is not None else None,
         "results": {},
     }
     t0 = time.perf_counter()
@@ -271,6 +287,11 @@ def run_bench(ns: argparse.Namespace) -> int:
             plain, gen, ns.repeat, plain_inputs
         )
         report["quantization"] = args.quantization
+    offloaded = bool(engine.block_offloads or engine.component_offloads)
+    if offloaded and not ns.no_diffusers:
+        # diffusers' pipeline would share our tensors, which offload has moved: benchmarks/offload.py times
+        # diffusers' own offloads beside ours.
+        print("diffusers is not run beside offloaded weights here: benchmarks/offload.py times both")
     if not ns.no_diffusers and not native:  # the backend's own pipeline, called directly
         import diffusers
 
@@ -282,7 +303,7 @@ def run_bench(ns: argparse.Namespace) -> int:
             "step": theirs["step_ms"] / ours["step_ms"],
             "generation": theirs["generation_s"] / ours["generation_s"],
         }
-    elif not ns.no_diffusers:
+    elif not ns.no_diffusers and not offloaded:
         import diffusers
 
         report["diffusers"] = diffusers.__version__
@@ -337,11 +358,13 @@ def run_bench(ns: argparse.Namespace) -> int:
         f"{report['dtype']}{', ' + args.quantization if args.quantization else ''}, compile={args.compile}, "
         f"on {report['device']}"
     )
-    print(f"{'engine':<20} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
+    if engine.memory_plan is not None and (engine.memory_plan.dit_layerwise_offload or engine.memory_plan.offloaded):
+        print(f"ditserve memory: {engine.memory_plan.describe()}")
+    print(f"{'engine':<20} {'DiT fwd ms':>11} {'fwd peak GiB':>13} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
     for name, r in report["results"].items():
         print(
-            f"{name:<20} {_fmt(r['forward_ms'], '>11.1f')} {r['step_ms']:>9.1f} {r['generation_s']:>13.3f} "
-            f"{_fmt(r['peak_gib'], '>9.2f')}"
+            f"{name:<20} {_fmt(r['forward_ms'], '>11.1f')} {_fmt(r.get('forward_peak_gib'), '>13.2f')} "
+            f"{r['step_ms']:>9.1f} {r['generation_s']:>13.3f} {_fmt(r['peak_gib'], '>9.2f')}"
         )
     if "cache_speedup" in report:
         s = report["cache_speedup"]

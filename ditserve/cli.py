@@ -89,6 +89,13 @@ def _format_summary(result, paths) -> str:
     per_step = f"; {sum(steps) / len(steps):.3f} s/step" if steps else ""
     stages = ", ".join(f"{k} {t[k]:.2f} s" for k in ("encode", "prepare", "denoise", "decode") if k in t)
     peak = f"{result.peak_memory_mb:.0f} MiB" if result.peak_memory_mb is not None else "n/a on cpu"
+    memory = result.memory or {}
+    by_stage = {k: v for k, v in (memory.get("stages") or {}).items() if v is not None}
+    if by_stage:
+        peak += " (" + ", ".join(f"{k} {v:.0f}" for k, v in by_stage.items()) + ")"
+    ranks = memory.get("ranks") or []
+    if len(ranks) > 1 and all(r.get("peak_allocated_mb") is not None for r in ranks):
+        peak += "; per rank " + ", ".join(f"{r['peak_allocated_mb']:.0f}" for r in ranks) + " MiB"
     wrote = ", ".join(str(p) for p in paths)
     cache = t.get("cache")
     cached = (
@@ -158,6 +165,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         wanted = f"{', '.join(VIDEO_SUFFIXES)} or a folder/" if makes_video else ".png, .jpg or .webp"
         kind = "videos" if makes_video else "images"
         raise UsageError(f"ditserve: --output: this model makes {kind}: use {wanted}, not {output!r}")
+    plan = engine.memory_plan
+    if plan is not None and (plan.dit_layerwise_offload or plan.offloaded):
+        print(f"memory: {plan.describe()}", file=sys.stderr)
     apply_lora_flags(engine, ns)
     bars: list[tqdm] = []
 

@@ -85,12 +85,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="decode large images in overlapping tiles (as diffusers' enable_tiling); spread over the GPUs",
     )
     p.add_argument("--vae-slicing", action="store_true", help="decode a batch's images one at a time (less memory)")
-    p.add_argument(
-        "--dit-layerwise-offload",
-        action="store_true",
-        help="keep the DiT's blocks on the CPU, each brought to the GPU for its turn (diffusers backend: diffusers' "
-        "group offload)",
-    )
     cache = p.add_argument_group("the cache-dit library (diffusers backend; pip install cache-dit)")
     cache.add_argument("--cache-dit", action="store_true", help="cache steps with cache-dit's DBCache")
     cache.add_argument("--cache-dit-config", default=None, metavar="YAML", help="cache-dit's cache_config file")
@@ -109,6 +103,38 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="replay the DiT forward as a CUDA graph per image size (CUDA only; on by default)",
+    )
+    mem = p.add_argument_group("memory (docs/memory.md)")
+    mem.add_argument(
+        "--dit-layerwise-offload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the DiT's blocks in host memory, each copied to the GPU ahead of its turn (default: on for video "
+        "models that would not fit the GPU with room for activations; the diffusers backend: diffusers' group "
+        "offload)",
+    )
+    mem.add_argument(
+        "--offload-prefetch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blocks copied ahead under --dit-layerwise-offload (default: the model's choice)",
+    )
+    mem.add_argument("--text-encoder-cpu-offload", action="store_true", help="text encoders on the GPU only to run")
+    mem.add_argument("--image-encoder-cpu-offload", action="store_true", help="image encoder on the GPU only to run")
+    mem.add_argument("--vae-cpu-offload", action="store_true", help="VAE on the GPU only to encode or decode")
+    mem.add_argument(
+        "--pin-cpu-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offloaded components in pinned host memory (faster copies; on by default)",
+    )
+    mem.add_argument(
+        "--max-gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory budget: the cheapest combination of the offloads that fits is chosen (and printed)",
     )
     par = p.add_argument_group("several GPUs (on the CPU: processes); num-gpus = ulysses × ring × cfg × tp")
     par.add_argument("--num-gpus", type=int, default=1)

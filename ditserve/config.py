@@ -132,9 +132,6 @@ class EngineArgs:
     # shared out over the ranks when there are several); off by default, as in diffusers.
     vae_tiling: bool = False
     vae_slicing: bool = False  # decode a batch's images one at a time (diffusers' vae.enable_slicing())
-    # Keep the DiT's blocks on the CPU and bring each to the device for its turn (the diffusers backend: diffusers'
-    # group offload, one block at a time, prefetched on a side stream on CUDA).
-    dit_layerwise_offload: bool = False
     cache_dit: CacheDiTSettings | dict | None = None  # the cache-dit library (diffusers backend); None: off
     cuda_graphs: bool = True  # replay the DiT forward as a CUDA graph per input shape (CUDA only; see accel/cuda_graph)
     # "fp8": the DiT blocks' linears in float8 e4m3 with per-channel scales, activations per token (accel/fp8.py).
@@ -156,6 +153,20 @@ class EngineArgs:
     dist_init_addr: str | None = None  # host:port of node 0
     # DiT caching for requests that name none (a CacheConfig, its dict, or a method name; None: off).
     cache: CacheConfig | dict | str | None = None
+    # Memory (accel/offload.py, accel/memory_plan.py). Layerwise DiT offload: the DiT's blocks in pinned host memory,
+    # each copied to the device ahead of its turn, `offload_prefetch_size` blocks ahead (None: the model's choice).
+    # None: on for video models that would not fit the device with room for activations, off otherwise. (The
+    # diffusers backend: diffusers' group offload, one block at a time, prefetched on a side stream on CUDA.)
+    dit_layerwise_offload: bool | None = None
+    offload_prefetch_size: int | None = None
+    # Components kept in host memory, on the device only while they run.
+    text_encoder_cpu_offload: bool = False
+    image_encoder_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
+    pin_cpu_memory: bool = True  # host copies of offloaded components in pinned memory (faster, asynchronous copies)
+    # A device memory budget in GiB: the cheapest combination of the offloads above that fits is chosen (refused,
+    # naming the budget, when none does).
+    max_gpu_memory: float | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -171,6 +182,7 @@ class EngineArgs:
             self.cache_dit.validate()
         self.cache = CacheConfig.coerce(self.cache)
 
+        self._check_memory_settings()
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -213,6 +225,23 @@ class EngineArgs:
             local = self.num_gpus // self.nnodes
             if local > torch.cuda.device_count():
                 raise ConfigError("num_gpus", f"{local} ranks per node but {torch.cuda.device_count()} CUDA devices")
+
+    def _check_memory_settings(self) -> None:
+        for name in ("text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.dit_layerwise_offload is not None and not isinstance(self.dit_layerwise_offload, bool):
+            raise ConfigError(
+                "dit_layerwise_offload", f"must be true, false or null, got {self.dit_layerwise_offload!r}"
+            )
+        n = self.offload_prefetch_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64):
+            raise ConfigError("offload_prefetch_size", f"must be a number of blocks from 1 to 64, got {n!r}")
+        budget = self.max_gpu_memory
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget < 1e5
+        ):
+            raise ConfigError("max_gpu_memory", f"must be a positive number of GiB, got {budget!r}")
 
     def parallel_config(self):
         from ditserve.parallel.groups import ParallelConfig

@@ -87,6 +87,9 @@ def test_response_fields_formats_and_n(server):
         assert len(body["data"]) == 2
         assert {"created", "inference_time_s", "peak_memory_mb", "seed", "size"} <= set(body)
         assert body["seed"] == 3 and body["size"] == "32x32" and body["inference_time_s"] > 0
+        # Memory per stage and per rank (None figures on this CPU server).
+        assert set(body["memory"]["stages"]) == {"encode", "prepare", "denoise", "decode"}
+        assert [r["device"] for r in body["memory"]["ranks"]] == ["cpu"]
         for item in body["data"]:
             image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
             assert image.format == pil_format and image.size == (32, 32)
@@ -239,11 +242,15 @@ def test_models_health_metrics_info(server):
         "ditserve_queue_time_seconds_bucket",
         'ditserve_stage_seconds_count{stage="denoise"}',
         "ditserve_peak_memory_mb",
+        "ditserve_device_memory_allocated_mb",  # per device (no sample on this CPU server)
+        "ditserve_device_memory_reserved_mb",
+        "ditserve_device_memory_peak_mb",
         'ditserve_requests_total{endpoint="images/generations",outcome="invalid"}',
     ):
         assert name in text, name
     info = server.info()
     assert info["state"] == "ready" and info["worker_pid"] and info["max_batch_size"] == 4
+    assert info["model"]["memory_plan"]["dit_layerwise_offload"] is False  # the offloads in effect (none here)
 
 
 def test_a_failing_request_fails_alone(server):

@@ -18,6 +18,7 @@ sequence- and tensor-parallel groups, so every rank of a branch takes the same p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -224,10 +225,11 @@ class LoopCache:
 
         def run(*flat: torch.Tensor) -> State:
             current, inputs = tuple(flat[:n_state]), flat[n_state:]
+            rebuilt = []
             for step, (spec, template) in zip(part, templates):
                 leaves = [inputs[v] if kind == "tensor" else v for kind, v in template]
-                current = LoopStep(step.block, step.fn, tree_unflatten(leaves, spec)).run(current)
-            return current
+                rebuilt.append(dataclasses.replace(step, args=tree_unflatten(leaves, spec)))
+            return run_steps(rebuilt, current)  # through the loop's offload, when it has one
 
         name = ("blocks", start, stop, n_state, tuple(tuple(t) for _, t in templates))
         return self.graphs.replay(name, run, (*state, *tensors))  # type: ignore[return-value]

@@ -74,6 +74,20 @@ def broadcast_json(obj, group, src: int = 0):
     return json.loads(bytes(payload.numpy()).decode())
 
 
+def all_gather_json(obj, group) -> list:
+    """Every rank's JSON-able object, in rank order, on every rank of `group` (a gloo group)."""
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64), group=group)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    out = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    return [json.loads(bytes(t[: int(n.item())].numpy()).decode()) for t, n in zip(out, sizes)]
+
+
 def rank_main(engine_args: dict, placement: dict) -> None:
     """Entry point of a spawned non-driver rank: build the engine, then follow rank 0 until it says stop."""
     from ditserve.cli_common import quiet_libraries

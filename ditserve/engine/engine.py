@@ -7,7 +7,6 @@ validates a request, fills the model's defaults, runs the pipeline and returns i
 from __future__ import annotations
 
 import atexit
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -24,9 +23,12 @@ import torch.multiprocessing as mp
 from ditserve.accel.cache_config import CacheConfig
 from ditserve.accel.compile import compile_repeated_blocks
 from ditserve.accel.cuda_graph import CudaGraphs, enable_cuda_graphs
+from ditserve.accel.memory_plan import MemoryPlan, component_sizes, plan
+from ditserve.accel.offload import BlockOffload, ComponentOffload, enable_layerwise_offload
 from ditserve.config import ConfigError, EngineArgs, SamplingParams
 from ditserve.engine.distributed import (
     RankPlacement,
+    all_gather_json,
     broadcast_json,
     free_port,
     init_process_group,
@@ -40,7 +42,7 @@ from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline
 from ditserve.pipelines.base import StepCallback
 from ditserve.registry import load_object
-from ditserve.utils.memory import peak_mb, reset_peak
+from ditserve.utils.memory import device_stats, is_out_of_memory, out_of_memory, peak_mb, reset_peak
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,13 @@ class GenerationResult:
     peak_memory_mb: float | None = None  # peak device memory during this request (None on the CPU)
     videos: list[Any] = field(default_factory=list)  # video families: uint8 (T, H, W, 3) arrays (see PipelineOutput)
 
+    @property
+    def memory(self) -> dict | None:
+        """Peak allocated device memory per stage and per rank, and the allocator's counts after the request, in MiB
+        (`timings["memory"]`; figures are None on the CPU): {"peak_allocated_mb", "stages": {stage: MiB},
+        "ranks": [{"rank", "device", "peak_allocated_mb", "allocated_mb", "reserved_mb", "stages"}]}."""
+        return self.timings.get("memory")
+
 
 class Engine:
     def __init__(self, args: EngineArgs, placement: RankPlacement | None = None):
@@ -65,6 +74,9 @@ class Engine:
         self.parallel = args.parallel_config()
         self.groups: ParallelGroups | None = None
         self.cuda_graphs: dict[str, CudaGraphs] = {}  # per DiT component, when they replay as CUDA graphs
+        self.memory_plan: MemoryPlan | None = None  # the offloads in effect (accel/memory_plan.py)
+        self.block_offloads: dict[str, BlockOffload] = {}  # per DiT component, under layerwise offload
+        self.component_offloads: dict[str, ComponentOffload] = {}  # encoders and VAE kept on the host
         self._control = None  # gloo group rank 0 broadcasts operations on
         self._rank_processes: list = []
         self._closed = False
@@ -110,8 +122,12 @@ class Engine:
             except FP8Unsupported as e:
                 raise ConfigError("quantization", str(e)) from None
         cls = load_object(self.source.spec.pipeline)
+        self.memory_plan = self._plan_memory(args)
+        host = set(self.memory_plan.offloaded)
+        if self.memory_plan.dit_layerwise_offload:
+            host |= {d.component for d in self.source.dits}
         self.pipeline: Pipeline = cls.load(
-            self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
+            self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights, frozenset(host)
         )
         transformers = self.pipeline.transformers().values()
         if args.quantization == "fp8":
@@ -136,6 +152,7 @@ class Engine:
                     )
         for transformer in transformers:
             set_attention_backend(transformer, args.attention_backend, self.device)
+        self._apply_memory_plan(args)
         if args.vae_tiling:
             self.pipeline.vae.enable_tiling()
             if self.parallel.world_size > 1:
@@ -154,8 +171,45 @@ class Engine:
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
         self.lora = self.pipeline.lora_manager()
+        for name, offload in self.block_offloads.items():
+            self.lora.weight_access[name] = offload.host_weights  # a merge changes the host copies
         if self.is_driver and self.parallel.world_size > 1:
             atexit.register(self.close)
+
+    def _plan_memory(self, args: EngineArgs) -> MemoryPlan:
+        """The offloads the flags, the budget or the model's size call for (logged: what was picked and why)."""
+        spec = self.source.spec
+        if self.source.backend != "native":  # diffusers places its own pipeline (its group offload: `configure`)
+            return MemoryPlan(False, None, [], reason="the diffusers backend")
+        total = None
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        # Sizes matter to a budget, and to the default for video models on a GPU; flags alone need none.
+        auto = args.dit_layerwise_offload is None and spec.output == "video" and total is not None
+        sizes = component_sizes(self.source, self.dtype, measure=args.max_gpu_memory is not None or auto)
+        if args.dit_layerwise_offload and not sizes.dits:
+            raise ConfigError("dit_layerwise_offload", f"{spec.family} has no DiT of ours to offload")
+        chosen = plan(args, sizes, spec.output, total)
+        if chosen.dit_layerwise_offload or chosen.offloaded:
+            log.info("memory: %s", chosen.describe())
+        if args.max_gpu_memory is not None and total is not None:
+            # The budget is a cap, as a smaller card would be: a request beyond it fails as out of memory.
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), self.device)
+        return chosen
+
+    def _apply_memory_plan(self, args: EngineArgs) -> None:
+        memory_plan = self.memory_plan
+        assert memory_plan is not None
+        if memory_plan.dit_layerwise_offload:
+            dits = self.pipeline.transformers()
+            offloads = enable_layerwise_offload(
+                list(dits.values()), self.device, memory_plan.offload_prefetch_size, pin=True
+            )
+            self.block_offloads = dict(zip(dits, offloads))
+        for name in memory_plan.offloaded:
+            module = getattr(self.pipeline.c, name, None)
+            if module is not None:
+                self.component_offloads[name] = ComponentOffload(module, self.device, pin=args.pin_cpu_memory)
 
     @property
     def is_driver(self) -> bool:
@@ -213,14 +267,15 @@ class Engine:
                 break
             # Rank 0 returns the images: the others skip decoding, unless they decode VAE tiles with it.
             output_type = "latent" if self.pipeline.decode_group is None else "np"
-            if op == "run":
-                params = SamplingParams(**message["params"]).replace(output_type=output_type)
-                with contextlib.suppress(_StoppedByDriver):
-                    self.pipeline(params, self._synced_steps(None))
-            elif op == "run_batch":
-                batch = [SamplingParams(**p).replace(output_type=output_type) for p in message["params"]]
-                with contextlib.suppress(_StoppedByDriver):
-                    self.pipeline.generate(batch, self._synced_steps(None))
+            if op in ("run", "run_batch"):
+                raw = [message["params"]] if op == "run" else message["params"]
+                batch = [SamplingParams(**p).replace(output_type=output_type) for p in raw]
+                reset_peak(self.device)
+                try:
+                    outputs = self.pipeline.generate(batch, self._synced_steps(None))
+                except _StoppedByDriver:
+                    continue
+                self._gather_memory(outputs[0].timings)
             elif op == "lora":
                 self._apply_lora(message["method"], message["kwargs"])
         self._shutdown()
@@ -356,8 +411,8 @@ class Engine:
             if self.parallel.world_size > 1:
                 self._broadcast({"op": "run", "params": dataclasses.asdict(resolved)})
             reset_peak(self.device)
-            out = self.pipeline(resolved, self._synced_steps(on_step))
-            peak = peak_mb(self.device)
+            (out,) = self._run_pipeline([resolved], on_step)
+            peak = out.timings["memory"]["peak_allocated_mb"]
         return GenerationResult(
             images=out.images,
             seed=resolved.seed,
@@ -376,14 +431,52 @@ class Engine:
             if self.parallel.world_size > 1:
                 self._broadcast({"op": "run_batch", "params": [dataclasses.asdict(r) for r in resolved]})
             reset_peak(self.device)
-            outputs = self.pipeline.generate(resolved, self._synced_steps(on_step))
-            peak = peak_mb(self.device)
+            outputs = self._run_pipeline(resolved, on_step)
+            peak = outputs[0].timings["memory"]["peak_allocated_mb"]
         return [
             GenerationResult(
                 images=o.images, seed=r.seed, params=r, timings=o.timings, peak_memory_mb=peak, videos=o.videos
             )
             for r, o in zip(resolved, outputs)
         ]
+
+    def _run_pipeline(self, batch: list[SamplingParams], on_step: StepCallback | None) -> list:
+        """The pipeline on a resolved batch, its memory figures added to each output's timings["memory"]. Running out
+        of device memory fails this batch alone: what it allocated is freed and the error says so."""
+        failure = None
+        try:
+            outputs = self.pipeline.generate(batch, self._synced_steps(on_step))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            failure = str(e)
+        if failure is not None:  # outside the handler: the failed run's frames, and their tensors, are gone
+            raise out_of_memory(failure, self.device)
+        memory = self._gather_memory(outputs[0].timings)
+        for output in outputs:
+            output.timings.pop("stage_peak_memory_mb", None)
+            output.timings["memory"] = copy.deepcopy(memory)
+        return outputs
+
+    def _gather_memory(self, timings: dict) -> dict:
+        """This rank's peak per stage and the allocator's counts, gathered from every rank (each calls this after the
+        same batch): {"peak_allocated_mb", "stages", "ranks": [...]} with rank 0's peak and stages on top."""
+        stages = dict(timings.get("stage_peak_memory_mb") or {})
+        now = device_stats(self.device)
+        end = peak_mb(self.device)
+        peaks = [v for v in [*stages.values(), end] if v is not None]
+        mine = {
+            "rank": self.rank,
+            "device": now["device"],
+            "peak_allocated_mb": round(max(peaks), 1) if peaks else None,
+            "allocated_mb": now["allocated_mb"],
+            "reserved_mb": now["reserved_mb"],
+            "stages": stages,
+        }
+        ranks = [mine]
+        if self.parallel.world_size > 1:
+            ranks = all_gather_json(mine, self._control)
+        return {"peak_allocated_mb": mine["peak_allocated_mb"], "stages": stages, "ranks": ranks}
 
     # ---- LoRA (inputs and outputs are plain data, so the HTTP routes can pass them through) --------------------------
     def set_lora(

@@ -77,6 +77,7 @@ class ModelInfo:
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
     backend: str = "native"  # who runs the model: "native" (our DiT) or "diffusers" (the diffusers backend)
+    memory_plan: dict | None = None  # accel.memory_plan.MemoryPlan.to_dict(): the offloads in effect
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

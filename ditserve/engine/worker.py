@@ -109,6 +109,7 @@ class Worker:
             pid=os.getpid(),
             cost=cost,
             backend=self.engine.backend,
+            memory_plan=self.engine.memory_plan.to_dict() if self.engine.memory_plan is not None else None,
         )
         self.sock.send_multipart(msg.ready_message(info, notes))
 
@@ -230,6 +231,10 @@ class Worker:
     def _describe(e: Exception) -> tuple[str, str]:
         import torch
 
+        from ditserve.utils.memory import DeviceOutOfMemory
+
+        if isinstance(e, DeviceOutOfMemory):
+            return "out_of_memory", str(e)
         if isinstance(e, torch.OutOfMemoryError):
             return "out_of_memory", "the device ran out of memory; try a smaller size, fewer images or steps"
         if os.environ.get("DITSERVE_DEBUG") == "1":

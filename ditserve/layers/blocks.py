@@ -8,6 +8,10 @@ exactly the loop the model would have written. A hook (DiT caching, accel/cache.
 decides which blocks run.
 
 `signal`, when a model gives it, computes the first block's timestep-modulated input on demand (TeaCache reads it).
+
+Layerwise offload (accel/offload.py) sits here too: with `BlockLoop.offload` set, every step carries it and
+`run_steps` hands a run of steps to it, which copies each block's weights in ahead of its turn; `signal` then runs
+with the first block copied in.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class LoopStep:
     block: nn.Module | None
     fn: Callable[..., State]
     args: tuple[Any, ...] = ()
+    offload: Any = None  # the loop's BlockOffload (accel/offload.py), when its blocks live on the host
 
     def run(self, state: State) -> State:
         if self.block is None:
@@ -57,24 +62,31 @@ class BlockLoopHook(Protocol):
 
 
 def run_steps(steps: Sequence[LoopStep], state: State) -> State:
+    offload = next((s.offload for s in steps if s.offload is not None), None)
+    if offload is not None:
+        return offload.run(steps, state)
     for step in steps:
         state = step.run(state)
     return state
 
 
 class BlockLoop:
-    """Runs a model's repeated blocks; `hook` (None: plain loop) may run them its own way."""
+    """Runs a model's repeated blocks; `hook` (None: plain loop) may run them its own way; `offload` (None: the
+    blocks are on the device) brings each block's weights in for its turn."""
 
     def __init__(self) -> None:
         self.hook: BlockLoopHook | None = None
+        self.offload: Any = None
 
     def __call__(self, state: State, *parts: Blocks | Glue, signal: Callable[[], torch.Tensor] | None = None) -> State:
         steps: list[LoopStep] = []
         for part in parts:
             if isinstance(part, Glue):
-                steps.append(LoopStep(None, part.fn))
+                steps.append(LoopStep(None, part.fn, (), self.offload))
             else:
-                steps.extend(LoopStep(block, part.call, part.args) for block in part.modules)
+                steps.extend(LoopStep(block, part.call, part.args, self.offload) for block in part.modules)
+        if self.offload is not None and signal is not None:
+            signal = self.offload.with_block(next(s.block for s in steps if s.block is not None), signal)
         if self.hook is None:
             return run_steps(steps, state)
         return self.hook(steps, state, signal)

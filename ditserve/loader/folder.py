@@ -242,11 +242,18 @@ def _with_backend(source: ModelSource, class_name: str, backend: str) -> ModelSo
 
 
 def load_components(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int = 0,
+    host_components: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Every component the family's spec names, by component name: our DiTs, the libraries' encoders, VAE,
-    tokenizers and scheduler. Dummy weights are seeded `seed`, `seed + 1`, ... in the spec's order of models."""
+    tokenizers and scheduler. Dummy weights are seeded `seed`, `seed + 1`, ... in the spec's order of models.
+    `host_components` load into host memory instead of `device` (they are offloaded: accel/offload.py)."""
     spec = source.spec
+    cpu = torch.device("cpu")
     dits = {d.component: d for d in spec.dits}
     loaded: dict[str, Any] = {}
     model_index = 0
@@ -258,7 +265,8 @@ def load_components(
             cls, key_map = load_object(dits[name].model), load_object(dits[name].key_map)
             config = source.config(name)
             factory = functools.partial(cls.from_config, config)
-            loaded[name] = load_dit(source, name, factory, key_map, device, dtype, load_format, seed + model_index)
+            where = cpu if name in host_components else device
+            loaded[name] = load_dit(source, name, factory, key_map, where, dtype, load_format, seed + model_index)
             model_index += 1
             continue
         cls = library_class(library, class_name)
@@ -270,8 +278,9 @@ def load_components(
             loaded[name] = cls.from_config(source.config(name))
         else:
             config_cls = getattr(cls, "config_class", None) if library == "transformers" else None
+            where = cpu if name in host_components else device
             loaded[name] = load_library_model(
-                source, name, cls, device, dtype, load_format, seed + model_index, config_cls
+                source, name, cls, where, dtype, load_format, seed + model_index, config_cls
             )
             model_index += 1
     return loaded

@@ -16,11 +16,12 @@ a nickname that is long or holds anything but letters, digits, spaces and `._+-(
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class LoRAManager:
         self.backup_device = backup_device
         self.loaded: dict[str, LoadedLoRA] = {}
         self.state: dict[str, TargetState] = {name: TargetState() for name in targets}
+        # Per target, a context inside which its layers' weights are the ones to change (layerwise offload: the host
+        # copies, which later forwards copy to the device); none: the weights as they are.
+        self.weight_access: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
         self.published = self.list_loras()  # the state as of the last completed change (see Engine.list_loras)
 
     # ---- input checking -----------------------------------------------------------------------------------------
@@ -261,6 +265,11 @@ class LoRAManager:
                 for p in self.loaded[nickname].placed[target]:
                     scaled = replace(p.adapter, scale=p.adapter.scale * strength * extra)
                     per_layer.setdefault(p.layer, []).append(scaled)
+        with self.weight_access.get(target, contextlib.nullcontext)():
+            self._apply_layers(state, layers, per_layer)
+        state.touched = set(per_layer)
+
+    def _apply_layers(self, state: TargetState, layers: dict, per_layer: dict[str, list[LinearLoRA]]) -> None:
         for name in state.touched | set(per_layer):
             layer: LinearBase = layers[name]  # type: ignore[assignment]
             layer.lora = []
@@ -269,4 +278,3 @@ class LoRAManager:
             else:
                 layer.unmerge_lora()
                 layer.lora = per_layer.get(name, [])
-        state.touched = set(per_layer)

@@ -69,12 +69,21 @@ class Pipeline:
         self.teacache_coefficients: tuple[float, ...] | None = None
 
     @classmethod
-    def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
+    def load(
+        cls,
+        source,
+        device: torch.device,
+        dtype: torch.dtype,
+        load_format: str,
+        seed: int = 0,
+        host_components: frozenset[str] = frozenset(),
+    ) -> Pipeline:
         """From a `loader.folder.ModelSource`: every component of the family's spec, weights from the folder (or
-        random with load_format="dummy")."""
+        random with load_format="dummy"); `host_components` (to be offloaded) into host memory."""
         from ditserve.loader.folder import load_components
 
-        components = cls.components_class(**load_components(source, device, dtype, load_format, seed))
+        loaded = load_components(source, device, dtype, load_format, seed, host_components)
+        components = cls.components_class(**loaded)
         pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
         pipeline.pipeline_config = source.pipeline_config()
         pipeline.teacache_coefficients = source.teacache_coefficients()
@@ -99,16 +108,10 @@ class Pipeline:
     @classmethod
     def check_engine_args(cls, args: EngineArgs, source) -> None:
         """Refuse, naming the flag, what the engine arguments ask of this pipeline that it cannot do (before any
-        rank starts). Native families: the cache-dit library and layerwise offload are the diffusers backend's."""
+        rank starts). Native families: the cache-dit library is the diffusers backend's."""
         if args.cache_dit is not None:
             raise ConfigError(
                 "cache_dit", "the cache-dit library runs with the diffusers backend (--backend diffusers)"
-            )
-        if args.dit_layerwise_offload:
-            raise ConfigError(
-                "dit_layerwise_offload",
-                "native families have no layerwise offload yet; the diffusers backend (--backend diffusers) has "
-                "diffusers' group offload",
             )
 
     def configure(self, args: EngineArgs, groups) -> None:

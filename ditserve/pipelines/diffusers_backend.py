@@ -440,6 +440,11 @@ class DiffusersBackendPipeline(Pipeline):
         """Refuse, naming the flag, what the diffusers backend cannot do with this model, before anything starts."""
         if args.cache is not None and args.cache.enabled:
             raise ConfigError("cache", "ditserve's DiT caching is for native families; the backend has --cache-dit")
+        for flag in ("max_gpu_memory", "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload"):
+            if getattr(args, flag):
+                raise ConfigError(
+                    flag, "native families only; the diffusers backend offloads with --dit-layerwise-offload"
+                )
         if args.quantization is not None:
             raise ConfigError(
                 "quantization", "FP8 quantisation is for native families' DiTs; the diffusers backend runs bf16"

@@ -404,9 +404,9 @@ class WanPipeline(Pipeline):
         for i, t in enumerate(timesteps):
             timer.step_begin()
             timestep = t.expand(latents.shape[0])
-            # Both experts stay on the device. An offload hook would go here: before the first step past the
-            # boundary, transformer_2 in and transformer out (and the first expert's weights prefetched back for the
-            # next request's first step).
+            # Under layerwise offload (accel/offload.py) both experts' blocks live on the host and share one ring of
+            # device slots, filled at each block loop: the idle expert takes no device memory beyond its small
+            # modules, and switching experts needs nothing here. Without it both experts stay on the device.
             if boundary is None or t >= boundary:
                 model, scale = self.c.transformer, guidance
             else:

@@ -37,6 +37,25 @@ class ServerMetrics:
             "ditserve_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.peak_memory = Gauge("ditserve_peak_memory_mb", "Largest peak device memory of any request", registry=r)
+        # Per device, as the worker reported after its last completed request (the worker holds the devices).
+        self.device_allocated = Gauge(
+            "ditserve_device_memory_allocated_mb",
+            "Device memory allocated after the last request",
+            ["device"],
+            registry=r,
+        )
+        self.device_reserved = Gauge(
+            "ditserve_device_memory_reserved_mb",
+            "Device memory held by the caching allocator after the last request",
+            ["device"],
+            registry=r,
+        )
+        self.device_peak = Gauge(
+            "ditserve_device_memory_peak_mb",
+            "Peak device memory allocated during the last request",
+            ["device"],
+            registry=r,
+        )
         self.worker_up = Gauge("ditserve_worker_up", "1 while the worker is ready", registry=r)
         # Why requests were turned away before they ran: a limit (max_pixels, max_steps, max_frames,
         # max_request_seconds), queue_full, unavailable, auth, host, body_too_large, unsupported_media_type,
@@ -57,6 +76,16 @@ class ServerMetrics:
                 self.stage_time.labels(stage).observe(timings[stage])
         if peak is not None and peak > (self.peak_memory._value.get() or 0):
             self.peak_memory.set(peak)
+        memory = timings.get("memory") if isinstance(timings, dict) else None
+        for rank in (memory or {}).get("ranks") or []:
+            device = str(rank.get("device"))
+            for gauge, key in (
+                (self.device_allocated, "allocated_mb"),
+                (self.device_reserved, "reserved_mb"),
+                (self.device_peak, "peak_allocated_mb"),
+            ):
+                if isinstance(rank.get(key), int | float):
+                    gauge.labels(device).set(rank[key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,6 +119,8 @@ class ImagesResponse(BaseModel):
     batch_size: int
     # DiT caching as run: method, block computations in all and skipped (None: no caching)
     cache: dict | None = None
+    # Peak allocated device memory in MiB per stage and per rank (figures None on a CPU server); see docs/memory.md
+    memory: dict | None = None
 
 
 class ErrorDetail(BaseModel):

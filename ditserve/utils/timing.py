@@ -1,7 +1,8 @@
 """Per-request stage and step timings.
 
 Stage times are wall-clock with a device synchronisation at each boundary, so they add up to the request's time.
-Step times use CUDA events (no synchronisation inside the loop), read once after the loop.
+Step times use CUDA events (no synchronisation inside the loop), read once after the loop. Each stage's peak device
+memory is recorded too (the allocator's peak is reset at the stage's start): `summary()["memory"]`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import time
 from contextlib import contextmanager
 
 import torch
+
+from ditserve.utils import memory
 
 
 def synchronize(device: torch.device) -> None:
@@ -21,6 +24,8 @@ class StageTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.stages: dict[str, float] = {}
+        self.stage_peaks_mb: dict[str, float | None] = {}  # per stage: peak allocated device memory (None on CPU)
+        self.current_stage: str | None = None
         self._step_events: list[tuple] = []
         self._step_wall: list[float] = []
         self._step_start: float | None = None
@@ -29,12 +34,18 @@ class StageTimer:
     @contextmanager
     def stage(self, name: str):
         synchronize(self.device)
+        memory.reset_peak(self.device)
+        self.current_stage = name
         start = time.perf_counter()
         try:
             yield
         finally:
             synchronize(self.device)
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+            peak = memory.peak_mb(self.device)
+            before = self.stage_peaks_mb.get(name)
+            self.stage_peaks_mb[name] = None if peak is None else round(max(peak, before or 0.0), 1)
+            self.current_stage = None
 
     def step_begin(self) -> None:
         if self.device.type == "cuda":
@@ -60,4 +71,6 @@ class StageTimer:
 
     def summary(self) -> dict:
         synchronize(self.device)
-        return {**self.stages, "total": time.perf_counter() - self._start, "steps": self.step_times()}
+        summary = {**self.stages, "total": time.perf_counter() - self._start, "steps": self.step_times()}
+        summary["stage_peak_memory_mb"] = dict(self.stage_peaks_mb)
+        return summary

@@ -155,4 +155,5 @@ def _images_response(server: Server, body: ImageOptions, params, result: Result)
         peak_memory_mb=result.peak_memory_mb,
         batch_size=result.batch_size,
         cache=result.timings.get("cache") if isinstance(result.timings, dict) else None,
+        memory=result.timings.get("memory") if isinstance(result.timings, dict) else None,
     ).model_dump(exclude_none=False)

@@ -1,0 +1,198 @@
+"""Offload beside no offload and beside diffusers' offloads, on one GPU, in one run (dummy weights at real size).
+
+    # one DiT forward: ours resident, ours with layerwise offload at each prefetch size, diffusers' group offload
+    python benchmarks/offload.py forward --model wan2.1-t2v-14b --height 480 --width 832 --num-frames 81
+    # whole generations: each of our offload settings, diffusers' group offload and enable_model_cpu_offload
+    python benchmarks/offload.py pipeline --model flux.1-dev --height 1024 --width 1024
+
+The forward mode keeps the text encoders and VAE on the host (they are not part of the forward), so the peak it
+reports is what the DiT needs: its resident parts, the ring of block slots and the activations. Peaks are
+torch.cuda.max_memory_allocated over the timed call. Prints a table to paste into benchmarks/RESULTS.md and can write
+JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+
+import torch
+
+from ditserve import Engine
+from ditserve.accel.offload import disable_layerwise_offload, enable_layerwise_offload
+from ditserve.bench import _bench_diffusers, _request, _time_calls, _time_generations, forward_peak_gib
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def group_offload(module, device: torch.device) -> None:
+    """diffusers' group offload at block level, one block per group, copies on a CUDA stream."""
+    module.enable_group_offload(
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=device.type == "cuda",
+        non_blocking=device.type == "cuda",
+    )
+
+
+def bench_forward(ns: argparse.Namespace) -> dict:
+    engine = Engine.from_pretrained(
+        ns.model,
+        device=ns.device,
+        load_format=ns.load_format,
+        compile=ns.compile,
+        cuda_graphs=ns.cuda_graphs,
+        text_encoder_cpu_offload=True,
+        image_encoder_cpu_offload=True,
+        vae_cpu_offload=True,
+        dit_layerwise_offload=False,
+    )
+    device, pipeline = engine.device, engine.pipeline
+    name, model = next(iter(pipeline.transformers().items()))
+    frames = {"num_frames": ns.num_frames} if ns.num_frames else {}
+    inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
+    graphs = engine.cuda_graphs.get(name)
+    results: dict = {}
+    with torch.no_grad():
+        reference = model(**inputs).clone()
+        results["ditserve resident"] = dict(
+            forward_ms=1000 * _time_calls(lambda: model(**inputs), device, iters=ns.iters),
+            forward_peak_gib=forward_peak_gib(lambda: model(**inputs), device),
+        )
+        pipe = pipeline.diffusers_pipeline()
+        their_inputs = pipeline.diffusers_forward_inputs(inputs)
+        dt = pipe.transformer
+        dt.to("cpu")  # its own host copy; ours keeps the device tensors
+        for prefetch in ns.prefetch:
+            enable_layerwise_offload([model], device, prefetch)
+            if graphs is not None:
+                graphs.reset()
+            free(device)
+            out = model(**inputs)
+            results[f"ditserve layerwise prefetch {prefetch}"] = dict(
+                forward_ms=1000 * _time_calls(lambda: model(**inputs), device, iters=ns.iters),
+                forward_peak_gib=forward_peak_gib(lambda: model(**inputs), device),
+                difference_to_resident=relative_difference(out, reference),
+            )
+            del out
+            disable_layerwise_offload([model])
+            if graphs is not None:
+                graphs.reset()
+        model.to("cpu")  # diffusers alone on the device now
+        free(device)
+        group_offload(dt, device)
+        out = pipeline.comparable_outputs(reference, dt(**their_inputs, return_dict=False), inputs)[1]
+        results["diffusers group offload"] = dict(
+            forward_ms=1000 * _time_calls(lambda: dt(**their_inputs, return_dict=False), device, iters=ns.iters),
+            forward_peak_gib=forward_peak_gib(lambda: dt(**their_inputs, return_dict=False), device),
+            difference_to_resident=relative_difference(out, reference),
+        )
+    resident = results["ditserve resident"]["forward_ms"]
+    for r in results.values():
+        r["time_over_resident"] = r["forward_ms"] / resident
+    print(f"{'forward':<32} {'ms':>9} {'× resident':>11} {'peak GiB':>9} {'rel. diff':>10}")
+    for label, r in results.items():
+        diff = r.get("difference_to_resident")
+        print(
+            f"{label:<32} {r['forward_ms']:>9.1f} {r['time_over_resident']:>11.3f} {fmt(r['forward_peak_gib'], '>9.2f')} "
+            f"{'' if diff is None else format(diff, '.1e'):>10}"
+        )
+    return results
+
+
+PIPELINE_SETTINGS = {
+    "none": {},
+    "layerwise": dict(dit_layerwise_offload=True),
+    "text encoders": dict(text_encoder_cpu_offload=True),
+    "vae": dict(vae_cpu_offload=True),
+    "all": dict(dit_layerwise_offload=True, text_encoder_cpu_offload=True, vae_cpu_offload=True),
+}
+
+
+def bench_pipeline(ns: argparse.Namespace) -> dict:
+    results: dict = {}
+    base = dict(device=ns.device, load_format=ns.load_format, compile=ns.compile, cuda_graphs=ns.cuda_graphs)
+    for label, setting in PIPELINE_SETTINGS.items():
+        engine = Engine.from_pretrained(ns.model, **{**base, "dit_layerwise_offload": False, **setting})
+        gen = _request(ns, engine.defaults())
+        results[f"ditserve {label}"] = dict(
+            _time_generations(engine, gen, ns.repeat), plan=engine.memory_plan.to_dict()
+        )
+        del engine
+        free(torch.device(ns.device))
+    engine = Engine.from_pretrained(ns.model, dit_layerwise_offload=False, **base)
+    device, pipeline = engine.device, engine.pipeline
+    gen = _request(ns, engine.defaults())
+    frames = {"num_frames": ns.num_frames} if ns.num_frames else {}
+    inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
+    their_inputs = pipeline.diffusers_forward_inputs(inputs)
+    model = next(iter(pipeline.transformers().values()))
+    pipe = pipeline.diffusers_pipeline()
+    model.to("cpu")  # ours leaves the device; diffusers' transformer holds the device tensors until it moves them
+    group_offload(pipe.transformer, device)
+    free(device)
+    results["diffusers group offload (DiT)"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+    pipe = pipeline.diffusers_pipeline()  # a fresh transformer over our (host) tensors, no hooks
+    pipe.enable_model_cpu_offload(device=device)
+    free(device)
+    results["diffusers enable_model_cpu_offload"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+    print(f"{'generation':<36} {'s':>8} {'step ms':>9} {'peak GiB':>9}")
+    for label, r in results.items():
+        print(f"{label:<36} {r['generation_s']:>8.3f} {r['step_ms']:>9.1f} {fmt(r['peak_gib'], '>9.2f')}")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("forward", "pipeline"))
+    p.add_argument("--model", default="wan2.1-t2v-14b")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--num-inference-steps", type=int, default=None, help="pipeline: default the model's")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 4], help="forward: prefetch sizes to time")
+    p.add_argument("--iters", type=int, default=5, help="forward: timed forwards (median)")
+    p.add_argument("--repeat", type=int, default=1, help="pipeline: timed generations per setting")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--load-format", default="dummy", help="dummy (random weights at real size) or auto (the folder's)")
+    p.add_argument("--json", default=None)
+    ns = p.parse_args()
+    results = bench_forward(ns) if ns.what == "forward" else bench_pipeline(ns)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if ns.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "model": ns.model,
+        "what": ns.what,
+        "size": [ns.height, ns.width, ns.num_frames],
+        "compile": ns.compile,
+        "cuda_graphs": ns.cuda_graphs,
+        "results": results,
+    }
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
