@@ -1,0 +1,369 @@
+"""Qwen-Image text-to-image: Qwen2.5-VL hidden states → packed latents → flow-matching Euler → Qwen-Image VAE decode.
+
+Every stage reproduces diffusers' QwenImagePipeline (0.42.1) step for step, so that the same folder and seed give
+the same image: the same prompt template and the same 34 template tokens dropped from the front of the encoder's
+last hidden states, the padding dropped per prompt and each branch's prompts padded to its longest again with a
+mask (none when every prompt of the branch is as long), the same noise draw (in the model's dtype, packed 2×2), the
+same sigmas (linspace(1, 1/n, n) through the scheduler's exponential dynamic shift), true CFG exactly as diffusers
+does it (positive and negative as separate forwards, neg + s·(pos − neg) rescaled per token to the positive's norm,
+only with a negative prompt and true_cfg_scale > 1), the same decode. Only the DiT is ours.
+
+Position ids: diffusers' transformer builds its RoPE from `img_shapes`; here the pipeline gives it the ids: image
+tokens (frame, row − ⌈h/2⌉, col − ⌈w/2⌉) per image (the frame is the image's index: the edit pipelines put the
+reference images after the noisy one), text tokens on the diagonal starting at the largest half extent.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditserve.config import ConfigError, SamplingParams
+from ditserve.models.qwenimage import QwenImageTransformer, to_diffusers_state_dict
+from ditserve.pipelines.base import (
+    BENCH_PROMPT,
+    Pipeline,
+    PipelineOutput,
+    StepCallback,
+    diffusers_model_sharing,
+    prompts_with_negatives,
+    seeded_noise,
+)
+from ditserve.pipelines.flux import calculate_shift, pack_latents, unpack_latents
+from ditserve.utils.timing import StageTimer
+
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+TEMPLATE_TOKENS = 34  # the template's tokens before the prompt, dropped from the hidden states (diffusers' drop_idx)
+TOKENIZER_MAX_LENGTH = 1024  # prompt tokens after the template (diffusers' tokenizer_max_length)
+BENCH_TEXT_TOKENS = 256  # the text length of `forward_inputs` (the speed target's)
+
+
+@dataclass
+class QwenImageComponents:
+    transformer: QwenImageTransformer
+    vae: nn.Module  # diffusers' AutoencoderKLQwenImage
+    text_encoder: nn.Module  # transformers' Qwen2_5_VLForConditionalGeneration
+    tokenizer: object
+    scheduler: object
+
+
+@dataclass
+class TextBatch:
+    """One CFG branch's text for the DiT: embeddings padded to the branch's longest prompt, and the mask of the
+    real tokens (None when none is padded, as diffusers drops an all-true mask)."""
+
+    embeds: torch.Tensor  # [B, L, hidden]
+    mask: torch.Tensor | None  # [B, L] bool
+
+    @classmethod
+    def stack(cls, embeds: list[torch.Tensor]) -> TextBatch:
+        longest = max(e.shape[0] for e in embeds)
+        padded = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
+        if all(e.shape[0] == longest for e in embeds):
+            return cls(padded, None)
+        mask = torch.stack([torch.arange(longest, device=e.device) < e.shape[0] for e in embeds])
+        return cls(padded, mask)
+
+
+def image_position_ids(grids: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[Σ h·w, 3] ids of the packed tokens of each image (h × w tokens), image i on frame i, rows and columns
+    centred (diffusers' scale_rope: positions −⌈h/2⌉ … ⌊h/2⌋ − 1)."""
+    parts = []
+    for frame, (h, w) in enumerate(grids):
+        rows = torch.arange(h, device=device) - (h - h // 2)
+        cols = torch.arange(w, device=device) - (w - w // 2)
+        ids = torch.empty(h, w, 3, dtype=torch.int64, device=device)
+        ids[..., 0] = frame
+        ids[..., 1] = rows[:, None]
+        ids[..., 2] = cols[None, :]
+        parts.append(ids.reshape(h * w, 3))
+    return torch.cat(parts)
+
+
+def text_position_ids(grids: list[tuple[int, int]], length: int, device: torch.device) -> torch.Tensor:
+    """[length, 3] ids of the text tokens: the same position on every axis, from the largest half extent on."""
+    start = max(max(h // 2, w // 2) for h, w in grids)
+    return (torch.arange(length, device=device, dtype=torch.int64) + start)[:, None].expand(length, 3).contiguous()
+
+
+def diffusers_transformer_sharing(ours: QwenImageTransformer) -> nn.Module:
+    """diffusers' QwenImageTransformer2DModel holding our tensors (no copy)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    # QwenImageConfig's fields are diffusers' config names, so the config passes through as is.
+    config = {**dataclasses.asdict(ours.config), "axes_dims_rope": list(ours.config.axes_dims_rope)}
+    return diffusers_model_sharing(QwenImageTransformer2DModel, config, to_diffusers_state_dict(ours))
+
+
+class QwenImagePipeline(Pipeline):
+    components_class = QwenImageComponents
+    c: QwenImageComponents
+
+    def __init__(self, spec, components, device, dtype, sampling_defaults: dict | None = None):
+        from diffusers.image_processor import VaeImageProcessor
+
+        super().__init__(spec, components, device, dtype, sampling_defaults)
+        self.vae_scale_factor = 2 ** len(components.vae.config.temperal_downsample)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.latent_channels = components.transformer.config.in_channels // 4
+
+    @property
+    def default_side(self) -> int:
+        return 128 * self.vae_scale_factor  # diffusers' default_sample_size × vae_scale_factor
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def max_sequence_length_limit(self) -> int:
+        return TOKENIZER_MAX_LENGTH  # diffusers refuses more
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        if params.guidance_scale is not None:
+            raise ConfigError(
+                "guidance_scale",
+                "Qwen-Image is not guidance-distilled: its CFG scale is true_cfg_scale (CFG runs with a negative "
+                "prompt and true_cfg_scale > 1, as diffusers' QwenImagePipeline)",
+            )
+        return super().resolve(params)
+
+    # ---- stages -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        """One [tokens, hidden] embedding per prompt: the encoder's last hidden states of the templated prompt,
+        padding and the template's first 34 tokens dropped, at most max_sequence_length kept. Prompts that repeat
+        are encoded once (the encoder is causal and right-padded: each row's result is its own)."""
+        unique = list(dict.fromkeys(prompts))
+        inputs = self.c.tokenizer(
+            [PROMPT_TEMPLATE.format(p) for p in unique],
+            max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_TOKENS,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device)
+        hidden = self.c.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        by_text = {
+            p: hidden[i][mask[i].bool()][TEMPLATE_TOKENS:][:max_sequence_length].to(self.dtype)
+            for i, p in enumerate(unique)
+        }
+        return [by_text[p] for p in prompts]
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The latent's height and width (even: the DiT takes 2×2 patches)."""
+        return 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
+
+    def prepare_latents(self, seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+        """Packed noise [batch, (h/2)(w/2), 4C], drawn as diffusers draws it: [batch, 1, C, h, w] in the model's
+        dtype."""
+        h, w = self.latent_grid(height, width)
+        noise = seeded_noise((batch, 1, self.latent_channels, h, w), seed, self.dtype, self.device)
+        return pack_latents(noise[:, 0])
+
+    def make_scheduler(self, num_steps: int, image_seq_len: int):
+        """A fresh scheduler per request (it keeps a step index), set to diffusers' Qwen-Image sigma schedule."""
+        scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
+        cfg = scheduler.config
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    def dit_inputs(self, text: TextBatch, grids: list[tuple[int, int]]) -> dict:
+        """The DiT's keyword arguments besides the image tokens and the timestep."""
+        inputs = dict(
+            encoder_hidden_states=text.embeds,
+            img_ids=image_position_ids(grids, self.device),
+            txt_ids=text_position_ids(grids, text.embeds.shape[1], self.device),
+            text_mask=text.mask,
+        )
+        if self.c.transformer.config.zero_cond_t:  # the noisy image's tokens first, then the references'
+            ids = inputs["img_ids"]
+            inputs["reference_tokens"] = ids[:, 0] > 0
+        return inputs
+
+    def predict_noise(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: dict,
+        uncond: dict | None,
+        true_cfg_scale: float,
+        image_len: int,
+    ) -> torch.Tensor:
+        """The DiT's prediction for the first `image_len` tokens (the noisy image's; the edit pipelines append the
+        reference images' tokens), with true CFG when `uncond` is given.
+
+        With CFG parallelism the two branches run at once on the two halves of the ranks, and an all-gather gives
+        every rank both predictions (so every rank takes the same scheduler step)."""
+
+        def branch(inputs: dict) -> torch.Tensor:
+            return self.c.transformer(tokens, timestep=timestep, **inputs)[:, :image_len]
+
+        if uncond is None:
+            return branch(cond)
+        cfg_group = self.parallel.cfg_group if self.parallel is not None else None
+        if cfg_group is None:
+            positive, negative = branch(cond), branch(uncond)
+        else:
+            mine = branch(cond if self.parallel.cfg_index == 0 else uncond).contiguous()
+            both = [torch.empty_like(mine), torch.empty_like(mine)]
+            dist.all_gather(both, mine, group=cfg_group)
+            positive, negative = both
+        combined = negative + true_cfg_scale * (positive - negative)
+        # diffusers rescales each token's guided prediction to the norm of its positive one.
+        cond_norm = torch.norm(positive, dim=-1, keepdim=True)
+        noise_norm = torch.norm(combined, dim=-1, keepdim=True)
+        return combined * (cond_norm / noise_norm)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: dict,
+        uncond: dict | None,
+        params: SamplingParams,
+        timer: StageTimer,
+        on_step: StepCallback | None,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The Euler loop on packed latents [B, N, 4C]; `reference` [B, M, 4C] (edit pipelines) is appended to the
+        image tokens of every forward."""
+        scheduler = self.make_scheduler(params.num_inference_steps, latents.shape[1])  # type: ignore[arg-type]
+        batch, image_len = latents.shape[0], latents.shape[1]
+        for i, t in enumerate(scheduler.timesteps):
+            timer.step_begin()
+            timestep = t.expand(batch).to(latents.dtype) / 1000
+            tokens = latents if reference is None else torch.cat([latents, reference], dim=1)
+            noise_pred = self.predict_noise(tokens, timestep, cond, uncond, params.true_cfg_scale, image_len)  # type: ignore[arg-type]
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            timer.step_end()
+            if on_step is not None:
+                on_step(i, len(scheduler.timesteps))
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:
+        if output_type == "latent":
+            return list(latents)
+        if self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
+            return []  # rank 0 decodes
+        vae = self.c.vae
+        h, w = self.latent_grid(height, width)
+        x = unpack_latents(latents, h, w)[:, :, None].to(vae.dtype)  # [B, C, 1, h, w]
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)
+        image = vae.decode(x / inverse_std + mean, return_dict=False)[0][:, :, 0]
+        return list(self.image_processor.postprocess(image, output_type=output_type))
+
+    # ---- several requests as one batch ------------------------------------------------------------------------
+    def uses_cfg(self, params: SamplingParams) -> bool:
+        return params.negative_prompt is not None and params.true_cfg_scale > 1  # type: ignore[operator]
+
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """Resolved requests of one batch_key as one batch: one encode, one denoise loop, one decode.
+
+        Each request keeps its own seed (its noise is its own draw, as alone). Each CFG branch's prompts are padded
+        to its longest with a mask, so a prompt's image does not depend on the prompts beside it (up to float
+        rounding)."""
+        if len({self.batch_key(p) for p in batch}) != 1:
+            raise ValueError("run_batch: the requests differ in shape or settings; group them by batch_key first")
+        first = batch[0]
+        timer = StageTimer(self.device)
+        prompts, negatives, counts = prompts_with_negatives(batch)
+        use_cfg = self.uses_cfg(first)
+        grid = tuple(s // 2 for s in self.latent_grid(first.height, first.width))  # type: ignore[arg-type]
+        with timer.stage("encode"):
+            embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
+            cond = self.dit_inputs(TextBatch.stack(embeds[: len(prompts)]), [grid])
+            uncond = self.dit_inputs(TextBatch.stack(embeds[len(prompts) :]), [grid]) if use_cfg else None
+        with timer.stage("prepare"):
+            latents = torch.cat(
+                [self.prepare_latents(p.seed, n, p.height, p.width) for p, n in zip(batch, counts)]  # type: ignore[arg-type]
+            )
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, first, timer, on_step)
+        with timer.stage("decode"):
+            images = self.decode(latents, first.height, first.width, first.output_type)  # type: ignore[arg-type]
+        return split_outputs(images, counts, {**timer.summary(), "batch_size": len(batch)})
+
+    # ---- for benchmarks and parity checks ------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_inputs(
+        self, height: int, width: int, prompt: str | None = None, text_tokens: int | None = None
+    ) -> dict:
+        """Keyword arguments of one DiT forward at batch 1 and this size (mid-schedule t). Without a prompt the
+        text is `BENCH_TEXT_TOKENS` tokens of the bench prompt repeated (a long prompt, the speed target's)."""
+        if prompt is None:
+            prompt = ", ".join([BENCH_PROMPT] * BENCH_TEXT_TOKENS)
+            text_tokens = text_tokens or BENCH_TEXT_TOKENS
+        embeds = self.encode_prompt([prompt], text_tokens or TOKENIZER_MAX_LENGTH)
+        grid = tuple(s // 2 for s in self.latent_grid(height, width))
+        return dict(
+            hidden_states=self.prepare_latents(0, 1, height, width),
+            timestep=torch.full((1,), 0.3, device=self.device, dtype=self.dtype),
+            **self.dit_inputs(TextBatch.stack(embeds), [grid]),
+        )
+
+    def diffusers_forward_inputs(self, inputs: dict) -> dict:
+        """The same forward in diffusers' form: `img_shapes` and `encoder_hidden_states_mask` for our ids and mask."""
+        return diffusers_forward_inputs(inputs)
+
+    def diffusers_pipeline(self):
+        """diffusers' QwenImagePipeline on our components, its transformer holding our DiT's tensors (no copy)."""
+        from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
+
+        pipe = DiffusersQwenImagePipeline(
+            scheduler=copy.deepcopy(self.c.scheduler),
+            vae=self.c.vae,
+            text_encoder=self.c.text_encoder,
+            tokenizer=self.c.tokenizer,
+            transformer=diffusers_transformer_sharing(self.c.transformer),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def split_outputs(images: list, counts: list[int], timings: dict) -> list[PipelineOutput]:
+    """One output per request: its `count` images in order, each with the batch's timings."""
+    outputs, start = [], 0
+    for n in counts:
+        outputs.append(PipelineOutput(images=images[start : start + n], timings=dict(timings)))
+        start += n
+    return outputs
+
+
+def diffusers_forward_inputs(inputs: dict) -> dict:
+    """Our DiT's keyword arguments as diffusers' QwenImageTransformer2DModel takes them (its img_shapes rebuilt
+    from the image ids: each frame's grid)."""
+    ids = inputs["img_ids"]
+    shapes = []
+    for frame in range(int(ids[:, 0].max()) + 1):
+        rows = ids[ids[:, 0] == frame]
+        shapes.append((1, int(rows[:, 1].max() - rows[:, 1].min()) + 1, int(rows[:, 2].max() - rows[:, 2].min()) + 1))
+    batch = inputs["hidden_states"].shape[0]
+    return dict(
+        hidden_states=inputs["hidden_states"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        encoder_hidden_states_mask=inputs.get("text_mask"),
+        timestep=inputs["timestep"],
+        img_shapes=[shapes] * batch,
+    )
