@@ -305,6 +305,8 @@ class QwenImageTransformer(nn.Module):
     ) -> torch.Tensor:
         if self.config.zero_cond_t != (reference_tokens is not None):
             raise ValueError("reference_tokens are given exactly for zero_cond_t models (Qwen-Image-Edit-2511)")
+        if (len(txt_ids), len(img_ids)) != (encoder_hidden_states.shape[1], hidden_states.shape[1]):
+            raise ValueError("txt_ids and img_ids must have one row per text and image token")
         img = self.img_in(hidden_states)
         dtype = img.dtype
         t = timestep.to(dtype)

@@ -100,8 +100,13 @@ def diffusers_transformer_sharing(ours: QwenImageTransformer) -> nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
     # QwenImageConfig's fields are diffusers' config names, so the config passes through as is.
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
     config = {**dataclasses.asdict(ours.config), "axes_dims_rope": list(ours.config.axes_dims_rope)}
-    return diffusers_model_sharing(QwenImageTransformer2DModel, config, to_diffusers_state_dict(ours))
+    model = diffusers_model_sharing(QwenImageTransformer2DModel, config, to_diffusers_state_dict(ours))
+    # Its RoPE tables are plain attributes (no buffers), left empty on the meta device: made again for real.
+    model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(ours.config.axes_dims_rope), scale_rope=True)
+    return model
 
 
 class QwenImagePipeline(Pipeline):
