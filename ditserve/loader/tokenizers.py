@@ -99,3 +99,12 @@ def qwen2_5_vl_tokenizer():
     tokenizer = qwen3_tokenizer()
     tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_VL_SPECIAL_TOKENS])
     return tokenizer
+
+
+def qwen2_5_vl_processor():
+    """Qwen2.5-VL's processor (Qwen-Image-Edit's `processor`): the Qwen2-VL image processor with its defaults (the
+    published folders' settings: 14-pixel patches merged 2×2, 56² to 3584² pixels, CLIP's mean and std) and the
+    tokenizer above."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=qwen2_5_vl_tokenizer())

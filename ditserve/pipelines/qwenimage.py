@@ -15,8 +15,11 @@ reference images after the noisy one), text tokens on the diagonal starting at t
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
+import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,3 +375,225 @@ def diffusers_forward_inputs(inputs: dict) -> dict:
         timestep=inputs["timestep"],
         img_shapes=[shapes] * batch,
     )
+
+
+# ---- Qwen-Image-Edit, Edit-2509 and Edit-2511: the input images through the VL encoder and the VAE -----------------
+EDIT_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+EDIT_TEMPLATE_TOKENS = 64
+IMAGE_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+PICTURE_MARKER = "Picture {}: " + IMAGE_MARKER  # Edit-2509/2511: each input image named in the prompt
+EDIT_PLUS_CLASS = "QwenImageEditPlusPipeline"
+CONDITION_AREA = 384 * 384  # Edit-2509/2511: the VL encoder sees each image at about this many pixels
+VAE_AREA = 1024 * 1024  # and the VAE at about this many (Edit: both)
+MAX_REFERENCE_IMAGES = 3  # Edit-2509/2511 are trained on one to three
+
+
+def area_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about `area` pixels at this width/height ratio, each a multiple of 32 (diffusers'
+    calculate_dimensions)."""
+    width = (area * ratio) ** 0.5
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+def vl_inputs(tokenizer, image_processor, texts: list[str], images: list) -> dict:
+    """What Qwen2-VL's processor makes of texts and images (transformers' Qwen2VLProcessor, which needs torchvision
+    for its video half): the images' patches and grids from the image processor, each <|image_pad|> of the texts,
+    in order, repeated once per merged patch of its image, then the texts tokenized with padding."""
+    vision = image_processor(images=images, return_tensors="pt") if images else {}
+    grids = vision.get("image_grid_thw")
+    merge = image_processor.merge_size**2
+    expanded, index = [], 0
+    for text in texts:
+        parts = text.split("<|image_pad|>")
+        out = parts[0]
+        for part in parts[1:]:
+            out += "<|image_pad|>" * int(grids[index].prod() // merge) + part
+            index += 1
+        expanded.append(out)
+    tokens = tokenizer(expanded, padding=True, return_tensors="pt")
+    return {**tokens, **vision}
+
+
+def load_image(image):
+    """An input image (PIL image, H×W×3 uint8 array, file path, or a PNG/JPEG data URI) as an RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(image, str) and image.startswith("data:image/"):
+        image = io.BytesIO(base64.b64decode(image.split(",", 1)[1]))
+    if isinstance(image, str | os.PathLike | io.BytesIO):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except OSError as e:
+            raise ConfigError("images", f"cannot read image {str(image)[:80]!r} ({e})") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ConfigError("images", f"an array image must be H×W×3 uint8, got {array.shape} {array.dtype}")
+    return Image.fromarray(array)
+
+
+class QwenImageEditPipeline(QwenImagePipeline):
+    """diffusers' QwenImageEditPipeline (one input image) and QwenImageEditPlusPipeline (Edit-2509 and -2511: one to
+    three), step for step: each image resized for the VL encoder (Edit: to the output's default size; Plus: to about
+    384² pixels, each named "Picture i:" in the prompt) and for the VAE (about 1024² pixels), its latents packed
+    and appended to the noisy tokens of every forward as frames 1, 2, ... of the RoPE; the output size, unless
+    given, about 1024² pixels at the aspect ratio of the first image (Edit) or the last (Plus, as diffusers)."""
+
+    def __init__(self, spec, components, device, dtype, sampling_defaults: dict | None = None):
+        super().__init__(spec, components, device, dtype, sampling_defaults)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.vl_image_processor = Qwen2VLImageProcessorPil()
+        self.plus = True
+
+    @classmethod
+    def load(cls, source, device, dtype, load_format, seed: int = 0):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        pipeline = super().load(source, device, dtype, load_format, seed)
+        pipeline.plus = source.model_index().get("_class_name") == EDIT_PLUS_CLASS
+        if source.folder is not None and (source.folder / "processor" / "preprocessor_config.json").is_file():
+            pipeline.vl_image_processor = Qwen2VLImageProcessorPil.from_pretrained(source.folder / "processor")
+        return pipeline
+
+    def input_images(self, params: SamplingParams) -> list:
+        return [load_image(image) for image in params.images or []]
+
+    def output_size(self, images: list) -> tuple[int, int]:
+        """(height, width) when the request names none: about 1024² pixels at the first (Edit) or last (Plus)
+        image's aspect ratio, floored to the spatial multiple."""
+        reference = images[-1] if self.plus else images[0]
+        width, height = area_dimensions(VAE_AREA, reference.width / reference.height)
+        m = self.spatial_multiple
+        return height // m * m, width // m * m
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        images = params.images or []
+        if not images:
+            raise ConfigError("images", "an edit model needs at least one input image")
+        limit = MAX_REFERENCE_IMAGES if self.plus else 1
+        if len(images) > limit:
+            raise ConfigError("images", f"this model takes at most {limit} input image(s), got {len(images)}")
+        if params.height is None or params.width is None:
+            try:
+                height, width = self.output_size(self.input_images(params))
+            except (OSError, ValueError) as e:
+                raise ConfigError("images", f"an input image cannot be read: {e}") from None
+            params = params.replace(height=params.height or height, width=params.width or width)
+        return super().resolve(params)
+
+    def batch_key(self, params: SamplingParams) -> tuple:
+        return (*super().batch_key(params), id(params))  # each request its own batch: its own images
+
+    @torch.no_grad()
+    def encode_edit_prompt(self, prompts: list[str], images: list, max_sequence_length: int) -> list[torch.Tensor]:
+        """One [tokens, hidden] embedding per prompt, the images seen by the VL encoder beside each."""
+        if self.plus:
+            marker = "".join(PICTURE_MARKER.format(i + 1) for i in range(len(images)))
+            texts = {p: EDIT_PROMPT_TEMPLATE.format(marker + p) for p in prompts}
+        else:
+            texts = {p: EDIT_PROMPT_TEMPLATE.format(IMAGE_MARKER + p) for p in prompts}
+        by_text = {}
+        for prompt, text in texts.items():
+            inputs = vl_inputs(self.c.tokenizer, self.vl_image_processor, [text], images)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            hidden = self.c.text_encoder(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs.get("pixel_values"),
+                image_grid_thw=inputs.get("image_grid_thw"),
+                output_hidden_states=True,
+            ).hidden_states[-1]
+            kept = hidden[0][inputs["attention_mask"][0].bool()][EDIT_TEMPLATE_TOKENS:]
+            by_text[prompt] = kept[:max_sequence_length].to(self.dtype)
+        return [by_text[p] for p in prompts]
+
+    @torch.no_grad()
+    def reference_latents(self, images: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The input images' packed VAE latents [1, Σ tokens, 4C] (the distributions' modes, normalised) and each
+        one's token grid."""
+        vae = self.c.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        packed, grids = [], []
+        for image in images:
+            width, height = area_dimensions(VAE_AREA, image.width / image.height)
+            pixels = self.image_processor.preprocess(image, height, width).unsqueeze(2).to(self.device, self.dtype)
+            latents = vae.encode(pixels).latent_dist.mode()
+            mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+            std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+            latents = ((latents - mean) / std)[:, :, 0]
+            packed.append(pack_latents(latents))
+            grids.append((latents.shape[-2] // 2, latents.shape[-1] // 2))
+        return torch.cat(packed, dim=1), grids
+
+    def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
+        """One request (its own images): its prompts with the images through the VL encoder, the images through
+        the VAE, one denoise loop with their latents beside the noise, one decode."""
+        if len(batch) != 1:
+            raise ValueError("run_batch: an edit pipeline runs one request at a time (each has its own images)")
+        params = batch[0]
+        timer = StageTimer(self.device)
+        prompts, negatives, counts = prompts_with_negatives(batch)
+        use_cfg = self.uses_cfg(params)
+        images = self.input_images(params)
+        grid = tuple(s // 2 for s in self.latent_grid(params.height, params.width))  # type: ignore[arg-type]
+        with timer.stage("encode"):
+            if self.plus:
+                seen = []
+                for image in images:
+                    width, height = area_dimensions(CONDITION_AREA, image.width / image.height)
+                    seen.append(self.image_processor.resize(image, height, width))
+            else:
+                width, height = area_dimensions(VAE_AREA, images[0].width / images[0].height)
+                seen = [self.image_processor.resize(images[0], height, width)]
+            texts = prompts + (negatives if use_cfg else [])
+            embeds = self.encode_edit_prompt(texts, seen, params.max_sequence_length)  # type: ignore[arg-type]
+            reference, grids = self.reference_latents(images if self.plus else seen)
+            cond = self.dit_inputs(TextBatch.stack(embeds[: len(prompts)]), [grid, *grids])
+            uncond = self.dit_inputs(TextBatch.stack(embeds[len(prompts) :]), [grid, *grids]) if use_cfg else None
+        with timer.stage("prepare"):
+            latents = self.prepare_latents(params.seed, counts[0], params.height, params.width)  # type: ignore[arg-type]
+            reference = reference.expand(latents.shape[0], -1, -1)
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, params, timer, on_step, reference=reference)
+        with timer.stage("decode"):
+            out = self.decode(latents, params.height, params.width, params.output_type)  # type: ignore[arg-type]
+        return split_outputs(out, counts, {**timer.summary(), "batch_size": 1})
+
+    def diffusers_pipeline(self):
+        """diffusers' edit pipeline of this folder's kind on our components (see `vl_processor`)."""
+        import diffusers
+
+        name = EDIT_PLUS_CLASS if self.plus else "QwenImageEditPipeline"
+        pipe = getattr(diffusers, name)(
+            scheduler=copy.deepcopy(self.c.scheduler),
+            vae=self.c.vae,
+            text_encoder=self.c.text_encoder,
+            tokenizer=self.c.tokenizer,
+            processor=VLProcessor(self.c.tokenizer, self.vl_image_processor),
+            transformer=diffusers_transformer_sharing(self.c.transformer),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+class VLProcessor:
+    """Qwen2-VL's processor call (`vl_inputs`) as diffusers' edit pipelines call it, for running them on our
+    components where transformers' Qwen2VLProcessor cannot be built (it needs torchvision)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __call__(self, text: list[str], images=None, padding: bool = True, return_tensors: str = "pt"):
+        from transformers import BatchFeature
+
+        images = images if isinstance(images, list) else [images] if images is not None else []
+        return BatchFeature(vl_inputs(self.tokenizer, self.image_processor, text, images))

@@ -8,6 +8,7 @@ own class; the VAE a tiny `AutoencoderKLQwenImage`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class TinyQwenImageSpec:
     num_layers: int = 2
     latent_channels: int = 4  # the VAE's z_dim; the transformer takes 2×2 patches of them
     vae_base_dim: int = 16
+    vae_levels: int = 1  # spatial halvings of the VAE (the edit pipelines encode ~1024² inputs: use 3 there)
     text_dim: int = 32  # Qwen2.5-VL hidden size = joint_attention_dim
     text_layers: int = 2
     vision_dim: int = 32
@@ -109,10 +111,10 @@ def make_tiny_qwenimage(path: str | os.PathLike, spec: TinyQwenImageSpec | None 
     vae = AutoencoderKLQwenImage(
         base_dim=spec.vae_base_dim,
         z_dim=spec.latent_channels,
-        dim_mult=[1, 2],
+        dim_mult=[1] * (spec.vae_levels + 1),
         num_res_blocks=1,
         attn_scales=[],
-        temperal_downsample=[False],  # one level: the VAE scales by 2
+        temperal_downsample=[False] + [True] * (spec.vae_levels - 1),  # the VAE scales by 2 ** vae_levels
         latents_mean=[0.1 * i - 0.15 for i in range(spec.latent_channels)],
         latents_std=[1.0 + 0.25 * i for i in range(spec.latent_channels)],
     )
@@ -135,22 +137,31 @@ def make_tiny_qwenimage(path: str | os.PathLike, spec: TinyQwenImageSpec | None 
             else:
                 p.copy_(spec.weight_std * torch.randn(p.shape, generator=gen))
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
-    components = dict(
+    diffusers.QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
+    ).save_pretrained(out, safe_serialization=True)
     if spec.pipeline_class != "QwenImagePipeline":
-        components["processor"] = vl_processor(tokenizer)
-    getattr(diffusers, spec.pipeline_class)(**components).save_pretrained(out, safe_serialization=True)
+        # The edit pipelines' folders add the Qwen2-VL processor (its tokenizer and image processor settings),
+        # written by parts: transformers' processor class needs torchvision to be built.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer.save_pretrained(out / "processor")
+        Qwen2VLImageProcessorPil().save_pretrained(out / "processor")
+        index = json.loads((out / "model_index.json").read_text())
+        index.update(_class_name=spec.pipeline_class, processor=["transformers", "Qwen2VLProcessor"])
+        (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
-
-
-def vl_processor(tokenizer):
-    """Qwen2-VL's processor (the edit pipelines' `processor`): its image processor's defaults with `tokenizer`."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
-
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer)
 
 
 def make_tiny_qwenimage_folder(path: str | os.PathLike) -> Path:
     """`ditserve make-tiny qwen-image`: a tiny Qwen-Image with random weights."""
     return make_tiny_qwenimage(path)
+
+
+def make_tiny_qwenimage_edit_folder(path: str | os.PathLike, zero_cond_t: bool = False) -> Path:
+    """`ditserve make-tiny qwen-image-edit`: a tiny Qwen-Image-Edit-2509 (--zero-cond-t: -2511) with random
+    weights."""
+    spec = TinyQwenImageSpec(
+        pipeline_class="QwenImageEditPlusPipeline", vae_levels=3, vae_base_dim=4, zero_cond_t=zero_cond_t
+    )
+    return make_tiny_qwenimage(path, spec)
