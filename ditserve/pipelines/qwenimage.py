@@ -440,6 +440,13 @@ def load_image(image):
     return Image.fromarray(array)
 
 
+def image_data_uri(image) -> str:
+    """An RGB PIL image as a PNG data URI (lossless, plain data)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 class QwenImageEditPipeline(QwenImagePipeline):
     """diffusers' QwenImageEditPipeline (one input image) and QwenImageEditPlusPipeline (Edit-2509 and -2511: one to
     three), step for step: each image resized for the VL encoder (Edit: to the output's default size; Plus: to about
@@ -482,16 +489,16 @@ class QwenImageEditPipeline(QwenImagePipeline):
         limit = MAX_REFERENCE_IMAGES if self.plus else 1
         if len(images) > limit:
             raise ConfigError("images", f"this model takes at most {limit} input image(s), got {len(images)}")
+        loaded = self.input_images(params)
+        # As PNG data URIs from here on: the request stays plain data (it crosses process boundaries as JSON).
+        params = params.replace(images=[image_data_uri(image) for image in loaded])
         if params.height is None or params.width is None:
-            try:
-                height, width = self.output_size(self.input_images(params))
-            except (OSError, ValueError) as e:
-                raise ConfigError("images", f"an input image cannot be read: {e}") from None
+            height, width = self.output_size(loaded)
             params = params.replace(height=params.height or height, width=params.width or width)
         return super().resolve(params)
 
     def batch_key(self, params: SamplingParams) -> tuple:
-        return (*super().batch_key(params), id(params))  # each request its own batch: its own images
+        return (*super().batch_key(params), tuple(params.images or ()))  # only requests with the same images
 
     @torch.no_grad()
     def encode_edit_prompt(self, prompts: list[str], images: list, max_sequence_length: int) -> list[torch.Tensor]:
@@ -535,13 +542,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return torch.cat(packed, dim=1), grids
 
     def run_batch(self, batch: list[SamplingParams], on_step: StepCallback | None = None) -> list[PipelineOutput]:
-        """One request (its own images): its prompts with the images through the VL encoder, the images through
-        the VAE, one denoise loop with their latents beside the noise, one decode."""
-        if len(batch) != 1:
-            raise ValueError("run_batch: an edit pipeline runs one request at a time (each has its own images)")
-        params = batch[0]
+        """Each request on its own (diffusers' edit pipelines take one prompt at a time): its prompts with the
+        images through the VL encoder, the images through the VAE, one denoise loop with their latents beside the
+        noise, one decode."""
+        return [self.run_one(params, on_step) for params in batch]
+
+    def run_one(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         timer = StageTimer(self.device)
-        prompts, negatives, counts = prompts_with_negatives(batch)
+        prompts, negatives, counts = prompts_with_negatives([params])
         use_cfg = self.uses_cfg(params)
         images = self.input_images(params)
         grid = tuple(s // 2 for s in self.latent_grid(params.height, params.width))  # type: ignore[arg-type]
@@ -566,7 +574,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             latents = self.denoise(latents, cond, uncond, params, timer, on_step, reference=reference)
         with timer.stage("decode"):
             out = self.decode(latents, params.height, params.width, params.output_type)  # type: ignore[arg-type]
-        return split_outputs(out, counts, {**timer.summary(), "batch_size": 1})
+        return PipelineOutput(images=out, timings={**timer.summary(), "batch_size": 1})
 
     def diffusers_pipeline(self):
         """diffusers' edit pipeline of this folder's kind on our components (see `vl_processor`)."""
