@@ -230,7 +230,8 @@ def test_batch_of_different_prompt_lengths_equals_each_alone(ours):
 def test_key_map_covers_diffusers_and_round_trips(ours, theirs):
     expected = theirs.transformer.state_dict()
     assert all(map_diffusers_key(name) is not None for name in expected)
-    assert map_diffusers_key("time_text_embed.addition_t_embedding.weight") is None
+    assert map_diffusers_key("time_text_embed.addition_t_embedding.weight") == ("addition_t_embedding", None)
+    assert map_diffusers_key("pos_embed.pos_freqs") is None
     back = to_diffusers_state_dict(ours.c.transformer)
     assert set(back) == set(expected)
     for name, tensor in expected.items():
@@ -245,17 +246,18 @@ def test_diffusers_pipeline_shares_our_weights(ours):
     assert mean_level_difference(generate(ours, 2, **kwargs)[0], run_diffusers(pipe, 2, **kwargs)[0]) <= 1.0
 
 
-@pytest.mark.parametrize("name", ["qwen-image", "qwen-image-2512"])
+@pytest.mark.parametrize("name", ["qwen-image", "qwen-image-2512", "qwen-image-edit-2511", "qwen-image-layered"])
 def test_presets_build_diffusers_architecture(name):
-    """The presets at full size, on the meta device: our DiT holds exactly diffusers' tensors (20B), the text
-    encoder's config is Qwen2.5-VL-7B's."""
+    """The presets at full size, on the meta device: our DiT holds exactly diffusers' tensors (20B; Edit-2511's and
+    Layered's variants too), the text encoder's config is Qwen2.5-VL-7B's."""
     from transformers import Qwen2_5_VLConfig
 
     from ditserve.registry import get_preset
 
     spec, preset = get_preset(name)
     text = Qwen2_5_VLConfig.from_dict(preset.configs["text_encoder"])
-    assert spec.family == "qwen-image" and text.text_config.hidden_size == 3584 and text.vision_config.depth == 32
+    assert spec.family.startswith("qwen-image") and text.text_config.hidden_size == 3584
+    assert text.vision_config.depth == 32
     config = preset.configs["transformer"]
     ours = build_on_meta(lambda: QwenImageTransformer.from_config(config), torch.bfloat16)
     with torch.device("meta"):

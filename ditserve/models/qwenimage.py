@@ -15,6 +15,9 @@ same order of residual adds. What differs is layout:
   image token (their keys are masked; their own rows are discarded).
 - Edit-2511 (`zero_cond_t`): the reference image tokens are modulated by the embedding of t = 0 and the noisy ones
   by that of t; `reference_tokens` [N] marks the former.
+- Layered (`use_layer3d_rope`, `use_additional_t_cond`): its 3-D RoPE is in the ids the pipeline gives (layer i on
+  frame i, the input image on frame −1); `additional_t_cond` [B] (0 or 1) adds a learned embedding to the
+  timestep's.
 """
 
 from __future__ import annotations
@@ -244,7 +247,8 @@ class QwenImageTransformer(nn.Module):
 
     forward(hidden_states [B, N, in_channels], encoder_hidden_states [B, L, joint_attention_dim], timestep [B]
     (diffusers' t / 1000), img_ids [N, 3], txt_ids [L, 3], text_mask [B, L] bool or None (all real),
-    reference_tokens [N] bool (zero_cond_t models only)) → [B, N, patch² · out_channels].
+    reference_tokens [N] bool (zero_cond_t models only), additional_t_cond [B] int (use_additional_t_cond models
+    only)) → [B, N, patch² · out_channels].
     """
 
     # Text and image tokens split over sequence-parallel ranks each on its own; the joint sequence is
@@ -265,8 +269,6 @@ class QwenImageTransformer(nn.Module):
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
         cfg.validate()
-        if cfg.use_layer3d_rope:
-            raise ValueError("use_layer3d_rope (Qwen-Image-Layered) is not supported natively yet")
         if cfg.num_attention_heads % tp_group().size:
             raise ValueError(f"{cfg.num_attention_heads} heads cannot be split over {tp_group().size} ranks")
         self.config = cfg
@@ -275,6 +277,10 @@ class QwenImageTransformer(nn.Module):
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, NORM_EPS)
         self.txt_in = ReplicatedLinear(cfg.joint_attention_dim, dim)
         self.time_embedder = MLPEmbedder(TIMESTEP_CHANNELS, dim)
+        # Qwen-Image-Layered: an embedding of `additional_t_cond` (0 or 1) added to the timestep's.
+        self.addition_t_embedding = (
+            nn.Parameter(torch.empty(2, dim), requires_grad=False) if cfg.use_additional_t_cond else None
+        )
         self.transformer_blocks = nn.ModuleList([QwenImageBlock(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = Modulation(dim, 2)
         self.proj_out = ReplicatedLinear(dim, cfg.output_dim)
@@ -302,9 +308,12 @@ class QwenImageTransformer(nn.Module):
         txt_ids: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         reference_tokens: torch.Tensor | None = None,
+        additional_t_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.config.zero_cond_t != (reference_tokens is not None):
             raise ValueError("reference_tokens are given exactly for zero_cond_t models (Qwen-Image-Edit-2511)")
+        if self.config.use_additional_t_cond != (additional_t_cond is not None):
+            raise ValueError("additional_t_cond is given exactly for use_additional_t_cond models (Qwen-Image-Layered)")
         if (len(txt_ids), len(img_ids)) != (encoder_hidden_states.shape[1], hidden_states.shape[1]):
             raise ValueError("txt_ids and img_ids must have one row per text and image token")
         img = self.img_in(hidden_states)
@@ -313,6 +322,8 @@ class QwenImageTransformer(nn.Module):
         if reference_tokens is not None:
             t = torch.cat([t, t * 0])
         temb = self.time_embedder(timestep_embedding(t).to(dtype))
+        if self.addition_t_embedding is not None:
+            temb = temb + self.addition_t_embedding[additional_t_cond].to(dtype)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
         rope = rope_tables(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)
         key_mask = None
@@ -360,12 +371,15 @@ _TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
     "norm_out.linear": ("norm_out.linear", None),
     "proj_out": ("proj_out", None),
 }
+_EMBEDDINGS = {"time_text_embed.addition_t_embedding.weight": "addition_t_embedding"}
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
 
 
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
     """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
+    if name in _EMBEDDINGS:
+        return _EMBEDDINGS[name], None
     if m := _BLOCK_KEY.match(name):
         index, suffix, tensor = m.groups()
         if suffix in _BLOCK_KEYS:
@@ -396,6 +410,9 @@ def to_diffusers_state_dict(model: QwenImageTransformer) -> dict[str, torch.Tens
             tensor = tensor.split(layer.local_sizes, dim=0)[shard]
         out[diffusers_name] = tensor
 
+    for theirs, target in _EMBEDDINGS.items():
+        if target in ours:
+            emit(theirs, target, None)
     for suffix, (target, shard) in _TOP_LEVEL_KEYS.items():
         for t in ("weight", "bias"):
             if f"{target}.{t}" in ours:

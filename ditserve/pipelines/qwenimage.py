@@ -77,11 +77,13 @@ class TextBatch:
         return cls(padded, mask)
 
 
-def image_position_ids(grids: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """[Σ h·w, 3] ids of the packed tokens of each image (h × w tokens), image i on frame i, rows and columns
-    centred (diffusers' scale_rope: positions −⌈h/2⌉ … ⌊h/2⌋ − 1)."""
+def image_position_ids(
+    grids: list[tuple[int, int]], device: torch.device, frames: list[int] | None = None
+) -> torch.Tensor:
+    """[Σ h·w, 3] ids of the packed tokens of each image (h × w tokens), image i on frame i (or frames[i]), rows and
+    columns centred (diffusers' scale_rope: positions −⌈h/2⌉ … ⌊h/2⌋ − 1)."""
     parts = []
-    for frame, (h, w) in enumerate(grids):
+    for frame, (h, w) in zip(frames if frames is not None else range(len(grids)), grids):
         rows = torch.arange(h, device=device) - (h - h // 2)
         cols = torch.arange(w, device=device) - (w - w // 2)
         ids = torch.empty(h, w, 3, dtype=torch.int64, device=device)
@@ -92,9 +94,12 @@ def image_position_ids(grids: list[tuple[int, int]], device: torch.device) -> to
     return torch.cat(parts)
 
 
-def text_position_ids(grids: list[tuple[int, int]], length: int, device: torch.device) -> torch.Tensor:
-    """[length, 3] ids of the text tokens: the same position on every axis, from the largest half extent on."""
-    start = max(max(h // 2, w // 2) for h, w in grids)
+def text_position_ids(
+    grids: list[tuple[int, int]], length: int, device: torch.device, min_start: int = 0
+) -> torch.Tensor:
+    """[length, 3] ids of the text tokens: the same position on every axis, from the largest half extent on (at
+    least `min_start`: Layered's layer count)."""
+    start = max(min_start, *(max(h // 2, w // 2) for h, w in grids))
     return (torch.arange(length, device=device, dtype=torch.int64) + start)[:, None].expand(length, 3).contiguous()
 
 
@@ -103,12 +108,13 @@ def diffusers_transformer_sharing(ours: QwenImageTransformer) -> nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
     # QwenImageConfig's fields are diffusers' config names, so the config passes through as is.
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
 
     config = {**dataclasses.asdict(ours.config), "axes_dims_rope": list(ours.config.axes_dims_rope)}
     model = diffusers_model_sharing(QwenImageTransformer2DModel, config, to_diffusers_state_dict(ours))
     # Its RoPE tables are plain attributes (no buffers), left empty on the meta device: made again for real.
-    model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(ours.config.axes_dims_rope), scale_rope=True)
+    rope = QwenEmbedLayer3DRope if ours.config.use_layer3d_rope else QwenEmbedRope
+    model.pos_embed = rope(theta=10000, axes_dim=list(ours.config.axes_dims_rope), scale_rope=True)
     return model
 
 
@@ -196,12 +202,18 @@ class QwenImagePipeline(Pipeline):
 
     def dit_inputs(self, text: TextBatch, grids: list[tuple[int, int]]) -> dict:
         """The DiT's keyword arguments besides the image tokens and the timestep."""
+        config = self.c.transformer.config
+        frames, min_start = None, 0
+        if config.use_layer3d_rope:  # Layered: layers on frames 0, 1, ..., the input image on frame -1
+            frames, min_start = [*range(len(grids) - 1), -1], len(grids) - 1
         inputs = dict(
             encoder_hidden_states=text.embeds,
-            img_ids=image_position_ids(grids, self.device),
-            txt_ids=text_position_ids(grids, text.embeds.shape[1], self.device),
+            img_ids=image_position_ids(grids, self.device, frames),
+            txt_ids=text_position_ids(grids, text.embeds.shape[1], self.device, min_start),
             text_mask=text.mask,
         )
+        if config.use_additional_t_cond:  # diffusers' is_rgb: 0 for every sample
+            inputs["additional_t_cond"] = torch.zeros(text.embeds.shape[0], dtype=torch.long, device=self.device)
         if self.c.transformer.config.zero_cond_t:  # the noisy image's tokens first, then the references'
             ids = inputs["img_ids"]
             inputs["reference_tokens"] = ids[:, 0] > 0
@@ -215,6 +227,7 @@ class QwenImagePipeline(Pipeline):
         uncond: dict | None,
         true_cfg_scale: float,
         image_len: int,
+        rescale: bool = True,
     ) -> torch.Tensor:
         """The DiT's prediction for the first `image_len` tokens (the noisy image's; the edit pipelines append the
         reference images' tokens), with true CFG when `uncond` is given.
@@ -236,6 +249,8 @@ class QwenImagePipeline(Pipeline):
             dist.all_gather(both, mine, group=cfg_group)
             positive, negative = both
         combined = negative + true_cfg_scale * (positive - negative)
+        if not rescale:
+            return combined
         # diffusers rescales each token's guided prediction to the norm of its positive one.
         cond_norm = torch.norm(positive, dim=-1, keepdim=True)
         noise_norm = torch.norm(combined, dim=-1, keepdim=True)
@@ -251,16 +266,20 @@ class QwenImagePipeline(Pipeline):
         timer: StageTimer,
         on_step: StepCallback | None,
         reference: torch.Tensor | None = None,
+        scheduler=None,
+        rescale: bool = True,
     ) -> torch.Tensor:
         """The Euler loop on packed latents [B, N, 4C]; `reference` [B, M, 4C] (edit pipelines) is appended to the
-        image tokens of every forward."""
-        scheduler = self.make_scheduler(params.num_inference_steps, latents.shape[1])  # type: ignore[arg-type]
+        image tokens of every forward. `scheduler`: one already set (default: `make_scheduler`'s); `rescale`: the
+        guided prediction rescaled to the positive's norm (see `predict_noise`)."""
+        if scheduler is None:
+            scheduler = self.make_scheduler(params.num_inference_steps, latents.shape[1])  # type: ignore[arg-type]
         batch, image_len = latents.shape[0], latents.shape[1]
         for i, t in enumerate(scheduler.timesteps):
             timer.step_begin()
             timestep = t.expand(batch).to(latents.dtype) / 1000
             tokens = latents if reference is None else torch.cat([latents, reference], dim=1)
-            noise_pred = self.predict_noise(tokens, timestep, cond, uncond, params.true_cfg_scale, image_len)  # type: ignore[arg-type]
+            noise_pred = self.predict_noise(tokens, timestep, cond, uncond, params.true_cfg_scale, image_len, rescale)  # type: ignore[arg-type]
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             timer.step_end()
             if on_step is not None:
@@ -420,8 +439,9 @@ def vl_inputs(tokenizer, image_processor, texts: list[str], images: list) -> dic
     return {**tokens, **vision}
 
 
-def load_image(image):
-    """An input image (PIL image, H×W×3 uint8 array, file path, or a PNG/JPEG data URI) as an RGB PIL image."""
+def load_image(image, mode: str = "RGB"):
+    """An input image (PIL image, H×W×3 (or ×4) uint8 array, file path, or a PNG/JPEG data URI) as a PIL image in
+    `mode` (RGB, or RGBA for Layered)."""
     from PIL import Image
 
     if isinstance(image, str) and image.startswith("data:image/"):
@@ -429,19 +449,19 @@ def load_image(image):
     if isinstance(image, str | os.PathLike | io.BytesIO):
         try:
             with Image.open(image) as opened:
-                return opened.convert("RGB")
+                return opened.convert(mode)
         except OSError as e:
             raise ConfigError("images", f"cannot read image {str(image)[:80]!r} ({e})") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image.convert(mode)
     array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
-    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ConfigError("images", f"an array image must be H×W×3 uint8, got {array.shape} {array.dtype}")
-    return Image.fromarray(array)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        raise ConfigError("images", f"an array image must be H×W×3 (or ×4) uint8, got {array.shape} {array.dtype}")
+    return Image.fromarray(array).convert(mode)
 
 
 def image_data_uri(image) -> str:
-    """An RGB PIL image as a PNG data URI (lossless, plain data)."""
+    """A PIL image as a PNG data URI (lossless, plain data; RGBA keeps its alpha)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -471,8 +491,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
             pipeline.vl_image_processor = Qwen2VLImageProcessorPil.from_pretrained(source.folder / "processor")
         return pipeline
 
+    image_mode = "RGB"
+
     def input_images(self, params: SamplingParams) -> list:
-        return [load_image(image) for image in params.images or []]
+        return [load_image(image, self.image_mode) for image in params.images or []]
 
     def output_size(self, images: list) -> tuple[int, int]:
         """(height, width) when the request names none: about 1024² pixels at the first (Edit) or last (Plus)
@@ -605,3 +627,121 @@ class VLProcessor:
 
         images = images if isinstance(images, list) else [images] if images is not None else []
         return BatchFeature(vl_inputs(self.tokenizer, self.image_processor, text, images))
+
+
+# ---- Qwen-Image-Layered: one RGBA image decomposed into layers --------------------------------------------------
+LAYERED_RESOLUTIONS = (640, 1024)
+
+
+class QwenImageLayeredPipeline(QwenImageEditPipeline):
+    """diffusers' QwenImageLayeredPipeline step for step: the RGBA input resized to about `resolution`² pixels
+    (options.resolution, 640 or 1024) through the VAE as the condition on RoPE frame −1, `layers` + 1 noisy frames
+    (the first the whole image, dropped at the end) on frames 0 … layers, the text prompt in Qwen-Image's template
+    (no image in it), sigmas linspace(1, 0, n + 1) without the last and μ = √(condition tokens / 256), true CFG
+    (rescaled only with options.cfg_normalize), and `layers` RGBA images per sample. diffusers captions the image
+    with the VL encoder when no prompt is given; here a prompt is required."""
+
+    image_mode = "RGBA"
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        if len(params.images or []) != 1:
+            raise ConfigError("images", "Qwen-Image-Layered takes exactly one input image (the one to decompose)")
+        prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError("prompt", "describe the image: automatic captioning (diffusers' default) is not run here")
+        for name in ("height", "width"):
+            if getattr(params, name) is not None:
+                raise ConfigError(name, "Layered's size follows the input image at options.resolution (640 or 1024)")
+        options = {**self.spec.sampling_options, **(params.options or {})}
+        layers, resolution = options.get("layers"), options.get("resolution")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 16:
+            raise ConfigError("options.layers", f"must be an integer from 1 to 16, got {layers!r}")
+        if resolution not in LAYERED_RESOLUTIONS:
+            raise ConfigError("options.resolution", f"must be 640 or 1024, got {resolution!r}")
+        if not isinstance(options.get("cfg_normalize"), bool):
+            raise ConfigError("options.cfg_normalize", "must be true or false")
+        image = self.input_images(params)[0]
+        width, height = area_dimensions(resolution * resolution, image.width / image.height)
+        m = self.spatial_multiple
+        params = params.replace(images=[image_data_uri(image)], height=height // m * m, width=width // m * m)
+        return QwenImagePipeline.resolve(self, params)
+
+    def run_one(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
+        options = {**self.spec.sampling_options, **(params.options or {})}
+        layers = options["layers"]
+        timer = StageTimer(self.device)
+        prompts, negatives, counts = prompts_with_negatives([params])
+        use_cfg = self.uses_cfg(params)
+        image = self.input_images(params)[0]
+        h, w = self.latent_grid(params.height, params.width)  # type: ignore[arg-type]
+        with timer.stage("encode"):
+            embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), params.max_sequence_length)  # type: ignore[arg-type]
+            width, height = area_dimensions(options["resolution"] ** 2, image.width / image.height)
+            resized = self.image_processor.resize(image, height, width)
+            reference, grids = self.reference_latents_of(resized, height, width)
+            layout = [(h // 2, w // 2)] * (layers + 1) + grids
+            cond = self.dit_inputs(TextBatch.stack(embeds[: len(prompts)]), layout)
+            uncond = self.dit_inputs(TextBatch.stack(embeds[len(prompts) :]), layout) if use_cfg else None
+        with timer.stage("prepare"):
+            n = counts[0]
+            noise = seeded_noise((n, layers + 1, self.latent_channels, h, w), params.seed, self.dtype, self.device)  # type: ignore[arg-type]
+            latents = torch.cat([pack_latents(noise[:, f]) for f in range(layers + 1)], dim=1)
+            reference = reference.expand(n, -1, -1)
+            scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
+            steps = params.num_inference_steps
+            sigmas = np.linspace(1.0, 0, steps + 1)[:-1]  # type: ignore[operator]
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=(reference.shape[1] / 256) ** 0.5)
+            scheduler.set_begin_index(0)
+        with timer.stage("denoise"):
+            latents = self.denoise(
+                latents, cond, uncond, params, timer, on_step, reference, scheduler, options["cfg_normalize"]
+            )
+        with timer.stage("decode"):
+            images = self.decode_layers(latents, layers, h, w, params.output_type)
+        return PipelineOutput(images=images, timings={**timer.summary(), "batch_size": 1})
+
+    @torch.no_grad()
+    def reference_latents_of(self, image, height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The resized RGBA input's packed, normalised VAE latents [1, tokens, 4C] and its token grid."""
+        vae = self.c.vae
+        pixels = self.image_processor.preprocess(image, height, width).unsqueeze(2).to(self.device, self.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = ((latents - mean) / std)[:, :, 0]
+        return pack_latents(latents), [(latents.shape[-2] // 2, latents.shape[-1] // 2)]
+
+    @torch.no_grad()
+    def decode_layers(self, latents: torch.Tensor, layers: int, h: int, w: int, output_type: str) -> list:
+        """Every sample's layers (frames 1 … layers; frame 0, the whole image, dropped) as RGBA images, in order."""
+        if output_type == "latent":
+            return list(latents)
+        if self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
+            return []
+        vae = self.c.vae
+        frames = latents.chunk(layers + 1, dim=1)
+        x = torch.stack([unpack_latents(f, h, w) for f in frames[1:]], dim=2).to(vae.dtype)  # [B, C, L, h, w]
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)
+        x = x / inverse_std + mean
+        b, c, f = x.shape[:3]
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)
+        image = vae.decode(x, return_dict=False)[0].squeeze(2)
+        return list(self.image_processor.postprocess(image, output_type=output_type))
+
+    def diffusers_pipeline(self):
+        """diffusers' QwenImageLayeredPipeline on our components (its captioning processor: see `VLProcessor`)."""
+        from diffusers import QwenImageLayeredPipeline as DiffusersLayered
+
+        pipe = DiffusersLayered(
+            scheduler=copy.deepcopy(self.c.scheduler),
+            vae=self.c.vae,
+            text_encoder=self.c.text_encoder,
+            tokenizer=self.c.tokenizer,
+            processor=VLProcessor(self.c.tokenizer, self.vl_image_processor),
+            transformer=diffusers_transformer_sharing(self.c.transformer),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

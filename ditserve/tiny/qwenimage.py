@@ -48,6 +48,7 @@ class TinyQwenImageSpec:
     vision_dim: int = 32
     weight_std: float = 0.05  # transformer weights; larger than a trained model's so outputs are far from zero
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511's modulation of the reference image tokens
+    layered: bool = False  # Qwen-Image-Layered: an RGBA VAE, 3-D RoPE over the layers, the additional t embedding
     pipeline_class: str = "QwenImagePipeline"
     seed: int = 0
 
@@ -117,6 +118,7 @@ def make_tiny_qwenimage(path: str | os.PathLike, spec: TinyQwenImageSpec | None 
         temperal_downsample=[False] + [True] * (spec.vae_levels - 1),  # the VAE scales by 2 ** vae_levels
         latents_mean=[0.1 * i - 0.15 for i in range(spec.latent_channels)],
         latents_std=[1.0 + 0.25 * i for i in range(spec.latent_channels)],
+        input_channels=4 if spec.layered else 3,
     )
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
@@ -128,6 +130,8 @@ def make_tiny_qwenimage(path: str | os.PathLike, spec: TinyQwenImageSpec | None 
         joint_attention_dim=spec.text_dim,
         axes_dims_rope=spec.axes_dims_rope,
         zero_cond_t=spec.zero_cond_t,
+        use_additional_t_cond=spec.layered,
+        use_layer3d_rope=spec.layered,
     )
     gen = torch.Generator().manual_seed(spec.seed + 1)
     with torch.no_grad():
@@ -163,5 +167,14 @@ def make_tiny_qwenimage_edit_folder(path: str | os.PathLike, zero_cond_t: bool =
     weights."""
     spec = TinyQwenImageSpec(
         pipeline_class="QwenImageEditPlusPipeline", vae_levels=3, vae_base_dim=4, zero_cond_t=zero_cond_t
+    )
+    return make_tiny_qwenimage(path, spec)
+
+
+def make_tiny_qwenimage_layered_folder(path: str | os.PathLike) -> Path:
+    """`ditserve make-tiny qwen-image-layered`: a tiny Qwen-Image-Layered with random weights."""
+    # 8 latent channels, not 4: diffusers takes an input with as many channels as the latents (RGBA: 4) for latents.
+    spec = TinyQwenImageSpec(
+        pipeline_class="QwenImageLayeredPipeline", vae_levels=3, vae_base_dim=4, latent_channels=8, layered=True
     )
     return make_tiny_qwenimage(path, spec)
