@@ -35,6 +35,7 @@ _PARAM_FIELDS = (
     "num_images",
     "options",
     "max_sequence_length",
+    "sampling_preset",
 )
 
 
@@ -63,7 +64,7 @@ class WorkItem:
     input_images: list[bytes] = field(default_factory=list)
 
     def sampling_params(self) -> SamplingParams:
-        """The request's SamplingParams, its input images decoded (RGB)."""
+        """The request's SamplingParams, its input images decoded (RGB, or RGBA when they have alpha)."""
         params = params_from_dict(self.params)
         if not self.input_images:
             return params
@@ -72,7 +73,7 @@ class WorkItem:
         images = []
         for blob in self.input_images:
             with Image.open(io.BytesIO(blob)) as image:
-                images.append(image.convert("RGB"))
+                images.append(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
         return params.replace(images=images)
 
 
@@ -91,6 +92,7 @@ class ModelInfo:
     dtype: str
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
+    backend: str = "native"  # who runs the model: "native" (our DiT) or "diffusers" (the diffusers backend)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

@@ -108,6 +108,7 @@ class Worker:
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
             cost=cost,
+            backend=self.engine.backend,
         )
         self.sock.send_multipart(msg.ready_message(info, notes))
 
