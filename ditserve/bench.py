@@ -70,6 +70,8 @@ def _request(ns: argparse.Namespace, defaults) -> dict:
         request["negative_prompt"] = ns.negative_prompt
     if ns.num_frames is not None:  # video models; image models refuse it by name
         request["num_frames"] = ns.num_frames
+    if getattr(ns, "image", None):  # edit and image-to-video models: the input images (paths)
+        request["images"] = list(ns.image)
     return request
 
 
@@ -124,6 +126,11 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict | None, device: 
         **({"num_frames": gen["num_frames"]} if "num_frames" in gen else {}),
         **({"negative_prompt": gen["negative_prompt"]} if "negative_prompt" in gen else {}),
     )
+    if "images" in gen:  # one image as itself (every diffusers pipeline takes that), several as a list
+        from PIL import Image
+
+        opened = [Image.open(path).convert("RGB") for path in gen["images"]]
+        kwargs["image"] = opened[0] if len(opened) == 1 else opened
     pipe(**{**kwargs, "num_inference_steps": 2}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
     totals, steps, peaks = [], [], []
     for _ in range(repeat):
