@@ -68,7 +68,7 @@ def forward_peak_gib(fn, device: torch.device) -> float | None:
 
 def _request(ns: argparse.Namespace, defaults) -> dict:
     """The timed request: the bench's size, and the model's default steps and guidance unless --num-inference-steps
-    and --guidance-scale name them."""
+    and --guidance-scale name them (and --negative-prompt, for true CFG)."""
     request = dict(
         prompt=BENCH_PROMPT,
         height=ns.height,
@@ -77,8 +77,12 @@ def _request(ns: argparse.Namespace, defaults) -> dict:
         guidance_scale=defaults.guidance_scale if ns.guidance_scale is None else ns.guidance_scale,
         seed=0,
     )
+    if getattr(ns, "negative_prompt", None) is not None:  # true CFG (FLUX.1, Qwen-Image) runs with a negative
+        request["negative_prompt"] = ns.negative_prompt
     if ns.num_frames is not None:  # video models; image models refuse it by name
         request["num_frames"] = ns.num_frames
+    if getattr(ns, "image", None):  # edit and image-to-video models: the input images (paths)
+        request["images"] = list(ns.image)
     return request
 
 
@@ -137,7 +141,13 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict | None, device: 
         num_inference_steps=gen["num_inference_steps"],
         guidance_scale=gen["guidance_scale"],
         **({"num_frames": gen["num_frames"]} if "num_frames" in gen else {}),
+        **({"negative_prompt": gen["negative_prompt"]} if "negative_prompt" in gen else {}),
     )
+    if "images" in gen:  # one image as itself (every diffusers pipeline takes that), several as a list
+        from PIL import Image
+
+        opened = [Image.open(path).convert("RGB") for path in gen["images"]]
+        kwargs["image"] = opened[0] if len(opened) == 1 else opened
     pipe(**{**kwargs, "num_inference_steps": 2}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
     totals, steps, peaks = [], [], []
     for _ in range(repeat):

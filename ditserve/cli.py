@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--num-inference-steps", type=int, default=None, help="default: the model's")
     bench.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    bench.add_argument("--negative-prompt", default=None, help="with a true-CFG model: time guided generation")
+    bench.add_argument(
+        "--image", action="append", default=None, help="an input image (edit and image-to-video models; repeatable)"
+    )
     bench.add_argument("--num-frames", type=int, default=None, help="video models: default the model's")
     bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")

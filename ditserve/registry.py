@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILY_MODULES = ("flux", "zimage", "wan", "flux2", "flux2_klein")
+FAMILY_MODULES = ("flux", "zimage", "wan", "flux2", "flux2_klein", "qwenimage", "qwenimage_edit", "qwenimage_layered")
 
 # The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
 # digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).

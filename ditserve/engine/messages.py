@@ -12,14 +12,15 @@ Worker → server: `ready` (model info, notes to log), `load_failed`, `progress`
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ditserve.config import SamplingParams
 
-# Fields of SamplingParams that travel to the worker (not output_type: the worker makes PIL images and encodes them;
-# not input `images`: no family the worker serves takes them yet, and each would travel encoded as an image file).
+# Fields of SamplingParams that travel to the worker in the JSON (not output_type: the worker makes PIL images and
+# encodes them; not input `images`: they travel as encoded image files in the blobs, see `WorkItem.input_images`).
 _PARAM_FIELDS = (
     "prompt",
     "negative_prompt",
@@ -59,6 +60,22 @@ class WorkItem:
     params: dict  # params_to_dict(SamplingParams)
     output_format: str = "png"
     task: str = "text-to-image"
+    # Input images (edit and image-to-video requests) as encoded image files: raw blobs of the run message, the
+    # JSON holding only how many each item has.
+    input_images: list[bytes] = field(default_factory=list)
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams, its input images decoded (RGB, or RGBA when they have alpha)."""
+        params = params_from_dict(self.params)
+        if not self.input_images:
+            return params
+        from PIL import Image
+
+        images = []
+        for blob in self.input_images:
+            with Image.open(io.BytesIO(blob)) as image:
+                images.append(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
+        return params.replace(images=images)
 
 
 @dataclass
@@ -99,13 +116,24 @@ def decode(frames: list[bytes]) -> tuple[dict, list[bytes]]:
 
 
 def run_message(batch_id: str, items: list[WorkItem]) -> list[bytes]:
-    return encode({"type": "run", "batch_id": batch_id, "items": [dataclasses.asdict(i) for i in items]})
+    """The items as JSON, their input images as blobs after it, item after item."""
+    described = [{**dataclasses.asdict(i), "input_images": len(i.input_images)} for i in items]
+    blobs = [blob for i in items for blob in i.input_images]
+    return encode({"type": "run", "batch_id": batch_id, "items": described}, blobs)
 
 
-def items_from(message: dict) -> list[WorkItem]:
+def items_from(message: dict, blobs: list[bytes] | None = None) -> list[WorkItem]:
+    blobs = list(blobs or [])
     try:
-        return [WorkItem(**item) for item in message["items"]]
-    except (KeyError, TypeError) as e:
+        items, start = [], 0
+        for item in message["items"]:
+            count = item.get("input_images", 0)
+            if not isinstance(count, int) or count < 0 or start + count > len(blobs):
+                raise ProtocolError(f"bad run message: {count!r} input images, {len(blobs) - start} blobs left")
+            items.append(WorkItem(**{**item, "input_images": blobs[start : start + count]}))
+            start += count
+        return items
+    except (KeyError, TypeError, AttributeError) as e:
         raise ProtocolError(f"bad run message: {e}") from None
 
 

@@ -121,10 +121,10 @@ class Worker:
                 if os.getppid() != self.parent:  # the server died without telling us: nobody is left to answer
                     return
                 continue
-            message, _ = msg.decode(self.sock.recv_multipart())
+            message, blobs = msg.decode(self.sock.recv_multipart())
             kind = message["type"]
             if kind == "run":
-                self.run_batch(message["batch_id"], msg.items_from(message))
+                self.run_batch(message["batch_id"], msg.items_from(message, blobs))
             elif kind == "lora":
                 self.run_lora(message)
             elif kind == "cancel":
@@ -186,7 +186,7 @@ class Worker:
         on_step = self._step_hook(batch_id, items)
         # Through the engine, which resolves and seeds the requests, holds the LoRA lock and, with several ranks,
         # makes every rank run the batch.
-        batch = [msg.params_from_dict(item.params) for item in items]
+        batch = [item.sampling_params() for item in items]
         results = engine.run_batch(batch, on_step)  # type: ignore[union-attr]
         for item, result in zip(items, results):
             if item.request_id in self.cancelled:
@@ -213,7 +213,7 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any failure of a request is reported, the worker lives on
             self._free_memory()
             if len(items) == 1:
-                self._send_error(items[0].request_id, *self._describe(e))
+                self._send_failure(items[0].request_id, e)
                 return
         for item in items:  # the batch failed: run each alone so that only the request at fault fails
             if item.request_id in self.cancelled:
@@ -225,7 +225,18 @@ class Worker:
                 self._send_error(item.request_id, "cancelled", "the request was cancelled")
             except Exception as e:  # noqa: BLE001
                 self._free_memory()
-                self._send_error(item.request_id, *self._describe(e))
+                self._send_failure(item.request_id, e)
+
+    def _send_failure(self, request_id: str, e: Exception) -> None:
+        """A request's failure: one the model refuses (a ConfigError, e.g. more input images than it takes) as
+        invalid, naming the field; any other as `_describe` says."""
+        from ditserve.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            message = {"type": "error", "request_id": request_id, "kind": "invalid", "param": e.field}
+            self.sock.send_multipart(msg.encode({**message, "message": str(e)}))
+        else:
+            self._send_error(request_id, *self._describe(e))
 
     @staticmethod
     def _describe(e: Exception) -> tuple[str, str]:

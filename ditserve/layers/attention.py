@@ -14,6 +14,8 @@ torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,11 +31,17 @@ _SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
 }
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain softmax(q kᵀ / √d) v in float32, [B, S, H, D]; what every backend is tested against."""
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain softmax(q kᵀ / √d) v in float32, [B, S, H, D]; what every backend is tested against. `key_mask`
+    [B, S_k] (True = attend) leaves out the keys it marks False."""
     scale = q.shape[-1] ** -0.5
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
-    weights = torch.softmax(qf @ kf.transpose(-1, -2) * scale, dim=-1)
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
     return (weights @ vf).transpose(1, 2).to(q.dtype)
 
 
@@ -47,12 +55,21 @@ def _cudnn_can_take(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Non-causal attention without mask; q, k, v and the result are [B, S, H, D]."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Non-causal attention; q, k, v and the result are [B, S, H, D]. `key_mask` [B, S_k] bool (True = attend; None:
+    every key) leaves out padded keys (a padded text of a batch); every query must keep at least one key."""
     if backend == "reference":
-        return attention_reference(q, k, v)
+        return attention_reference(q, k, v, key_mask)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend == "cudnn" and _cudnn_can_take(q):
+    if key_mask is not None:
+        # A kernel that takes a mask: SDPA picks one unless efficient or math is asked for (flash takes none, and
+        # cuDNN's op as called below would need a float bias).
+        kernels = _SDPA_BACKENDS.get(backend) if backend in ("efficient", "math") else None
+        with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=key_mask[:, None, None, :])
+    elif backend == "cudnn" and _cudnn_can_take(q):
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, False)[0]
     elif backend in _SDPA_BACKENDS and backend != "cudnn":
         with sdpa_kernel(_SDPA_BACKENDS[backend]):
@@ -97,15 +114,19 @@ class Attention(nn.Module):
 
     `segments` names the token segments (see parallel/sharding.py) the sequence of q, k and v consists of, in order:
     sequence parallelism splits each of them and wraps this module; None marks a cross-attention, whose keys and
-    values are not split and which runs unwrapped on each rank's queries."""
+    values are not split and which runs unwrapped on each rank's queries.
+
+    `key_mask` [B, S] bool (True = attend) marks the keys of the model's joint sequence that count (the real tokens
+    of a padded text); under sequence parallelism the wrapper takes the whole sequence's mask from the inputs the
+    model declares in `SequenceSharding.key_masks`."""
 
     def __init__(self, segments: tuple[str, ...] | None, backend: str = "sdpa"):
         super().__init__()
         self.segments = segments
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
-        return run_alongside(lambda: attention(q, k, v, self.backend), alongside, project)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None):
+        return run_alongside(lambda: attention(q, k, v, self.backend, key_mask), alongside, project)
 
     def input_buffers(
         self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None

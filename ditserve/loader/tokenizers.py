@@ -172,3 +172,18 @@ def llama_tokenizer():
     tokenizer = LlamaTokenizer(vocab=vocab, merges=[], model_max_length=4096)
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+# Qwen2.5-VL's vision markers: an image in a prompt is <|vision_start|><|image_pad|><|vision_end|>, and the processor
+# repeats <|image_pad|> once per merged image patch.
+QWEN_VL_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def qwen2_5_vl_tokenizer():
+    """Qwen2.5-VL's tokenizer structure (Qwen-Image's text encoder): Qwen3's above plus the vision markers as
+    special tokens. Qwen-Image's pipelines format their prompts themselves, so no chat template is needed."""
+    from tokenizers import AddedToken
+
+    tokenizer = qwen3_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_VL_SPECIAL_TOKENS])
+    return tokenizer

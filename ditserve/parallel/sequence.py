@@ -145,8 +145,26 @@ class SegmentLayout:
 
 
 # ---- attention pieces -------------------------------------------------------------------------------------------
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention [B, S, H, D] plus the log-sum-exp of the scores [B, H, S] (float32), for merging partial results."""
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention [B, S, H, D] plus the log-sum-exp of the scores [B, H, S] (float32), for merging partial results.
+
+    With `key_mask` [B, S_k] (True = attend) each sample attends to its own valid keys only (one call per sample,
+    so the fast kernel takes them without a mask); a sample with none gets a zero output and a log-sum-exp of -inf,
+    which the merge weighs as nothing."""
+    if key_mask is not None:
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            keys = key_mask[b].nonzero().squeeze(1)
+            if keys.numel() == 0:
+                outs.append(torch.zeros_like(q[b : b + 1]))
+                lses.append(q.new_full((1, q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32))
+                continue
+            o, lse = attention_with_lse(q[b : b + 1], k[b : b + 1, keys], v[b : b + 1, keys])
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _cudnn_can_take(q):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
@@ -158,9 +176,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SequenceParallelGroups, block_keys
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SequenceParallelGroups, block_keys, block_mask=None
 ) -> torch.Tensor:
-    """q against the K/V blocks of every ring rank. block_keys(j) gives the valid-key index of ring rank j's block."""
+    """q against the K/V blocks of every ring rank. block_keys(j) gives the valid-key index of ring rank j's block;
+    block_mask(j) (if given) its key mask [B, valid keys] (see `attention_with_lse`)."""
     out = lse = None
     kv = torch.stack([k, v])  # one buffer, so each step passes one message on
     size, rank = groups.ring_size, groups.ring_rank
@@ -177,14 +196,14 @@ def ring_attention(
         idx = block_keys(source)
         kb, vb = kv.unbind(0) if idx is None else kv.index_select(2, idx).unbind(0)
         if kb.shape[1]:
-            o, l_ = attention_with_lse(q, kb, vb)
+            o, l_ = attention_with_lse(q, kb, vb, block_mask(source) if block_mask is not None else None)
             if out is None:
                 out, lse = o.float(), l_
             else:
                 new_lse = torch.logaddexp(lse, l_)
-                # lse is [B, H, S]; outputs are [B, S, H, D]
-                w_old = torch.exp(lse - new_lse).transpose(1, 2)[..., None]
-                w_new = torch.exp(l_ - new_lse).transpose(1, 2)[..., None]
+                # lse is [B, H, S]; outputs are [B, S, H, D]. A masked-out block (-inf) weighs nothing.
+                w_old = torch.exp(lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+                w_new = torch.exp(l_ - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
                 out = out * w_old + o.float() * w_new
                 lse = new_lse
         if step < size - 1:
@@ -372,11 +391,18 @@ class SequenceParallelAttention(nn.Module):
         self.exchange = exchange if exchange is not None else NcclExchange(groups.ulysses_group)
         self.segments: tuple[str, ...] = inner.segments  # type: ignore[assignment]
         self.layout: SegmentLayout | None = None  # set by the model wrapper for each forward
+        # The key mask of the whole sequence in the layout's order: every sp rank's local sequence, in rank order
+        # ([B, ranks · local length]); set by the model wrapper for each forward (None: the model has no masks).
+        self.key_mask: torch.Tensor | None = None
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
     @torch.compiler.disable
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None):
         g, layout = self.groups, self.layout
+        # The model's `key_mask` is its local part: the whole sequence's comes from the wrapper (`self.key_mask`).
+        full_mask = self.key_mask if key_mask is not None else None
+        if key_mask is not None and full_mask is None:
+            raise RuntimeError("a key mask was given, but the model declares no key_masks input to shard it from")
         if layout is None:
             raise RuntimeError("sequence-parallel attention called outside a sharded model forward")
         heads = math.prod(q.shape[2:-1])
@@ -390,13 +416,23 @@ class SequenceParallelAttention(nn.Module):
             ranks = [ring_rank * g.ulysses_size + u for u in range(g.ulysses_size)]
             return layout.key_index(ranks, q.device)
 
+        def block_mask(ring_rank: int) -> torch.Tensor:
+            """The key mask of ring rank j's block (its Ulysses group's local sequences), valid keys only."""
+            local = full_mask.shape[1] // g.size  # type: ignore[union-attr]
+            start = ring_rank * g.ulysses_size * local
+            mask = full_mask[:, start : start + g.ulysses_size * local]  # type: ignore[index]
+            idx = block_keys(ring_rank)
+            return mask if idx is None else mask.index_select(1, idx)
+
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Attention of this rank's heads over every token of the sequence-parallel group."""
             if g.ring_size > 1:
-                return ring_attention(q, k, v, g, block_keys)
+                return ring_attention(q, k, v, g, block_keys, block_mask if full_mask is not None else None)
             idx = block_keys(0)
             if idx is not None:
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
+            if full_mask is not None:
+                return self.inner(q, k, v, key_mask=block_mask(0))
             return self.inner(q, k, v)
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
@@ -528,6 +564,7 @@ def enable_sequence_parallel(
             layouts[key] = {w.segments: SegmentLayout(w.segments, local, valid) for w in wrappers}
         for wrapper in wrappers:
             wrapper.layout = layouts[key][wrapper.segments]
+            wrapper.key_mask = _whole_key_mask(wrapper.segments, sharding, bound.arguments, totals, n)
         for name, how in sharding.inputs.items():
             if bound.arguments.get(name) is not None:
                 bound.arguments[name] = shard_sequence(bound.arguments[name], how.dim, n, r)
@@ -540,6 +577,27 @@ def enable_sequence_parallel(
 
     model.forward = forward  # type: ignore[method-assign]
     return model
+
+
+def _whole_key_mask(
+    segments: tuple[str, ...], sharding: SequenceSharding, arguments: dict, totals: dict[str, int], parts: int
+) -> torch.Tensor | None:
+    """The key mask of one attention's whole sequence, as its keys arrive from every rank (each rank's shard of each
+    segment, padded, in the attention's order; rank after rank); padding is False. None when no segment of it has
+    a mask input given."""
+    masks = {s: arguments.get(sharding.key_masks[s]) for s in segments if s in sharding.key_masks}
+    given = [m for m in masks.values() if m is not None]
+    if not given:
+        return None
+    batch, device = given[0].shape[0], given[0].device
+    pieces = []
+    for rank in range(parts):
+        for segment in segments:
+            mask = masks.get(segment)
+            if mask is None:
+                mask = torch.ones((batch, totals[segment]), dtype=torch.bool, device=device)
+            pieces.append(shard_sequence(mask.bool(), 1, parts, rank))
+    return torch.cat(pieces, dim=1)
 
 
 def disable_sequence_parallel(model: nn.Module) -> nn.Module:

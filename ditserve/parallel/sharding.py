@@ -12,7 +12,7 @@ Plain data, no torch, so that a model file can declare its sharding without impo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,15 @@ class Sharded:
 
 @dataclass(frozen=True)
 class SequenceSharding:
-    """Which forward arguments split (by name) and how the output gathers."""
+    """Which forward arguments split (by name) and how the output gathers.
+
+    `key_masks` names, per segment, the input that marks its real tokens ([B, length] bool, True = real; the input
+    may be None: all real), for models whose attentions take a `key_mask` (a padded text): the sequence-parallel
+    attentions then mask the keys of the whole sequence from it."""
 
     inputs: dict[str, Sharded]
     output: Sharded
+    key_masks: dict[str, str] = field(default_factory=dict)
 
     @property
     def segments(self) -> tuple[str, ...]:

@@ -21,6 +21,8 @@ def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> byt
     buf = io.BytesIO()
     pil_format = image_format(fmt)
     kwargs = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
+    if pil_format == "JPEG" and image.mode == "RGBA":  # JPEG has no alpha (PNG and WebP keep it)
+        image = image.convert("RGB")
     image.save(buf, format=pil_format, **kwargs)
     return buf.getvalue()
 
