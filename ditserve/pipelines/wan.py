@@ -365,7 +365,7 @@ class WanPipeline(Pipeline):
         ids = video_position_ids(*grid, device=latents.device)
 
         def branch(text: torch.Tensor) -> torch.Tensor:
-            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids, **inputs)
+            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids, token_grid=grid, **inputs)
             return unpatchify(out, grid, self.patch)
 
         if uncond is None:
@@ -412,6 +412,8 @@ class WanPipeline(Pipeline):
             else:
                 model, scale = self.c.transformer_2, guidance_2
             inputs: dict = {} if image_states is None else {"image_states": image_states}
+            if params.attention is not None:
+                inputs["attention"] = params.attention
             if first_frame_mask is not None:  # the image's latent frame in place of the first, its tokens at t = 0
                 model_input = (1 - first_frame_mask) * condition + first_frame_mask * latents
                 pt, ph, pw = self.patch
@@ -518,6 +520,7 @@ class WanPipeline(Pipeline):
             timestep=torch.full((1,), 500.0, device=self.device),
             text_states=self.encode_prompt([prompt], defaults.max_sequence_length),  # type: ignore[arg-type]
             video_ids=video_position_ids(*self.token_grid(latents), device=self.device),
+            token_grid=self.token_grid(latents),
             **inputs,
         )
 

@@ -67,6 +67,12 @@ class ImageOptions(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     width: int | None = Field(default=None, ge=1, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=1, le=MAX_SIDE)
+    attention: str | None = Field(
+        default=None,
+        max_length=64,
+        description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
+        "sla[:ratio]); default: the server's",
+    )
 
 
 class ImageGenerationRequest(ImageOptions):
@@ -89,6 +95,12 @@ class VideoRequest(_Strict):
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=-1e4, le=1e4, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    attention: str | None = Field(
+        default=None,
+        max_length=64,
+        description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
+        "sla[:ratio]); default: the server's",
+    )
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -214,6 +226,7 @@ def to_sampling_params(
         true_cfg_scale=body.true_cfg_scale,
         seed=body.seed,
         num_images=body.n,
+        attention=body.attention,
     )
     # The client sent size, not width or height: name size.
     names = {side: "size" for side in ("width", "height") if body.size is not None and getattr(body, side) is None}
@@ -249,6 +262,7 @@ def video_sampling_params(
         seed=body.seed,
         num_frames=frames,
         fps=fps if frames is not None else None,
+        attention=body.attention,
     )
     names = {"width": "size", "height": "size", "num_frames": "seconds", "fps": "seconds"}
     return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)
