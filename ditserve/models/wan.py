@@ -447,6 +447,22 @@ def original_to_diffusers_key(name: str) -> str | None:
     return None
 
 
+def diffusers_to_original_key(name: str) -> str:
+    """The inverse of `original_to_diffusers_key` (for writing checkpoints in the original names, e.g. tiny ones)."""
+    if m := _ORIGINAL_BLOCK_KEY.match(name):
+        index, suffix, tensor = m.groups()
+        inverse = {v: k for k, v in _ORIGINAL_BLOCK_KEYS.items()}
+        if suffix in inverse:
+            return f"blocks.{index}.{inverse[suffix]}" + (f".{tensor}" if tensor else "")
+    if name == _TABLE:
+        return "head.modulation"
+    module, _, tensor = name.rpartition(".")
+    inverse_top = {v: k for k, v in _ORIGINAL_TOP_KEYS.items() if v != _TABLE}
+    if module in inverse_top:
+        return f"{inverse_top[module]}.{tensor}"
+    raise KeyError(f"{name}: no original Wan name")
+
+
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
     """diffusers parameter name (or the original Wan repository's) → (our parameter name, shard index), or None for
     a name we do not know."""
