@@ -134,3 +134,21 @@ def test_engine_backend_under_ulysses_matches_one_process(tiny_wan):
     ) as engine:
         two = engine.generate(**REQUEST).videos[0]
     assert np.abs(one - two).max() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sliding-tile:1,1,3", "sla:0.5"])
+def test_cuda_graphs_replay_sparse_attention(tmp_path, backend):
+    """A sparse backend captured into the DiT's CUDA graph gives what it gives eagerly (TurboWan-style tiny folder:
+    it has SLA's projections)."""
+    from ditserve.tiny.wan import make_tiny_wan_folder
+
+    folder = make_tiny_wan_folder(tmp_path / "turbowan", turbowan=True)
+    request = dict(REQUEST, height=128, width=128, output_type="latent")
+    outputs = []
+    for graphs in (False, True):
+        with Engine.from_pretrained(str(folder), device="cuda", dtype="float32", cuda_graphs=graphs) as engine:
+            outputs.append(engine.generate(**request, attention=backend).videos[0].float())
+            if graphs:
+                assert engine.cuda_graphs["transformer"].captures >= 1
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)

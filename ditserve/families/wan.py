@@ -221,10 +221,13 @@ def _t2v_preset(
 
 
 def _turbowan_preset(name: str, transformer: dict, i2v: bool = False, boundary_ratio: float | None = None) -> Preset:
-    """A TurboWan checkpoint: its base model's configs with SLA's projections, rCM as the folder's sampler."""
+    """A TurboWan checkpoint: its base model's configs with SLA's projections, rCM as the folder's sampler (from
+    sigma_max 200 for I2V, TurboDiffusion's wan2.2_i2v_infer.py default; T2V takes rCM's default 80)."""
     sla = {**transformer, "sparse_linear_attention": True}
     preset = _i2v_preset(name, sla, False, boundary_ratio) if i2v else _t2v_preset(name, sla, boundary_ratio)
     preset.pipeline_config["sampler"] = "rcm"
+    if i2v:
+        preset.pipeline_config["sigma_max"] = 200.0
     return preset
 
 

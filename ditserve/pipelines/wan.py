@@ -328,8 +328,9 @@ class WanPipeline(Pipeline):
 
         options = options or {}
         if options.get("sampler") == "rcm":
-            sigma_max = options.get("sigma_max")
-            return RCMScheduler(num_steps, float(sigma_max or DEFAULT_SIGMA_MAX), self.device)
+            # the request's, else the folder's (TurboWan2.2 I2V: 200, as its script), else TurboDiffusion's T2V 80
+            sigma_max = options.get("sigma_max") or self.pipeline_config.get("sigma_max") or DEFAULT_SIGMA_MAX
+            return RCMScheduler(num_steps, float(sigma_max), self.device)
         config = self.c.scheduler.config
         shift = options.get("flow_shift")
         if options.get("sampler", "unipc") == "euler":

@@ -206,6 +206,8 @@ def make_tiny_wan_folder(
     if ti2v and (two_experts or i2v):
         raise ValueError("--ti2v is a model of its own (it takes an image or none); leave out --two-experts and --i2v")
     spec = TinyWanSpec(two_experts=two_experts, ti2v=ti2v, i2v=i2v, turbowan=turbowan, flow_shift=5.0 if ti2v else 3.0)
+    if turbowan:
+        spec.head_dim = 32  # a power of two: the block-sparse Triton kernel's (on CUDA) head widths
     if two_experts and i2v:
         spec.boundary_ratio = 0.9  # Wan2.2 I2V-A14B's
     return make_tiny_wan(path, spec)
