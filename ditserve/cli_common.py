@@ -72,7 +72,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="BACKEND",
         help=f"{', '.join(ATTENTION_BACKENDS)}; sparse ones (video models) optionally with an argument: "
-        "sliding-tile:T,H,W (window in tiles), sla:RATIO (SLA-tuned checkpoints, e.g. TurboWan). Default: auto",
+        "sliding-tile:T,H,W (window in tiles), sla:RATIO (checkpoints fine-tuned with SLA). Default: auto",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
     p.add_argument(

@@ -206,7 +206,7 @@ def check_attention_backend(backend: str | None, offered: tuple[str, ...], model
     kind = backend.partition(":")[0]
     if kind not in offered:
         why = {
-            "sla": "it needs a checkpoint fine-tuned with SLA (TurboWan), whose proj_l weights it reads",
+            "sla": "it needs a checkpoint fine-tuned with SLA, whose proj_l weights it reads",
             "sliding-tile": "it needs a video model whose self-attention runs over one token grid",
         }.get(kind, "")
         offers = ", ".join(offered) or "none"

@@ -8,7 +8,7 @@ Two patterns, chosen by the attention backend's name (config.py `parse_attention
   mostly local in space and time, so the window keeps most of each row's softmax mass; what it drops is measured in
   RESULTS.md. The tiles are read in place through a token order: q, k and v stay in the model's raster order.
 - `sla[:ratio]`: SLA, sparse-linear attention (Zhang et al. 2025, arXiv:2509.24006), for checkpoints fine-tuned
-  with it (TurboWan). Queries in runs of 128 and keys in runs of 64 are mean-pooled (the keys centred on their mean
+  with it (TurboDiffusion's checkpoints). Queries in runs of 128 and keys in runs of 64 are mean-pooled (the keys centred on their mean
   first); each query block attends exactly to the `ratio` of key blocks with the highest pooled scores, and a
   linear attention over all keys (softmax feature maps over the head dimension), through the checkpoint's learned
   projection `proj_l` (head_dim → head_dim, per block of the model), is added. This is what TurboDiffusion's
@@ -112,6 +112,7 @@ def tile_layout(
     )
 
 
+@torch.compiler.disable  # a Triton launch over cached tables: compiled blocks call it as it is
 def sliding_tile_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], pattern: SlidingTile
 ) -> torch.Tensor:
@@ -171,6 +172,7 @@ def sla_linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return numerator / denominator
 
 
+@torch.compiler.disable
 def sla_attention(
     q: torch.Tensor,
     k: torch.Tensor,
