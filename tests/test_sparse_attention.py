@@ -37,7 +37,8 @@ REQUEST = dict(
 
 def test_kernel_matches_reference_in_triton_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's ditserve, whatever is installed
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     env.pop("DITSERVE_DISABLE_TRITON", None)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("sparse_kernel_checks.py"))],
