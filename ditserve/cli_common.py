@@ -70,7 +70,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        metavar="BACKEND",
+        help=f"{', '.join(ATTENTION_BACKENDS)}; sparse ones (video models) optionally with an argument: "
+        "sliding-tile:T,H,W (window in tiles), sla:RATIO (checkpoints fine-tuned with SLA). Default: auto",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
     p.add_argument(
         "--quantization",

@@ -32,7 +32,10 @@ DTYPES: dict[str, str] = {
 LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sliding-tile", "sla")
+# Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
+# (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to.
+SPARSE_ATTENTION_ARGUMENTS = {"sliding-tile": "T,H,W (odd tile counts, e.g. 3,3,5)", "sla": "a ratio in (0, 1]"}
 QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
 
 # Bounds that keep one request from exhausting the machine; generous for real use.
@@ -46,6 +49,31 @@ MAX_INPUT_IMAGES = 16
 
 class ConfigError(FieldError):
     """A setting is invalid: `field` names the setting and `message` says what is allowed."""
+
+
+def check_attention_backend_name(value, field: str) -> None:
+    """An attention backend: one of ATTENTION_BACKENDS, a sparse one optionally with its argument
+    (`sliding-tile:3,3,5`, `sla:0.15`)."""
+    if not isinstance(value, str):
+        raise ConfigError(field, f"must be a backend name, got {value!r}")
+    kind, colon, arg = value.partition(":")
+    if kind not in ATTENTION_BACKENDS:
+        raise ConfigError(field, f"{value!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if not colon:
+        return
+    if kind not in SPARSE_ATTENTION_ARGUMENTS:
+        raise ConfigError(field, f"{kind} takes no argument after ':'")
+    ok = False
+    if kind == "sliding-tile":
+        parts = arg.split(",")
+        ok = len(parts) == 3 and all(p.isdigit() and int(p) % 2 == 1 and int(p) <= 99 for p in parts)
+    elif kind == "sla":
+        try:
+            ok = 0 < float(arg) <= 1
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ConfigError(field, f"{value!r}: {kind} takes {SPARSE_ATTENTION_ARGUMENTS[kind]} after ':'")
 
 
 @dataclass
@@ -185,9 +213,10 @@ class EngineArgs:
         self._check_memory_settings()
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        check_attention_backend_name(self.attention_backend, "attention_backend")
+        if self.attention_backend.startswith(tuple(SPARSE_ATTENTION_ARGUMENTS)) and self.ring_degree > 1:
             raise ConfigError(
-                "attention_backend", f"{self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+                "attention_backend", "sparse attention runs under Ulysses (heads split), not Ring: use --ring-degree 1"
             )
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(
@@ -309,6 +338,8 @@ class SamplingParams:
     sampling_preset: str | None = None
     # DiT caching (accel/cache_config.py): a CacheConfig or its dict; None: the engine's default; method "none": off.
     cache: CacheConfig | dict | None = None
+    # The attention backend of this request (ATTENTION_BACKENDS, sparse ones with their argument); None: the engine's.
+    attention: str | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -364,6 +395,8 @@ class SamplingParams:
                     raise ConfigError(
                         f"options.{name}", f"must be a number, a string, true/false or null, got {value!r}"
                     )
+        if self.attention is not None:
+            check_attention_backend_name(self.attention, "attention")
         if self.sampling_preset is not None and not isinstance(self.sampling_preset, str):
             raise ConfigError("sampling_preset", f"must be a preset's name, got {self.sampling_preset!r}")
         n = self.num_images
@@ -410,6 +443,7 @@ class SamplingParams:
             self.max_sequence_length,
             uses_negative,
             CacheConfig.coerce(self.cache).key() if self.cache is not None else None,
+            self.attention,
         )
 
 

@@ -263,7 +263,12 @@ def test_lightx2v_preset_matches_diffusers_euler_at_its_timesteps(ours, theirs):
     WanPipeline runs with that scheduler; a request's own field still wins over the preset's."""
     p = ours.resolve(SamplingParams(prompt="x", sampling_preset="lightx2v-4step"))
     assert (p.num_inference_steps, p.guidance_scale, p.guidance_scale_2) == (4, 1.0, None)  # one expert: no 2nd scale
-    assert p.options == {"sampler": "euler", "flow_shift": 5.0, "denoising_steps": "1000,750,500,250"}
+    assert p.options == {
+        "sampler": "euler",
+        "flow_shift": 5.0,
+        "denoising_steps": "1000,750,500,250",
+        "sigma_max": None,
+    }
     assert (
         ours.resolve(SamplingParams(prompt="x", sampling_preset="lightx2v-4step", guidance_scale=2.0)).guidance_scale
         == 2.0

@@ -44,6 +44,8 @@ def _signature(args: tuple, kwargs: dict) -> tuple | None:
             key.append((name, tuple(value.shape), value.dtype, value.device.index))
         elif value is None or isinstance(value, (bool, int, float, str)):
             key.append((name, value))
+        elif isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            key.append((name, value))  # a shape such as a token grid
         else:
             return None
     return tuple(key)

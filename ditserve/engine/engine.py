@@ -40,7 +40,7 @@ from ditserve.loader.folder import resolve_model
 from ditserve.parallel.groups import ParallelConfigError, ParallelGroups, init_parallel_groups
 from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline
-from ditserve.pipelines.base import StepCallback
+from ditserve.pipelines.base import StepCallback, check_attention, offered_sparse_backends
 from ditserve.registry import load_object
 from ditserve.utils.memory import device_stats, is_out_of_memory, out_of_memory, peak_mb, reset_peak
 
@@ -85,6 +85,9 @@ class Engine:
         self.dtype = args.resolved_dtype()
         self.source = resolve_model(args.model, args.load_format, args.backend)
         load_object(self.source.spec.pipeline).check_engine_args(args, self.source)
+        check_attention(
+            args.attention_backend, offered_sparse_backends(self.source), "attention_backend", self.source.spec.family
+        )
         if self.parallel.world_size > 1:
             # Refuse a split the model cannot take before any process is started.
             try:
@@ -370,12 +373,14 @@ class Engine:
         images: list | None = None,
         guidance_scale_2: float | None = None,
         cache: CacheConfig | dict | str | None = None,
+        attention: str | None = None,
     ) -> GenerationResult:
         """One request. `num_frames` and `fps` are for video families, `images` (PIL images, arrays or paths) for
         families that take input images, `guidance_scale_2` for models with a second expert (its CFG scale; None:
         guidance_scale); the others refuse them (ConfigError naming the field). `cache`: DiT caching (a
         CacheConfig, its dict or a method name; None: the engine's `cache`; "none": off); the result's
-        timings["cache"] counts the block computations skipped."""
+        timings["cache"] counts the block computations skipped. `attention`: this request's attention backend
+        (None: the engine's)."""
         params = SamplingParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -393,6 +398,7 @@ class Engine:
             images=images,
             guidance_scale_2=guidance_scale_2,
             cache=CacheConfig.coerce(cache) if isinstance(cache, str) else cache,
+            attention=attention,
         )
         return self.run(params, on_step)
 

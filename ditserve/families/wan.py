@@ -220,6 +220,17 @@ def _t2v_preset(
     )
 
 
+def _turbowan_preset(name: str, transformer: dict, i2v: bool = False, boundary_ratio: float | None = None) -> Preset:
+    """A TurboWan checkpoint: its base model's configs with SLA's projections, rCM as the folder's sampler (from
+    sigma_max 200 for I2V, TurboDiffusion's wan2.2_i2v_infer.py default; T2V takes rCM's default 80)."""
+    sla = {**transformer, "sparse_linear_attention": True}
+    preset = _i2v_preset(name, sla, False, boundary_ratio) if i2v else _t2v_preset(name, sla, boundary_ratio)
+    preset.pipeline_config["sampler"] = "rcm"
+    if i2v:
+        preset.pipeline_config["sigma_max"] = 200.0
+    return preset
+
+
 SPEC = ModelSpec(
     family="wan",
     pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
@@ -265,7 +276,8 @@ SPEC = ModelSpec(
     # The sampler of a request: diffusers' UniPC (the folders' scheduler) or flow-matching Euler, the folder's shift
     # or another, and optionally the timesteps a distillation was trained at (before the shift, comma-separated,
     # one per step; Euler only).
-    sampling_options={"sampler": "unipc", "flow_shift": None, "denoising_steps": None},
+    # rCM (TurboWan): TurboDiffusion's 1-4 step sampler from sigma_max (pipelines/rcm.py).
+    sampling_options={"sampler": "unipc", "flow_shift": None, "denoising_steps": None, "sigma_max": None},
     sampling_presets={
         # The 4-step distillation LoRAs of LightX2V for Wan2.1 and Wan2.2 (lightx2v/Wan2.1-Distill-Loras,
         # lightx2v/Wan2.2-Distill-Loras; also guidance-distilled): Euler at shift 5 over timesteps 1000, 750,
@@ -275,6 +287,13 @@ SPEC = ModelSpec(
             "guidance_scale": 1.0,
             "guidance_scale_2": 1.0,
             "options": {"sampler": "euler", "flow_shift": 5.0, "denoising_steps": "1000,750,500,250"},
+        },
+        # TurboDiffusion's published defaults for its TurboWan checkpoints: rCM in 4 steps from sigma_max 80, no CFG.
+        "turbowan": {
+            "num_inference_steps": 4,
+            "guidance_scale": 1.0,
+            "guidance_scale_2": 1.0,
+            "options": {"sampler": "rcm", "sigma_max": 80.0},
         },
     },
     presets=(
@@ -286,11 +305,19 @@ SPEC = ModelSpec(
         _t2v_preset("wan2.2-ti2v-5b", _WAN22_TI2V_5B, vae=_WAN22_VAE, flow_shift=5.0, expand_timesteps=True),
         _i2v_preset("wan2.1-i2v-14b", _WAN21_I2V_14B, clip=True),
         _i2v_preset("wan2.2-i2v-a14b", _WAN22_I2V_A14B, clip=False, boundary_ratio=0.9),
+        # TurboDiffusion's TurboWan checkpoints (huggingface.co/TurboDiffusion): the same architectures fine-tuned
+        # with SLA (each block's proj_l) and distilled by rCM; the 480P and 720P checkpoints of one size share the
+        # architecture (the name says the resolution each was tuned at).
+        _turbowan_preset("turbowan2.1-t2v-1.3b-480p", _WAN21_T2V_1_3B),
+        _turbowan_preset("turbowan2.1-t2v-14b-480p", _WAN21_T2V_14B),
+        _turbowan_preset("turbowan2.1-t2v-14b-720p", _WAN21_T2V_14B),
+        _turbowan_preset("turbowan2.2-i2v-a14b-720p", _WAN22_I2V_A14B, i2v=True, boundary_ratio=0.9),
     ),
     make_tiny="ditserve.tiny.wan:make_tiny_wan_folder",
     make_tiny_options={
         "two_experts": "Wan2.2 A14B-style: a second transformer switched at boundary_ratio 0.875",
         "ti2v": "Wan2.2 TI2V-5B-style: its VAE (16x spatial, 2x2 pixel patches) and per-token timesteps",
         "i2v": "image to video: Wan2.1 I2V-style (tiny CLIP), or with --two-experts Wan2.2 I2V-A14B-style",
+        "turbowan": "TurboWan-style: SLA's proj_l in every block, rCM as the folder's sampler (4 steps, no CFG)",
     },
 )

@@ -10,11 +10,17 @@ default, but that default has moved between torch releases and any `sdpa_kernel(
 in the process changes it (seen here: diffusers fell back to flash after one). So `auto` resolves, per device, to
 `cudnn` on CUDA and `sdpa` elsewhere (`resolve_attention_backend`), and `cudnn` calls the cuDNN op directly, which
 torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
+
+Sparse backends (`sliding-tile`, `sla`: layers/sparse_attention.py) apply to self-attentions over one video's token
+grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each forward, hands its
+self-attentions the request's backend and the token grid (`attention_request`); an `Attention` given SLA's learned
+projection (`sla_projection_dim`) holds it as `sla_proj`. Cross-attentions stay dense.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve.kernels.row_copy import copy_rows
+from ditserve.layers.linear import ReplicatedLinear
+from ditserve.layers.sparse_attention import SLA, parse_sparse_backend, sla_attention, sliding_tile_attention
 
 _SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -120,13 +128,46 @@ class Attention(nn.Module):
     of a padded text); under sequence parallelism the wrapper takes the whole sequence's mask from the inputs the
     model declares in `SequenceSharding.key_masks`."""
 
-    def __init__(self, segments: tuple[str, ...] | None, backend: str = "sdpa"):
+    def __init__(self, segments: tuple[str, ...] | None, backend: str = "sdpa", sla_projection_dim: int | None = None):
         super().__init__()
         self.segments = segments
         self.backend = backend
+        # Set by `attention_request` for one forward: the request's backend (None: `backend`) and the (frames, rows,
+        # columns) token grid the sequence is (for the sparse backends).
+        self.request_backend: str | None = None
+        self.token_grid: tuple[int, int, int] | None = None
+        # SLA's learned projection of the linear branch (head_dim → head_dim, shared by the heads), when the
+        # checkpoint was fine-tuned with SLA.
+        self.sla_proj = ReplicatedLinear(sla_projection_dim, sla_projection_dim) if sla_projection_dim else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None):
-        return run_alongside(lambda: attention(q, k, v, self.backend, key_mask), alongside, project)
+        return run_alongside(lambda: self.attend(q, k, v, key_mask), alongside, project)
+
+    @property
+    def effective_backend(self) -> str:
+        return self.request_backend or self.backend
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether this forward's backend is a sparse pattern over the token grid (its queries must then be exactly
+        the grid's tokens: sequence parallelism hands it no padded rows)."""
+        return parse_sparse_backend(self.effective_backend) is not None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None) -> torch.Tensor:
+        """Attention over the whole sequence with this forward's backend (`key_mask`: keys that count, dense only)."""
+        backend = self.effective_backend
+        pattern = parse_sparse_backend(backend)
+        if pattern is None:
+            return attention(q, k, v, resolve_attention_backend(backend, q.device), key_mask)
+        if key_mask is not None:
+            raise ValueError(f"the {backend} attention backend takes no key mask (masked text is dense attention)")
+        if isinstance(pattern, SLA):
+            if self.sla_proj is None:
+                raise ValueError("the sla attention backend needs a model fine-tuned with SLA (its proj_l weights)")
+            return sla_attention(q, k, v, pattern, self.sla_proj)
+        if self.token_grid is None:
+            raise ValueError(f"the {backend} attention backend needs the token grid of a video model's self-attention")
+        return sliding_tile_attention(q, k, v, self.token_grid, pattern)
 
     def input_buffers(
         self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
@@ -143,8 +184,51 @@ class Attention(nn.Module):
         return f"segments={self.segments}, backend={self.backend}"
 
 
+def self_attentions(model: nn.Module) -> list[Attention]:
+    """The model's `Attention` modules over its own tokens (segments set), wrapped by sequence parallelism or not."""
+    return [m for m in model.modules() if isinstance(m, Attention) and m.segments is not None]
+
+
+@contextlib.contextmanager
+def attention_request(
+    modules: list[Attention], backend: str | None, token_grid: tuple[int, int, int] | None
+) -> Iterator[None]:
+    """For one forward: `modules` run with `backend` (None: their own) and know their sequence is `token_grid`."""
+    for module in modules:
+        module.request_backend, module.token_grid = backend, token_grid
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.request_backend, module.token_grid = None, None
+
+
 def set_attention_backend(model: nn.Module, backend: str, device: torch.device) -> None:
-    backend = resolve_attention_backend(backend, device)
+    """Every attention of `model` on `backend`; a sparse one goes to the self-attentions only (the model must offer
+    it: see `sparse_attention_backends`), the cross-attentions taking the device's dense default."""
+    sparse = parse_sparse_backend(backend) is not None
+    dense = resolve_attention_backend("auto" if sparse else backend, device)
     for module in model.modules():
         if isinstance(module, Attention):
-            module.backend = backend
+            module.backend = backend if sparse and module.segments is not None else dense
+
+
+def sparse_attention_backends(model_cls, config: dict) -> tuple[str, ...]:
+    """The sparse backends (their names before any ':') a DiT class offers for this config: its
+    `sparse_attention_backends(config)`, none if it has no such method."""
+    offered = getattr(model_cls, "sparse_attention_backends", None)
+    return tuple(offered(config)) if offered is not None else ()
+
+
+def check_attention_backend(backend: str | None, offered: tuple[str, ...], model_name: str) -> None:
+    """Refuse (ValueError) a sparse backend that the model does not offer."""
+    if backend is None or parse_sparse_backend(backend) is None:
+        return
+    kind = backend.partition(":")[0]
+    if kind not in offered:
+        why = {
+            "sla": "it needs a checkpoint fine-tuned with SLA, whose proj_l weights it reads",
+            "sliding-tile": "it needs a video model whose self-attention runs over one token grid",
+        }.get(kind, "")
+        offers = ", ".join(offered) or "none"
+        raise ValueError(f"{model_name} cannot run {kind} attention ({why}); its sparse backends: {offers}")

@@ -61,6 +61,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
+        # A PyTorch state dict (the original repositories' .pth, e.g. TurboDiffusion's checkpoints), read mmapped
+        # with weights_only (no code runs).
+        files = sorted(p for suffix in ("*.pth", "*.pt") for p in folder.glob(suffix))
+    if not files:
         raise LoaderError(f"{folder}: no .safetensors weights (pass load_format='dummy' for random weights)")
     if len(files) > 1:
         raise LoaderError(f"{folder}: several .safetensors files but no index: {', '.join(f.name for f in files[:5])}")
@@ -70,6 +74,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs, one tensor in memory at a time."""
     for path in files:
+        if path.suffix in (".pth", ".pt"):
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise LoaderError(f"{path}: cannot read PyTorch state dict ({e})") from None
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise LoaderError(f"{path}: not a state dict of tensors")
+            yield from ((name, t) for name, t in state.items() if isinstance(t, torch.Tensor))
+            continue
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open handles are not dicts

@@ -12,6 +12,12 @@ GELU(tanh) feed-forward, so outputs match it to float rounding. What differs is 
   pipeline to unpatchify. Sequence parallelism splits the video tokens; the text stays whole on every rank.
 - self-attention's q, k and v are one fused GEMM, cross-attention's k and v (and the image k and v of I2V) another.
 - the per-block modulation table and the output table stay float32 (diffusers keeps them so), whatever the dtype.
+
+The self-attention can run sparse (layers/sparse_attention.py): `sliding-tile` on any Wan, `sla` on checkpoints
+fine-tuned with SLA (TurboWan: config `sparse_linear_attention`, one learned proj_l per block). The forward takes
+the request's backend (`attention`) and the token grid (`token_grid`, which sequence parallelism cannot tell from
+its shard of positions). The key map reads diffusers' names and the original Wan repository's (TurboDiffusion's
+checkpoints are the latter, with SLA's proj_l).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 from ditserve.kernels.fused_norm import layer_norm_modulate
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
-from ditserve.layers.attention import Attention, write_heads
+from ditserve.layers.attention import Attention, attention_request, self_attentions, write_heads
 from ditserve.layers.blocks import BlockLoop, Blocks, State
 from ditserve.layers.embeddings import MLPEmbedder, PatchEmbedding, sinusoidal_embedding
 from ditserve.layers.linear import (
@@ -66,6 +72,8 @@ class WanConfig:
     added_kv_proj_dim: int | None = None  # I2V: width of the image tokens the cross-attention's extra k/v read
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None  # FLF2V's learned image-token positions
+    # ditserve's key, not diffusers': the checkpoint was fine-tuned with SLA and carries each block's proj_l
+    sparse_linear_attention: bool = False
 
     @classmethod
     def from_dict(cls, config: dict) -> WanConfig:
@@ -144,7 +152,8 @@ class WanBlock(nn.Module):
         self.qkv = MergedColumnParallelLinear(dim, [dim, dim, dim])
         self.norm_q = HeadsRMSNorm(dim, cfg.eps)
         self.norm_k = HeadsRMSNorm(dim, cfg.eps)
-        self.self_attn = Attention(segments=("video",))
+        sla_dim = cfg.attention_head_dim if cfg.sparse_linear_attention else None
+        self.self_attn = Attention(segments=("video",), sla_projection_dim=sla_dim)
         self.self_out = RowParallelLinear(dim, dim)
         self.norm2 = FP32LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else None
         self.cross_q = ColumnParallelLinear(dim, dim)
@@ -308,6 +317,11 @@ class WanTransformer(nn.Module):
         """The heads that tensor and Ulysses parallelism split, from the same config."""
         return WanConfig.from_dict(config).num_attention_heads
 
+    @staticmethod
+    def sparse_attention_backends(config: dict) -> tuple[str, ...]:
+        """The sparse self-attention backends this config can run: sliding tiles always, SLA when fine-tuned with it."""
+        return ("sla", "sliding-tile") if config.get("sparse_linear_attention") else ("sliding-tile",)
+
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""
         return list(self.blocks)
@@ -323,7 +337,11 @@ class WanTransformer(nn.Module):
         video_ids: torch.Tensor,
         token_timestep: torch.Tensor | None = None,
         image_states: torch.Tensor | None = None,
+        attention: str | None = None,
+        token_grid: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
+        """`attention`: this forward's self-attention backend (None: the engine's); `token_grid`: the (frames, rows,
+        columns) grid of the video tokens, which the sparse backends need."""
         dtype = video_tokens.dtype
         b, n = video_tokens.shape[:2]
         x = self.patch_embedding(video_tokens)
@@ -340,11 +358,12 @@ class WanTransformer(nn.Module):
                 raise ValueError("image_states given to a model without an image embedder (not an I2V model)")
             image = self.image_embedder(image_states.to(dtype))
         rope = self.rope(video_ids)
-        (x,) = self.block_loop(
-            (x,),
-            Blocks(self.blocks, _block, text, timestep_proj, rope, image),
-            signal=lambda: self.blocks[0].modulated_input(x, timestep_proj),
-        )
+        with attention_request(self_attentions(self), attention, token_grid):
+            (x,) = self.block_loop(
+                (x,),
+                Blocks(self.blocks, _block, text, timestep_proj, rope, image),
+                signal=lambda: self.blocks[0].modulated_input(x, timestep_proj),
+            )
         table = self.scale_shift_table if token_timestep is None else self.scale_shift_table.unsqueeze(0)
         shift, scale = (table + temb.unsqueeze(-2)).unbind(-2)
         return self.proj_out(modulate(x, shift, scale, self.config.eps))
@@ -377,6 +396,7 @@ _BLOCK_KEYS: dict[str, tuple[str, int | None]] = {
     "attn2.to_out.0": ("cross_out", None),
     "ffn.net.0.proj": ("ff_up", None),
     "ffn.net.2": ("ff_down", None),
+    "attn1.proj_l": ("self_attn.sla_proj", None),  # SLA's projection (not a diffusers name: diffusers has no SLA)
 }
 _TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
     "patch_embedding": ("patch_embedding", None),
@@ -396,8 +416,85 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 _TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
 
 
+# The original Wan repository's names (Wan-AI's .pth, TurboDiffusion's checkpoints) → diffusers': the linears as the
+# LoRA naming has them, plus the norms, tables and SLA's projection (TurboDiffusion's SparseLinearAttention sits
+# at self_attn.attn_op.local_attn).
+_ORIGINAL_BLOCK_KEYS = {
+    **{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+    "norm3": "norm2",  # the cross-attention's input norm
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "modulation": _TABLE,
+    "self_attn.attn_op.local_attn.proj_l": "attn1.proj_l",
+}
+_ORIGINAL_TOP_KEYS = {
+    "patch_embedding": "patch_embedding",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "head.modulation": _TABLE,
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+}
+_ORIGINAL_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
+
+
+def original_to_diffusers_key(name: str) -> str | None:
+    """An original-Wan parameter name under diffusers' name (None: not an original name). A `net.` prefix (the
+    training checkpoints' model prefix) is dropped."""
+    name = name.removeprefix("net.")
+    if m := _ORIGINAL_BLOCK_KEY.match(name):
+        index, suffix, tensor = m.groups()
+        if suffix in _ORIGINAL_BLOCK_KEYS:
+            return f"blocks.{index}.{_ORIGINAL_BLOCK_KEYS[suffix]}" + (f".{tensor}" if tensor else "")
+        return None
+    module, _, tensor = name.rpartition(".")
+    if module in _ORIGINAL_TOP_KEYS and tensor in ("weight", "bias"):
+        return f"{_ORIGINAL_TOP_KEYS[module]}.{tensor}"
+    if name in _ORIGINAL_TOP_KEYS:  # head.modulation: a bare parameter
+        return _ORIGINAL_TOP_KEYS[name]
+    return None
+
+
+def diffusers_to_original_key(name: str) -> str:
+    """The inverse of `original_to_diffusers_key` (for writing checkpoints in the original names, e.g. tiny ones)."""
+    if m := _ORIGINAL_BLOCK_KEY.match(name):
+        index, suffix, tensor = m.groups()
+        inverse = {v: k for k, v in _ORIGINAL_BLOCK_KEYS.items()}
+        if suffix in inverse:
+            return f"blocks.{index}.{inverse[suffix]}" + (f".{tensor}" if tensor else "")
+    if name == _TABLE:
+        return "head.modulation"
+    module, _, tensor = name.rpartition(".")
+    inverse_top = {v: k for k, v in _ORIGINAL_TOP_KEYS.items() if v != _TABLE}
+    if module in inverse_top:
+        return f"{inverse_top[module]}.{tensor}"
+    raise KeyError(f"{name}: no original Wan name")
+
+
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
-    """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
+    """diffusers parameter name (or the original Wan repository's) → (our parameter name, shard index), or None for
+    a name we do not know."""
+    mapped = _map_diffusers_name(name)
+    if mapped is None and (original := original_to_diffusers_key(name)) is not None:
+        mapped = _map_diffusers_name(original)
+    return mapped
+
+
+def _map_diffusers_name(name: str) -> tuple[str, int | None] | None:
     if name == _TABLE:
         return name, None
     if m := _BLOCK_KEY.match(name):
@@ -438,6 +535,8 @@ def to_diffusers_state_dict(model: WanTransformer) -> dict[str, torch.Tensor]:
         for suffix, (target, shard) in _BLOCK_KEYS.items():
             if suffix == _TABLE:
                 emit(f"blocks.{i}.{_TABLE}", f"blocks.{i}.{_TABLE}", None)
+                continue
+            if suffix == "attn1.proj_l":  # SLA's: diffusers' model has no place for it
                 continue
             for t in ("weight", "bias"):
                 if f"blocks.{i}.{target}.{t}" in ours:

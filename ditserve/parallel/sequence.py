@@ -427,10 +427,15 @@ class SequenceParallelAttention(nn.Module):
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Attention of this rank's heads over every token of the sequence-parallel group."""
             if g.ring_size > 1:
+                if self.inner.is_sparse:
+                    raise ValueError("sparse attention runs under Ulysses (heads split), not Ring")
                 return ring_attention(q, k, v, g, block_keys, block_mask if full_mask is not None else None)
             idx = block_keys(0)
             if idx is not None:
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
+                if self.inner.is_sparse:  # a pattern over the token grid: its queries are exactly the tokens
+                    out = torch.zeros_like(q)
+                    return out.index_copy_(1, idx, self.inner(q.index_select(1, idx), k, v))
             if full_mask is not None:
                 return self.inner(q, k, v, key_mask=block_mask(0))
             return self.inner(q, k, v)

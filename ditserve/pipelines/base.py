@@ -55,6 +55,8 @@ class Pipeline:
     # Set by the engine when VAE tiles are decoded across all ranks (--vae-tiling with several ranks): every rank
     # then takes part in decode, and a follower's decode of an image that fits one tile returns nothing.
     decode_group = None
+    # The sparse attention backends every DiT of this model offers (`offered_sparse_backends`; set by `load`).
+    sparse_attention: tuple[str, ...] = ()
 
     def __init__(
         self, spec: ModelSpec, components, device: torch.device, dtype: torch.dtype, sampling_defaults: dict | None
@@ -87,6 +89,7 @@ class Pipeline:
         pipeline = cls(source.spec, components, device, dtype, source.sampling_defaults())
         pipeline.pipeline_config = source.pipeline_config()
         pipeline.teacache_coefficients = source.teacache_coefficients()
+        pipeline.sparse_attention = offered_sparse_backends(source)
         return pipeline
 
     @property
@@ -155,6 +158,7 @@ class Pipeline:
                 "(models with two, switched during denoising)",
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
+        check_attention(params.attention, self.sparse_attention, "attention", self.family)
         preset_options: dict = {}
         if params.sampling_preset is not None:
             preset = dict(self.sampling_preset(params.sampling_preset))
@@ -274,6 +278,25 @@ def diffusers_model_sharing(model_cls, config: dict, state_dict: dict[str, torch
         model = model_cls.from_config(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def offered_sparse_backends(source) -> tuple[str, ...]:
+    """The sparse attention backends (layers/sparse_attention.py) that every DiT of a model source offers."""
+    from ditserve.layers.attention import sparse_attention_backends
+    from ditserve.registry import load_object
+
+    offered = [set(sparse_attention_backends(load_object(d.model), source.config(d.component))) for d in source.dits]
+    return tuple(sorted(set.intersection(*offered))) if offered else ()
+
+
+def check_attention(backend: str | None, offered: tuple[str, ...], field: str, model_name: str) -> None:
+    """Refuse, naming `field`, a sparse attention backend the model does not offer."""
+    from ditserve.layers.attention import check_attention_backend
+
+    try:
+        check_attention_backend(backend, offered, model_name)
+    except ValueError as e:
+        raise ConfigError(field, str(e)) from None
 
 
 def check_capabilities(params: SamplingParams, spec: ModelSpec) -> None:

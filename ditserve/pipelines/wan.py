@@ -64,6 +64,8 @@ from ditserve.pipelines.base import (
     prompts_with_negatives,
     seeded_noise,
 )
+from ditserve.pipelines.rcm import DEFAULT_SIGMA_MAX, RCMScheduler
+from ditserve.pipelines.rcm import MAX_STEPS as RCM_MAX_STEPS
 from ditserve.utils.timing import StageTimer
 from ditserve.utils.video import Video
 
@@ -195,6 +197,8 @@ class WanPipeline(Pipeline):
 
     def defaults(self) -> SamplingParams:
         params = SamplingParams(height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, **self.spec.sampling_defaults)
+        if self.pipeline_config.get("sampler") == "rcm":  # TurboWan: TurboDiffusion's 4 steps, no CFG
+            params = params.replace(num_inference_steps=RCM_MAX_STEPS, guidance_scale=1.0)
         return params.replace(**self.sampling_defaults)
 
     @property
@@ -222,6 +226,9 @@ class WanPipeline(Pipeline):
             raise ConfigError(
                 "images", "this Wan image-to-video model needs an input image (images: [the first frame])"
             )
+        sampler = self.pipeline_config.get("sampler")  # the folder's own default (TurboWan: rcm)
+        if sampler and params.sampling_preset is None and "sampler" not in (params.options or {}):
+            params = params.replace(options={**(params.options or {}), "sampler": sampler})
         resolved = super().resolve(params)
         _check_sampler(resolved.options or {}, resolved.num_inference_steps)  # type: ignore[arg-type]
         if images:
@@ -320,6 +327,10 @@ class WanPipeline(Pipeline):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         options = options or {}
+        if options.get("sampler") == "rcm":
+            # the request's, else the folder's (TurboWan2.2 I2V: 200, as its script), else TurboDiffusion's T2V 80
+            sigma_max = options.get("sigma_max") or self.pipeline_config.get("sigma_max") or DEFAULT_SIGMA_MAX
+            return RCMScheduler(num_steps, float(sigma_max), self.device)
         config = self.c.scheduler.config
         shift = options.get("flow_shift")
         if options.get("sampler", "unipc") == "euler":
@@ -365,7 +376,7 @@ class WanPipeline(Pipeline):
         ids = video_position_ids(*grid, device=latents.device)
 
         def branch(text: torch.Tensor) -> torch.Tensor:
-            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids, **inputs)
+            out = model(tokens, timestep=timestep, text_states=text, video_ids=ids, token_grid=grid, **inputs)
             return unpatchify(out, grid, self.patch)
 
         if uncond is None:
@@ -392,10 +403,16 @@ class WanPipeline(Pipeline):
         condition: torch.Tensor | None = None,
         first_frame_mask: torch.Tensor | None = None,
         image_states: torch.Tensor | None = None,
+        noise_seeds: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """The denoising loop; `condition` and `first_frame_mask` from `image_condition`, `image_states` from
-        `encode_image` (one row per sample)."""
+        `encode_image` (one row per sample); `noise_seeds`: (seed, samples) of each request of the batch, for
+        samplers that draw noise on every step (rCM; default: the request's seed for all samples)."""
         scheduler = self.make_scheduler(params.num_inference_steps, params.options)  # type: ignore[arg-type]
+        if isinstance(scheduler, RCMScheduler):
+            seeds = noise_seeds or [(params.seed, latents.shape[0])]
+            scheduler.seed_noise(seeds, tuple(latents.shape[1:]))  # type: ignore[arg-type]
+            latents = scheduler.initial_latents(latents)
         timesteps = scheduler.timesteps
         guidance: float = params.guidance_scale  # type: ignore[assignment]
         guidance_2 = guidance if params.guidance_scale_2 is None else params.guidance_scale_2
@@ -412,6 +429,8 @@ class WanPipeline(Pipeline):
             else:
                 model, scale = self.c.transformer_2, guidance_2
             inputs: dict = {} if image_states is None else {"image_states": image_states}
+            if params.attention is not None:
+                inputs["attention"] = params.attention
             if first_frame_mask is not None:  # the image's latent frame in place of the first, its tokens at t = 0
                 model_input = (1 - first_frame_mask) * condition + first_frame_mask * latents
                 pt, ph, pw = self.patch
@@ -482,7 +501,16 @@ class WanPipeline(Pipeline):
                 condition, first_frame_mask = torch.cat([c for c, _ in parts]), parts[0][1]
         with timer.stage("denoise"):
             latents = self.denoise(
-                latents, cond, uncond, first, timer, on_step, condition, first_frame_mask, image_states
+                latents,
+                cond,
+                uncond,
+                first,
+                timer,
+                on_step,
+                condition,
+                first_frame_mask,
+                image_states,
+                noise_seeds=[(p.seed, n) for p, n in zip(batch, counts)],  # type: ignore[misc]
             )
         with timer.stage("decode"):
             videos = self.decode(latents, first.output_type)
@@ -518,6 +546,7 @@ class WanPipeline(Pipeline):
             timestep=torch.full((1,), 500.0, device=self.device),
             text_states=self.encode_prompt([prompt], defaults.max_sequence_length),  # type: ignore[arg-type]
             video_ids=video_position_ids(*self.token_grid(latents), device=self.device),
+            token_grid=self.token_grid(latents),
             **inputs,
         )
 
@@ -581,8 +610,22 @@ class WanPipeline(Pipeline):
 
 def _check_sampler(options: dict, num_steps: int) -> None:
     sampler, shift, steps = options.get("sampler"), options.get("flow_shift"), options.get("denoising_steps")
-    if sampler not in ("unipc", "euler"):
-        raise ConfigError("options.sampler", f"must be 'unipc' or 'euler', got {sampler!r}")
+    if sampler not in ("unipc", "euler", "rcm"):
+        raise ConfigError("options.sampler", f"must be 'unipc', 'euler' or 'rcm', got {sampler!r}")
+    sigma_max = options.get("sigma_max")
+    if sampler == "rcm":
+        if not 1 <= num_steps <= RCM_MAX_STEPS:
+            raise ConfigError("num_inference_steps", f"rCM (options.sampler 'rcm') takes 1 to {RCM_MAX_STEPS} steps")
+        if shift is not None or steps is not None:
+            name = "flow_shift" if shift is not None else "denoising_steps"
+            raise ConfigError(f"options.{name}", "rCM has its own times; set options.sigma_max instead")
+        if sigma_max is not None and (
+            isinstance(sigma_max, bool) or not isinstance(sigma_max, int | float) or not 0 < sigma_max <= 1e5
+        ):
+            raise ConfigError("options.sigma_max", f"must be a number in (0, 1e5], got {sigma_max!r}")
+        return
+    if sigma_max is not None:
+        raise ConfigError("options.sigma_max", "is rCM's setting: use it with options.sampler 'rcm'")
     if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 < shift <= 100):
         raise ConfigError(
             "options.flow_shift", f"must be a number in (0, 100], or null for the folder's, got {shift!r}"

@@ -74,6 +74,12 @@ class ImageOptions(_Strict):
     width: int | None = Field(default=None, ge=1, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=1, le=MAX_SIDE)
     cache: dict | None = Field(default=None, description=_CACHE_HELP)
+    attention: str | None = Field(
+        default=None,
+        max_length=64,
+        description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
+        "sla[:ratio]); default: the server's",
+    )
 
 
 class ImageGenerationRequest(ImageOptions):
@@ -97,6 +103,12 @@ class VideoRequest(_Strict):
     guidance_scale: float | None = Field(default=None, ge=-1e4, le=1e4, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     cache: dict | None = Field(default=None, description=_CACHE_HELP)
+    attention: str | None = Field(
+        default=None,
+        max_length=64,
+        description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
+        "sla[:ratio]); default: the server's",
+    )
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -227,6 +239,7 @@ def to_sampling_params(
         seed=body.seed,
         num_images=body.n,
         cache=body.cache,
+        attention=body.attention,
     )
     # The client sent size, not width or height: name size.
     names = {side: "size" for side in ("width", "height") if body.size is not None and getattr(body, side) is None}
@@ -263,6 +276,7 @@ def video_sampling_params(
         num_frames=frames,
         fps=fps if frames is not None else None,
         cache=body.cache,
+        attention=body.attention,
     )
     names = {"width": "size", "height": "size", "num_frames": "seconds", "fps": "seconds"}
     return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)

@@ -41,6 +41,9 @@ class TinyWanSpec:
     # Wan2.2 I2V-A14B's (no CLIP, boundary_ratio 0.9)
     i2v: bool = False
     clip_dim: int = 16
+    # TurboWan-style: SLA's proj_l in every block (written in the original Wan repository's names, as TurboDiffusion
+    # publishes its checkpoints: a .pth state dict) and rCM as the folder's sampler
+    turbowan: bool = False
     seed: int = 0
 
 
@@ -166,16 +169,45 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         image_encoder, image_processor = tiny_clip(spec)
         pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=image_processor)
     pipe.save_pretrained(out, safe_serialization=True)
+    if spec.turbowan:
+        _as_turbowan(out, spec)
     return out
 
 
+def _as_turbowan(out: Path, spec: TinyWanSpec) -> None:
+    """The transformer as TurboDiffusion publishes it: one .pth state dict in the original Wan names with a random
+    proj_l per block, the config marked `sparse_linear_attention`, rCM named as the folder's sampler."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ditserve.models.wan import diffusers_to_original_key
+
+    folder = out / "transformer"
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = {diffusers_to_original_key(k): v for k, v in load_file(weights).items()}
+    gen = torch.Generator().manual_seed(spec.seed + 7)
+    for i in range(spec.layers):
+        prefix = f"blocks.{i}.self_attn.attn_op.local_attn.proj_l"
+        state[f"{prefix}.weight"] = 0.2 * torch.randn(spec.head_dim, spec.head_dim, generator=gen)
+        state[f"{prefix}.bias"] = 0.05 * torch.randn(spec.head_dim, generator=gen)
+    weights.unlink()
+    torch.save(state, folder / "turbowan.pth")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sparse_linear_attention": True}, indent=2))
+    index = json.loads((out / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps({**index, "sampler": "rcm"}, indent=2))
+
+
 def make_tiny_wan_folder(
-    path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False, i2v: bool = False
+    path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False, i2v: bool = False, turbowan: bool = False
 ) -> Path:
     """`ditserve make-tiny wan [--two-experts] [--ti2v | --i2v]`: a tiny Wan model with random weights."""
     if ti2v and (two_experts or i2v):
         raise ValueError("--ti2v is a model of its own (it takes an image or none); leave out --two-experts and --i2v")
-    spec = TinyWanSpec(two_experts=two_experts, ti2v=ti2v, i2v=i2v, flow_shift=5.0 if ti2v else 3.0)
+    spec = TinyWanSpec(two_experts=two_experts, ti2v=ti2v, i2v=i2v, turbowan=turbowan, flow_shift=5.0 if ti2v else 3.0)
+    if turbowan:
+        spec.head_dim = 32  # a power of two: the block-sparse Triton kernel's (on CUDA) head widths
     if two_experts and i2v:
         spec.boundary_ratio = 0.9  # Wan2.2 I2V-A14B's
     return make_tiny_wan(path, spec)

@@ -1,0 +1,210 @@
+"""Sparse attention backends for video self-attention, on the block-sparse kernel (kernels/block_sparse_attention.py).
+
+Two patterns, chosen by the attention backend's name (config.py `parse_attention_backend`):
+- `sliding-tile[:T,H,W]`: training-free. The (frames, rows, columns) token grid is cut into tiles of `TILE` tokens
+  (the tiles at the grid's far edges shorter); each query tile attends to the window of T × H × W tiles around it,
+  shifted inwards at the grid's edges so that every tile sees the same number of keys (the pattern of sliding-tile
+  attention, Zhang et al. 2025, "Fast Video Generation with Sliding Tile Attention"). Video DiTs' attention is
+  mostly local in space and time, so the window keeps most of each row's softmax mass; what it drops is measured in
+  RESULTS.md. The tiles are read in place through a token order: q, k and v stay in the model's raster order.
+- `sla[:ratio]`: SLA, sparse-linear attention (Zhang et al. 2025, arXiv:2509.24006), for checkpoints fine-tuned
+  with it (TurboDiffusion's checkpoints). Queries in runs of 128 and keys in runs of 64 are mean-pooled (the keys centred on their mean
+  first); each query block attends exactly to the `ratio` of key blocks with the highest pooled scores, and a
+  linear attention over all keys (softmax feature maps over the head dimension), through the checkpoint's learned
+  projection `proj_l` (head_dim → head_dim, per block of the model), is added. This is what TurboDiffusion's
+  published SLA module computes (its linear branch spans every key, not only the unselected ones).
+
+Both take q, k, v [B, N, H, D] over the whole sequence of the video tokens in raster order (frames slowest), which
+is what each rank holds under Ulysses (heads split, every token), and return [B, N, H, D].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ditserve.kernels.block_sparse_attention import block_sparse_attention
+
+# Tokens of one tile: 2 frames × 8 rows × 8 columns = 128, the kernel's query block.
+TILE = (2, 8, 8)
+DEFAULT_WINDOW = (3, 3, 5)  # tiles per axis each query tile attends to (frames, rows, columns)
+SLA_QUERY_BLOCK, SLA_KEY_BLOCK = 128, 64  # as TurboDiffusion runs SLA (BLKQ=128, BLKK=64)
+DEFAULT_SLA_TOPK = 0.1  # TurboDiffusion's default --sla_topk (it suggests 0.15 for better quality)
+LINEAR_EPS = 1e-5  # the linear branch's normaliser, as published
+
+
+@dataclass(frozen=True)
+class SlidingTile:
+    window: tuple[int, int, int] = DEFAULT_WINDOW
+
+
+@dataclass(frozen=True)
+class SLA:
+    topk: float = DEFAULT_SLA_TOPK
+
+
+def parse_sparse_backend(name: str) -> SlidingTile | SLA | None:
+    """The sparse pattern a backend name asks for, None for a dense backend. Names are checked by config.py."""
+    kind, _, arg = name.partition(":")
+    if kind == "sliding-tile":
+        return SlidingTile(tuple(int(x) for x in arg.split(",")) if arg else DEFAULT_WINDOW)  # type: ignore[arg-type]
+    if kind == "sla":
+        return SLA(float(arg) if arg else DEFAULT_SLA_TOPK)
+    return None
+
+
+# ---- sliding tiles ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileLayout:
+    """The tiles of one token grid and their window pattern, as the kernel's tables (all on one device)."""
+
+    order: torch.Tensor  # [N] int32: token (raster index) at each position of the tile-major order
+    starts: torch.Tensor  # [tiles] int32: where each tile begins in that order
+    lengths: torch.Tensor  # [tiles] int32
+    lut: torch.Tensor  # [1, 1, tiles, K] int32: the key tiles of each query tile
+    counts: torch.Tensor  # [1, 1, tiles] int32: K for every tile
+    block: int  # the longest tile, rounded up to a power of two (the kernel's query block)
+
+
+def _window_start(index: torch.Tensor, window: int, tiles: int) -> torch.Tensor:
+    """First tile of each query tile's window along one axis: centred, shifted inwards at the edges."""
+    w = min(window, tiles)
+    return (index - w // 2).clamp(0, tiles - w)
+
+
+@functools.lru_cache(maxsize=16)
+def tile_layout(
+    grid: tuple[int, int, int], window: tuple[int, int, int], device: torch.device, tile: tuple[int, int, int] = TILE
+) -> TileLayout:
+    """The tile tables of a (frames, rows, columns) grid (cached: they depend only on the shape)."""
+    f, h, w = grid
+    tiles = [math.ceil(g / t) for g, t in zip(grid, tile)]
+    # Tile coordinates and position inside the tile of every raster token; sort by (tile, position).
+    ft, ht, wt = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    coords = [ft.flatten(), ht.flatten(), wt.flatten()]
+    tile_id = torch.zeros_like(coords[0])
+    for axis in range(3):
+        tile_id = tile_id * tiles[axis] + coords[axis] // tile[axis]
+    order = torch.argsort(tile_id * (f * h * w) + torch.arange(f * h * w), stable=True)
+    lengths = torch.bincount(tile_id, minlength=math.prod(tiles))
+    starts = torch.cumsum(lengths, 0) - lengths
+    # Each query tile's window: the product of its per-axis ranges.
+    axes = torch.meshgrid(*(torch.arange(n) for n in tiles), indexing="ij")
+    ranges = []
+    for axis in range(3):
+        first = _window_start(axes[axis].flatten(), window[axis], tiles[axis])
+        ranges.append(first[:, None] + torch.arange(min(window[axis], tiles[axis]))[None, :])
+    ta, tb, tc = ranges
+    keys = (ta[:, :, None, None] * tiles[1] + tb[:, None, :, None]) * tiles[2] + tc[:, None, None, :]
+    lut = keys.flatten(1)
+    longest = int(lengths.max())
+    return TileLayout(
+        order=order.to(device, torch.int32),
+        starts=starts.to(device, torch.int32),
+        lengths=lengths.to(device, torch.int32),
+        lut=lut[None, None].to(device, torch.int32),
+        counts=torch.full((1, 1, lut.shape[0]), lut.shape[1], dtype=torch.int32, device=device),
+        block=max(16, 1 << (longest - 1).bit_length()),
+    )
+
+
+@torch.compiler.disable  # a Triton launch over cached tables: compiled blocks call it as it is
+def sliding_tile_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], pattern: SlidingTile
+) -> torch.Tensor:
+    """Sliding-tile attention over the video tokens of `grid` (q, k, v [B, F·H·W, heads, D] in raster order)."""
+    if q.shape[1] != math.prod(grid) or k.shape[1] != q.shape[1]:
+        raise ValueError(f"sliding-tile attention: {q.shape[1]} queries, {k.shape[1]} keys for a {grid} token grid")
+    layout = tile_layout(tuple(grid), pattern.window, q.device)
+    blocks = (layout.starts, layout.lengths)
+    return block_sparse_attention(
+        q, k, v, blocks, blocks, layout.lut, layout.counts, layout.order, block_m=layout.block, max_kv_len=layout.block
+    )
+
+
+def sliding_tile_density(grid: tuple[int, int, int], window: tuple[int, int, int], tile=TILE) -> float:
+    """The fraction of (query, key) pairs the pattern computes (the tiles at the edges counted as they are)."""
+    layout = tile_layout(tuple(grid), tuple(window), torch.device("cpu"), tuple(tile))
+    lengths = layout.lengths.long()
+    per_query_tile = lengths[layout.lut[0, 0].long()].sum(-1)
+    return float((lengths * per_query_tile).sum()) / math.prod(grid) ** 2
+
+
+# ---- SLA ---------------------------------------------------------------------------------------------------------
+def _runs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.arange(0, n, size, device=device, dtype=torch.int32)
+    return starts, (n - starts).clamp(max=size)
+
+
+def _mean_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, N, H, D] → [B, H, ceil(N/size), D]: the mean of each run of `size` tokens (the last one shorter), float32."""
+    b, n, h, d = x.shape
+    blocks = math.ceil(n / size)
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, blocks * size - n))
+    sums = padded.view(b, blocks, size, h, d).sum(2)
+    counts = (n - torch.arange(blocks, device=x.device) * size).clamp(max=size).float()
+    return (sums / counts[None, :, None, None]).transpose(1, 2)
+
+
+def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLA's choice of key blocks: (lut [B, H, Mq, K], counts [B, H, Mq]), K = max(1, ⌊topk · Mk⌋) key blocks per
+    query block, those of highest pooled score (pooled queries · pooled keys centred on the keys' mean)."""
+    pooled_q = _mean_pool(q, SLA_QUERY_BLOCK)
+    pooled_k = _mean_pool(k - k.float().mean(dim=1, keepdim=True).to(k.dtype), SLA_KEY_BLOCK)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk]
+    mk = scores.shape[-1]
+    chosen = max(1, min(mk, int(topk * mk)))
+    lut = torch.topk(scores, chosen, dim=-1, sorted=False).indices.to(torch.int32)
+    return lut, torch.full(lut.shape[:-1], chosen, dtype=torch.int32, device=q.device)
+
+
+def sla_linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """φ(q)(φ(k)ᵀv) / (ε + φ(q)·Σφ(k)) with φ the softmax over the head dimension, float32, [B, N, H, D]."""
+    phi_q, phi_k = torch.softmax(q.float(), dim=-1), torch.softmax(k.float(), dim=-1)
+    kv = torch.einsum("bnhd,bnhe->bhde", phi_k, v.float())
+    k_sum = phi_k.sum(dim=1)  # [B, H, D]
+    numerator = torch.einsum("bnhd,bhde->bnhe", phi_q, kv)
+    denominator = torch.einsum("bnhd,bhd->bnh", phi_q, k_sum)[..., None] + LINEAR_EPS
+    return numerator / denominator
+
+
+@torch.compiler.disable
+def sla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SLA,
+    projection: torch.nn.Module,
+    reference: bool = False,
+) -> torch.Tensor:
+    """SLA over the whole sequence: block-sparse attention over the chosen key blocks plus `projection` (the
+    checkpoint's proj_l) of the linear branch. `reference` runs the sparse part in plain torch."""
+    lut, counts = sla_block_map(q, k, pattern.topk)
+    q_blocks = _runs(q.shape[1], SLA_QUERY_BLOCK, q.device)
+    kv_blocks = _runs(k.shape[1], SLA_KEY_BLOCK, q.device)
+    if reference:
+        from ditserve.kernels.block_sparse_attention import block_sparse_attention_reference
+
+        sparse = block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts)
+    else:
+        sparse = block_sparse_attention(q, k, v, q_blocks, kv_blocks, lut, counts, block_m=SLA_QUERY_BLOCK)
+    linear = projection(sla_linear_branch(q, k, v).to(projection.weight.dtype))
+    return (sparse.float() + linear.float()).to(q.dtype)
+
+
+__all__ = [
+    "SLA",
+    "SlidingTile",
+    "TileLayout",
+    "parse_sparse_backend",
+    "sla_attention",
+    "sla_block_map",
+    "sla_linear_branch",
+    "sliding_tile_attention",
+    "sliding_tile_density",
+    "tile_layout",
+]

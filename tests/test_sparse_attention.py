@@ -1,0 +1,155 @@
+"""Sparse attention backends (layers/sparse_attention.py): the block-sparse kernel against its torch reference
+(Triton's interpreter on the CPU, and on CUDA), the patterns' tables, and the backends through the Engine on a tiny
+Wan folder: per request, refused where they do not fit, under Ulysses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ditserve import Engine
+from ditserve.config import ConfigError
+from ditserve.layers.attention import attention_reference
+from ditserve.layers.sparse_attention import (
+    SlidingTile,
+    sliding_tile_attention,
+    sliding_tile_density,
+    tile_layout,
+)
+
+REQUEST = dict(
+    prompt="a lighthouse on a cliff",
+    seed=7,
+    height=48,  # 3 × 1 tokens a frame, 3 latent frames: a (3, 3, 1) grid of 9 tokens, split 5 + 4 over 2 ranks
+    width=16,
+    num_frames=9,
+    num_inference_steps=2,
+    max_sequence_length=40,
+    output_type="np",
+)
+
+
+def test_kernel_matches_reference_in_triton_interpreter():
+    pytest.importorskip("triton")
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's ditserve, whatever is installed
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.pop("DITSERVE_DISABLE_TRITON", None)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("sparse_kernel_checks.py"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sparse kernel checks passed" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", ["small", "wan"])
+def test_kernel_matches_reference_cuda(sizes):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sparse_kernel_checks import run_all
+
+    run_all("cuda", torch.bfloat16, 2e-2, sizes)
+
+
+def test_tiles_cover_every_token_once_and_windows_shift_inwards():
+    layout = tile_layout((5, 17, 9), (3, 3, 3), torch.device("cpu"))
+    assert sorted(layout.order.tolist()) == list(range(5 * 17 * 9))
+    assert int(layout.lengths.sum()) == 5 * 17 * 9 and layout.block == 128
+    tiles = (3, 3, 2)  # ceil(5/2), ceil(17/8), ceil(9/8)
+    lut = layout.lut[0, 0]
+    assert lut.shape == (18, 3 * 3 * 2)  # the column axis has 2 tiles: the window of 3 shrinks to them
+    corner = set(lut[0].tolist())  # tile (0, 0, 0): its window shifted inwards, not cut
+    expected = {(a * tiles[1] + b) * tiles[2] + c for a in range(3) for b in range(3) for c in range(2)}
+    assert corner == expected
+    assert sliding_tile_density((3, 3, 1), (99, 99, 99)) == 1.0
+    assert 0.05 < sliding_tile_density((21, 45, 80), (3, 3, 5)) < 0.1  # Wan 720p
+
+
+def test_sliding_tile_reference_path_is_local_attention():
+    """Without Triton (the CPU engine's path): a full window is dense attention; a one-tile window is attention
+    within each tile."""
+    g = torch.Generator().manual_seed(0)
+    grid = (4, 3, 2)
+    q, k, v = (torch.randn(1, 24, 2, 8, generator=g) for _ in range(3))
+    dense = attention_reference(q, k, v)
+    assert torch.allclose(sliding_tile_attention(q, k, v, grid, SlidingTile((9, 9, 9))), dense, atol=1e-6)
+    local = sliding_tile_attention(q, k, v, grid, SlidingTile((1, 1, 1)))
+    first_tile = attention_reference(q[:, :12], k[:, :12], v[:, :12])  # frames 0-1: the first tile (2 × 8 × 8)
+    assert torch.allclose(local[:, :12], first_tile, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_wan):
+    with Engine.from_pretrained(str(tiny_wan), device="cpu") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def dense_video(engine):
+    return engine.generate(**REQUEST).videos[0]
+
+
+def test_per_request_backend(engine, dense_video):
+    full = engine.generate(**REQUEST, attention="sliding-tile:99,99,99").videos[0]
+    assert np.abs(full - dense_video).max() < 1e-4  # a window over every tile is dense attention
+    local = engine.generate(**REQUEST, attention="sliding-tile:1,1,1").videos[0]
+    assert np.abs(local - dense_video).max() > 1e-3  # one tile: frames 0-1 and frame 2 apart
+    again = engine.generate(**REQUEST).videos[0]  # the request's backend does not stay
+    assert np.array_equal(again, dense_video)
+
+
+def test_backends_refused_where_they_do_not_fit(engine, tiny_wan):
+    with pytest.raises(ConfigError, match="sla") as e:
+        engine.generate(**REQUEST, attention="sla")
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError) as e:
+        engine.generate(**REQUEST, attention="sliding-tile:2,3,3")  # windows are odd tile counts
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError) as e:
+        Engine.from_pretrained(str(tiny_wan), device="cpu", attention_backend="sla:0.1")
+    assert e.value.field == "attention_backend"
+    with pytest.raises(ConfigError) as e:
+        Engine.from_pretrained("digits", device="cpu", attention_backend="sliding-tile")
+    assert e.value.field == "attention_backend" and "flux" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        Engine.from_pretrained(str(tiny_wan), device="cpu", attention_backend="sliding-tile", num_gpus=2, ring_degree=2)
+    assert e.value.field == "attention_backend"
+
+
+def test_engine_backend_under_ulysses_matches_one_process(tiny_wan):
+    """Engine-wide sliding tiles over 2 Ulysses ranks (9 tokens: the second shard padded) equal one process's."""
+    backend = "sliding-tile:1,1,1"
+    with Engine.from_pretrained(str(tiny_wan), device="cpu", attention_backend=backend) as engine:
+        one = engine.generate(**REQUEST).videos[0]
+    with Engine.from_pretrained(
+        str(tiny_wan), device="cpu", attention_backend=backend, num_gpus=2, ulysses_degree=2
+    ) as engine:
+        two = engine.generate(**REQUEST).videos[0]
+    assert np.abs(one - two).max() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sliding-tile:1,1,3", "sla:0.5"])
+def test_cuda_graphs_replay_sparse_attention(tmp_path, backend):
+    """A sparse backend captured into the DiT's CUDA graph gives what it gives eagerly (TurboWan-style tiny folder:
+    it has SLA's projections)."""
+    from ditserve.tiny.wan import make_tiny_wan_folder
+
+    folder = make_tiny_wan_folder(tmp_path / "turbowan", turbowan=True)
+    request = dict(REQUEST, height=128, width=128, output_type="latent")
+    outputs = []
+    for graphs in (False, True):
+        with Engine.from_pretrained(str(folder), device="cuda", dtype="float32", cuda_graphs=graphs) as engine:
+            outputs.append(engine.generate(**request, attention=backend).videos[0].float())
+            if graphs:
+                assert engine.cuda_graphs["transformer"].captures >= 1
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
