@@ -48,7 +48,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="diffusers model folder, preset name, or built-in: digits (the default), tiny-flux",
+        help="diffusers model folder, preset name, or built-in: digits (the default), digits-video, tiny-flux",
     )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
