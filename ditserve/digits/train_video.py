@@ -57,28 +57,29 @@ class VideoTrainConfig:
     clip_size: int = CLIP_SIZE
     num_frames: int = NUM_FRAMES
     scans: int | None = None  # the first this many of scikit-learn's 1,797 scans (None: all; fewer: quick tests)
-    # VAE: three levels of 8, 16, 16 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
+    # VAE: three levels of 16, 32, 32 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
     # 48×48×9 clip is 8 channels × 3 × 12 × 12; with the DiT's 2×2 patches that is 3 × 6 × 6 = 108 tokens.
-    vae_base_dim: int = 8
+    # 300 steps of 8 clips (base 8) left blobs in place of digits: it needs thousands of steps, a GPU's minutes.
+    vae_base_dim: int = 16
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     latent_channels: int = 8
-    vae_steps: int = 300
-    vae_batch_size: int = 8
+    vae_steps: int = 3000
+    vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
-    clips_per_scan: int = 2  # clips encoded for the DiT, each scan with random motions
+    clips_per_scan: int = 4  # clips encoded for the DiT, each scan with random motions
     # DiT (text_dim: the frozen UMT5's width)
     num_layers: int = 4
-    num_attention_heads: int = 2
+    num_attention_heads: int = 3
     attention_head_dim: int = 32
-    ffn_dim: int = 128
+    ffn_dim: int = 256
     text_dim: int = 32
     text_layers: int = 2
-    dit_steps: int = 3000
+    dit_steps: int = 10000
     dit_lr: float = 1e-3
-    dit_warmup: int = 100
+    dit_warmup: int = 200
     ema_decay: float = 0.999
-    batch_size: int = 32
+    batch_size: int = 64
     # Classifier-free guidance: this fraction of samples is trained on the empty prompt, so the model also learns
     # the unconditional velocity that CFG (negative_prompt "") extrapolates away from.
     cfg_dropout: float = 0.1
@@ -353,6 +354,27 @@ def evaluate(folder: Path, seeds: int = 2, device: str = "cpu") -> None:
     )
 
 
+def config_overrides(items: list[str]) -> dict:
+    """["vae_steps=300", "vae_dim_mult=1,2,2", ...] → VideoTrainConfig keyword arguments of the fields' types."""
+    defaults = asdict(VideoTrainConfig())
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(defaults)}")
+        default = defaults[name]
+        try:
+            if isinstance(default, tuple | list):
+                out[name] = tuple(int(v) for v in text.split(","))
+            elif default is None:  # scans
+                out[name] = None if text.lower() in ("", "none") else int(text)
+            else:
+                out[name] = type(default)(text)
+        except ValueError:
+            raise ValueError(f"{item!r}: {text!r} is not a {type(default).__name__}") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ditserve.digits.train_video", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the model to")
@@ -365,9 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="CPU threads (default 1: the same weights whatever the machine's count)"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other VideoTrainConfig field, e.g. --set vae_base_dim=8 (tuples as 1,2,2); repeatable",
+    )
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    cfg = VideoTrainConfig(seed=ns.seed, vae_steps=ns.vae_steps, dit_steps=ns.dit_steps, batch_size=ns.batch_size)
+    settings = dict(seed=ns.seed, vae_steps=ns.vae_steps, dit_steps=ns.dit_steps, batch_size=ns.batch_size)
+    try:
+        settings.update(config_overrides(ns.set))
+    except ValueError as e:
+        p.error(f"--set: {e}")
+    cfg = VideoTrainConfig(**settings)
     out = train(cfg, Path(ns.out), ns.device)
     if not ns.no_eval:
         evaluate(out, device=ns.device)
