@@ -58,7 +58,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="diffusers model folder, preset name, or built-in: digits (the default), tiny-flux",
+        help="diffusers model folder, preset name, or built-in: digits (the default), digits-video, tiny-flux",
     )
     p.add_argument(
         "--backend",

@@ -20,10 +20,12 @@ FAMILY_MODULES = ("flux", "zimage", "wan", "flux2", "flux2_klein", "qwenimage", 
 
 # The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
 # digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).
+# "digits-video" is a tiny Wan2.1 text-to-video model trained on moving digits, shipped the same way
+# (ditserve/assets/digits-video, written by `python -m ditserve.digits.train_video`).
 # "tiny-flux" is a tiny FLUX.1 with random weights, written once into the user's cache by `ditserve.tiny`
 # (deterministic: the same weights on every machine).
 DEFAULT_MODEL = "digits"
-BUILTIN_MODELS = ("digits", "tiny-flux")
+BUILTIN_MODELS = ("digits", "digits-video", "tiny-flux")
 DEFAULT_BENCH_MODEL = "flux.1-dev"  # the preset `ditserve bench` times when no --model is given
 
 # Who runs a folder: "native" (the family serving its `_class_name`, with our DiT), "diffusers" (any diffusers

@@ -169,11 +169,11 @@ def resolve_model(model: str | None, load_format: str = "auto", backend: str = "
 
 
 def _builtin_model_path(name: str) -> Path:
-    if name == "digits":
-        from ditserve.digits import model_path
+    if name in ("digits", "digits-video"):
+        from ditserve.digits import model_path, video_model_path
 
         try:
-            return model_path()
+            return model_path() if name == "digits" else video_model_path()
         except FileNotFoundError as e:
             raise LoaderError(str(e)) from None
     from ditserve.tiny import builtin_model_path

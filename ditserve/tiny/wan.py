@@ -27,6 +27,9 @@ class TinyWanSpec:
     ffn_dim: int = 48
     latent_channels: int = 4  # the VAE's z_dim
     vae_base_dim: int = 8
+    # Channel multipliers of the VAE's levels: each level after the first halves the sides, and the last two also
+    # halve the frames (Wan's 4× temporal compression). Four levels are Wan2.1's 8× spatial compression, three 4×.
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
     text_dim: int = 32  # UMT5 d_model = the transformer's text_dim
     text_layers: int = 2
     weight_std: float = 0.05  # transformer weights; larger than a trained model's so outputs are far from zero
@@ -131,6 +134,9 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
         )
     )
     z = spec.latent_channels
+    downsamplings = len(spec.vae_dim_mult) - 1
+    if downsamplings < 2:
+        raise ValueError("vae_dim_mult needs at least three levels (two temporal halvings: 4× fewer frames)")
     wan22_vae = (
         dict(decoder_base_dim=2 * spec.vae_base_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2)
         if spec.ti2v
@@ -139,13 +145,13 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
     vae = AutoencoderKLWan(
         base_dim=spec.vae_base_dim,
         z_dim=z,
-        dim_mult=[1, 1, 1, 1],
+        dim_mult=list(spec.vae_dim_mult),
         num_res_blocks=1,
         attn_scales=[],
-        temperal_downsample=[False, True, True],
+        temperal_downsample=[False] * (downsamplings - 2) + [True, True],
         latents_mean=_LATENTS_MEAN[:z],
         latents_std=_LATENTS_STD[:z],
-        scale_factor_spatial=16 if spec.ti2v else 8,
+        scale_factor_spatial=2**downsamplings * (2 if spec.ti2v else 1),
         **wan22_vae,
     )
     scheduler = UniPCMultistepScheduler(

@@ -1,0 +1,412 @@
+"""Train the built-in digits-video model: a tiny Wan2.1 text-to-video (our DiT, a small Wan VAE, a frozen random
+UMT5) on clips of moving handwritten digits.
+
+    python -m ditserve.digits.train_video --out DIR [--seed 0] [--device cpu]
+
+Writes a WanPipeline folder in diffusers layout (WanPipeline.save_pretrained), loadable by ditserve and by diffusers
+alike, plus `ditserve.json` with the sampling defaults the model was trained for. Steps:
+1. a tiny Wan folder from `ditserve.tiny.wan` gives the frozen UMT5 (random weights are enough: the prompts differ
+   in the digit's and the direction's tokens, and the DiT learns to read them), the code-built tokenizer and an
+   untrained AutoencoderKLWan of three levels (4× spatial and 4× temporal compression);
+2. the VAE is trained on random clips (`clips`: reconstruction + a small KL term); `latents_mean` and
+   `latents_std` are set per channel from the latents' statistics (posterior samples), as Wan's VAE config carries
+   them;
+3. clips are encoded once (`clips_per_scan` of every scan, each with a random direction and offset); our
+   WanTransformer is trained with the flow-matching objective Wan's UniPC (flow sigmas) samples: x_t = (1 - t)·x0
+   + t·noise, target noise - x0, timestep 1000·t, both prompt forms, and the empty prompt in place of the clip's for
+   a `cfg_dropout` fraction of samples (so CFG against negative_prompt "" works); an exponential moving average of
+   its weights is what is saved, under diffusers' names (`to_diffusers_state_dict`).
+
+Everything is seeded; on the CPU the same command gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditserve.digits.clips import (
+    CLIP_SIZE,
+    DIRECTIONS,
+    NUM_FRAMES,
+    PROMPT_FORMS,
+    prompt,
+    random_motions,
+    render_motions,
+)
+from ditserve.digits.data import load_digits
+from ditserve.digits.train import log, randn_like
+from ditserve.loader.folder import SAMPLING_DEFAULTS_FILE
+
+
+@dataclass
+class VideoTrainConfig:
+    seed: int = 0
+    clip_size: int = CLIP_SIZE
+    num_frames: int = NUM_FRAMES
+    scans: int | None = None  # the first this many of scikit-learn's 1,797 scans (None: all; fewer: quick tests)
+    # VAE: three levels of 16, 32, 32 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
+    # 48×48×9 clip is 8 channels × 3 × 12 × 12; with the DiT's 2×2 patches that is 3 × 6 × 6 = 108 tokens.
+    # 300 steps of 8 clips (base 8) left blobs in place of digits: it needs thousands of steps, a GPU's minutes.
+    vae_base_dim: int = 16
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2)
+    latent_channels: int = 8
+    vae_steps: int = 3000
+    vae_batch_size: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-4
+    clips_per_scan: int = 4  # clips encoded for the DiT, each scan with random motions
+    # DiT (text_dim: the frozen UMT5's width)
+    num_layers: int = 4
+    num_attention_heads: int = 3
+    attention_head_dim: int = 32
+    ffn_dim: int = 256
+    text_dim: int = 32
+    text_layers: int = 2
+    dit_steps: int = 10000
+    dit_lr: float = 1e-3
+    dit_warmup: int = 200
+    ema_decay: float = 0.999
+    batch_size: int = 64
+    # Classifier-free guidance: this fraction of samples is trained on the empty prompt, so the model also learns
+    # the unconditional velocity that CFG (negative_prompt "") extrapolates away from.
+    cfg_dropout: float = 0.1
+    # Sampling the model is trained for (written to ditserve.json): the clip size, a UMT5 sequence both prompt
+    # forms fit in, UniPC with flow sigmas and a shift that spends more steps at high noise.
+    max_sequence_length: int = 40
+    num_inference_steps: int = 12
+    flow_shift: float = 3.0
+    guidance_scale: float = 4.0
+    negative_prompt: str = ""
+    fps: int = 8
+
+
+def base_pipeline(cfg: VideoTrainConfig, workdir: Path):
+    """diffusers' WanPipeline of the right shapes: frozen random UMT5, untrained VAE and transformer."""
+    from diffusers import WanPipeline
+
+    from ditserve.tiny.wan import TinyWanSpec, make_tiny_wan
+
+    spec = TinyWanSpec(
+        heads=cfg.num_attention_heads,
+        head_dim=cfg.attention_head_dim,
+        layers=cfg.num_layers,
+        ffn_dim=cfg.ffn_dim,
+        latent_channels=cfg.latent_channels,
+        vae_base_dim=cfg.vae_base_dim,
+        vae_dim_mult=cfg.vae_dim_mult,
+        text_dim=cfg.text_dim,
+        text_layers=cfg.text_layers,
+        flow_shift=cfg.flow_shift,
+        seed=cfg.seed,
+    )
+    make_tiny_wan(workdir, spec)
+    pipe = WanPipeline.from_pretrained(workdir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_vae(vae: nn.Module, ink: np.ndarray, cfg: VideoTrainConfig, gen: torch.Generator, device: str) -> None:
+    """Reconstruction + a small KL term on fresh random clips every step."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps)
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(ink), (cfg.vae_batch_size,), generator=gen).numpy()
+        x = render_motions(ink[idx], *random_motions(len(idx), gen)).to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * randn_like(posterior.mean, gen)
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = rec + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae {step:5d}  recon {rec.item():.4f}  kl {kl.item():.3f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_clips(
+    vae: nn.Module, ink: np.ndarray, labels: np.ndarray, cfg: VideoTrainConfig, gen: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`clips_per_scan` random clips of every scan, encoded: (posterior means, stds [N, C, F', H', W'], digits [N],
+    direction indices [N])."""
+    n = len(ink) * cfg.clips_per_scan
+    scans, digits = np.tile(ink, (cfg.clips_per_scan, 1, 1)), np.tile(labels, cfg.clips_per_scan)
+    direction, cross = random_motions(n, gen)
+    means, stds = [], []
+    for start in range(0, n, 64):
+        part = slice(start, start + 64)
+        dist = vae.encode(render_motions(scans[part], direction[part], cross[part]).to(device)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds), torch.from_numpy(digits), torch.from_numpy(direction)
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe, cfg: VideoTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """UMT5 sequences [10, directions, forms, S, D] of every prompt as the pipeline encodes them (zeros past each
+    prompt), then the negative prompt's [S, D] (the unconditional input of CFG)."""
+    prompts = [
+        prompt(d, direction, form) for d in range(10) for direction in DIRECTIONS for form in range(len(PROMPT_FORMS))
+    ]
+    longest = max(len(pipe.tokenizer(p).input_ids) for p in prompts)
+    if longest > cfg.max_sequence_length:
+        raise ValueError(f"max_sequence_length {cfg.max_sequence_length} < {longest} tokens of the longest prompt")
+    embeds, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length
+    )
+    seqs = embeds.unflatten(0, (10, len(DIRECTIONS), len(PROMPT_FORMS)))
+    # The frozen random encoder must tell the prompts apart; a DiT cannot learn what the inputs do not carry.
+    flat = embeds.flatten(1)
+    dist = torch.cdist(flat, flat) + torch.eye(len(flat), device=flat.device) * 1e9
+    log(f"text: closest two prompts {dist.min().item():.3f} apart (norm {flat.norm(dim=1).mean():.3f})")
+    empty, _ = pipe.encode_prompt(
+        [cfg.negative_prompt], do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length
+    )
+    return seqs, empty[0]
+
+
+def new_transformer(pipe, device: str):
+    """Our WanTransformer, trainable, with diffusers' default init and adaLN-zero: the timestep's modulation, the
+    blocks' tables and the output projection start at zero, so every block starts as the identity."""
+    from ditserve.loader.weights import load_checkpoint
+    from ditserve.models.wan import WanConfig, WanTransformer, map_diffusers_key
+
+    model = WanTransformer(WanConfig.from_dict(dict(pipe.transformer.config))).to(device)
+    fresh = type(pipe.transformer).from_config(pipe.transformer.config)  # default init, seeded by the caller
+    load_checkpoint(model, iter(fresh.state_dict().items()), map_diffusers_key, where="initial weights")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "scale_shift_table" in name or name.startswith(("time_proj", "proj_out")):
+                p.zero_()
+    return model.requires_grad_(True).train()
+
+
+def train_dit(
+    model: nn.Module,
+    latents_mean: torch.Tensor,
+    latents_std: torch.Tensor,
+    digits: torch.Tensor,
+    directions: torch.Tensor,
+    seqs: torch.Tensor,
+    empty_seq: torch.Tensor,
+    cfg: VideoTrainConfig,
+    gen: torch.Generator,
+) -> nn.Module:
+    """Flow matching on normalised latents [N, C, F', H', W']; returns the moving average of the weights."""
+    from ditserve.models.wan import video_position_ids
+    from ditserve.pipelines.wan import patchify, unpatchify
+
+    device = latents_mean.device
+    patch = tuple(model.config.patch_size)
+    grid = tuple(s // p for s, p in zip(latents_mean.shape[2:], patch))
+    ids = video_position_ids(*grid, device=device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
+
+    # Linear warm-up, then cosine decay to zero: the last steps refine at a small rate.
+    def lr_factor(step: int) -> float:
+        if step < cfg.dit_warmup:
+            return (step + 1) / cfg.dit_warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.dit_warmup) / max(1, cfg.dit_steps - cfg.dit_warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    n = len(digits)
+    for step in range(cfg.dit_steps):
+        idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
+        form = torch.randint(seqs.shape[2], (cfg.batch_size,), generator=gen).to(device)
+        # A fresh posterior sample each time: the VAE's noise is free augmentation.
+        x0 = latents_mean[idx] + latents_std[idx] * randn_like(latents_mean[idx], gen)
+        noise = randn_like(x0, gen)
+        # Half logit-normal (mid noise, where the digit and its path are decided), half uniform (so the last,
+        # low-noise steps that clean up the strokes are trained too).
+        t = torch.where(
+            torch.rand(cfg.batch_size, generator=gen) < 0.5,
+            torch.sigmoid(torch.randn(cfg.batch_size, generator=gen)),
+            torch.rand(cfg.batch_size, generator=gen),
+        ).to(device)
+        xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+        drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout).to(device)
+        seq = torch.where(drop[:, None, None], empty_seq, seqs[digits[idx], directions[idx], form])
+        out = model(patchify(xt, patch), timestep=1000 * t, text_states=seq, video_ids=ids)
+        loss = F.mse_loss(unpatchify(out, grid, patch), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % 100 == 0 or step == cfg.dit_steps - 1:
+            log(f"dit {step:5d}  loss {loss.item():.4f}")
+    return ema
+
+
+def save_folder(pipe, ema: nn.Module, cfg: VideoTrainConfig, out: Path) -> None:
+    from ditserve.models.wan import to_diffusers_state_dict
+
+    pipe.to("cpu")
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in to_diffusers_state_dict(ema).items()}
+    missing, unexpected = pipe.transformer.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    pipe.save_pretrained(out, safe_serialization=True)
+    # diffusers records the temporary folder the pipeline was loaded from; drop it so reruns write the same files.
+    for config in [out / "model_index.json", *out.glob("*/config.json")]:
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    defaults = {
+        "sampling_defaults": {
+            "height": cfg.clip_size,
+            "width": cfg.clip_size,
+            "num_frames": cfg.num_frames,
+            "num_inference_steps": cfg.num_inference_steps,
+            "max_sequence_length": cfg.max_sequence_length,
+            "guidance_scale": cfg.guidance_scale,
+            "negative_prompt": cfg.negative_prompt,
+            "fps": cfg.fps,
+        },
+        "trained_with": asdict(cfg),
+    }
+    (out / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
+
+
+def train(cfg: VideoTrainConfig, out: Path, device: str = "cpu") -> Path:
+    # Our Triton kernels have no backward: training takes their torch references (on CUDA too). Tiny weights and
+    # activations go subnormal during training, which is many times slower on CPUs. Both settings are undone after.
+    previous = os.environ.get("DITSERVE_DISABLE_TRITON")
+    os.environ["DITSERVE_DISABLE_TRITON"] = "1"
+    torch.set_flush_denormal(True)
+    try:
+        return _train(cfg, out, device)
+    finally:
+        torch.set_flush_denormal(False)
+        if previous is None:
+            os.environ.pop("DITSERVE_DISABLE_TRITON", None)
+        else:
+            os.environ["DITSERVE_DISABLE_TRITON"] = previous
+
+
+def _train(cfg: VideoTrainConfig, out: Path, device: str) -> Path:
+    if (cfg.clip_size, cfg.num_frames) != (CLIP_SIZE, NUM_FRAMES):
+        raise ValueError(f"the clips are {CLIP_SIZE}×{CLIP_SIZE}, {NUM_FRAMES} frames (ditserve.digits.clips)")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.time()
+    ink, labels = load_digits()
+    ink, labels = ink[: cfg.scans], labels[: cfg.scans]
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = base_pipeline(cfg, Path(tmp)).to(device)
+    log(f"data: {len(labels)} scans, clips of {NUM_FRAMES} frames of {CLIP_SIZE}×{CLIP_SIZE}")
+
+    train_vae(pipe.vae, ink, cfg, gen, device)
+    mean, std, digits, directions = encode_clips(pipe.vae, ink, labels, cfg, gen, device)
+    # Statistics of the posterior samples the DiT learns from: the means' spread plus the posterior's own, so a
+    # channel the VAE leaves to noise is not blown up by a tiny spread of its means.
+    channel_mean = mean.mean(dim=(0, 2, 3, 4))
+    channel_std = (mean.var(dim=(0, 2, 3, 4)) + std.square().mean(dim=(0, 2, 3, 4))).sqrt()
+    pipe.vae.register_to_config(
+        latents_mean=[round(v, 4) for v in channel_mean.tolist()],
+        latents_std=[round(v, 4) for v in channel_std.tolist()],
+    )
+    shape = (1, -1, 1, 1, 1)
+    shift = torch.tensor(pipe.vae.config.latents_mean, device=device).view(shape)
+    scale = torch.tensor(pipe.vae.config.latents_std, device=device).view(shape)
+    log(f"vae: {len(digits)} clips encoded to {list(mean.shape[1:])} ({time.time() - start:.0f} s so far)")
+
+    seqs, empty_seq = prompt_embeddings(pipe, cfg)
+    model = new_transformer(pipe, device)
+    latents = (mean - shift) / scale, std / scale
+    ema = train_dit(model, *latents, digits.to(device), directions.to(device), seqs, empty_seq, cfg, gen)
+    save_folder(pipe, ema, cfg, out)
+    log(f"wrote {out} in {time.time() - start:.0f} s")
+    return out
+
+
+def evaluate(folder: Path, seeds: int = 2, device: str = "cpu") -> None:
+    """Every digit × direction with `seeds` seeds, scored."""
+    from ditserve import Engine
+    from ditserve.digits.video_quality import generate_grid, score_videos
+
+    engine = Engine.from_pretrained(str(folder), device=device, dtype="float32")
+    videos, digits, directions = generate_grid(engine, range(seeds))
+    log(
+        f"scores (float32, {seeds} seeds per digit and direction): {score_videos(videos, digits, directions).summary()}"
+    )
+
+
+def config_overrides(items: list[str]) -> dict:
+    """["vae_steps=300", "vae_dim_mult=1,2,2", ...] → VideoTrainConfig keyword arguments of the fields' types."""
+    defaults = asdict(VideoTrainConfig())
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(defaults)}")
+        default = defaults[name]
+        try:
+            if isinstance(default, tuple | list):
+                out[name] = tuple(int(v) for v in text.split(","))
+            elif default is None:  # scans
+                out[name] = None if text.lower() in ("", "none") else int(text)
+            else:
+                out[name] = type(default)(text)
+        except ValueError:
+            raise ValueError(f"{item!r}: {text!r} is not a {type(default).__name__}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ditserve.digits.train_video", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder to write the model to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=VideoTrainConfig.vae_steps)
+    p.add_argument("--dit-steps", type=int, default=VideoTrainConfig.dit_steps)
+    p.add_argument("--batch-size", type=int, default=VideoTrainConfig.batch_size)
+    p.add_argument("--device", default="cpu", help="cpu (the default) or cuda")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring the written model")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (default 1: the same weights whatever the machine's count)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other VideoTrainConfig field, e.g. --set vae_base_dim=8 (tuples as 1,2,2); repeatable",
+    )
+    ns = p.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    settings = dict(seed=ns.seed, vae_steps=ns.vae_steps, dit_steps=ns.dit_steps, batch_size=ns.batch_size)
+    try:
+        settings.update(config_overrides(ns.set))
+    except ValueError as e:
+        p.error(f"--set: {e}")
+    cfg = VideoTrainConfig(**settings)
+    out = train(cfg, Path(ns.out), ns.device)
+    if not ns.no_eval:
+        evaluate(out, device=ns.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
