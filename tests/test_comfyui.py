@@ -65,12 +65,11 @@ class ComfyRunner:
     """ComfyUI's embedded client (its executor, in this process) with our nodes added; runs API-format prompts."""
 
     def __init__(self, base: Path):
+        import ditserve_nodes
         from comfy.cli_args import default_configuration
         from comfy.client.embedded_comfy_client import Comfy
         from comfy.execution_context import context_add_custom_nodes
         from comfy.nodes.package_typing import ExportedNodes
-
-        import ditserve_nodes
 
         self.base = base
         self.config = default_configuration()
@@ -274,13 +273,14 @@ def digits_server(tmp_path_factory):
 
 
 def test_server_nodes_against_ditserve_serve(runner, digits_server):
-    from ditserve.digits.quality import score_images
     from ditserve_nodes.errors import NodeInputError
     from ditserve_nodes.server_nodes import (
         DitserveServerGenerateImage,
         DitserveServerGenerateVideo,
         DitserveServerSetLoRA,
     )
+
+    from ditserve.digits.quality import score_images
 
     url = digits_server.url
     node = DitserveServerGenerateImage()
