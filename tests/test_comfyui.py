@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -142,7 +143,7 @@ def text_and_vae_folder(tmp_path_factory):
 
 def test_forward_equals_comfyui_flux(runner, tiny_comfy_flux):
     import comfy.sd
-    from ditserve_nodes.checkpoint import load_dit
+    from ditserve_nodes.checkpoint import load_dit, load_dit_from_state_dict
     from ditserve_nodes.model import DiTHandle, comfy_model
 
     reference, path = tiny_comfy_flux
@@ -155,6 +156,11 @@ def test_forward_equals_comfyui_flux(runner, tiny_comfy_flux):
         expected = reference(x, t, context, y=pooled, guidance=guidance)
         got = ours.model.diffusion_model(x, t, context, y=pooled, guidance=guidance)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # The same weights handed over in memory (the GPU benchmark's path) load the same model.
+        from_memory = DiTHandle(load_dit_from_state_dict(reference.state_dict(), torch.device("cpu"), torch.float32))
+        torch.testing.assert_close(
+            comfy_model(from_memory).model.diffusion_model(x, t, context, y=pooled, guidance=guidance), got
+        )
         # The whole model call (model sampling included) against ComfyUI's loader on the same file.
         theirs = comfy.sd.load_diffusion_model(str(path))
         assert theirs.model.model_type == ours.model.model_type
@@ -208,30 +214,14 @@ def test_workflow_with_only_the_loader_swapped(runner, tiny_comfy_flux, text_and
 
 
 def _digits_workflow(digit: int, seed: int) -> dict:
-    return {
-        "1": {"class_type": "DitserveFolderLoader", "inputs": {"folder": "digits", "weight_dtype": "float32"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": f"the digit {digit}", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        # Pixel sizes, as in any workflow: ComfyUI resizes the empty latent to the model's VAE factor (2 here).
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": seed,
-                "steps": 20,
-                "cfg": 4.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"digit{digit}"}},
-    }
+    """The shipped example workflow (workflows/integrated_digits.json), one image of `digit` at `seed`."""
+    workflow = json.loads((NODES_DIR / "ditserve_nodes" / "workflows" / "integrated_digits.json").read_text())
+    workflow["1"]["inputs"]["weight_dtype"] = "float32"
+    workflow["2"]["inputs"]["text"] = f"the digit {digit}"
+    workflow["4"]["inputs"]["batch_size"] = 1
+    workflow["5"]["inputs"]["seed"] = seed
+    workflow["7"]["inputs"]["filename_prefix"] = f"digit{digit}"
+    return workflow
 
 
 def test_digits_workflow_draws_the_digit_asked_for(runner):

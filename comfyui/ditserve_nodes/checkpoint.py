@@ -116,15 +116,30 @@ def _bfl_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
     shapes, prefix = _shapes(path)
+    return _from_bfl(shapes, _bfl_tensors(path, prefix), str(path), device, dtype)
+
+
+def load_dit_from_state_dict(
+    state_dict: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> LoadedDiT:
+    """Our DiT from a BFL-named state dict already in memory (a benchmark's dummy weights, shared with ComfyUI)."""
+    shapes = {n: tuple(t.shape) for n, t in state_dict.items()}
+    if not is_bfl_flux(set(shapes)):
+        raise NodeInputError("model", _describe_architecture(set(shapes)))
+    tensors = (pair for n, t in state_dict.items() for pair in (bfl_to_diffusers(n, t) or [(n, t)]))
+    return _from_bfl(shapes, tensors, "state dict", device, dtype)
+
+
+def _from_bfl(shapes, tensors, where: str, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
     try:
         config = config_from_bfl_shapes(shapes)
     except (KeyError, ValueError) as e:
-        raise NodeInputError("model", f"{path.name}: {e}") from None
+        raise NodeInputError("model", f"{where}: {e}") from None
     model = _build(config, device, dtype)
-    load_checkpoint(model, _bfl_tensors(path, prefix), map_diffusers_key, where=str(path))
+    load_checkpoint(model, tensors, map_diffusers_key, where=where)
     return LoadedDiT(
         model=model.eval(),
-        source=str(path),
+        source=where,
         latent_channels=config.in_channels // 4,
         guidance_distilled=config.guidance_embeds,
         static_shift=None if config.guidance_embeds else 1.0,  # schnell: no shift, as ComfyUI samples it
