@@ -410,3 +410,97 @@ def to_diffusers_state_dict(model: FluxTransformer) -> dict[str, torch.Tensor]:
                     if f"{ours_kind}.{i}.{target}.{t}" in ours:
                         emit(f"{kind}.{i}.{suffix}.{t}", f"{ours_kind}.{i}.{target}.{t}", shard)
     return out
+
+
+# ---- Black Forest Labs' checkpoint names (the original repo's, ComfyUI's single files) → diffusers' ---------------
+# The module renames and fused-projection splits are the LoRA naming table's (lora/naming.py FLUX_BFL); what LoRAs
+# never touch, the QK-norm scales, is named here.
+_BFL_NORMS = {
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+}
+_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+# Prefixes a whole-model file puts before the DiT's names (ComfyUI's checkpoints; some exports).
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+def bfl_to_diffusers(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+    """One BFL-named tensor → its diffusers-named tensor(s); None for a name that is not FLUX.1's.
+
+    Fused projections split into their parts (qkv → q, k, v; a single block's linear1 → q, k, v, mlp) and the final
+    modulation's (shift, scale) halves swap into diffusers' (scale, shift)."""
+    from ditserve.lora.naming import FLUX_BFL
+
+    module, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias", "scale"):
+        return None
+    if m := _BFL_BLOCK.match(module):
+        blocks, index, inner = m.groups()
+        if inner in _BFL_NORMS and kind == "scale":
+            prefix = "transformer_blocks" if blocks == "double_blocks" else "single_transformer_blocks"
+            return [(f"{prefix}.{index}.{_BFL_NORMS[inner]}.weight", tensor)]
+    if kind == "scale":
+        return None
+    resolved = FLUX_BFL.resolve(module)
+    if resolved is None or ".processor." in module:  # XLabs' LoRA-only module names never appear in a checkpoint
+        return None
+    targets, transform = resolved
+    if transform is not None:
+        tensor = transform(tensor, tensor)[1]  # the same row reordering as a LoRA's up matrix
+    if len(targets) == 1:
+        return [(f"{targets[0]}.{kind}", tensor)]
+    # q, k, v (and a single block's MLP input, the rest) are equal parts of the hidden size, stacked by rows.
+    hidden = tensor.shape[0] // 3 if len(targets) == 3 else _single_block_hidden(tensor, name)
+    sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(targets) == 4 else [])
+    return [(f"{t}.{kind}", part) for t, part in zip(targets, tensor.split(sizes, dim=0))]
+
+
+def _single_block_hidden(tensor: torch.Tensor, name: str) -> int:
+    """A single block's linear1 has rows [q, k, v, mlp] = [h, h, h, 4h] (mlp_ratio 4): 7h rows."""
+    if tensor.shape[0] % 7:
+        raise ValueError(f"{name}: {tensor.shape[0]} rows is not 7 × hidden (q, k, v and a 4 × hidden MLP)")
+    return tensor.shape[0] // 7
+
+
+def is_bfl_flux(names: set[str]) -> bool:
+    """Whether a checkpoint's (prefix-stripped) names are FLUX.1's in BFL layout."""
+    return (
+        "img_in.weight" in names
+        and "double_blocks.0.img_attn.qkv.weight" in names
+        and "double_stream_modulation_img.lin.weight" not in names  # FLUX.2
+        and not any(n.startswith("distilled_guidance_layer.") for n in names)  # Chroma
+    )
+
+
+def config_from_bfl_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
+    """diffusers' FluxTransformer2DModel config of a BFL-named FLUX.1 checkpoint, from its tensor shapes alone."""
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    if head_dim != 128:
+        # The RoPE split over (time, row, column) is not in the file: FLUX.1's (16, 56, 56) assumes heads of 128.
+        raise ValueError(
+            f"heads of {head_dim} channels: FLUX.1 single files have heads of 128; load a model with other "
+            "heads from its diffusers folder (transformer/config.json names its RoPE axes)"
+        )
+
+    def count(prefix: str) -> int:
+        return len({n.split(".")[1] for n in shapes if n.startswith(prefix)})
+
+    config = FluxConfig(
+        in_channels=in_channels,
+        out_channels=shapes["final_layer.linear.weight"][0],
+        num_layers=count("double_blocks."),
+        num_single_layers=count("single_blocks."),
+        attention_head_dim=head_dim,
+        num_attention_heads=hidden // head_dim,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        pooled_projection_dim=shapes["vector_in.in_layer.weight"][1],
+        guidance_embeds="guidance_in.in_layer.weight" in shapes,
+        axes_dims_rope=(16, 56, 56),
+    )
+    config.validate()
+    return config
