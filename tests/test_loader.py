@@ -46,8 +46,10 @@ def test_unknown_class_name(tiny_dev, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionPipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(LoaderError, match="'StableDiffusionPipeline' is not supported"):
-        resolve_model(str(folder))
+    with pytest.raises(LoaderError, match="no native family serves pipeline class 'StableDiffusionPipeline'"):
+        resolve_model(str(folder), backend="native")
+    source = resolve_model(str(folder))  # auto: diffusers runs what no native family serves
+    assert source.backend == "diffusers" and "no native family serves" in source.backend_reason
 
 
 def test_missing_component(tiny_dev, tmp_path):

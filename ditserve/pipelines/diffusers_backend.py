@@ -170,9 +170,20 @@ class DiffusersBackendPipeline(Pipeline):
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
-    def load(cls, source, device: torch.device, dtype: torch.dtype, load_format: str, seed: int = 0) -> Pipeline:
+    def load(
+        cls,
+        source,
+        device: torch.device,
+        dtype: torch.dtype,
+        load_format: str,
+        seed: int = 0,
+        host_components: frozenset[str] = frozenset(),
+    ) -> Pipeline:
         """A folder: `DiffusionPipeline.from_pretrained` in `dtype`, moved to `device`. A preset, or any model with
-        load_format="dummy": our loader's components (random weights at the real sizes) given to the class."""
+        load_format="dummy": our loader's components (random weights at the real sizes) given to the class. Diffusers
+        places its own components (its group offload, `configure`), so the engine never asks for host components."""
+        if host_components:
+            raise ValueError(f"the diffusers backend places its own components; asked for {sorted(host_components)}")
         import diffusers
 
         pipeline_cls = pipeline_class(source.spec.family)

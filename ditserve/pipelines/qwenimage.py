@@ -482,10 +482,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.plus = True
 
     @classmethod
-    def load(cls, source, device, dtype, load_format, seed: int = 0):
+    def load(cls, source, device, dtype, load_format, seed: int = 0, host_components: frozenset[str] = frozenset()):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        pipeline = super().load(source, device, dtype, load_format, seed)
+        pipeline = super().load(source, device, dtype, load_format, seed, host_components)
         pipeline.plus = source.model_index().get("_class_name") == EDIT_PLUS_CLASS
         if source.folder is not None and (source.folder / "processor" / "preprocessor_config.json").is_file():
             pipeline.vl_image_processor = Qwen2VLImageProcessorPil.from_pretrained(source.folder / "processor")
