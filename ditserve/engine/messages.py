@@ -1,25 +1,26 @@
 """What crosses the boundary between the HTTP process and a worker: plain data, never pickle.
 
 A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with a "type", and any further frames are
-raw binary blobs (encoded images) that the JSON refers to by position. JSON cannot run code when it is read, so a
+raw binary blobs (encoded images or videos) that the JSON refers to by position: a `run` message's input images
+(each item's `image_blobs` lists its frames' positions), a `result` message's outputs. JSON cannot run code when it is read, so a
 compromised or confused peer can at worst send a wrong answer, never execute anything in the other process.
 
 Server → worker: `run` (a batch of requests), `lora` (a LoRA operation), `cancel` (request ids), `shutdown`.
-Worker → server: `ready` (model info, notes to log), `load_failed`, `progress`, `result`, `lora_result`, `error`,
-`batch_done`.
+Worker → server: `ready` (model info, notes to log), `load_failed`, `progress` (after every denoising step),
+`result`, `lora_result`, `error`, `batch_done`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ditserve.config import SamplingParams
 
-# Fields of SamplingParams that travel to the worker (not output_type: the worker makes PIL images and encodes them;
-# not input `images`: no family the worker serves takes them yet, and each would travel encoded as an image file).
+# Fields of SamplingParams that travel to the worker as JSON (not output_type: the worker makes PIL images or clips and
+# encodes them; not input `images`: they travel as encoded image files, `WorkItem.images`, in the binary frames).
 _PARAM_FIELDS = (
     "prompt",
     "negative_prompt",
@@ -34,6 +35,7 @@ _PARAM_FIELDS = (
     "num_images",
     "options",
     "max_sequence_length",
+    "guidance_scale_2",
 )
 
 
@@ -55,8 +57,9 @@ class WorkItem:
 
     request_id: str
     params: dict  # params_to_dict(SamplingParams)
-    output_format: str = "png"
+    output_format: str = "png"  # png, jpeg, webp for images; mp4 for videos
     task: str = "text-to-image"
+    images: list[bytes] = field(default_factory=list)  # input images, encoded (PNG, JPEG, WebP), as uploaded
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ModelInfo:
     dtype: str
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
+    frame_step: int | None = None  # video models: num_frames must be frame_step·k + 1 (the VAE's temporal packing)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:
@@ -95,12 +99,28 @@ def decode(frames: list[bytes]) -> tuple[dict, list[bytes]]:
 
 
 def run_message(batch_id: str, items: list[WorkItem]) -> list[bytes]:
-    return encode({"type": "run", "batch_id": batch_id, "items": [dataclasses.asdict(i) for i in items]})
+    """The batch's items as JSON; their input images as binary frames, each item naming its frames' positions."""
+    blobs: list[bytes] = []
+    described = []
+    for item in items:
+        fields = {k: v for k, v in dataclasses.asdict(item).items() if k != "images"}
+        fields["image_blobs"] = list(range(len(blobs), len(blobs) + len(item.images)))
+        blobs.extend(item.images)
+        described.append(fields)
+    return encode({"type": "run", "batch_id": batch_id, "items": described}, blobs)
 
 
-def items_from(message: dict) -> list[WorkItem]:
+def items_from(message: dict, blobs: list[bytes] | None = None) -> list[WorkItem]:
+    blobs = blobs or []
     try:
-        return [WorkItem(**item) for item in message["items"]]
+        items = []
+        for fields in message["items"]:
+            fields = dict(fields)
+            positions = fields.pop("image_blobs", [])
+            if not all(isinstance(i, int) and 0 <= i < len(blobs) for i in positions):
+                raise ProtocolError(f"bad run message: image frames {positions} of {len(blobs)}")
+            items.append(WorkItem(**fields, images=[blobs[i] for i in positions]))
+        return items
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"bad run message: {e}") from None
 
@@ -115,5 +135,6 @@ def info_from(message: dict) -> ModelInfo:
 
 
 def result_message(request_id: str, images: list[bytes], meta: dict[str, Any]) -> list[bytes]:
-    """Images travel as raw frames 1..n; `meta` (seed, timings, peak memory) in the header."""
+    """Outputs (encoded images, or one MP4 per clip) travel as raw frames 1..n; `meta` (seed, timings, peak memory)
+    in the header."""
     return encode({"type": "result", "request_id": request_id, "num_images": len(images), **meta}, images)

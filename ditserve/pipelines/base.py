@@ -91,6 +91,12 @@ class Pipeline:
     def vae(self) -> nn.Module:
         return self.c.vae
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this model does (the server routes requests by it): the family's tasks, unless a folder of the
+        family does only some of them."""
+        return self.spec.tasks
+
     # ---- defaults and validation ---------------------------------------------------------------------------------
     @property
     def default_side(self) -> int:
