@@ -184,7 +184,7 @@ async def _checked_request(request: Request, server: ServerState, timeout: float
         task,
         images=[image] if image is not None else [],
     )
-    seconds = str(body.seconds) if body.seconds is not None else f"{(params.num_frames - 1) / params.fps:g}"  # type: ignore[operator]
+    seconds = str(body.seconds) if body.seconds is not None else f"{round((params.num_frames - 1) / params.fps, 3):g}"  # type: ignore[operator]
     return _VideoWork(item, key, params, estimate, name, seconds)
 
 
