@@ -80,13 +80,6 @@ class ImageEditForm(ImageOptions):
     mask: bytes | None = None
 
 
-class ImageReference(_Strict):
-    """OpenAI's reference object: `image_url` a data URL (this server fetches no URLs); `file_id` is not served."""
-
-    image_url: str | None = None
-    file_id: str | None = None
-
-
 class VideoRequest(_Strict):
     """POST /v1/videos (and /v1/videos/sync), as JSON or as multipart with `input_reference` a file."""
 
@@ -98,7 +91,9 @@ class VideoRequest(_Strict):
     )
     fps: int | None = Field(default=None, ge=1, le=MAX_FPS, description="frame rate (default: the model's)")
     size: str | None = Field(default=None, max_length=32, description='"WxH"')
-    input_reference: str | ImageReference | None = Field(
+    # OpenAI's reference object is {"image_url": ...} or {"file_id": ...}: a plain object here, so that the OpenAPI
+    # schema needs no definitions of its own; the route reads it.
+    input_reference: str | dict[str, str] | None = Field(
         default=None,
         description="the first frame (image to video): in JSON a data URL or base64 of a PNG, JPEG or WebP, or "
         '{"image_url": data URL}; in multipart a file',

@@ -24,7 +24,6 @@ from ditserve.engine import messages as msg
 from ditserve.server.errors import ERROR_RESPONSES, SCHEDULER_FAILURES, ApiError, unsupported_media_type
 from ditserve.server.jobs import ContentTooLarge, Job
 from ditserve.server.schemas import (
-    ImageReference,
     InvalidRequest,
     VideoRequest,
     form_values,
@@ -44,7 +43,6 @@ _REQUEST_BODY = {
         "required": True,
         "content": {
             "application/json": {"schema": VideoRequest.model_json_schema()},
-            "multipart/form-data": {"schema": VideoRequest.model_json_schema()},
         },
     }
 }
@@ -160,7 +158,9 @@ async def _checked_request(request: Request, server: ServerState, timeout: float
     estimate = server.admit(info, params, "size", frames_param, timeout)
     name = server.served_name(info)
     if not set(VIDEO_TASKS) & set(info.tasks):
-        raise InvalidRequest("model", f"model {name!r} does not generate video (it does: {', '.join(info.tasks)})")
+        raise InvalidRequest(
+            "model", f"model {name!r} does not generate video (it does: {', '.join(info.tasks)})", "unsupported_task"
+        )
     task = "image-to-video" if image is not None else "text-to-video"
     if task not in info.tasks:
         if image is not None:
@@ -239,12 +239,12 @@ async def _video_request(request: Request, server: ServerState) -> tuple[VideoRe
     reference = body.input_reference
     if reference is None:
         return body, None
-    if isinstance(reference, ImageReference):
-        if reference.file_id is not None:
+    if isinstance(reference, dict):
+        if "file_id" in reference:
             raise InvalidRequest("input_reference", "file ids are not served here: send the image as image_url")
-        if reference.image_url is None:
-            raise InvalidRequest("input_reference", 'needs image_url (a data URL): {"image_url": "data:image/..."}')
-        reference = reference.image_url
+        if set(reference) != {"image_url"}:
+            raise InvalidRequest("input_reference", 'must be {"image_url": "data:image/...;base64,..."} as an object')
+        reference = reference["image_url"]
     image = image_bytes_from_text(reference, "input_reference")
     await check_image_bytes(image, "input_reference", max_pixels)
     return body, image
