@@ -87,7 +87,10 @@ class VideoRequest(_Strict):
     model: str | None = Field(default=None, max_length=512)
     seconds: str | int | None = Field(default=None, description='clip length in whole seconds, e.g. 4 or "4"')
     num_frames: int | None = Field(
-        default=None, ge=1, le=MAX_FRAMES, description="frames of the clip, instead of seconds (4k+1 for Wan)"
+        default=None,
+        ge=1,
+        le=MAX_FRAMES,
+        description="frames of the clip instead of seconds: the VAE's step · k + 1, e.g. 81",
     )
     fps: int | None = Field(default=None, ge=1, le=MAX_FPS, description="frame rate (default: the model's)")
     size: str | None = Field(default=None, max_length=32, description='"WxH"')
@@ -102,7 +105,11 @@ class VideoRequest(_Strict):
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=-1e4, le=1e4, allow_inf_nan=False)
     guidance_scale_2: float | None = Field(
-        default=None, ge=-1e4, le=1e4, allow_inf_nan=False, description="the second expert's (Wan2.2 A14B)"
+        default=None,
+        ge=-1e4,
+        le=1e4,
+        allow_inf_nan=False,
+        description="the second expert's CFG scale (models with two)",
     )
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
