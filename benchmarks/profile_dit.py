@@ -1,7 +1,7 @@
 """Profile one DiT forward of any preset (ours and diffusers', the same dummy weights and inputs) and print where
 CUDA time goes, as the family's pipeline feeds it (`Pipeline.forward_inputs`).
 
-python benchmarks/profile_dit.py [--model flux.1-dev] [--size 1024] [--rows 25]
+python benchmarks/profile_dit.py [--model flux.1-dev] [--size 1024 | --height H --width W] [--num-frames N] [--rows 25]
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="flux.1-dev")
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--height", type=int, help="default: --size")
+    ap.add_argument("--width", type=int, help="default: --size")
+    ap.add_argument("--num-frames", type=int, help="video models: default the model's")
     ap.add_argument("--rows", type=int, default=25)
     ns = ap.parse_args()
     engine = Engine.from_pretrained(ns.model, load_format="dummy", device="cuda", cuda_graphs=False)
     pipeline = engine.pipeline
     ours = next(iter(pipeline.transformers().values()))
-    inputs = pipeline.forward_inputs(ns.size, ns.size)
+    size = {"num_frames": ns.num_frames} if ns.num_frames else {}
+    inputs = pipeline.forward_inputs(ns.height or ns.size, ns.width or ns.size, **size)
     theirs = pipeline.diffusers_pipeline().transformer
     their_inputs = pipeline.diffusers_forward_inputs(inputs)
     for name, fn in (

@@ -7,6 +7,11 @@ added); text encoders, VAE, tokenizers and scheduler are the same objects. Both 
 - denoising step time (median over the steps of the timed generations);
 - whole generation time (text encoding to decoded image) and peak device memory;
 - the relative difference between the two DiTs' outputs on the same inputs (a full-size parity check).
+
+`--backend native,diffusers` times the diffusers backend (pipelines/diffusers_backend.py: diffusers runs the model
+behind our engine, its own copy of the weights) beside the native engine in the same run, as the row
+"ditserve[diffusers]" (whole generations: a bare forward of diffusers' DiT is the "diffusers" row's). A model only
+the diffusers backend serves is timed through our engine against the same diffusers pipeline called directly.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -74,7 +80,7 @@ def _time_generations(engine, gen: dict, repeat: int) -> dict:
         totals.append(result.timings["total"])
         steps.extend(result.timings["steps"])
         peaks.append(result.peak_memory_mb / 1024 if result.peak_memory_mb is not None else None)
-        stages = {k: result.timings[k] for k in ("encode", "prepare", "denoise", "decode")}
+        stages = {k: result.timings[k] for k in ("encode", "prepare", "denoise", "decode") if k in result.timings}
     return dict(
         step_ms=statistics.median(steps) * 1000,
         generation_s=statistics.median(totals),
@@ -101,9 +107,12 @@ def _bench_parallel(args, ns: argparse.Namespace) -> tuple[str, dict]:
     return label, dict(forward_ms=None, **timed, num_gpus=args.num_gpus)
 
 
-def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.device) -> dict:
-    with torch.no_grad():
-        forward_s = _time_calls(lambda: pipe.transformer(**inputs, return_dict=False), device)
+def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict | None, device: torch.device) -> dict:
+    """diffusers' pipeline called directly; its DiT's forward timed alone when `inputs` are given."""
+    forward_s = None
+    if inputs is not None:
+        with torch.no_grad():
+            forward_s = _time_calls(lambda: pipe.transformer(**inputs, return_dict=False), device)
     kwargs = dict(
         prompt=gen["prompt"],
         height=gen["height"],
@@ -139,7 +148,7 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.d
             steps.extend(b - a for a, b in zip(marks, marks[1:]))
         peaks.append(_peak_gib(device))
     return dict(
-        forward_ms=forward_s * 1000,
+        forward_ms=None if forward_s is None else forward_s * 1000,
         step_ms=statistics.median(steps) * 1000 if steps else float("nan"),
         generation_s=statistics.median(totals),
         peak_gib=max(peaks) if peaks[0] is not None else None,
@@ -147,14 +156,42 @@ def _bench_diffusers(pipe, gen: dict, repeat: int, inputs: dict, device: torch.d
 
 
 def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+    if value is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return format("n/a", f">{width or 0}")
+    return format(value, spec)
+
+
+def bench_backends(value: str) -> list[str]:
+    """--backend of `ditserve bench`: one backend, or several comma-separated (each timed, in order)."""
+    from ditserve.cli_common import UsageError
+    from ditserve.registry import BACKENDS
+
+    names = [name.strip() for name in value.split(",")]
+    for name in names:
+        if name not in BACKENDS:
+            raise UsageError(f"ditserve bench: --backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"ditserve bench: --backend: {value!r} names a backend twice")
+    return names
+
+
+def _bench_backend(args, backend: str, ns: argparse.Namespace) -> dict:
+    """Whole generations through our engine with another backend (a model loaded beside the first)."""
+    from ditserve.engine.engine import Engine
+
+    with Engine(dataclasses.replace(args, backend=backend)) as engine:
+        timed = _time_generations(engine, _request(ns, engine.defaults()), ns.repeat)
+        label = "ditserve" if engine.backend == "native" else "ditserve[diffusers]"
+    return {"label": label, **timed, "forward_ms": None}
 
 
 def run_bench(ns: argparse.Namespace) -> int:
     from ditserve.cli_common import engine_args_from
     from ditserve.engine.engine import Engine
 
-    args = engine_args_from(ns)
+    backends = bench_backends(ns.backend)
+    args = engine_args_from(argparse.Namespace(**{**vars(ns), "backend": backends[0]}))
     parallel = None
     if args.num_gpus > 1:
         # Several GPUs first (their ranks are started and stopped), then the 1-GPU run, which the ratio is
@@ -171,9 +208,11 @@ def run_bench(ns: argparse.Namespace) -> int:
     engine = Engine(args)
     pipeline = engine.pipeline
     device = engine.device
+    native = engine.backend == "native"
+    print(f"ditserve: {engine.source.describe_backend()}", file=sys.stderr)
     gen = _request(ns, pipeline.defaults())
     frames = {"num_frames": ns.num_frames} if ns.num_frames is not None else {}
-    inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
+    inputs = pipeline.forward_inputs(ns.height, ns.width, **frames) if native else None
     report: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -186,13 +225,17 @@ def run_bench(ns: argparse.Namespace) -> int:
         "steps": gen["num_inference_steps"],
         "compile": args.compile,
         "attention_backend": args.attention_backend,
+        "backends": [engine.backend],
         "results": {},
     }
     t0 = time.perf_counter()
-    report["results"]["ditserve"] = _bench_ours(engine, gen, ns.repeat, inputs)
+    if native:
+        report["results"]["ditserve"] = _bench_ours(engine, gen, ns.repeat, inputs)
+    else:
+        report["results"]["ditserve[diffusers]"] = dict(forward_ms=None, **_time_generations(engine, gen, ns.repeat))
     if parallel is not None:
         label, result = parallel
-        ours = report["results"]["ditserve"]
+        ours = next(iter(report["results"].values()))
         report["results"][label] = result
         report["parallel_speedup"] = {
             "mode": label,
@@ -202,13 +245,35 @@ def run_bench(ns: argparse.Namespace) -> int:
     if args.compile:
         report["ditserve_compile_and_bench_s"] = time.perf_counter() - t0
 
-    if not ns.no_diffusers:
+    reference = pipeline  # whose weights diffusers runs: ours, unless they are quantised
+    if native and args.quantization is not None:
+        # diffusers runs the model in the activation dtype: from an engine of ours without quantisation, which is
+        # timed too (the quantisation's own speed-up), and whose DiT the quantised one is compared with.
+        plain = Engine(dataclasses.replace(args, quantization=None))
+        reference = plain.pipeline
+        plain_inputs = reference.forward_inputs(ns.height, ns.width, **frames)
+        report["results"][f"ditserve {str(engine.dtype).replace('torch.', '')}"] = _bench_ours(
+            plain, gen, ns.repeat, plain_inputs
+        )
+        report["quantization"] = args.quantization
+    if not ns.no_diffusers and not native:  # the backend's own pipeline, called directly
         import diffusers
 
         report["diffusers"] = diffusers.__version__
-        pipe = pipeline.diffusers_pipeline()
+        report["results"]["diffusers"] = _bench_diffusers(pipeline.pipe, gen, ns.repeat, None, device)  # type: ignore[attr-defined]
+        ours, theirs = report["results"]["ditserve[diffusers]"], report["results"]["diffusers"]
+        report["speedup"] = {
+            "forward": None,
+            "step": theirs["step_ms"] / ours["step_ms"],
+            "generation": theirs["generation_s"] / ours["generation_s"],
+        }
+    elif not ns.no_diffusers:
+        import diffusers
+
+        report["diffusers"] = diffusers.__version__
+        pipe = reference.diffusers_pipeline()
         dt = pipe.transformer
-        their_inputs = pipeline.diffusers_forward_inputs(inputs)
+        their_inputs = reference.diffusers_forward_inputs(inputs)
         ours_dit = next(iter(pipeline.transformers().values()))
         with torch.no_grad():
             ours_out, ref_out = (
@@ -240,9 +305,22 @@ def run_bench(ns: argparse.Namespace) -> int:
             "generation": theirs["generation_s"] / ours["generation_s"],
         }
 
+    for backend in backends[1:]:  # beside the first, whose pipeline stays loaded
+        extra = _bench_backend(args, backend, ns)
+        report["backends"].append(backend)
+        report["results"][extra.pop("label")] = extra
+    rows = report["results"]
+    if "ditserve" in rows and "ditserve[diffusers]" in rows:
+        ours, theirs = rows["ditserve"], rows["ditserve[diffusers]"]
+        report["native_over_diffusers_backend"] = {
+            "step": theirs["step_ms"] / ours["step_ms"],
+            "generation": theirs["generation_s"] / ours["generation_s"],
+        }
+
     print(
         f"{report['model']} ({report['load_format']}) {ns.height}x{ns.width}, {report['steps']} steps, "
-        f"{report['dtype']}, compile={args.compile}, on {report['device']}"
+        f"{report['dtype']}{', ' + args.quantization if args.quantization else ''}, compile={args.compile}, "
+        f"on {report['device']}"
     )
     print(f"{'engine':<20} {'DiT fwd ms':>11} {'step ms':>9} {'generation s':>13} {'peak GiB':>9}")
     for name, r in report["results"].items():
@@ -256,12 +334,17 @@ def run_bench(ns: argparse.Namespace) -> int:
             f"{s['mode']} over one GPU: step {s['step']:.2f}x, generation {s['generation']:.2f}x "
             "(diffusers' context parallelism: benchmarks/parallel_scaling.py)"
         )
+    if "native_over_diffusers_backend" in report:
+        s = report["native_over_diffusers_backend"]
+        print(f"native over the diffusers backend: step {s['step']:.2f}x, generation {s['generation']:.2f}x")
     if "speedup" in report:
         s = report["speedup"]
+        parity = ""
+        if "dit_relative_difference" in report:
+            parity = f"; DiT outputs differ by {report['dit_relative_difference']:.2e} (relative L2)"
         print(
-            f"speed-up over diffusers: forward {s['forward']:.2f}x, step {s['step']:.2f}x, "
-            f"generation {s['generation']:.2f}x; DiT outputs differ by {report['dit_relative_difference']:.2e} "
-            "(relative L2)"
+            f"speed-up over diffusers: forward {_fmt(s['forward'], '.2f')}x, step {s['step']:.2f}x, "
+            f"generation {s['generation']:.2f}x{parity}"
         )
     if "diffusers_self_difference_flash_vs_default" in report:
         print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 
@@ -38,6 +39,21 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument(
+        "--sampling-preset",
+        default=None,
+        metavar="NAME",
+        help="a named way of sampling of the model's family (e.g. Wan's lightx2v-4step, for LightX2V's 4-step LoRAs)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a setting of the model's own (repeatable; VALUE is JSON, else a string): a native family's (Wan: "
+        "sampler=euler, flow_shift=5), or a diffusers pipeline's __call__ parameter with the diffusers backend "
+        "(e.g. use_resolution_binning=false)",
+    )
     video = p.add_argument_group("video and image-conditioned models")
     video.add_argument("--num-frames", type=int, default=None, help="frames of the clip (video models; 4k+1 for Wan)")
     video.add_argument("--fps", type=int, default=None, help="frame rate of the written clip (default: the model's)")
@@ -47,6 +63,23 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--image", action="append", default=None, help="input image (image-to-video, edits); repeat for several"
     )
+
+
+def parse_options(pairs: list[str] | None) -> dict | None:
+    """--option NAME=VALUE flags as an options dict: VALUE read as JSON (numbers, true/false, null), else a string."""
+    if not pairs:
+        return None
+    options: dict = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"ditserve: --option: {pair!r} is not NAME=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options[name.strip()] = value
+    return options
 
 
 def _format_summary(result, paths) -> str:
@@ -98,6 +131,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         fps=ns.fps,
         images=ns.image,
         guidance_scale_2=ns.guidance_scale_2,
+        sampling_preset=ns.sampling_preset,
+        options=parse_options(ns.option),
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)
@@ -105,6 +140,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if not engine.is_driver:  # another rank of a torchrun or multi-node launch: follow rank 0
         engine.follow()
         return 0
+    if engine.backend != "native" or ns.backend != "auto":  # a folder's native family is the unremarkable case
+        print(f"ditserve: {engine.source.describe_backend()}", file=sys.stderr)
     makes_video = engine.pipeline.spec.output == "video"
     output = ns.output or ("out.mp4" if makes_video else "out.png")
     if not (is_video_path(output) if makes_video else is_image_path(output)):
@@ -135,11 +172,18 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
-    from ditserve.registry import load_object, specs
+    from ditserve.registry import BACKEND_TINY_MODELS, load_object, specs
 
     spec = next((s for s in specs() if s.family == ns.family and s.make_tiny), None)
+    if spec is None and ns.family in BACKEND_TINY_MODELS:  # a pipeline served through the diffusers backend
+        given = [name for s in specs() for name in s.make_tiny_options if getattr(ns, name)]
+        if given:
+            raise UsageError(f"make-tiny: --{given[0].replace('_', '-')} is not an option of {ns.family}")
+        path = load_object(BACKEND_TINY_MODELS[ns.family])(ns.dir)
+        print(f"wrote a tiny random {ns.family} model (served by the diffusers backend) to {path}")
+        return 0
     if spec is None:
-        known = ", ".join(s.family for s in specs() if s.make_tiny)
+        known = ", ".join([*(s.family for s in specs() if s.make_tiny), *BACKEND_TINY_MODELS])
         raise UsageError(f"make-tiny: unknown family {ns.family!r}; known: {known}")
     for other in {flag for s in specs() for flag in s.make_tiny_options} - set(spec.make_tiny_options):
         if getattr(ns, other):
@@ -159,10 +203,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 def _add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     """The family and every family's own options (flags), from the registrations (plain data: no torch)."""
-    from ditserve.registry import specs
+    from ditserve.registry import BACKEND_TINY_MODELS, specs
 
     families = [s for s in specs() if s.make_tiny]
-    parser.add_argument("family", help=f"model family ({', '.join(s.family for s in families)})")
+    names = [*(s.family for s in families), *BACKEND_TINY_MODELS]
+    parser.add_argument("family", help=f"model family ({', '.join(names)})")
     parser.add_argument("dir", help="output folder")
     helps: dict[str, list[str]] = {}
     for s in families:
@@ -203,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")
     bench.add_argument("--json", default=None, help="write the results to this file")
+    for action in bench._actions:  # bench times one backend or several in one run: --backend native,diffusers
+        if action.dest == "backend":
+            action.choices = None
+            action.help = f"{action.help}; several comma-separated (native,diffusers) are each timed, in order"
     bench.set_defaults(handler=cmd_bench)
 
     from ditserve.server.cli import register_server_commands

@@ -12,7 +12,7 @@ import math
 import warnings
 from pathlib import Path
 
-from ditserve.config import ATTENTION_BACKENDS, LOAD_FORMATS
+from ditserve.config import ATTENTION_BACKENDS, BACKENDS, LOAD_FORMATS, QUANTIZATIONS
 
 
 class UsageError(Exception):
@@ -25,6 +25,13 @@ class CliParser(argparse.ArgumentParser):
 
 
 def field_to_flag(field: str) -> str:
+    """The CLI flag of a request field, as errors name it: `options.flow_shift` is `--option flow_shift=...`."""
+    if field.startswith("options."):
+        return f"--option {field.split('.', 1)[1]}"
+    if field == "options":
+        return "--option"
+    if field == "images":
+        return "--image"
     return "--" + field.replace("_", "-")
 
 
@@ -50,16 +57,50 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="diffusers model folder, preset name, or built-in: digits (the default), tiny-flux",
     )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="native: our DiT for the folder's family; diffusers: diffusers runs the pipeline (any diffusers folder); "
+        "auto (default): native where a family serves the folder, diffusers otherwise",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy = random weights, real sizes")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
     p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="fp8: the DiT blocks' linears in float8 e4m3 (per-channel weight scales, per-token activations; "
+        "needs FP8 tensor cores: Ada, Hopper or newer)",
+    )
+    p.add_argument(
         "--vae-tiling",
         action="store_true",
         help="decode large images in overlapping tiles (as diffusers' enable_tiling); spread over the GPUs",
     )
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch's images one at a time (less memory)")
+    p.add_argument(
+        "--dit-layerwise-offload",
+        action="store_true",
+        help="keep the DiT's blocks on the CPU, each brought to the GPU for its turn (diffusers backend: diffusers' "
+        "group offload)",
+    )
+    cache = p.add_argument_group("the cache-dit library (diffusers backend; pip install cache-dit)")
+    cache.add_argument("--cache-dit", action="store_true", help="cache steps with cache-dit's DBCache")
+    cache.add_argument("--cache-dit-config", default=None, metavar="YAML", help="cache-dit's cache_config file")
+    cache.add_argument("--cache-dit-fn", type=int, default=None, help="first blocks always computed (Fn)")
+    cache.add_argument("--cache-dit-bn", type=int, default=None, help="last blocks always computed (Bn)")
+    cache.add_argument(
+        "--cache-dit-residual-diff-threshold", type=float, default=None, help="cache while the residual moves less"
+    )
+    cache.add_argument("--cache-dit-max-warmup-steps", type=int, default=None, help="steps always computed first")
+    cache.add_argument("--cache-dit-max-cached-steps", type=int, default=None, help="-1: no limit")
+    cache.add_argument("--cache-dit-max-continuous-cached-steps", type=int, default=None, help="-1: no limit")
+    cache.add_argument("--cache-dit-taylorseer", action="store_true", help="TaylorSeer for the cached steps")
+    cache.add_argument("--cache-dit-taylorseer-order", type=int, default=None)
     p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
@@ -96,8 +137,39 @@ def engine_args_from(ns: argparse.Namespace):
 
     from ditserve.config import EngineArgs
 
-    names = [f.name for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name)]
-    return EngineArgs(**{name: getattr(ns, name) for name in names})
+    names = [f.name for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name) and f.name != "cache_dit"]
+    values = {name: getattr(ns, name) for name in names}
+    cache_dit = cache_dit_settings(ns)
+    if cache_dit is not None:
+        values["cache_dit"] = cache_dit
+    return EngineArgs(**values)
+
+
+# --cache-dit-* flag → CacheDiTSettings field
+CACHE_DIT_FLAGS = {
+    "cache_dit_config": "config_file",
+    "cache_dit_fn": "fn_compute_blocks",
+    "cache_dit_bn": "bn_compute_blocks",
+    "cache_dit_residual_diff_threshold": "residual_diff_threshold",
+    "cache_dit_max_warmup_steps": "max_warmup_steps",
+    "cache_dit_max_cached_steps": "max_cached_steps",
+    "cache_dit_max_continuous_cached_steps": "max_continuous_cached_steps",
+    "cache_dit_taylorseer": "taylorseer",
+    "cache_dit_taylorseer_order": "taylorseer_order",
+}
+
+
+def cache_dit_settings(ns: argparse.Namespace):
+    """--cache-dit and its settings as `CacheDiTSettings` (None without --cache-dit; a setting without it is an
+    error naming the flag)."""
+    from ditserve.config import CacheDiTSettings
+
+    given = {flag: getattr(ns, flag) for flag in CACHE_DIT_FLAGS if getattr(ns, flag, None) not in (None, False)}
+    if not getattr(ns, "cache_dit", False):
+        if given:
+            raise UsageError(f"ditserve: {field_to_flag(next(iter(given)))}: give --cache-dit too")
+        return None
+    return CacheDiTSettings(**{CACHE_DIT_FLAGS[flag]: value for flag, value in given.items()})
 
 
 # ---- LoRA flags (generate and serve) ----------------------------------------------------------------------------

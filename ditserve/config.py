@@ -29,8 +29,10 @@ DTYPES: dict[str, str] = {
     "fp16": "float16",
 }
 LOAD_FORMATS = ("auto", "dummy")
+BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
 
 # Bounds that keep one request from exhausting the machine; generous for real use.
 MAX_SIDE = 4096
@@ -43,6 +45,62 @@ MAX_INPUT_IMAGES = 16
 
 class ConfigError(FieldError):
     """A setting is invalid: `field` names the setting and `message` says what is allowed."""
+
+
+@dataclass
+class CacheDiTSettings:
+    """The cache-dit library's DBCache (and TaylorSeer) for the diffusers backend (accel/cache_dit.py). `None`: the
+    library's own default. `config_file` is a cache-dit YAML file (its `cache_config` section); a setting given here
+    as well overrides the file's."""
+
+    config_file: str | None = None
+    fn_compute_blocks: int | None = None  # first blocks always computed (DBCache's Fn)
+    bn_compute_blocks: int | None = None  # last blocks always computed (Bn)
+    residual_diff_threshold: float | None = None  # a step is cached while the first blocks' residual moves less
+    max_warmup_steps: int | None = None  # steps always computed at the start
+    max_cached_steps: int | None = None  # at most this many cached steps (-1: no limit)
+    max_continuous_cached_steps: int | None = None  # at most this many cached steps in a row (-1: no limit)
+    taylorseer: bool = False  # TaylorSeer: cached steps extrapolate the blocks' output instead of reusing it
+    taylorseer_order: int | None = None
+
+    @staticmethod
+    def flag_field(name: str) -> str:
+        """The engine flag's field of a setting (`cache_dit_fn` for fn_compute_blocks, ...)."""
+        short = {"fn_compute_blocks": "fn", "bn_compute_blocks": "bn", "config_file": "config"}
+        return "cache_dit_" + short.get(name, name)
+
+    def validate(self) -> None:
+        import os
+
+        if self.config_file is not None and not os.path.isfile(self.config_file):
+            raise ConfigError("cache_dit_config", f"{self.config_file!r} is not a file")
+        for name in ("fn_compute_blocks", "bn_compute_blocks", "max_warmup_steps", "taylorseer_order"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(self.flag_field(name), f"must be an integer >= 0, got {value!r}")
+        for name in ("max_cached_steps", "max_continuous_cached_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+                raise ConfigError(self.flag_field(name), f"must be an integer >= -1 (-1: no limit), got {value!r}")
+        value = self.residual_diff_threshold
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
+            raise ConfigError("cache_dit_residual_diff_threshold", f"must be a number >= 0, got {value!r}")
+
+    def cache_config(self) -> dict:
+        """The settings given here, under cache-dit's names (its `cache_config` section)."""
+        names = {
+            "fn_compute_blocks": "Fn_compute_blocks",
+            "bn_compute_blocks": "Bn_compute_blocks",
+            "residual_diff_threshold": "residual_diff_threshold",
+            "max_warmup_steps": "max_warmup_steps",
+            "max_cached_steps": "max_cached_steps",
+            "max_continuous_cached_steps": "max_continuous_cached_steps",
+            "taylorseer_order": "taylorseer_order",
+        }
+        config = {theirs: getattr(self, ours) for ours, theirs in names.items() if getattr(self, ours) is not None}
+        if self.taylorseer:
+            config["enable_taylorseer"] = True
+        return config
 
 
 def parse_dtype(value: str | torch.dtype | None, field_name: str = "dtype") -> torch.dtype | None:
@@ -61,6 +119,9 @@ class EngineArgs:
     """How a model is loaded and run. `None` means: pick what suits the device."""
 
     model: str | None = None  # folder in diffusers layout, or a preset name; None = the built-in default
+    # "native": our family's pipeline and DiT; "diffusers": diffusers runs the model (any diffusers pipeline folder);
+    # "auto": native where a family serves the folder's pipeline class, diffusers otherwise.
+    backend: str = "auto"
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None = cuda if available
     dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
     load_format: str = "auto"  # "auto": weights from the folder; "dummy": real architecture, random weights
@@ -69,7 +130,14 @@ class EngineArgs:
     # Decode large images in overlapping tiles (diffusers' vae.enable_tiling(): less memory, and the tiles are
     # shared out over the ranks when there are several); off by default, as in diffusers.
     vae_tiling: bool = False
+    vae_slicing: bool = False  # decode a batch's images one at a time (diffusers' vae.enable_slicing())
+    # Keep the DiT's blocks on the CPU and bring each to the device for its turn (the diffusers backend: diffusers'
+    # group offload, one block at a time, prefetched on a side stream on CUDA).
+    dit_layerwise_offload: bool = False
+    cache_dit: CacheDiTSettings | dict | None = None  # the cache-dit library (diffusers backend); None: off
     cuda_graphs: bool = True  # replay the DiT forward as a CUDA graph per input shape (CUDA only; see accel/cuda_graph)
+    # "fp8": the DiT blocks' linears in float8 e4m3 with per-channel scales, activations per token (accel/fp8.py).
+    quantization: str | None = None
     seed_for_dummy_weights: int = 0
     # Several GPUs (on the CPU: several processes); num_gpus = ulysses · ring · (2 if cfg_parallel) · tp_size.
     num_gpus: int = 1
@@ -89,11 +157,24 @@ class EngineArgs:
     def __post_init__(self) -> None:
         import torch
 
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if isinstance(self.cache_dit, dict):
+            try:
+                self.cache_dit = CacheDiTSettings(**self.cache_dit)
+            except TypeError as e:
+                raise ConfigError("cache_dit", f"unknown setting ({e})") from None
+        if self.cache_dit is not None:
+            self.cache_dit.validate()
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 "attention_backend", f"{self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                "quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or none)"
             )
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:
@@ -190,6 +271,8 @@ class SamplingParams:
     output_type: str = "pil"
     # Models with two experts (one for the noisy steps, one for the rest): the second's CFG scale; None: guidance_scale.
     guidance_scale_2: float | None = None
+    # A named way of sampling of the model's family (ModelSpec.sampling_presets): it fills the fields left unset.
+    sampling_preset: str | None = None
 
     def validate(self, spatial_multiple: int = 16, max_sequence_length_limit: int | None = None) -> None:
         """Check every field. `spatial_multiple` is what height and width must divide by for this model."""
@@ -245,6 +328,8 @@ class SamplingParams:
                     raise ConfigError(
                         f"options.{name}", f"must be a number, a string, true/false or null, got {value!r}"
                     )
+        if self.sampling_preset is not None and not isinstance(self.sampling_preset, str):
+            raise ConfigError("sampling_preset", f"must be a preset's name, got {self.sampling_preset!r}")
         n = self.num_images
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
             raise ConfigError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILY_MODULES = ("flux", "zimage", "wan")
+FAMILY_MODULES = ("flux", "zimage", "wan", "flux2", "flux2_klein")
 
 # The model `generate` and `serve` use when no --model is given: "digits", a tiny FLUX.1 trained on handwritten
 # digits, shipped inside the package (ditserve/assets/digits-flux, written by `python -m ditserve.digits.train`).
@@ -25,6 +25,20 @@ FAMILY_MODULES = ("flux", "zimage", "wan")
 DEFAULT_MODEL = "digits"
 BUILTIN_MODELS = ("digits", "tiny-flux")
 DEFAULT_BENCH_MODEL = "flux.1-dev"  # the preset `ditserve bench` times when no --model is given
+
+# Who runs a folder: "native" (the family serving its `_class_name`, with our DiT), "diffusers" (any diffusers
+# pipeline, run by diffusers itself behind the same seam: pipelines/diffusers_backend.py), or "auto" (native when a
+# family serves the class, diffusers otherwise).
+BACKENDS = ("auto", "native", "diffusers")
+# "module:function" building the diffusers backend's ModelSpec for a pipeline class (it inspects the class).
+DIFFUSERS_BACKEND_SPEC = "ditserve.pipelines.diffusers_backend:backend_spec"
+# Tiny random folders of pipelines only the diffusers backend serves: `ditserve make-tiny NAME` → "module:function".
+BACKEND_TINY_MODELS = {
+    "sd3": "ditserve.tiny.backend:make_tiny_sd3",
+    "sana": "ditserve.tiny.backend:make_tiny_sana",
+    "ltx-video": "ditserve.tiny.backend:make_tiny_ltx_video",
+    "hunyuan-video": "ditserve.tiny.backend:make_tiny_hunyuan_video",
+}
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,9 @@ class ModelSpec:
     max_sequence_length: int = 512  # the longest text sequence the family's encoder is used with
     # Settings of the family's own that a request may set in `SamplingParams.options`: name → default.
     sampling_options: dict[str, Any] = field(default_factory=dict)
+    # Named ways of sampling a request may pick (`SamplingParams.sampling_preset`), e.g. a few-step distillation
+    # LoRA's: name → SamplingParams fields (and `options`) that fill what the request leaves unset.
+    sampling_presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     presets: tuple[Preset, ...] = ()
     # "module:function" writing a tiny random folder of this family: function(path, **options) → path, with
     # `make_tiny_options` naming the options `ditserve make-tiny` offers (flag → help).
@@ -111,6 +128,20 @@ def spec_for_family(family: str) -> ModelSpec:
 def spec_for_pipeline_class(class_name: str) -> ModelSpec | None:
     """The family serving folders whose model_index.json names `class_name`, or None."""
     return next((s for s in specs() if class_name in s.pipeline_classes), None)
+
+
+def choose_backend(class_name: str, backend: str) -> str:
+    """ "native" or "diffusers" for a folder of this pipeline class and a --backend value; ValueError (the message
+    for the user) when native is asked for a class no family serves."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{backend!r} is not one of {', '.join(BACKENDS)}")
+    native = spec_for_pipeline_class(class_name) is not None
+    if backend == "native" and not native:
+        raise ValueError(
+            f"no native family serves {class_name} (native: {', '.join(supported_pipeline_classes())}); "
+            "use --backend diffusers or auto"
+        )
+    return "native" if native and backend != "diffusers" else "diffusers"
 
 
 def supported_pipeline_classes() -> list[str]:

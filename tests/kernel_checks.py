@@ -66,6 +66,65 @@ def check_rms_norm_rope(
         assert message[:, :, :, 0].isnan().all() and message[:, :, :, 2].isnan().all(), "wrote outside its heads"
 
 
+def check_rms_norm_across_heads_rope(
+    device: str, dtype: torch.dtype, b: int, s: int, h: int, d: int, tol: float, seed: int
+) -> None:
+    """Wan's q/k norm: one RMS over all heads of a token, with and without RoPE, under a stand-in for the
+    tensor-parallel sum of squares (two ranks of equal heads), and into head groups as Ulysses's messages hold."""
+    from ditserve.layers.rotary import apply_rope
+
+    g = torch.Generator().manual_seed(seed)
+    axes = [d - 2 * (d // 4 // 2 * 2), d // 4 // 2 * 2, d // 4 // 2 * 2]
+    ids = torch.randint(0, 32, (s + 3, 3), generator=g).float()  # positions of 3 earlier tokens, then x's
+    cos, sin = (t.to(device) for t in multi_axis_rope(ids, axes))
+    fused = torch.randn(b, s, 3 * h * d, generator=g).to(device, dtype)
+    x = fused[..., h * d : 2 * h * d].unflatten(-1, (h, d))  # k of a fused QKV: a strided view
+    w = (1 + 0.1 * torch.randn(h * d, generator=g)).to(device, dtype)
+    for rope, reduce, width in ((True, None, None), (False, None, None), (True, lambda t: 2 * t, 2 * h * d)):
+        out = torch.full((b, s + 3, h, d), float("nan"), device=device, dtype=dtype)
+        k.rms_norm_across_heads_rope_into(
+            out, x, w, 1e-6, cos if rope else None, sin if rope else None, 3, reduce, width
+        )
+        ref = k.rms_norm_across_heads_reference(x.double(), w.double(), 1e-6, reduce, width)
+        if rope:
+            ref = apply_rope(ref, cos[3:].double(), sin[3:].double())
+        assert out[:, :3].isnan().all() and not out[:, 3:].isnan().any(), "wrote outside its rows"
+        assert rel(out[:, 3:], ref) < tol, (rel(out[:, 3:], ref), rope, reduce is not None, b, s, h, d)
+    if h % 4 == 0:
+        message = torch.full((2, 2, s, 3, b, h // 4, d), float("nan"), device=device, dtype=dtype)
+        grouped = message[:, :, :, 1].permute(3, 2, 1, 0, 4, 5)
+        k.rms_norm_across_heads_rope_into(grouped, x, w, 1e-6, cos[3:], sin[3:], 0)
+        plain = torch.empty(b, s, h, d, device=device, dtype=dtype)
+        k.rms_norm_across_heads_rope_into(plain, x, w, 1e-6, cos[3:], sin[3:], 0)
+        assert torch.equal(grouped.reshape(plain.shape), plain), ("head groups", b, h, d)
+        assert message[:, :, :, 0].isnan().all() and message[:, :, :, 2].isnan().all(), "wrote outside its heads"
+
+
+def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, seed: int) -> None:
+    """FP8 per-row quantisation: the kernel's scales equal the reference's, and so do its e4m3 values but for rare
+    rounding differences of the division."""
+    from ditserve.kernels import fp8_quant as q
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols + 8, generator=g) * torch.logspace(-3, 3, rows)[:, None]).to(device, dtype)
+    x = x[:, 4 : 4 + cols]  # a strided view: rows not contiguous with each other
+    if rows > 1:
+        x[1] = 0  # an all-zero row quantises to zeros
+    got, got_scale = q.quantize_rows(x)
+    want, want_scale = q.quantize_rows_reference(x)
+    assert got.dtype == q.FP8 and got.shape == x.shape and got_scale.shape == (rows, 1)
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0)
+    # On CUDA a value on a rounding boundary may rarely land one e4m3 step apart. Triton's CPU interpreter gets
+    # some round-ups into the next power of two wrong (the value comes out half as large): about 3% of bytes, so
+    # on the CPU this checks the kernel's indexing and scales, and on CUDA its values.
+    differ = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
+    assert differ < (1e-3 if x.is_cuda else 0.05), differ
+    if x.is_cuda:
+        assert rel(got.float() * got_scale, want.float() * want_scale) < 1e-3
+    if rows > 1:
+        assert not got[1].float().any()
+
+
 def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
     from ditserve.kernels import fused_residual as r
 
@@ -276,6 +335,11 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     )
     for seed, (b, st, si, h, d) in enumerate(shapes):
         check_rms_norm_rope(device, dtype, b, st, si, h, d, tol, seed)
+    for seed, (rows, cols) in enumerate([(3, 48), (17, 3072)] if sizes == "small" else [(4608, 3072), (4096, 15360)]):
+        check_quantize_rows(device, dtype, rows, cols, seed)
+    wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]
+    for seed, (b, s, h, d) in enumerate(wan_shapes):
+        check_rms_norm_across_heads_rope(device, dtype, b, s, h, d, tol, seed)
     copies = (
         [(1, 5, 2, 1, 3, 16), (2, 6, 4, 2, 1, 32), (1, 3, 3, 2, 2, 128)]
         if sizes == "small"

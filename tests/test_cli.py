@@ -207,3 +207,21 @@ def test_generate_video_writes_mp4_and_refuses_image_outputs(tiny_wan, tmp_path)
     assert frames.shape == (5, 32, 48, 3) and fps == 8
     refused = run_cli("generate", *args, "--output", str(tmp_path / "clip.png"))
     assert refused.returncode == 2 and "--output" in refused.stderr and "makes videos" in refused.stderr
+
+
+def test_option_flags_parse_and_errors_name_them():
+    from ditserve.cli import UsageError, parse_options
+    from ditserve.cli_common import field_to_flag
+
+    assert parse_options(["sampler=euler", "flow_shift=5", "denoising_steps=1000,750", "x=null"]) == {
+        "sampler": "euler",
+        "flow_shift": 5,
+        "denoising_steps": "1000,750",
+        "x": None,
+    }
+    assert parse_options(None) is None
+    with pytest.raises(UsageError, match="--option: 'sampler' is not NAME=VALUE"):
+        parse_options(["sampler"])
+    assert field_to_flag("options.flow_shift") == "--option flow_shift"
+    assert field_to_flag("sampling_preset") == "--sampling-preset"
+    assert field_to_flag("images") == "--image"

@@ -232,12 +232,64 @@ def test_defaults_and_validation(ours):
     got = (p.height, p.width, p.num_frames, p.fps, p.num_inference_steps, p.guidance_scale, p.max_sequence_length)
     assert got == (480, 832, 81, 16, 50, 5.0, 512)
     assert ours.spatial_multiple == 16
-    for field, value in (("num_frames", 8), ("height", 40), ("true_cfg_scale", 2.0), ("options", {"a": 1})):
+    bad = [("num_frames", 8), ("height", 40), ("true_cfg_scale", 2.0), ("options", {"a": 1})]
+    bad += [("sampling_preset", "lightning-8"), ("sampling_preset", 4)]
+    for field, value in bad:
         with pytest.raises(ConfigError) as info:
             ours.resolve(SamplingParams(prompt="x", **{field: value}))
         assert info.value.field == field
     with pytest.raises(ConfigError, match="4·k \\+ 1.*5 or 9, not 8"):
         ours.resolve(SamplingParams(prompt="x", num_frames=8))
+
+
+# ---- few-step sampling: the sampler options and the LightX2V preset ----------------------------------------------
+class _LightX2VEuler:
+    """diffusers' FlowMatchEulerDiscreteScheduler at shift 5 that always sets LightX2V's four timesteps (1000, 750,
+    500, 250 before the shift): what the 4-step LoRAs' recipe runs, inside diffusers' own WanPipeline."""
+
+    def __new__(cls):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        class Scheduler(FlowMatchEulerDiscreteScheduler):
+            def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+                assert num_inference_steps == 4
+                super().set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], device=device)
+
+        return Scheduler(num_train_timesteps=1000, shift=5.0)
+
+
+def test_lightx2v_preset_matches_diffusers_euler_at_its_timesteps(ours, theirs):
+    """`sampling_preset="lightx2v-4step"`: 4 steps, no CFG, Euler at shift 5 over 1000/750/500/250, as diffusers'
+    WanPipeline runs with that scheduler; a request's own field still wins over the preset's."""
+    p = ours.resolve(SamplingParams(prompt="x", sampling_preset="lightx2v-4step"))
+    assert (p.num_inference_steps, p.guidance_scale, p.guidance_scale_2) == (4, 1.0, None)  # one expert: no 2nd scale
+    assert p.options == {"sampler": "euler", "flow_shift": 5.0, "denoising_steps": "1000,750,500,250"}
+    assert (
+        ours.resolve(SamplingParams(prompt="x", sampling_preset="lightx2v-4step", guidance_scale=2.0)).guidance_scale
+        == 2.0
+    )
+    kwargs = dict(prompt="a fox", height=32, width=32, num_frames=5, output_type="latent")
+    got = generate(ours, 5, sampling_preset="lightx2v-4step", **kwargs)[0]
+    reference = DiffusersWanPipeline(**{**theirs.components, "scheduler": _LightX2VEuler()})
+    reference.set_progress_bar_config(disable=True)
+    expected = run_diffusers(reference, 5, num_inference_steps=4, guidance_scale=1.0, **kwargs)[0]
+    assert (got - expected).abs().max().item() < 1e-4
+    default = generate(ours, 5, num_inference_steps=4, guidance_scale=1.0, **kwargs)[0]
+    assert (got - default).abs().max().item() > 1e-2  # UniPC at the folder's shift samples otherwise
+
+
+def test_sampler_options_are_checked(ours):
+    for options, field in (
+        ({"sampler": "ddim"}, "options.sampler"),
+        ({"flow_shift": -1}, "options.flow_shift"),
+        ({"denoising_steps": "1000,500"}, "options.denoising_steps"),  # UniPC takes its own
+        ({"sampler": "euler", "denoising_steps": "1000,500"}, "options.denoising_steps"),  # 2 for 4 steps
+        ({"sampler": "euler", "denoising_steps": "500,750,250,100"}, "options.denoising_steps"),
+        ({"sampler": "euler", "denoising_steps": "a,b,c,d"}, "options.denoising_steps"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            ours.resolve(SamplingParams(prompt="x", num_inference_steps=4, options=options))
+        assert info.value.field == field, options
 
 
 def test_batch_equals_each_alone(ours):
@@ -338,6 +390,8 @@ def test_two_experts_switch_where_diffusers_does(tiny_wan_experts):
     theirs = DiffusersWanPipeline.from_pretrained(tiny_wan_experts)
     theirs.set_progress_bar_config(disable=True)
     assert ours.boundary_ratio == 0.875 and set(ours.transformers()) == {"transformer", "transformer_2"}
+    few = ours.resolve(SamplingParams(prompt="x", sampling_preset="lightx2v-4step"))
+    assert (few.guidance_scale, few.guidance_scale_2) == (1.0, 1.0)  # CFG off on both experts
     # 4 steps: t = 999, 900 (≥ 875: the first expert), then 750, 500 (the second), each with CFG (two forwards).
     kwargs = dict(prompt="a red fox", negative_prompt="fog", height=32, width=32, num_frames=5, num_inference_steps=4)
     kwargs |= dict(guidance_scale=4.0, guidance_scale_2=2.0)

@@ -114,6 +114,37 @@ def test_lora_matches_diffusers(tiny_wan, tmp_path, writer):
     assert np.array_equal(engine.generate(**request).videos[0], base)
 
 
+def test_lora_on_the_second_expert_matches_diffusers(tiny_wan_experts, tmp_path):
+    """A LoRA with `target="transformer_2"` changes only the steps the second expert runs, and gives what diffusers'
+    `load_lora_weights(..., load_into_transformer_2=True)` gives; merged and unmerged likewise."""
+    from diffusers import WanPipeline
+
+    engine = Engine.from_pretrained(str(tiny_wan_experts))
+    cfg = engine.pipeline.c.transformer_2.config
+    lora = tmp_path / "late_lora.safetensors"
+    save_file(_original_named({"dim": cfg.dim, "ffn": cfg.ffn_dim}), str(lora))
+    request = {**REQUEST, "guidance_scale": 1.0, "negative_prompt": None, "num_inference_steps": 4}
+    base = engine.generate(**request).videos[0]
+    engine.set_lora("late", str(lora), target="transformer_2")
+    targets = engine.list_loras()["targets"]
+    assert targets["transformer"]["active"] == [] and [a["nickname"] for a in targets["transformer_2"]["active"]] == [
+        "late"
+    ]
+    ours = engine.generate(**request).videos[0]
+    pipe = WanPipeline.from_pretrained(tiny_wan_experts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="late", load_into_transformer_2=True)
+    kwargs = {k: v for k, v in request.items() if k not in ("seed", "negative_prompt")}
+    theirs = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(request["seed"])).frames[0]
+    assert np.abs(ours - base).max() > 1e-2
+    assert np.abs(ours - theirs).max() < 1e-4
+    engine.merge_lora_weights(target="transformer_2")
+    assert np.abs(engine.generate(**request).videos[0] - theirs).max() < 1e-4
+    engine.unmerge_lora_weights(target="transformer_2")
+    engine.set_lora([], [])
+    assert np.array_equal(engine.generate(**request).videos[0], base)
+
+
 # ---- Wan2.2's experts and input images across ranks ----------------------------------------------------------------
 IMAGE = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
 
@@ -161,3 +192,33 @@ def test_cuda_graphs_replay_what_eager_computes(tiny_wan):
     kwargs = {k: v for k, v in request.items() if k != "seed"}
     theirs = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(request["seed"])).frames[0]
     assert np.abs(want - theirs).mean() < 3 / 255  # frames in [0, 1]; bf16: other kernels, other rounding
+
+
+# ---- the VAE decode shared out over the ranks ----------------------------------------------------------------------
+TILED = {**REQUEST, "height": 32, "width": 288, "guidance_scale": 1.0, "negative_prompt": None}  # 2 tiles of 256 px
+
+
+def test_tiled_decode_over_ranks_is_diffusers_tiled_decode(tiny_wan):
+    """One rank: our tile loop is AutoencoderKLWan.tiled_decode bit for bit (uneven tiles, several frames)."""
+    from diffusers import AutoencoderKLWan
+
+    from ditserve.pipelines.wan import tiled_decode_over_ranks
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_wan, subfolder="vae")
+    vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=48, tile_sample_stride_height=24,
+                      tile_sample_stride_width=32)  # fmt: skip
+    z = torch.randn(1, vae.config.z_dim, 3, 7, 11, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tiled_decode_over_ranks(vae, z, None), vae.tiled_decode(z, return_dict=False)[0])
+
+
+def test_vae_tiles_decoded_across_ranks_match_one_process(tiny_wan):
+    """--vae-tiling: one process gives diffusers' tiled decode; under Ulysses-2 the two ranks decode a tile each
+    and give the same frames."""
+    one = Engine.from_pretrained(str(tiny_wan), vae_tiling=True)
+    tiled = one.generate(**TILED).videos[0]
+    plain = Engine.from_pretrained(str(tiny_wan)).generate(**TILED).videos[0]
+    assert np.abs(tiled - plain).max() > 1e-4  # the seam is blended: tiling did happen
+    with Engine.from_pretrained(str(tiny_wan), device="cpu", vae_tiling=True, num_gpus=2, ulysses_degree=2) as engine:
+        got = engine.generate(**TILED).videos[0]
+    assert np.abs(got - tiled).max() < 1e-3

@@ -166,6 +166,8 @@ def measure(engine) -> CostModel:
     import torch
 
     pipe = engine.pipeline
+    if not pipe.spec.dits:
+        raise ValueError("the model runs no DiT of ours (the diffusers backend): its FLOPs are not counted")
     m = pipe.spatial_multiple  # one latent token a side
     sides = [8 * m, 16 * m, 32 * m]
     pixels = [s * s for s in sides]

@@ -34,7 +34,6 @@ from ditserve.engine.distributed import (
 )
 from ditserve.layers.attention import set_attention_backend
 from ditserve.loader.folder import resolve_model
-from ditserve.lora import LoRAManager, lora_targets
 from ditserve.parallel.groups import ParallelConfigError, ParallelGroups, init_parallel_groups
 from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline
@@ -71,7 +70,8 @@ class Engine:
         self.rank = 0
         self.device = args.resolved_device()
         self.dtype = args.resolved_dtype()
-        self.source = resolve_model(args.model, args.load_format)
+        self.source = resolve_model(args.model, args.load_format, args.backend)
+        load_object(self.source.spec.pipeline).check_engine_args(args, self.source)
         if self.parallel.world_size > 1:
             # Refuse a split the model cannot take before any process is started.
             try:
@@ -101,11 +101,23 @@ class Engine:
             # Groups first: tensor-parallel layers read their group while the model is built.
             self.groups = init_parallel_groups(self.parallel)
             self._control = dist.new_group(backend="gloo")
+        if args.quantization == "fp8":  # before the (long) load: a card without FP8 tensor cores is refused
+            from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+            try:
+                check_fp8_device(self.device)
+            except FP8Unsupported as e:
+                raise ConfigError("quantization", str(e)) from None
         cls = load_object(self.source.spec.pipeline)
         self.pipeline: Pipeline = cls.load(
             self.source, self.device, self.dtype, args.load_format, args.seed_for_dummy_weights
         )
         transformers = self.pipeline.transformers().values()
+        if args.quantization == "fp8":
+            from ditserve.accel.fp8 import quantize_dit
+
+            for transformer in transformers:
+                quantize_dit(transformer)
         if self.groups is not None:
             self.pipeline.parallel = self.groups
             if self.groups.sequence is not None:
@@ -127,6 +139,11 @@ class Engine:
             self.pipeline.vae.enable_tiling()
             if self.parallel.world_size > 1:
                 self.pipeline.decode_group = dist.group.WORLD
+        if args.vae_slicing:
+            if not callable(getattr(self.pipeline.vae, "enable_slicing", None)):
+                raise ConfigError("vae_slicing", f"{type(self.pipeline.vae).__name__} cannot decode in slices")
+            self.pipeline.vae.enable_slicing()
+        self.pipeline.configure(args, self.groups)
         for name, transformer in self.pipeline.transformers().items():
             if args.compile:
                 compile_repeated_blocks(transformer)
@@ -135,7 +152,7 @@ class Engine:
         # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
-        self.lora = LoRAManager(lora_targets(self.pipeline))
+        self.lora = self.pipeline.lora_manager()
         if self.is_driver and self.parallel.world_size > 1:
             atexit.register(self.close)
 
@@ -269,6 +286,11 @@ class Engine:
     @property
     def model_name(self) -> str:
         return self.source.name
+
+    @property
+    def backend(self) -> str:
+        """ "native" (our family's pipeline) or "diffusers" (the diffusers backend)."""
+        return self.source.backend
 
     def defaults(self) -> SamplingParams:
         return self.pipeline.defaults()

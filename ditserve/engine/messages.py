@@ -36,6 +36,7 @@ _PARAM_FIELDS = (
     "options",
     "max_sequence_length",
     "guidance_scale_2",
+    "sampling_preset",
 )
 
 
@@ -78,6 +79,7 @@ class ModelInfo:
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
     frame_step: int | None = None  # video models: num_frames must be frame_step·k + 1 (the VAE's temporal packing)
+    backend: str = "native"  # who runs the model: "native" (our DiT) or "diffusers" (the diffusers backend)
 
 
 def encode(message: dict, blobs: list[bytes] | None = None) -> list[bytes]:

@@ -113,6 +113,7 @@ class Worker:
             pid=os.getpid(),
             cost=cost,
             frame_step=int(getattr(pipe, "vae_scale_temporal", 1) or 1) if video else None,
+            backend=self.engine.backend,
         )
         self.sock.send_multipart(msg.ready_message(info, notes))
 

@@ -262,6 +262,21 @@ SPEC = ModelSpec(
         "fps": 16,
     },
     max_sequence_length=512,
+    # The sampler of a request: diffusers' UniPC (the folders' scheduler) or flow-matching Euler, the folder's shift
+    # or another, and optionally the timesteps a distillation was trained at (before the shift, comma-separated,
+    # one per step; Euler only).
+    sampling_options={"sampler": "unipc", "flow_shift": None, "denoising_steps": None},
+    sampling_presets={
+        # The 4-step distillation LoRAs of LightX2V for Wan2.1 and Wan2.2 (lightx2v/Wan2.1-Distill-Loras,
+        # lightx2v/Wan2.2-Distill-Loras; also guidance-distilled): Euler at shift 5 over timesteps 1000, 750,
+        # 500, 250, no CFG (LightX2V's own settings: sample_shift 5, denoising_step_list, guide scale 1).
+        "lightx2v-4step": {
+            "num_inference_steps": 4,
+            "guidance_scale": 1.0,
+            "guidance_scale_2": 1.0,
+            "options": {"sampler": "euler", "flow_shift": 5.0, "denoising_steps": "1000,750,500,250"},
+        },
+    },
     presets=(
         _t2v_preset("wan2.1-t2v-1.3b", _WAN21_T2V_1_3B),
         _t2v_preset("wan2.1-t2v-14b", _WAN21_T2V_14B),

@@ -328,6 +328,67 @@ def rms_norm_across_heads_reference(
     return (normed * weight).view(x.shape)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_across_heads_rope_kernel(
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        square_sum_ptr,
+        out_ptr,
+        seq_len,
+        heads,
+        seq_offset,
+        x_stride_b,
+        x_stride_s,
+        x_stride_h,
+        o_stride_b,
+        o_stride_s,
+        o_stride_g1,
+        o_stride_g2,
+        o_stride_h,
+        group2,
+        per_group,
+        width,
+        eps,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        ROPE: tl.constexpr,
+        GIVEN_SQUARE_SUM: tl.constexpr,
+    ):
+        # One program per token, as `_rms_norm_rope_kernel`, but one mean square over the whole [heads, D] tile
+        # (or over every rank's heads: then summed beforehand and given per token).
+        token = tl.program_id(0)
+        b = token // seq_len
+        s = token % seq_len
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, D)[None, :]
+        mask = h < heads
+        x = tl.load(x_ptr + b * x_stride_b + s * x_stride_s + h * x_stride_h + d, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if GIVEN_SQUARE_SUM:
+            square_sum = tl.load(square_sum_ptr + token)
+        else:
+            square_sum = tl.sum(tl.sum(x * x, axis=1), axis=0)
+        rstd = tl.rsqrt(square_sum / width + eps)
+        w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+        # Rounded to the activation dtype, as the reference's separate norm is, before the rotation.
+        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        if ROPE:
+            pos = (seq_offset + s) * D
+            cos = tl.load(cos_ptr + pos + d)
+            sin = tl.load(sin_ptr + pos + d)
+            y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
+            rotated = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, D))
+            y = y * cos + rotated * sin
+        head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
+        head += (h % per_group) * o_stride_h
+        o_ptrs = out_ptr + b * o_stride_b + (seq_offset + s) * o_stride_s + head + d
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def rms_norm_across_heads_rope_into(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -347,10 +408,56 @@ def rms_norm_across_heads_rope_into(
 
     b, s, h, d = x.shape
     target = out[:, seq_offset : seq_offset + s]
-    if math.prod(target.shape[2:-1]) != h:
-        raise ValueError(f"output heads {list(target.shape[2:-1])} do not hold the input's {h} heads")
-    y = rms_norm_across_heads_reference(x, weight, eps, reduce, total_width)
-    if cos is not None:
-        y = apply_rope(y, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
-    target.copy_(y.reshape(target.shape))
+    head_dims = list(target.shape[2:-1])
+    if math.prod(head_dims) != h or not 1 <= len(head_dims) <= 3:
+        raise ValueError(f"output heads {head_dims} do not hold the input's {h} heads")
+    rope = cos is not None
+    usable = (
+        _use_triton(x)
+        and x.stride(-1) == 1
+        and target.stride(-1) == 1
+        and weight.is_contiguous()
+        and (not rope or (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32))
+        and d >= 4
+        and d & (d - 1) == 0
+    )
+    if not usable:
+        y = rms_norm_across_heads_reference(x, weight, eps, reduce, total_width)
+        if rope:
+            y = apply_rope(y, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
+        target.copy_(y.reshape(target.shape))
+        return out
+    square_sum = None
+    if reduce is not None:  # every rank's heads count: the sums of squares are exchanged first
+        square_sum = reduce(x.float().square().sum((-2, -1))).contiguous()
+    pad = 3 - len(head_dims)
+    head_strides = [0] * pad + [out.stride(i) for i in range(2, out.dim() - 1)]
+    head_sizes = [1] * pad + head_dims
+    block_h = triton.next_power_of_2(h)
+    _rms_norm_across_heads_rope_kernel[(b * s,)](
+        x,
+        weight,
+        cos if rope else x,
+        sin if rope else x,
+        square_sum if square_sum is not None else x,
+        out,
+        s,
+        h,
+        seq_offset,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        out.stride(0),
+        out.stride(1),
+        *head_strides,
+        head_sizes[1],
+        head_sizes[2],
+        total_width or h * d,
+        eps,
+        D=d,
+        BLOCK_H=block_h,
+        ROPE=rope,
+        GIVEN_SQUARE_SUM=square_sum is not None,
+        num_warps=8 if block_h * d >= 4096 else 4,
+    )
     return out

@@ -21,12 +21,12 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10
 
 class MLPEmbedder(nn.Module):
     """linear → SiLU → linear: lifts a timestep embedding or a pooled text vector to the model width (FLUX.1), or
-    to `out_dim` through a hidden width of its own (Z-Image: 256 → 1024 → 256)."""
+    to `out_dim` through a hidden width of its own (Z-Image: 256 → 1024 → 256); without biases for FLUX.2."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, bias: bool = True):
         super().__init__()
-        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim)
-        self.linear_2 = ReplicatedLinear(hidden_dim, out_dim or hidden_dim)
+        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim, bias=bias)
+        self.linear_2 = ReplicatedLinear(hidden_dim, out_dim or hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))

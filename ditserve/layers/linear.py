@@ -91,6 +91,9 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         self.lora: list[LinearLoRA] = []  # applied in forward (dynamic mode)
         self.lora_w0: torch.Tensor | None = None  # the unmerged weight, kept while a merge is in effect
+        # FP8 (`quantize_fp8`): the weight is float8 e4m3 and this its float32 scale per output row; None: not FP8.
+        self.weight_scale: torch.Tensor | None = None
+        self.lora_scale0: torch.Tensor | None = None  # the unmerged FP8 weight's scales, beside lora_w0
 
     # Subclasses say which slices of a checkpoint tensor belong to this rank and where they go.
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
@@ -102,7 +105,32 @@ class LinearBase(nn.Module):
         return 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply_lora(x, F.linear(x, self.weight, self.bias))
+        return self.apply_lora(x, self.matmul(x, self.bias))
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, start: int = 0, width: int | None = None):
+        """x Wᵀ (+ bias) over this rank's input columns [start, start + width) (all of them by default), in the
+        weight's format: the activation dtype, or FP8 with the input quantised per token."""
+        weight = self.weight if width is None else self.weight.narrow(1, start, width)
+        if self.weight_scale is None:
+            return F.linear(x, weight, bias)
+        from ditserve.accel.fp8 import fp8_linear
+
+        return fp8_linear(x, weight, self.weight_scale, bias)
+
+    def row_max_over_ranks(self, amax: torch.Tensor) -> torch.Tensor:
+        """The max of each output row's |W| over the ranks that hold parts of that row (here: this rank alone)."""
+        return amax
+
+    @torch.no_grad()
+    def quantize_fp8(self) -> None:
+        """Store the weight as float8 e4m3 with a scale per output row (see accel/fp8.py); the bias stays."""
+        from ditserve.accel.fp8 import quantize_weight
+
+        if self.lora_w0 is not None:
+            raise RuntimeError("unmerge LoRA before quantising: the merged weight would become the base")
+        q, scale = quantize_weight(self.weight.detach(), self.row_max_over_ranks)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = scale
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
@@ -128,28 +156,44 @@ class LinearBase(nn.Module):
 
     @torch.no_grad()
     def merge_lora(self, adapters: list[LinearLoRA], backup_device: torch.device | str = "cpu") -> None:
-        """W = W0 + Σ scale·BA, always computed from W0 (merging twice never stacks), in float32 then rounded once."""
+        """W = W0 + Σ scale·BA, always computed from W0 (merging twice never stacks), in float32 then rounded once
+        (an FP8 weight: requantised, with new scales)."""
+        fp8 = self.weight_scale is not None
         if self.lora_w0 is None:
             self.lora_w0 = _backup(self.weight.detach(), torch.device(backup_device))
+            if fp8:
+                self.lora_scale0 = self.weight_scale.clone()
             merged = self.weight.detach().to(torch.float32, copy=True)  # W0 is still in place: no copy back
         else:
             merged = self.lora_w0.to(self.weight.device, non_blocking=True).to(torch.float32, copy=True)
+        if fp8:
+            merged.mul_(self.lora_scale0[:, None])
         for a in adapters:
             delta = a.delta_weight().to(merged.device)
             merged.narrow(0, a.row_offset, delta.shape[0]).add_(delta)
+        if fp8:
+            from ditserve.accel.fp8 import quantize_weight
+
+            merged, scale = quantize_weight(merged, self.row_max_over_ranks)
+            self.weight_scale.copy_(scale)
         self.weight.data.copy_(merged)
 
     @torch.no_grad()
     def unmerge_lora(self) -> None:
-        """Put W0 back exactly (a copy, not a subtraction, so nothing drifts in low precision)."""
+        """Put W0 back exactly (a copy, not a subtraction, so nothing drifts in low precision; FP8: its bytes and
+        its scales)."""
         if self.lora_w0 is not None:
             # From pinned memory this copy is asynchronous; torch's pinned allocator keeps the buffer alive until
             # the copy has run, so dropping our reference right away is safe.
             self.weight.data.copy_(self.lora_w0, non_blocking=True)
             self.lora_w0 = None
+            if self.lora_scale0 is not None:
+                self.weight_scale.copy_(self.lora_scale0)
+                self.lora_scale0 = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        fp8 = ", fp8" if self.weight_scale is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{fp8}"
 
 
 class ReplicatedLinear(LinearBase):
@@ -265,12 +309,20 @@ class RowParallelLinear(LinearBase):
     # projection in head groups, some local and some still on their way. Summing the product over column pieces
     # saves building the whole input, and lets each piece's product run as soon as that piece exists (beside
     # communication that brings the others).
+    def row_max_over_ranks(self, amax: torch.Tensor) -> torch.Tensor:
+        """Each rank holds some columns of every row: FP8 row scales come from the whole row."""
+        if self.tp.size > 1:
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self.tp.group)
+        return amax
+
     def part_start(self, part: int) -> int:
         """This rank's first column of input part `part` (see `input_sizes`)."""
         return sum(self.local_input_sizes[:part])
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x Wᵀ + b, written where the all-reduce wants it when it has a place for it (no copy before summing)."""
+        if self.weight_scale is not None:
+            return self.matmul(x, self.bias)
         out = None
         # Not with LoRA: its sum is a new tensor, so the one written into the buffer would never be the one summed.
         if self.tp.size > 1 and not self.lora:
@@ -293,9 +345,15 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"columns [{start}, {start + width}) outside this rank's {self.in_features} inputs")
         weight = self.weight.narrow(1, start, width)
         hidden = [F.linear(x, a.down.narrow(1, start, width)) for a in self.lora]  # A x, this piece's share
-        if partial is None:
+        if self.weight_scale is not None:  # FP8: each piece quantised on its own, the products summed
+            piece = self.matmul(x, self.bias if partial is None else None, start, width)
+            if partial is None:
+                return ColumnSum(piece, hidden)
+            partial.y.add_(piece)
+        elif partial is None:
             return ColumnSum(self._product(x, weight), hidden)
-        partial.y.view(-1, partial.y.shape[-1]).addmm_(x.reshape(-1, width), weight.t())
+        else:
+            partial.y.view(-1, partial.y.shape[-1]).addmm_(x.reshape(-1, width), weight.t())
         for total, piece in zip(partial.lora_hidden, hidden):
             total.add_(piece)
         return partial
@@ -311,3 +369,33 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.apply_lora(x, self._product(x, self.weight))
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
+
+
+class PackedColumnParallelLinear(MergedColumnParallelLinear):
+    """A merged column-parallel linear whose parts a checkpoint stores as one tensor (FLUX.2's SwiGLU `linear_in`
+    holds [gate | up]; its single-stream `to_qkv_mlp_proj` holds [q | k | v | gate | up]). The one tensor is cut
+    into its parts at load time, so each rank still keeps its share of every part side by side; a LoRA on the
+    checkpoint's module covers every part."""
+
+    def expected_shards(self) -> int:
+        return 1
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is not None:
+            raise ValueError(f"a packed linear loads from one tensor; got shard id {shard_id}")
+        expected = (sum(self.output_sizes), *param.shape[1:])
+        _check_shape("weight" if param.dim() == 2 else "bias", torch.Size(expected), loaded.shape)
+        for part, piece in enumerate(loaded.split(self.output_sizes, dim=0)):
+            super().weight_loader(param, piece, part)
+
+    def lora_full_shape(self, first_part: int | None, num_parts: int) -> tuple[int, int]:
+        if first_part is None and num_parts == 1:  # the checkpoint's one module: every part
+            return sum(self.output_sizes), self.in_features
+        return super().lora_full_shape(first_part, num_parts)
+
+    def lora_shard(
+        self, down: torch.Tensor, up: torch.Tensor, first_part: int | None = None, num_parts: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if first_part is None and num_parts == 1:
+            return super().lora_shard(down, up, 0, len(self.output_sizes))
+        return super().lora_shard(down, up, first_part, num_parts)

@@ -32,7 +32,9 @@ from ditserve.loader.weights import (
 from ditserve.registry import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
+    DIFFUSERS_BACKEND_SPEC,
     ModelSpec,
+    choose_backend,
     get_preset,
     load_object,
     preset_names,
@@ -52,6 +54,12 @@ class ModelSource:
     folder: Path | None = None
     preset_configs: dict[str, dict] = field(default_factory=dict)
     preset_pipeline_config: dict[str, Any] = field(default_factory=dict)
+    backend: str = "native"  # "native" (the family's pipeline) or "diffusers" (the diffusers backend)
+    backend_reason: str = ""  # why that backend: printed at start
+
+    def describe_backend(self) -> str:
+        """One line for the user: which backend runs the model, and why."""
+        return f"{self.name}: {self.backend} backend ({self.backend_reason})"
 
     def model_index(self) -> dict:
         """The folder's model_index.json (a preset's: the spec's components with its pipeline config)."""
@@ -117,11 +125,13 @@ class ModelSource:
         return dict(values)
 
 
-def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
-    """Turn a --model value into a ModelSource, with an error that says what to do when it can't."""
+def resolve_model(model: str | None, load_format: str = "auto", backend: str = "auto") -> ModelSource:
+    """Turn a --model value into a ModelSource, with an error that says what to do when it can't. `backend`
+    (registry.BACKENDS) chooses between the native family serving the folder's pipeline class and the diffusers
+    backend."""
     name = model or DEFAULT_MODEL
     if name in BUILTIN_MODELS and not Path(name).exists():
-        return _folder_source(_builtin_model_path(name), name)
+        return _folder_source(_builtin_model_path(name), name, backend)
     if name in preset_names() and not Path(name).exists():
         spec, preset = get_preset(name)
         if load_format != "dummy":
@@ -129,16 +139,17 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
                 f"{name!r} is a preset: it holds the real configs but no weights. Pass load_format='dummy' "
                 "(--load-format dummy) for random weights at full size, or give the path of a downloaded folder."
             )
-        return ModelSource(
+        source = ModelSource(
             name=name, spec=spec, preset_configs=preset.configs, preset_pipeline_config=preset.pipeline_config
         )
+        return _with_backend(source, preset.pipeline_class, backend)
     path = Path(name).expanduser()
     if not path.exists():
         known = ", ".join([*BUILTIN_MODELS, *preset_names()])
         raise LoaderError(f"model {name!r}: no such folder, and not a known model name ({known})")
     if not path.is_dir():
         raise LoaderError(f"model {name!r}: not a folder (expected a diffusers model folder with model_index.json)")
-    return _folder_source(path, name)
+    return _folder_source(path, name, backend)
 
 
 def _builtin_model_path(name: str) -> Path:
@@ -154,7 +165,7 @@ def _builtin_model_path(name: str) -> Path:
     return builtin_model_path(name)
 
 
-def _folder_source(path: Path, name: str) -> ModelSource:
+def _folder_source(path: Path, name: str, backend: str = "auto") -> ModelSource:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise LoaderError(f"{path}: no model_index.json; is this a diffusers model folder?")
@@ -163,14 +174,55 @@ def _folder_source(path: Path, name: str) -> ModelSource:
     except json.JSONDecodeError as e:
         raise LoaderError(f"{index_file}: invalid JSON ({e})") from None
     class_name = index.get("_class_name")
-    spec = spec_for_pipeline_class(class_name) if isinstance(class_name, str) else None
-    if spec is None:
+    if not isinstance(class_name, str):
+        raise LoaderError(f"{index_file}: no pipeline class (_class_name)")
+    spec = spec_for_pipeline_class(class_name)
+    if spec is None and backend == "native":
         supported = ", ".join(supported_pipeline_classes())
-        raise LoaderError(f"{index_file}: pipeline class {class_name!r} is not supported (supported: {supported})")
+        raise LoaderError(
+            f"{index_file}: no native family serves pipeline class {class_name!r} (native: {supported}); "
+            "--backend diffusers or auto runs it through diffusers"
+        )
+    source = _with_backend(ModelSource(name=name, spec=spec, folder=path), class_name, backend)  # type: ignore[arg-type]
+    spec = source.spec
     missing = [c for c in spec.components if c not in spec.optional_components and not (path / c).is_dir()]
     if missing:
         raise LoaderError(f"{path}: missing component folder(s) {', '.join(missing)} needed by {class_name}")
-    return ModelSource(name=name, spec=spec, folder=path)
+    return source
+
+
+def _with_backend(source: ModelSource, class_name: str, backend: str) -> ModelSource:
+    """The source with the backend `backend` asks for: the native family's spec as it is, or the diffusers backend's
+    spec for the class (built from the native family's components for a preset, from model_index.json for a
+    folder)."""
+    try:
+        chosen = choose_backend(class_name, backend)
+    except ValueError as e:
+        raise LoaderError(str(e)) from None
+    if chosen == "native":
+        source.backend_reason = f"the native {source.spec.family} family serves {class_name}"
+        if backend == "native":
+            source.backend_reason = f"asked for; {source.backend_reason}"
+        return source
+    native = source.spec
+    if source.folder is None:
+        components = dict(native.components)
+        optional = native.optional_components
+        code_tokenizers = dict(native.code_tokenizers)
+    else:
+        components = {
+            key: tuple(value)
+            for key, value in source.model_index().items()
+            if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1] is not None
+        }
+        optional, code_tokenizers = (), {}
+    source.spec = load_object(DIFFUSERS_BACKEND_SPEC)(class_name, components, optional, code_tokenizers)
+    source.backend = "diffusers"
+    if native is None:
+        source.backend_reason = f"no native family serves {class_name}"
+    else:
+        source.backend_reason = f"asked for; the native {native.family} family serves {class_name} too"
+    return source
 
 
 def load_components(

@@ -84,3 +84,91 @@ def clip_image_processor():
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor()
+
+
+# What Mistral Small 3.x's chat template renders for system and user messages whose content is a string or a list
+# of text parts (FLUX.2 [dev]'s prompts): the BOS token, [SYSTEM_PROMPT]…[/SYSTEM_PROMPT], [INST]…[/INST] (its tool
+# and image branches are left out: the pipeline sends text only).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+# Mistral's (Tekken) control tokens at their ids; the ids between are reserved tokens of its own.
+_MISTRAL_CONTROL_TOKENS = {
+    0: "<unk>",
+    1: "<s>",
+    2: "</s>",
+    3: "[INST]",
+    4: "[/INST]",
+    10: "[IMG]",
+    11: "<pad>",
+    12: "[IMG_BREAK]",
+    13: "[IMG_END]",
+    17: "[SYSTEM_PROMPT]",
+    18: "[/SYSTEM_PROMPT]",
+}
+
+
+def mistral_tokenizer():
+    """Mistral Small 3.x's tokenizer structure (FLUX.2 [dev]'s text encoder): byte-level BPE after its control
+    tokens (BOS <s>, padding <pad> at their ids), no tokens added around the text (the chat template writes BOS),
+    and the chat template above."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [_MISTRAL_CONTROL_TOKENS.get(i, f"<SPECIAL_{i}>") for i in range(max(_MISTRAL_CONTROL_TOKENS) + 1)]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=131072,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+
+
+def _byte_vocab(specials: tuple[str, ...]) -> dict[str, int]:
+    """Byte-level BPE's 256 single-byte tokens, then the special tokens."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in specials:
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def gemma_tokenizer():
+    """Gemma's tokenizer structure (Sana's Gemma2 text encoder): `<pad>`, `<eos>`, `<bos>` (prepended), `<unk>`,
+    spaces as ▁, BPE over a small vocabulary (no merges)."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "▁": 4}  # ▁: a space
+    vocab.update({ch: i + 5 for ch, i in _byte_vocab(()).items()})
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192)
+
+
+def llama_tokenizer():
+    """Llama's tokenizer structure (HunyuanVideo's Llama text encoder): `<s>` prepended, `</s>`, `<unk>` as the pad,
+    spaces as ▁, BPE over a small vocabulary (no merges)."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}  # ▁: a space
+    vocab.update({ch: i + 4 for ch, i in _byte_vocab(()).items()})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

@@ -86,6 +86,27 @@ def check_nickname(value) -> str:
     return value
 
 
+def parse_requests(lora_nickname, lora_path, strength, max_strength: float) -> list[tuple[str, str | None, float]]:
+    """set_lora's inputs checked and paired: (nickname, path or None for a loaded one, strength) each."""
+    nicknames = [check_nickname(n) for n in _as_list(lora_nickname)]
+    if len(set(nicknames)) != len(nicknames):
+        raise LoRAError("lora_nickname", f"a nickname appears twice: {nicknames}")
+    paths = [None] * len(nicknames) if lora_path is None else _as_list(lora_path)
+    if len(paths) != len(nicknames):
+        raise LoRAError("lora_path", f"{len(paths)} paths for {len(nicknames)} nicknames; give one per nickname")
+    for p in paths:
+        if p is not None and not isinstance(p, (str, Path)):
+            raise LoRAError("lora_path", f"must be a path string (or null for a loaded nickname), got {p!r}")
+    # One number applies to every nickname; a list gives one each.
+    strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(nicknames)
+    if len(strengths) != len(nicknames):
+        raise LoRAError("strength", f"{len(strengths)} strengths for {len(nicknames)} nicknames")
+    return [
+        (n, None if p is None else str(p), check_strength(s, limit=max_strength))
+        for n, p, s in zip(nicknames, paths, strengths)
+    ]
+
+
 class LoRAManager:
     def __init__(
         self,
@@ -123,23 +144,7 @@ class LoRAManager:
         return out
 
     def _requests(self, lora_nickname, lora_path, strength) -> list[tuple[str, str | None, float]]:
-        nicknames = [check_nickname(n) for n in _as_list(lora_nickname)]
-        if len(set(nicknames)) != len(nicknames):
-            raise LoRAError("lora_nickname", f"a nickname appears twice: {nicknames}")
-        paths = [None] * len(nicknames) if lora_path is None else _as_list(lora_path)
-        if len(paths) != len(nicknames):
-            raise LoRAError("lora_path", f"{len(paths)} paths for {len(nicknames)} nicknames; give one per nickname")
-        for p in paths:
-            if p is not None and not isinstance(p, (str, Path)):
-                raise LoRAError("lora_path", f"must be a path string (or null for a loaded nickname), got {p!r}")
-        # One number applies to every nickname; a list gives one each.
-        strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(nicknames)
-        if len(strengths) != len(nicknames):
-            raise LoRAError("strength", f"{len(strengths)} strengths for {len(nicknames)} nicknames")
-        return [
-            (n, None if p is None else str(p), check_strength(s, limit=self.max_strength))
-            for n, p, s in zip(nicknames, paths, strengths)
-        ]
+        return parse_requests(lora_nickname, lora_path, strength, self.max_strength)
 
     # ---- the API ------------------------------------------------------------------------------------------------
     def set_lora(

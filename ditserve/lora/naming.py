@@ -245,6 +245,51 @@ ZIMAGE_ORIGINAL = Scheme(
     ),
 )
 
+# ---- FLUX.2 ([dev] and [klein]): diffusers' Flux2Transformer2DModel names; BFL's own (the flux2 repo, ComfyUI,
+# kohya, ai-toolkit's BFL output) fuse each stream's q, k and v and name the shared modulations `.lin` --------------
+_F2D, _F2S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+_FLUX2_TOP_LEVEL = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+}
+_FLUX2_BLOCKS = {
+    "double_blocks.{i}.img_attn.proj": f"{_F2D}.attn.to_out.0",
+    "double_blocks.{i}.img_mlp.0": f"{_F2D}.ff.linear_in",
+    "double_blocks.{i}.img_mlp.2": f"{_F2D}.ff.linear_out",
+    "double_blocks.{i}.txt_attn.proj": f"{_F2D}.attn.to_add_out",
+    "double_blocks.{i}.txt_mlp.0": f"{_F2D}.ff_context.linear_in",
+    "double_blocks.{i}.txt_mlp.2": f"{_F2D}.ff_context.linear_out",
+    "single_blocks.{i}.linear1": f"{_F2S}.attn.to_qkv_mlp_proj",
+    "single_blocks.{i}.linear2": f"{_F2S}.attn.to_out",
+}
+_FLUX2_FUSED_QKV = {
+    "double_blocks.{i}.img_attn.qkv": tuple(f"{_F2D}.attn.to_{x}" for x in "qkv"),
+    "double_blocks.{i}.txt_attn.qkv": tuple(f"{_F2D}.attn.add_{x}_proj" for x in "qkv"),
+}
+_FLUX2_DIFFUSERS_NAMES = [
+    *_FLUX2_TOP_LEVEL.values(),
+    "norm_out.linear",
+    *_FLUX2_BLOCKS.values(),
+    *(t for targets in _FLUX2_FUSED_QKV.values() for t in targets),
+]
+FLUX2_DIFFUSERS = Scheme("diffusers", "flux2", _rules({n: n for n in _FLUX2_DIFFUSERS_NAMES}))
+FLUX2_BFL = Scheme(
+    "bfl-flux2",
+    "flux2",
+    [
+        *_rules({**_FLUX2_TOP_LEVEL, **_FLUX2_BLOCKS, **_FLUX2_FUSED_QKV}),
+        Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves),
+    ],
+)
+
 SCHEMES: list[Scheme] = [
     FLUX_DIFFUSERS,
     FLUX_BFL,
@@ -253,6 +298,8 @@ SCHEMES: list[Scheme] = [
     WAN_DIFFUSERS,
     ZIMAGE_DIFFUSERS,
     ZIMAGE_ORIGINAL,
+    FLUX2_DIFFUSERS,
+    FLUX2_BFL,
 ]
 
 

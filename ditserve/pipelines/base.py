@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ditserve.config import ConfigError, SamplingParams
+from ditserve.config import ConfigError, EngineArgs, SamplingParams
 from ditserve.registry import ModelSpec
 
 # The prompt of `Pipeline.forward_inputs` (benchmarks time one DiT forward on it).
@@ -97,6 +97,32 @@ class Pipeline:
         family does only some of them."""
         return self.spec.tasks
 
+    # ---- engine options the pipeline applies itself ---------------------------------------------------------------
+    @classmethod
+    def check_engine_args(cls, args: EngineArgs, source) -> None:
+        """Refuse, naming the flag, what the engine arguments ask of this pipeline that it cannot do (before any
+        rank starts). Native families: the cache-dit library and layerwise offload are the diffusers backend's."""
+        if args.cache_dit is not None:
+            raise ConfigError(
+                "cache_dit", "the cache-dit library runs with the diffusers backend (--backend diffusers)"
+            )
+        if args.dit_layerwise_offload:
+            raise ConfigError(
+                "dit_layerwise_offload",
+                "native families have no layerwise offload yet; the diffusers backend (--backend diffusers) has "
+                "diffusers' group offload",
+            )
+
+    def configure(self, args: EngineArgs, groups) -> None:
+        """Engine options this pipeline applies itself, after the engine's own on `transformers()` (sequence
+        parallelism, attention backend, compile, CUDA graphs): none for native families."""
+
+    def lora_manager(self):
+        """The LoRA manager of this pipeline: adapters on our DiTs' linear layers (lora.LoRAManager)."""
+        from ditserve.lora import LoRAManager, lora_targets
+
+        return LoRAManager(lora_targets(self))
+
     # ---- defaults and validation ---------------------------------------------------------------------------------
     @property
     def default_side(self) -> int:
@@ -128,9 +154,26 @@ class Pipeline:
                 "(models with two, switched during denoising)",
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
+        preset_options: dict = {}
+        if params.sampling_preset is not None:
+            preset = dict(self.sampling_preset(params.sampling_preset))
+            preset_options = preset.pop("options", {})
+            if len(self.transformers()) < 2:
+                preset.pop("guidance_scale_2", None)
+            params = params.with_defaults(SamplingParams(**preset))
         return params.with_defaults(self.defaults()).replace(
-            options={**self.spec.sampling_options, **(params.options or {})}
+            options={**self.spec.sampling_options, **preset_options, **(params.options or {})}
         )
+
+    def sampling_preset(self, name: str) -> dict:
+        """The family's named way of sampling (`ModelSpec.sampling_presets`), or an error naming the field."""
+        presets = self.spec.sampling_presets
+        if name not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(
+                "sampling_preset", f"{self.family} has no sampling preset {name!r} (its presets: {known})"
+            )
+        return presets[name]
 
     def __call__(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         """One request: a batch of one."""

@@ -231,6 +231,7 @@ class WanPipeline(Pipeline):
                 "images", "this Wan image-to-video model needs an input image (images: [the first frame])"
             )
         resolved = super().resolve(params)
+        _check_sampler(resolved.options or {}, resolved.num_inference_steps)  # type: ignore[arg-type]
         if images:
             resolved = resolved.replace(images=[image_as_data_uri(image) for image in images])
         frames, step = resolved.num_frames, self.vae_scale_temporal
@@ -322,10 +323,28 @@ class WanPipeline(Pipeline):
         shape = (batch, *self.latent_shape(num_frames, height, width))
         return seeded_noise(shape, seed, torch.float32, self.device)
 
-    def make_scheduler(self, num_steps: int):
-        """A fresh scheduler per request (UniPC keeps the previous outputs of its multistep)."""
-        scheduler = type(self.c.scheduler).from_config(self.c.scheduler.config)
-        scheduler.set_timesteps(num_steps, device=self.device)
+    def make_scheduler(self, num_steps: int, options: dict | None = None):
+        """A fresh scheduler per request (UniPC keeps the previous outputs of its multistep): the folder's, or what
+        the request's options name (`sampler`, `flow_shift`, `denoising_steps`; checked in `resolve`)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        options = options or {}
+        config = self.c.scheduler.config
+        shift = options.get("flow_shift")
+        if options.get("sampler", "unipc") == "euler":
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                shift=float(shift if shift is not None else config.get("flow_shift", 1.0)),
+            )
+        else:
+            overrides = {} if shift is None else {"flow_shift": float(shift)}
+            scheduler = type(self.c.scheduler).from_config(config, **overrides)
+        steps = options.get("denoising_steps")
+        if steps:
+            sigmas = [int(t) / config.num_train_timesteps for t in steps.split(",")]
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        else:
+            scheduler.set_timesteps(num_steps, device=self.device)
         scheduler.set_begin_index(0)
         return scheduler
 
@@ -385,7 +404,7 @@ class WanPipeline(Pipeline):
     ) -> torch.Tensor:
         """The denoising loop; `condition` and `first_frame_mask` from `image_condition`, `image_states` from
         `encode_image` (one row per sample)."""
-        scheduler = self.make_scheduler(params.num_inference_steps)  # type: ignore[arg-type]
+        scheduler = self.make_scheduler(params.num_inference_steps, params.options)  # type: ignore[arg-type]
         timesteps = scheduler.timesteps
         guidance: float = params.guidance_scale  # type: ignore[assignment]
         guidance_2 = guidance if params.guidance_scale_2 is None else params.guidance_scale_2
@@ -424,14 +443,18 @@ class WanPipeline(Pipeline):
     def decode(self, latents: torch.Tensor, output_type: str) -> list:
         if output_type == "latent":
             return list(latents)
-        if self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
-            return []  # rank 0 decodes (the Wan VAE tiles within itself when tiling is on)
         vae = self.c.vae
         x = latents.to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)
-        video = vae.decode(x / inverse_std + mean, return_dict=False)[0]
+        z = x / inverse_std + mean
+        if self.decode_group is not None and _vae_tiles(vae, z):
+            video = tiled_decode_over_ranks(vae, z, self.decode_group)
+        elif self.decode_group is not None and dist.get_rank(self.decode_group) != 0:
+            return []  # one tile: rank 0 decodes it alone
+        else:
+            video = vae.decode(z, return_dict=False)[0]
         frames = self.video_processor.postprocess_video(video, output_type="np")  # [B, T, H, W, 3] in [0, 1]
         if output_type == "np":
             return list(frames)
@@ -563,3 +586,108 @@ class WanPipeline(Pipeline):
             pipe = diffusers.WanPipeline(**common)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _check_sampler(options: dict, num_steps: int) -> None:
+    sampler, shift, steps = options.get("sampler"), options.get("flow_shift"), options.get("denoising_steps")
+    if sampler not in ("unipc", "euler"):
+        raise ConfigError("options.sampler", f"must be 'unipc' or 'euler', got {sampler!r}")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 < shift <= 100):
+        raise ConfigError(
+            "options.flow_shift", f"must be a number in (0, 100], or null for the folder's, got {shift!r}"
+        )
+    if steps is None:
+        return
+    if sampler != "euler":
+        raise ConfigError("options.denoising_steps", "needs options.sampler 'euler' (UniPC takes its own timesteps)")
+    parts = steps.split(",") if isinstance(steps, str) else []
+    if not parts or not all(p.strip().isdigit() and 0 < int(p) <= 1000 for p in parts):
+        raise ConfigError(
+            "options.denoising_steps",
+            f"must be comma-separated timesteps in 1..1000, e.g. '1000,750,500,250', got {steps!r}",
+        )
+    values = [int(p) for p in parts]
+    if values != sorted(set(values), reverse=True):
+        raise ConfigError("options.denoising_steps", f"must decrease strictly, got {steps!r}")
+    if len(values) != num_steps:
+        raise ConfigError(
+            "options.denoising_steps", f"names {len(values)} timesteps for {num_steps} steps (num_inference_steps)"
+        )
+
+
+# ---- the VAE decode with its tiles shared out over the ranks ------------------------------------------------------
+def _vae_tiles(vae, z: torch.Tensor) -> bool:
+    """diffusers' AutoencoderKLWan rule: tile when tiling is on and the latent is wider or taller than one tile."""
+    ratio = vae.spatial_compression_ratio
+    return bool(vae.use_tiling) and (
+        z.shape[-1] > vae.tile_sample_min_width // ratio or z.shape[-2] > vae.tile_sample_min_height // ratio
+    )
+
+
+def tiled_decode_over_ranks(vae, z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """`AutoencoderKLWan.tiled_decode` with its spatial tiles shared out over the group's ranks.
+
+    The tiles are cut as diffusers cuts them (each over all frames, decoded frame by frame through the VAE's causal
+    feature cache); each rank decodes every world-th tile, one all-gather gives every rank every tile (padded to a
+    full tile), and the seams are blended with the VAE's own blend_v/blend_h. Each tile is decoded alone whichever
+    rank decodes it, so the result is the one-process tiled decode."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    _, _, frames, height, width = z.shape
+    ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size or 1
+    tile_h, tile_w = vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
+    stride_h, stride_w = vae.tile_sample_stride_height // ratio, vae.tile_sample_stride_width // ratio
+    out_stride_h, out_stride_w = vae.tile_sample_stride_height // patch, vae.tile_sample_stride_width // patch
+    blend_h = vae.tile_sample_min_height // patch - out_stride_h
+    blend_w = vae.tile_sample_min_width // patch - out_stride_w
+    scale = ratio // patch  # decoder output pixels (before unpatchifying) per latent pixel
+    rows, cols = list(range(0, height, stride_h)), list(range(0, width, stride_w))
+    positions = [(i, j) for i in rows for j in cols]
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+
+    def decode(i: int, j: int) -> torch.Tensor:
+        vae.clear_cache()
+        pieces = []
+        for k in range(frames):
+            vae._conv_idx = [0]
+            tile = vae.post_quant_conv(z[:, :, k : k + 1, i : i + tile_h, j : j + tile_w])
+            pieces.append(vae.decoder(tile, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0))
+        vae.clear_cache()
+        return torch.cat(pieces, dim=2)
+
+    if world == 1:
+        decoded = [decode(i, j) for i, j in positions]
+    else:
+        mine = None
+        for slot, (i, j) in enumerate(positions[rank::world]):
+            out = decode(i, j)
+            if mine is None:  # [slot, B, C, T, full tile h, full tile w]: one all-gather moves every tile
+                per_rank = math.ceil(len(positions) / world)
+                mine = out.new_zeros((per_rank, *out.shape[:3], tile_h * scale, tile_w * scale))
+            mine[slot, ..., : out.shape[3], : out.shape[4]] = out
+        if mine is None:  # more ranks than tiles: this rank's share is empty, its slot shaped as the others'
+            probe = decode(0, 0)
+            mine = probe.new_zeros((1, *probe.shape[:3], tile_h * scale, tile_w * scale))
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+        decoded = []
+        for n, (i, j) in enumerate(positions):
+            h, w = min(tile_h, height - i) * scale, min(tile_w, width - j) * scale
+            decoded.append(gathered[n % world][n // world, ..., :h, :w].clone())
+
+    grid = [decoded[r * len(cols) : (r + 1) * len(cols)] for r in range(len(rows))]
+    result_rows = []
+    for r, row in enumerate(grid):
+        pieces = []
+        for c, tile in enumerate(row):
+            # blend_v/blend_h write into the tile: later tiles meet it blended, as in diffusers
+            if r > 0:
+                tile = vae.blend_v(grid[r - 1][c], tile, blend_h)
+            if c > 0:
+                tile = vae.blend_h(row[c - 1], tile, blend_w)
+            pieces.append(tile[:, :, :, :out_stride_h, :out_stride_w])
+        result_rows.append(torch.cat(pieces, dim=-1))
+    video = torch.cat(result_rows, dim=3)[:, :, :, : height * scale, : width * scale]
+    if vae.config.patch_size is not None:
+        video = unpatchify(video, patch_size=vae.config.patch_size)
+    return torch.clamp(video, min=-1.0, max=1.0)

@@ -170,7 +170,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.max_restarts < 0:
         raise UsageError(f"ditserve serve: --max-restarts must be 0 or more, got {ns.max_restarts}")
     engine_args = engine_args_from(ns)  # validates every engine flag before anything starts
-    resolve_model(engine_args.model, engine_args.load_format)  # a wrong --model fails here, not in the worker
+    # A wrong --model (or --backend) fails here, not in the worker.
+    source = resolve_model(engine_args.model, engine_args.load_format, engine_args.backend)
+    print(f"ditserve: {source.describe_backend()}", flush=True)
     if ns.output_dir is not None and os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise UsageError(f"ditserve serve: --output-dir {ns.output_dir!r} exists and is not a folder")
     from ditserve.engine.worker import MAX_LORA_STRENGTH_KEY, STARTUP_LORA_KEY

@@ -20,7 +20,13 @@ async def list_models(server: Server):
     return {
         "object": "list",
         "data": [
-            {"id": server.served_name(info), "object": "model", "created": int(server.started), "owned_by": "ditserve"}
+            {
+                "id": server.served_name(info),
+                "object": "model",
+                "created": int(server.started),
+                "owned_by": "ditserve",
+                "backend": info.backend,
+            }
         ],
     }
 

@@ -1,0 +1,125 @@
+"""FP8 DiT linears: weights in float8 e4m3 with a scale per output channel, activations quantised per token on the
+fly, products through `torch._scaled_mm` with rowwise scales (Hopper/Ada tensor cores: about 1.7× bf16's GEMM rate
+on an H200, PERF-FACTS).
+
+`quantize_dit(model)` converts the linears of a DiT's repeated blocks (`LinearBase.quantize_fp8`): q/k/v, attention
+outputs, MLPs and the fused projections, each on this rank's shard under tensor parallelism. Modules outside the
+blocks (embedders, the final layer) stay in the activation dtype, and so do the blocks' `ReplicatedLinear`s (the
+per-block modulation of families that have one): they are a small share of the FLOPs, and their outputs scale and
+gate every token, so their error would spread through the whole block.
+
+On the CPU the product runs as the float32 reference (`scaled_mm_reference`): slow, but the same arithmetic, so
+tests check the mechanism (merge/unmerge, tensor parallelism, LoRA) without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditserve.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_rows
+
+
+class FP8Unsupported(ValueError):
+    """FP8 products need a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell)."""
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Refuse GPUs without FP8 tensor cores, by name; the CPU runs the float32 reference (for tests)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise FP8Unsupported(
+            f"FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4/L40/RTX 40xx, H100/H200, "
+            f"B200); {name} has {major}.{minor}. Run without --quantization."
+        )
+
+
+def quantize_weight(weight: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] → (e4m3 [N, K], float32 scale per output channel [N]) with W ≈ q · scale[:, None].
+
+    `reduce_max` (a max over tensor-parallel ranks that each hold some of the columns) makes each row's scale the
+    whole row's, so every rank's shard is the slice of the unsharded quantised weight."""
+    w = weight.float()
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    if reduce_max is not None:
+        amax = reduce_max(amax)
+    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.squeeze(1)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def scaled_mm_reference(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(xq · x_scale) (wq · w_scale)ᵀ + bias in float32, rounded once: what `torch._scaled_mm` computes."""
+    y = (xq.float() * x_scale) @ (wq.float() * w_scale[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b for an e4m3 W [N, K] (possibly a column slice of a wider one) with per-row scales w_scale [N]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xq, x_scale = quantize_rows(x2)
+    if x.is_cuda:
+        b = wq.t()  # [K, N], column-major: what _scaled_mm wants as its second operand
+        if b.stride(0) != 1 or b.data_ptr() % 16:
+            b = wq.contiguous().t()
+        y = torch._scaled_mm(
+            xq,
+            b,
+            scale_a=x_scale,
+            scale_b=w_scale.view(1, -1),
+            bias=None if bias is None else bias.to(x.dtype),
+            out_dtype=x.dtype,
+        )
+    else:
+        y = scaled_mm_reference(xq, x_scale, wq, w_scale, bias, x.dtype)
+    return y.view(*shape[:-1], wq.shape[0])
+
+
+def quantize_dit(model: nn.Module) -> int:
+    """Quantise the linears of `model.repeated_blocks()` (all but ReplicatedLinear) to FP8; returns how many."""
+    from ditserve.layers.linear import LinearBase, ReplicatedLinear
+
+    count = 0
+    for block in model.repeated_blocks():
+        for module in block.modules():
+            # _scaled_mm needs both GEMM widths divisible by 16 (every real DiT's are; tiny test models may not be)
+            if (
+                isinstance(module, LinearBase)
+                and not isinstance(module, ReplicatedLinear)
+                and module.weight_scale is None
+                and module.in_features % 16 == 0
+                and module.out_features % 16 == 0
+            ):
+                module.quantize_fp8()
+                count += 1
+    return count
+
+
+__all__ = [
+    "FP8",
+    "FP8Unsupported",
+    "check_fp8_device",
+    "dequantize_weight",
+    "fp8_linear",
+    "quantize_dit",
+    "quantize_weight",
+    "scaled_mm_reference",
+]
