@@ -209,8 +209,8 @@ def test_videos_answer_a_clear_400_and_jobs_are_empty(server):
         videos, files={"input_reference": ("ref.png", b"\x00" * 64, "image/png")}, data={"prompt": "x"}
     )
     assert garbage.status_code == 400 and garbage.json()["error"]["param"] == "input_reference"
-    unknown = httpx.post(videos, json={"prompt": "x", "fps": 24})
-    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "fps"
+    unknown = httpx.post(videos, json={"prompt": "x", "frame_rate": 24})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "frame_rate"
     listing = httpx.get(f"{server.url}/v1/videos").json()
     assert listing["object"] == "list" and listing["data"] == []
     for method, path in (("GET", "video_abc"), ("GET", "video_abc/content"), ("DELETE", "video_abc")):

@@ -11,7 +11,7 @@ import torch
 from ditserve.config import SamplingParams
 from ditserve.engine import messages as msg
 from ditserve.engine.scheduler import RequestFailed, Scheduler, SchedulerConfig, _Pending
-from ditserve.server.jobs import JobStore
+from ditserve.server.jobs import JobStore, StoreLimits
 from ditserve.server.schemas import InvalidRequest, parse_size
 
 
@@ -121,6 +121,19 @@ def test_messages_round_trip_and_reject_garbage():
     for bad in ([], [b"\x80\x81"], [b"[1, 2]"], [b'{"no": "type"}']):
         with pytest.raises(msg.ProtocolError):
             msg.decode(bad)
+    # Input images travel as binary frames, each item naming its own; guidance_scale_2 in the JSON.
+    video = SamplingParams(prompt="v", num_frames=5, fps=8, guidance_scale_2=3.0)
+    items = [
+        msg.WorkItem("a", msg.params_to_dict(video), "mp4", "image-to-video", input_images=[b"png one"]),
+        msg.WorkItem("b", msg.params_to_dict(video), "mp4", "text-to-video"),
+        msg.WorkItem("c", msg.params_to_dict(video), "mp4", "image-to-video", input_images=[b"png two"]),
+    ]
+    message, blobs = msg.decode(msg.run_message("b2", items))
+    assert blobs == [b"png one", b"png two"] and b"png" not in msg.run_message("b2", items)[0]
+    assert msg.items_from(message, blobs) == items
+    assert msg.params_from_dict(msg.items_from(message, blobs)[0].params).guidance_scale_2 == 3.0
+    with pytest.raises(msg.ProtocolError):
+        msg.items_from(message, blobs[:1])  # an item naming a frame that is not there
 
 
 @pytest.mark.parametrize(
@@ -187,44 +200,57 @@ def test_an_error_names_the_field_not_the_union_member(loc, name):
 
 
 def test_job_store_lifecycle(tmp_path):
-    store = JobStore(tmp_path / "videos", max_jobs=3)
+    outcomes = []
+    store = JobStore(tmp_path / "videos", StoreLimits(max_jobs=3), on_finish=outcomes.append)
+
+    def describe(e: Exception) -> dict:
+        return {"code": e.kind, "message": str(e), "param": None}
 
     async def scenario():
         done = store.create("m", "ok")
 
-        async def succeed(on_progress):
-            on_progress(0.5)
-            assert done.status == "in_progress" and done.progress == 50
+        async def succeed():
+            done.advance(0.0)
+            assert done.status == "in_progress" and done.progress == 0
+            done.advance(0.5)
+            assert done.progress == 50
             return b"mp4 bytes"
 
-        await store.run(done, succeed)
+        await store.run(done, succeed, describe)
         assert done.status == "completed" and done.progress == 100
-        assert store.content_path(done).read_bytes() == b"mp4 bytes"
+        assert store.content_path(done).read_bytes() == b"mp4 bytes" and store.bytes_used == 9
 
         failed = store.create("m", "bad")
 
-        async def fail(on_progress):
+        async def fail():
             raise RequestFailed("out_of_memory", "too big")
 
-        await store.run(failed, fail)
-        assert failed.status == "failed" and failed.error == {"code": "out_of_memory", "message": "too big"}
+        await store.run(failed, fail, describe)
+        assert failed.status == "failed" and failed.error == {
+            "code": "out_of_memory",
+            "message": "too big",
+            "param": None,
+        }
 
         running = store.create("m", "slow")
         gate = asyncio.Event()
 
-        async def wait(on_progress):
+        async def wait():
             await gate.wait()
             return b""
 
-        running.task = asyncio.create_task(store.run(running, wait))
+        running.task = asyncio.create_task(store.run(running, wait, describe))
         await asyncio.sleep(0)
-        store.cancel(running)
-        await asyncio.gather(running.task, return_exceptions=True)
-        assert running.status == "cancelled"
-
         assert [j.id for j in store.list()] == [running.id, failed.id, done.id]  # newest first
+        assert [j.id for j in store.list(order="asc", after=done.id)] == [failed.id, running.id]
+        store.delete(running)  # cancels it: the task ends, the job is gone
+        await asyncio.gather(running.task, return_exceptions=True)
+        assert running.task.cancelled() and store.get(running.id) is None
+
+        store.create("m", "third")
         store.create("m", "fourth")  # over max_jobs: the oldest finished job goes, with its content
         assert store.get(done.id) is None and not store.content_path(done).exists()
+        assert outcomes == ["completed", "failed", "cancelled"]
 
     asyncio.run(scenario())
     for bad in ("../../etc/passwd", "video_" + "g" * 32, "video_abc", ""):

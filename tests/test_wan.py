@@ -519,6 +519,7 @@ def test_image_inputs_are_checked_and_travel_as_plain_data(ours, tiny_wan_i2v, t
         ours.resolve(SamplingParams(prompt="x", images=[np.zeros((32, 32, 3), np.uint8)]))
     assert info.value.field == "images" and "text only" in str(info.value)
     i2v = WanPipeline.load(resolve_model(str(tiny_wan_i2v)), torch.device("cpu"), torch.float32, "auto")
+    assert ours.tasks == ("text-to-video",) and i2v.tasks == ("image-to-video",)  # what the server routes by
     for images in (None, [np.zeros((32, 32, 3), np.uint8)] * 2, [np.zeros((32, 32), np.uint8)], [tmp_path / "no"]):
         with pytest.raises(ConfigError) as info:
             i2v.resolve(SamplingParams(prompt="x", images=images))

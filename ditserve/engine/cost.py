@@ -14,9 +14,12 @@ timed (its FLOPs over its time). With several ranks a forward on rank 0 alone wo
 matrix product in the model's dtype is timed instead and counted at half its speed per rank. Then every batch the
 worker runs corrects the speed (its denoise time against its FLOPs), and its encode time gives the fixed cost.
 
-A video model's forward is measured at its default frame count; a request with other frames is priced at the pixels
-that make as many latent tokens (pixels × its latent frames / the default's, latent frames being (frames − 1) /
-the VAE's temporal factor + 1). Guidance runs two forwards per step when the request uses true CFG (a negative
+A video model's forward costs what its latent tokens cost, whatever frames they come from, so a request with other
+frames than the model's default is priced at the pixels that make as many latent tokens (pixels × its latent frames /
+the default's, latent frames being (frames − 1) / the VAE's temporal factor + 1). For the same reason its forward is
+counted and timed on one frame, and the polynomial rescaled to the default frames: the inputs of a forward are made
+for real (an image-to-video model VAE-encodes its condition), and on all the default frames that alone can take
+minutes on a CPU. Guidance runs two forwards per step when the request uses true CFG (a negative
 prompt with true_cfg_scale > 1, as FLUX does), one otherwise (families that guide otherwise are estimated low).
 
 This module imports torch only inside `measure`: the HTTP process prices requests without it.
@@ -172,6 +175,8 @@ def measure(engine) -> CostModel:
     check = _dit_flops(engine, 24 * m)
     if abs(_poly(dit, (24 * m) ** 2) - check) > 0.02 * check:
         raise ValueError(f"the DiT's FLOPs are not a quadratic in its pixels ({check:.4g} at {24 * m}²)")
+    frames = pipe.defaults().num_frames
+    temporal = int(getattr(pipe, "vae_scale_temporal", 1) or 1)
     try:
         decode = _fit(pixels, [_decode_flops(pipe, s) for s in sides])
     except Exception:  # noqa: BLE001 - a decoder this cannot price costs "nothing": the DiT dominates anyway
@@ -181,15 +186,27 @@ def measure(engine) -> CostModel:
         rate, method = _timed_forward(engine, dit, torch)
     else:
         rate, method = 0.5 * world * _matmul_rate(engine, torch), f"matmul × 0.5 × {world} ranks"
+    if _is_video(pipe):  # counted on one frame: the default's latent frames make that many times the tokens
+        tokens = _latent_frames(frames, temporal)
+        dit = (dit[0], dit[1] * tokens, dit[2] * tokens * tokens)
     return CostModel(
         dit=dit,
         decode=decode,
         flops_per_s=rate,
         decode_flops_per_s=rate,
         method=method,
-        frames=pipe.defaults().num_frames,
-        temporal=int(getattr(pipe, "vae_scale_temporal", 1) or 1),
+        frames=frames,
+        temporal=temporal,
     )
+
+
+def _is_video(pipe) -> bool:
+    return pipe.spec.output == "video"
+
+
+def _forward_inputs(pipe, side: int) -> dict:
+    """The DiT's inputs at side × side; a video model's on one frame."""
+    return pipe.forward_inputs(side, side, num_frames=1) if _is_video(pipe) else pipe.forward_inputs(side, side)
 
 
 def _flop_counter(torch):
@@ -217,7 +234,7 @@ def _dit_flops(engine, side: int) -> float:
     with torch.device("meta"):
         model = load_object(dit.model).from_config(engine.source.config(dit.component))
     model = model.to(pipe.dtype)
-    inputs = _meta_inputs(pipe.forward_inputs(side, side), torch)
+    inputs = _meta_inputs(_forward_inputs(pipe, side), torch)
     with torch.no_grad(), _flop_counter(torch) as counter:
         model(**inputs)
     return float(counter.get_total_flops())
@@ -271,7 +288,7 @@ def _timed_forward(engine, dit_poly: tuple[float, float, float], torch) -> tuple
     while side + m <= MEASURE_MAX_SIDE and _poly(dit_poly, (side + m) ** 2) / guess < MEASURE_TARGET_S:
         side += m
     model = next(iter(pipe.transformers().values()))
-    inputs = pipe.forward_inputs(side, side)
+    inputs = _forward_inputs(pipe, side)
     eager = getattr(torch.compiler, "set_stance", None)
     with eager("force_eager") if eager is not None else contextlib.nullcontext(), torch.inference_mode():
         seconds = _timed(model, inputs, engine.device, torch)  # warm-up (with CUDA graphs: the capture)

@@ -1,12 +1,13 @@
 """What crosses the boundary between the HTTP process and a worker: plain data, never pickle.
 
 A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with a "type", and any further frames are
-raw binary blobs (encoded images) that the JSON refers to by position. JSON cannot run code when it is read, so a
+raw binary blobs (encoded images or videos) that the JSON refers to by position: a `run` message's input images
+(each item's `image_blobs` lists its frames' positions), a `result` message's outputs. JSON cannot run code when it is read, so a
 compromised or confused peer can at worst send a wrong answer, never execute anything in the other process.
 
 Server → worker: `run` (a batch of requests), `lora` (a LoRA operation), `cancel` (request ids), `shutdown`.
-Worker → server: `ready` (model info, notes to log), `load_failed`, `progress`, `result`, `lora_result`, `error`,
-`batch_done`.
+Worker → server: `ready` (model info, notes to log), `load_failed`, `progress` (after every denoising step),
+`result`, `lora_result`, `error`, `batch_done`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _PARAM_FIELDS = (
     "num_images",
     "options",
     "max_sequence_length",
+    "guidance_scale_2",
     "sampling_preset",
     "cache",
 )
@@ -58,7 +60,7 @@ class WorkItem:
 
     request_id: str
     params: dict  # params_to_dict(SamplingParams)
-    output_format: str = "png"
+    output_format: str = "png"  # png, jpeg, webp for images; mp4 for videos
     task: str = "text-to-image"
     # Input images (edit and image-to-video requests) as encoded image files: raw blobs of the run message, the
     # JSON holding only how many each item has.
@@ -93,6 +95,7 @@ class ModelInfo:
     dtype: str
     pid: int
     cost: dict | None = None  # cost.CostModel.to_dict(): what requests cost on this device; None if not measured
+    frame_step: int | None = None  # video models: num_frames must be frame_step·k + 1 (the VAE's temporal packing)
     backend: str = "native"  # who runs the model: "native" (our DiT) or "diffusers" (the diffusers backend)
     memory_plan: dict | None = None  # accel.memory_plan.MemoryPlan.to_dict(): the offloads in effect
 
@@ -147,5 +150,6 @@ def info_from(message: dict) -> ModelInfo:
 
 
 def result_message(request_id: str, images: list[bytes], meta: dict[str, Any]) -> list[bytes]:
-    """Images travel as raw frames 1..n; `meta` (seed, timings, peak memory) in the header."""
+    """Outputs (encoded images, or one MP4 per clip) travel as raw frames 1..n; `meta` (seed, timings, peak memory)
+    in the header."""
     return encode({"type": "result", "request_id": request_id, "num_images": len(images), **meta}, images)

@@ -312,8 +312,20 @@ class Scheduler:
         key: tuple,
         on_progress: Callable[[float], None] | None = None,
         estimate_s: float | None = None,
+        timeout: float | None = None,
     ) -> Result:
         """Queue one request and wait for its result. Cancelling the awaiting task cancels the request."""
+        return await self.result(self.enqueue(item, key, on_progress, estimate_s), timeout)
+
+    def enqueue(
+        self,
+        item: msg.WorkItem,
+        key: tuple,
+        on_progress: Callable[[float], None] | None = None,
+        estimate_s: float | None = None,
+    ) -> _Pending:
+        """Queue one request at once (QueueFull or Unavailable if it cannot be); `result` waits for it.
+        `on_progress(fraction)` is called when the worker takes it (0.0) and after each of its denoising steps."""
         if not self.accepting:
             raise self.unavailable()
         if len(self.queue) >= self.config.max_queue:
@@ -322,15 +334,20 @@ class Scheduler:
         pending = _Pending(item, key, loop.create_future(), on_progress=on_progress, estimate_s=estimate_s)
         self.queue.append(pending)
         self._wakeup.set()
+        return pending
+
+    async def result(self, pending: _Pending, timeout: float | None = None) -> Result:
+        """Wait for a queued request's result, at most `timeout` seconds from its admission (default: the request
+        timeout). Cancelling the awaiting task cancels the request."""
+        limit = self.config.request_timeout if timeout is None else timeout
+        left = max(0.0, limit - (time.monotonic() - pending.accepted_at))
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), self.config.request_timeout)
+            return await asyncio.wait_for(asyncio.shield(pending.future), left)
         except TimeoutError:
-            self.cancel(item.request_id)
-            raise RequestFailed(
-                "timeout", f"the request took longer than the server's limit of {self.config.request_timeout:g} s"
-            ) from None
+            self.cancel(pending.item.request_id)
+            raise RequestFailed("timeout", f"the request took longer than the server's limit of {limit:g} s") from None
         except asyncio.CancelledError:
-            self.cancel(item.request_id)
+            self.cancel(pending.item.request_id)
             raise
 
     async def control(self, method: str, kwargs: dict) -> dict:
@@ -426,6 +443,8 @@ class Scheduler:
                 pending.started_at = now
                 pending.batch_size = len(batch)
                 self.running[pending.item.request_id] = pending
+                if pending.on_progress is not None:
+                    pending.on_progress(0.0)
             self._idle.clear()
             if batch[0].control is not None:
                 frames = msg.encode(

@@ -4,10 +4,12 @@ The server starts one worker, whatever the number of GPUs, and replaces it when 
 batch (engine/scheduler.py); a fresh worker redoes the LoRA changes its predecessor had made. Its engine is rank 0: with several GPUs that engine
 starts the other ranks itself, and they run each batch with it as rank 0 broadcasts it (engine/distributed.py), so
 the worker is the only process that talks to the HTTP process. The worker never sees HTTP, and the HTTP process
-never runs model work. Everything on the socket is `messages` (JSON plus raw image bytes).
+never runs model work. Everything on the socket is `messages` (JSON plus raw image bytes). Outputs leave encoded: images
+in the request's format, clips as MP4.
 
 A batch that raises is retried request by request, so that one bad request fails alone. Out-of-memory frees the
-CUDA cache before the retry. A cancel message that arrives during a run is read between denoising steps.
+CUDA cache before the retry. After every denoising step the worker reports progress and reads the cancel messages
+that arrived meanwhile: once every request of the batch is cancelled, the batch stops there.
 """
 
 from __future__ import annotations
@@ -96,10 +98,11 @@ class Worker:
                 f"the cost of requests could not be measured ({type(e).__name__}: {e}); only the hard limits hold"
             )
         pipe = self.engine.pipeline
+        video = pipe.spec.output == "video"
         info = msg.ModelInfo(
             name=self.engine.model_name,
             family=pipe.spec.family,
-            tasks=list(pipe.spec.tasks),
+            tasks=list(pipe.tasks),
             spatial_multiple=pipe.spatial_multiple,
             max_sequence_length_limit=pipe.max_sequence_length_limit,
             defaults=msg.params_to_dict(pipe.defaults()),
@@ -108,6 +111,7 @@ class Worker:
             dtype=str(self.engine.dtype).replace("torch.", ""),
             pid=os.getpid(),
             cost=cost,
+            frame_step=int(getattr(pipe, "vae_scale_temporal", 1) or 1) if video else None,
             backend=self.engine.backend,
             memory_plan=self.engine.memory_plan.to_dict() if self.engine.memory_plan is not None else None,
         )
@@ -153,7 +157,6 @@ class Worker:
             sleeps = [float(m.group(1)) for text in prompts for m in [_SLEEP_MARK.search(text)] if m]
             sleep = max(sleeps, default=0.0)
         ids = [item.request_id for item in items]
-        last_sent = [0.0]
 
         def on_step(i: int, n: int) -> None:
             if sleep:
@@ -163,23 +166,22 @@ class Worker:
             self._drain_control()
             if all(rid in self.cancelled for rid in ids):
                 raise Cancelled
-            now = time.monotonic()
-            if now - last_sent[0] > 0.2 or i + 1 == n:  # progress at most 5 times a second
-                last_sent[0] = now
-                self.sock.send_multipart(
-                    msg.encode(
-                        {"type": "progress", "batch_id": batch_id, "request_ids": ids, "step": i + 1, "steps": n}
-                    )
-                )
+            # Every step: a video job's progress moves with each one (a message of ~100 bytes, next to a step).
+            self.sock.send_multipart(
+                msg.encode({"type": "progress", "batch_id": batch_id, "request_ids": ids, "step": i + 1, "steps": n})
+            )
 
         return on_step
 
     def _run(self, batch_id: str, items: list[msg.WorkItem]) -> None:
         """Run items as one batch and send a result per item; raises if the batch fails."""
+        import numpy as np
+
         from ditserve.utils.media import encode_image
+        from ditserve.utils.video import encode_mp4
 
         engine = self.engine
-        tasks = engine.pipeline.spec.tasks  # type: ignore[union-attr]
+        tasks = engine.pipeline.tasks  # type: ignore[union-attr]
         for item in items:
             if item.task not in tasks:
                 raise ValueError(f"this model does {', '.join(tasks)}, not {item.task}")
@@ -191,7 +193,10 @@ class Worker:
         for item, result in zip(items, results):
             if item.request_id in self.cancelled:
                 continue
-            blobs = [encode_image(image, item.output_format) for image in result.images]
+            if item.output_format == "mp4":
+                blobs = [encode_mp4(np.asarray(clip), clip.fps) for clip in result.videos]
+            else:
+                blobs = [encode_image(image, item.output_format) for image in result.images]
             meta = {"seed": result.seed, "timings": result.timings, "peak_memory_mb": result.peak_memory_mb}
             self.sock.send_multipart(msg.result_message(item.request_id, blobs, meta))
 
@@ -239,18 +244,22 @@ class Worker:
             self._send_error(request_id, *self._describe(e))
 
     @staticmethod
-    def _describe(e: Exception) -> tuple[str, str]:
+    def _describe(e: Exception) -> tuple[str, str, str | None]:
+        """(kind, message, the request field at fault) of a failed request."""
         import torch
 
+        from ditserve.errors import FieldError
         from ditserve.utils.memory import DeviceOutOfMemory
 
         if isinstance(e, DeviceOutOfMemory):
-            return "out_of_memory", str(e)
+            return "out_of_memory", str(e), None
         if isinstance(e, torch.OutOfMemoryError):
-            return "out_of_memory", "the device ran out of memory; try a smaller size, fewer images or steps"
+            return "out_of_memory", "the device ran out of memory; try a smaller size, fewer images or steps", None
+        if isinstance(e, FieldError):  # the model refused a setting the server could not check without it
+            return "invalid", e.message, e.field
         if os.environ.get("DITSERVE_DEBUG") == "1":
             traceback.print_exc()
-        return "error", f"{type(e).__name__}: {e}"
+        return "error", f"{type(e).__name__}: {e}", None
 
     @staticmethod
     def _free_memory() -> None:
@@ -284,10 +293,11 @@ class Worker:
         finally:
             self.sock.send_multipart(msg.encode({"type": "batch_done", "batch_id": message["batch_id"]}))
 
-    def _send_error(self, request_id: str, kind: str, message: str) -> None:
-        self.sock.send_multipart(
-            msg.encode({"type": "error", "request_id": request_id, "kind": kind, "message": message})
-        )
+    def _send_error(self, request_id: str, kind: str, message: str, param: str | None = None) -> None:
+        error = {"type": "error", "request_id": request_id, "kind": kind, "message": message}
+        if param is not None:
+            error["param"] = param
+        self.sock.send_multipart(msg.encode(error))
 
     def close(self) -> None:
         self.sock.close()

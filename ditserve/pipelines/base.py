@@ -107,6 +107,12 @@ class Pipeline:
     def vae(self) -> nn.Module:
         return self.c.vae
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this model does (the server routes requests by it): the family's tasks, unless a folder of the
+        family does only some of them."""
+        return self.spec.tasks
+
     # ---- engine options the pipeline applies itself ---------------------------------------------------------------
     @classmethod
     def check_engine_args(cls, args: EngineArgs, source) -> None:

@@ -185,6 +185,14 @@ class WanPipeline(Pipeline):
         return "first_frame" if self.pipeline_config.get("expand_timesteps") else None
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """An image-to-video folder needs the image, a TI2V folder takes one or none, a text-to-video folder none."""
+        mode = self.image_mode
+        if mode == "concat":
+            return ("image-to-video",)
+        return ("text-to-video", "image-to-video") if mode == "first_frame" else ("text-to-video",)
+
+    @property
     def boundary_ratio(self) -> float | None:
         """Where the second expert takes over, as a fraction of the training timesteps (None: one transformer)."""
         ratio = self.pipeline_config.get("boundary_ratio")
@@ -244,7 +252,8 @@ class WanPipeline(Pipeline):
         return resolved
 
     def batch_key(self, params: SamplingParams) -> tuple:
-        return (*super().batch_key(params), bool(params.images))
+        """The batch's clips share the first request's frame rate, and its way of taking an image."""
+        return (*super().batch_key(params), params.fps, bool(params.images))
 
     # ---- stages -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -59,7 +59,9 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
         default=5,
         help="worker restarts allowed within an hour; one more and the server answers 503 until restarted",
     )
-    serve.add_argument("--output-dir", default=None, help="where url images are kept (default: a temporary folder)")
+    serve.add_argument(
+        "--output-dir", default=None, help="where url images and videos are kept (default: a temporary folder)"
+    )
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted")
     serve.add_argument(
         "--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's headers"
@@ -86,6 +88,29 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     serve.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a url image stays downloadable")
+    videos = serve.add_argument_group("video jobs (POST /v1/videos)")
+    videos.add_argument(
+        "--video-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds a video job may take from admission, queue included (default 3600; /v1/videos/sync: "
+        "--request-timeout)",
+    )
+    videos.add_argument(
+        "--video-store-mb",
+        type=float,
+        default=10240.0,
+        help="MB the finished videos' files may take together; past it the oldest are deleted (default 10240)",
+    )
+    videos.add_argument(
+        "--video-ttl", type=float, default=3600.0, help="seconds a finished video job stays (default 3600)"
+    )
+    videos.add_argument(
+        "--max-video-jobs",
+        type=int,
+        default=1000,
+        help="jobs kept; past it the oldest finished are forgotten (default 1000)",
+    )
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
         "--lora-dir", default=None, help="folder POST /v1/set_lora may load LoRA files from (default: none)"
@@ -116,6 +141,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from ditserve.server.admission import RequestLimits
     from ditserve.server.app import ServerSettings, create_app
     from ditserve.server.connections import ConnectionLimits, guarded_protocol
+    from ditserve.server.jobs import StoreLimits
 
     for name in (
         "max_queue",
@@ -130,6 +156,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         "header_timeout",
         "body_timeout",
         "max_connections",
+        "video_timeout",
+        "video_store_mb",
+        "video_ttl",
+        "max_video_jobs",
     ):
         _check_positive(name.replace("_", "-"), getattr(ns, name))
     for name in ("max_pixels", "max_frames", "max_steps"):
@@ -177,6 +207,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         public_url=ns.public_url,
         docs=ns.docs,
         limits=RequestLimits(ns.max_pixels, ns.max_frames, ns.max_steps, ns.max_request_seconds),
+        video_store=StoreLimits(
+            max_jobs=ns.max_video_jobs, max_bytes=int(ns.video_store_mb * 2**20), ttl_s=ns.video_ttl
+        ),
+        video_timeout=ns.video_timeout,
     )
     if ns.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(

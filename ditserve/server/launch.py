@@ -31,6 +31,21 @@ class RunningServer:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
+    def wait_ready(self, timeout: float = 180) -> RunningServer:
+        """Return once /health/ready answers 200; RuntimeError (the log in it) if the server exits or takes longer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", headers=self.headers, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server was not ready within {timeout} s:\n{self.log()}")
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -64,17 +79,4 @@ def start_server(
             env=full_env,
         )
     server = RunningServer(proc, f"http://127.0.0.1:{port}", log_path, headers)
-    if not wait_ready:
-        return server
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/health/ready", headers=headers, timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"the server was not ready within {ready_timeout} s:\n{server.log()}")
+    return server.wait_ready(ready_timeout) if wait_ready else server

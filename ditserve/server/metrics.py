@@ -63,6 +63,13 @@ class ServerMetrics:
         self.refusals = Counter(
             "ditserve_refusals", "Requests refused before they ran, by reason", ["reason"], registry=r
         )
+        # Video jobs: how each ended (completed, failed, cancelled: deleted before it finished), and the jobs in the
+        # store now by status (queued, in_progress, completed, failed) with the bytes of their files.
+        self.video_jobs = Counter("ditserve_video_jobs", "Video jobs finished, by outcome", ["status"], registry=r)
+        self.video_jobs_stored = Gauge(
+            "ditserve_video_jobs_stored", "Video jobs in the job store, by status", ["status"], registry=r
+        )
+        self.video_store_bytes = Gauge("ditserve_video_store_bytes", "Bytes of the stored videos", registry=r)
         self.restarts = Counter(
             "ditserve_worker_restarts", "Worker processes replaced, by reason (deadline, died)", ["reason"], registry=r
         )

@@ -17,7 +17,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ditserve.config import MAX_FRAMES, MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
+from ditserve.config import MAX_FPS, MAX_FRAMES, MAX_IMAGES, MAX_SIDE, MAX_STEPS, ConfigError, SamplingParams
 
 # ASCII only: Python's \d and \s also match other scripts' digits and spaces ("٣٢x٣٢" would be 32x32).
 _SIZE = re.compile(r"^ *([0-9]+) *[xX] *([0-9]+) *$")
@@ -94,13 +94,36 @@ class ImageEditForm(ImageOptions):
 
 
 class VideoRequest(_Strict):
+    """POST /v1/videos (and /v1/videos/sync), as JSON or as multipart with `input_reference` a file."""
+
     prompt: str = Field(min_length=1)
     model: str | None = Field(default=None, max_length=512)
     seconds: str | int | None = Field(default=None, description='clip length in whole seconds, e.g. 4 or "4"')
+    num_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FRAMES,
+        description="frames of the clip instead of seconds: the VAE's step · k + 1, e.g. 81",
+    )
+    fps: int | None = Field(default=None, ge=1, le=MAX_FPS, description="frame rate (default: the model's)")
     size: str | None = Field(default=None, max_length=32, description='"WxH"')
+    # OpenAI's reference object is {"image_url": ...} or {"file_id": ...}: a plain object here, so that the OpenAPI
+    # schema needs no definitions of its own; the route reads it.
+    input_reference: str | dict[str, str] | None = Field(
+        default=None,
+        description="the first frame (image to video): in JSON a data URL or base64 of a PNG, JPEG or WebP, or "
+        '{"image_url": data URL}; in multipart a file',
+    )
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=-1e4, le=1e4, allow_inf_nan=False)
+    guidance_scale_2: float | None = Field(
+        default=None,
+        ge=-1e4,
+        le=1e4,
+        allow_inf_nan=False,
+        description="the second expert's CFG scale (models with two)",
+    )
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     cache: dict | None = Field(default=None, description=_CACHE_HELP)
     attention: str | None = Field(
@@ -247,13 +270,30 @@ def to_sampling_params(
 
 
 def video_sampling_params(
-    body: VideoRequest, spatial_multiple: int, max_sequence_length_limit: int, max_prompt_chars: int, fps: int
+    body: VideoRequest,
+    spatial_multiple: int,
+    max_sequence_length_limit: int,
+    max_prompt_chars: int,
+    default_fps: int,
+    frame_step: int | None = None,
 ) -> SamplingParams:
-    """A video request as SamplingParams: `seconds` becomes seconds × fps + 1 frames (the 4k+1 frame counts video
-    DiTs take)."""
+    """A video request as SamplingParams. `seconds` becomes seconds × fps frames, rounded down to a multiple of
+    `frame_step`, plus one (the k·step + 1 frame counts a video VAE packs: 4k+1 for Wan); `num_frames` must be such
+    a count itself. Without either, the model's default frame count."""
     _check_prompts(body, max_prompt_chars)
     width, height = parse_size(body.size)
-    frames = None
+    fps = body.fps or default_fps
+    step = frame_step or 1
+    frames = body.num_frames
+    if frames is not None and body.seconds is not None:
+        raise InvalidRequest("num_frames", "give the clip's length as seconds or as num_frames, not both")
+    if frames is not None and (frames - 1) % step:
+        below = (frames - 1) // step * step + 1
+        raise InvalidRequest(
+            "num_frames",
+            f"must be {step}·k + 1 (this model's VAE packs {step} frames after the first into each latent frame): "
+            f"{below} or {below + step}, not {frames}",
+        )
     if body.seconds is not None:
         seconds = body.seconds
         if isinstance(seconds, str):
@@ -262,7 +302,7 @@ def video_sampling_params(
             seconds = int(seconds)
         if not 1 <= seconds <= MAX_SECONDS:
             raise InvalidRequest("seconds", f"must be from 1 to {MAX_SECONDS}, got {seconds}")
-        frames = seconds * fps + 1
+        frames = seconds * fps // step * step + 1
         if frames > MAX_FRAMES:
             raise InvalidRequest("seconds", f"{seconds} s at {fps} fps is {frames} frames; the most is {MAX_FRAMES}")
     params = SamplingParams(
@@ -272,13 +312,15 @@ def video_sampling_params(
         width=width,
         num_inference_steps=body.num_inference_steps,
         guidance_scale=body.guidance_scale,
+        guidance_scale_2=body.guidance_scale_2,
         seed=body.seed,
         num_frames=frames,
-        fps=fps if frames is not None else None,
+        fps=fps if frames is not None or body.fps is not None else None,
         cache=body.cache,
         attention=body.attention,
     )
-    names = {"width": "size", "height": "size", "num_frames": "seconds", "fps": "seconds"}
+    frames_name = "num_frames" if body.num_frames is not None else "seconds"
+    names = {"width": "size", "height": "size", "num_frames": frames_name, "fps": "fps" if body.fps else "seconds"}
     return _validated_params(params, spatial_multiple, max_sequence_length_limit, names)
 
 

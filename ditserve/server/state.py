@@ -23,7 +23,7 @@ from ditserve.engine import messages as msg
 from ditserve.engine.scheduler import Result, Scheduler, SchedulerConfig
 from ditserve.server.admission import OverLimit, RequestLimits, admit, resolve_limits
 from ditserve.server.errors import SCHEDULER_FAILURES, ApiError, ClientGone, failure_error
-from ditserve.server.jobs import JobStore
+from ditserve.server.jobs import JobStore, StoreLimits
 from ditserve.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.25
@@ -50,6 +50,8 @@ class ServerSettings:
     public_url: str | None = None  # base of `url` answers (e.g. https://images.example.com); None = relative urls
     docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when there is one)
     limits: RequestLimits = field(default_factory=RequestLimits)  # admission by cost (server/admission.py)
+    video_store: StoreLimits = field(default_factory=StoreLimits)  # how many finished videos are kept, how long
+    video_timeout: float = 3600.0  # seconds a video job may take from admission (its client is not waiting on it)
 
 
 class ServerState:
@@ -65,7 +67,11 @@ class ServerState:
         self.output_dir = Path(settings.output_dir or tempfile.mkdtemp(prefix="ditserve-out-")).resolve()
         self.image_dir = self.output_dir / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
-        self.jobs = JobStore(self.output_dir / "videos")
+        self.jobs = JobStore(
+            self.output_dir / "videos",
+            settings.video_store,
+            on_finish=lambda status: self.metrics.video_jobs.labels(status).inc(),
+        )
         self.started = time.time()
         self._written: deque[tuple[float, Path]] = deque()  # url images, oldest first
 
@@ -74,6 +80,7 @@ class ServerState:
 
     async def stop(self) -> None:
         await self.scheduler.stop()  # every accepted request is answered first
+        self.jobs.close()  # the jobs live in this process: their files go with them
         if self.temp_output:
             shutil.rmtree(self.output_dir, ignore_errors=True)
 
@@ -138,16 +145,24 @@ class ServerState:
                 "model_not_found",
             )
 
-    def limits(self, info: msg.ModelInfo) -> RequestLimits:
-        """The request limits in force: the flags given, the device's defaults for the others."""
-        return resolve_limits(self.settings.limits, info.device, self.settings.scheduler.request_timeout)
+    def limits(self, info: msg.ModelInfo, timeout: float | None = None) -> RequestLimits:
+        """The request limits in force: the flags given, the device's defaults for the others (the estimate's
+        limit defaults to `timeout`, by default the request timeout)."""
+        timeout = self.settings.scheduler.request_timeout if timeout is None else timeout
+        return resolve_limits(self.settings.limits, info.device, timeout)
 
     def admit(
-        self, info: msg.ModelInfo, params: SamplingParams, size_param: str = "size", frames_param: str = "num_frames"
+        self,
+        info: msg.ModelInfo,
+        params: SamplingParams,
+        size_param: str = "size",
+        frames_param: str = "num_frames",
+        timeout: float | None = None,
     ) -> float | None:
         """Refuse a request over a limit (400 naming the field, counted by reason); its estimated seconds."""
+        limits = self.limits(info, timeout)
         try:
-            return admit(params, info.defaults, self.limits(info), self.scheduler.cost, size_param, frames_param)
+            return admit(params, info.defaults, limits, self.scheduler.cost, size_param, frames_param)
         except OverLimit as e:
             self.metrics.refusals.labels(e.reason).inc()
             raise
@@ -161,17 +176,25 @@ class ServerState:
         try:
             result = await unless_disconnected(request, self.scheduler.submit(item, key, estimate_s=estimate_s))
         except SCHEDULER_FAILURES as e:
-            outcome, error = failure_error(e)
-            self.metrics.requests.labels(endpoint, outcome).inc()
-            if outcome in ("queue_full", "unavailable"):
-                self.metrics.refusals.labels(outcome).inc()
-            error.message = self.redact(error.message)
-            raise error from None
+            raise self.failure(endpoint, e) from None
+        self.succeeded(endpoint, accepted, result)
+        return result
+
+    def failure(self, endpoint: str, e: Exception) -> ApiError:
+        """A request that did not complete (one of SCHEDULER_FAILURES), counted under `endpoint`, as its ApiError."""
+        outcome, error = failure_error(e)
+        self.metrics.requests.labels(endpoint, outcome).inc()
+        if outcome in ("queue_full", "unavailable"):
+            self.metrics.refusals.labels(outcome).inc()
+        error.message = self.redact(error.message)
+        return error
+
+    def succeeded(self, endpoint: str, accepted: float, result: Result) -> None:
+        """Count a completed request (accepted: time.monotonic() at its admission)."""
         self.metrics.observe_result(
             endpoint, time.monotonic() - accepted, result.queue_time_s, result.timings, result.peak_memory_mb
         )
         self.metrics.batch_size.observe(result.batch_size)
-        return result
 
     async def control(self, request: Request, method: str, kwargs: dict) -> dict:
         """Run one LoRA operation, queued behind the requests accepted before it; a failure raised as its ApiError."""

@@ -79,6 +79,10 @@ def _set_gauges(server: ServerState) -> None:
     metrics.queue_length.set(len(scheduler.queue))
     metrics.running.set(len(scheduler.running))
     metrics.worker_up.set(1 if scheduler.state == "ready" else 0)
+    server.jobs.sweep()
+    for status, count in server.jobs.counts().items():
+        metrics.video_jobs_stored.labels(status).set(count)
+    metrics.video_store_bytes.set(server.jobs.bytes_used)
 
 
 @router.get("/server_info")
@@ -106,5 +110,11 @@ async def server_info(server: Server):
         "cost": None if scheduler.cost is None else scheduler.cost.to_dict(),
         "auth": settings.api_key is not None,
         "max_body_bytes": settings.max_body_bytes,
+        "video_jobs": {
+            **dataclasses.asdict(server.jobs.limits),
+            "jobs": len(server.jobs.jobs),
+            "bytes": server.jobs.bytes_used,
+            "timeout": settings.video_timeout,
+        },
         "uptime_s": round(time.time() - server.started, 1),
     }
