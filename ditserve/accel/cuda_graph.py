@@ -52,19 +52,18 @@ def _signature(args: tuple, kwargs: dict) -> tuple | None:
 
 
 class _Graph:
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, device: torch.device):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, side: torch.cuda.Stream):
         # Static inputs live outside the pool: the pool's blocks are rewritten by other graphs' replays.
         def static(value):
             return value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value
 
         self.args = tuple(static(a) for a in args)
         self.kwargs = {k: static(v) for k, v in kwargs.items()}
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(torch.cuda.current_stream(side.device))
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_RUNS):
                 fn(*self.args, **self.kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(side.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a server's other threads may touch CUDA (memory stats) while this thread captures.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
@@ -102,6 +101,8 @@ class CudaGraphs:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.failed: set[tuple] = set()
         self.pool = torch.cuda.graph_pool_handle()
+        # One stream for every capture's warm-up runs: each new stream would get (and keep) its own cuBLAS workspace.
+        self.side_stream = torch.cuda.Stream(device)
         self.captures = 0  # for tests and logs: how many graphs were captured since the start
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -120,10 +121,13 @@ class CudaGraphs:
             return fn(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
+            failure = None
             try:
-                graph = _Graph(fn, args, kwargs, self.pool, self.device)
+                graph = _Graph(fn, args, kwargs, self.pool, self.side_stream)
             except Exception as e:  # noqa: BLE001 - a forward that can't be captured still runs, eagerly
-                log.warning("CUDA graph capture failed (%s: %s); running this shape eagerly", type(e).__name__, e)
+                failure = f"{type(e).__name__}: {e}"
+            if failure is not None:  # outside the handler, so the failed capture's tensors are freed first
+                log.warning("CUDA graph capture failed (%s); running this shape eagerly", failure)
                 self.failed.add(key)
                 torch.cuda.synchronize(self.device)
                 return fn(*args, **kwargs)

@@ -457,6 +457,11 @@ class Engine:
                 raise
             failure = str(e)
         if failure is not None:  # outside the handler: the failed run's frames, and their tensors, are gone
+            # Graphs captured for the failed request's shapes hold their pool memory: drop them (the next request
+            # captures what it needs again). With no graph left to use them, cuBLAS's per-stream workspaces go too.
+            self._reset_cuda_graphs()
+            if self.device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+                torch._C._cuda_clearCublasWorkspaces()
             raise out_of_memory(failure, self.device)
         memory = self._gather_memory(outputs[0].timings)
         for output in outputs:
