@@ -215,11 +215,12 @@ def _bench_backend(args, backend: str, ns: argparse.Namespace) -> dict:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
-    from ditserve.cli_common import engine_args_from
+    from ditserve.cli_common import engine_args_from, profile_request
     from ditserve.engine.engine import Engine
 
     backends = bench_backends(ns.backend)
     args = engine_args_from(argparse.Namespace(**{**vars(ns), "backend": backends[0]}))
+    profile = profile_request(ns)
     parallel = None
     if args.num_gpus > 1:
         # Several GPUs first (their ranks are started and stopped), then the 1-GPU run, which the ratio is
@@ -274,6 +275,12 @@ def run_bench(ns: argparse.Namespace) -> int:
             "generation": uncached["generation_s"] / ours["generation_s"],
             "skipped_fraction": ours["cache"]["skipped_fraction"],
         }
+    if profile is not None:  # one more generation, traced: the timings above ran without the profiler
+        with engine.profile(**profile) as session:
+            engine.generate(**gen)
+        report["profile_traces"] = [str(path) for path in session.traces]
+        for trace in report["profile_traces"]:
+            print(f"profile: {trace}", file=sys.stderr)
     if parallel is not None:
         label, result = parallel
         ours = next(iter(report["results"].values()))

@@ -17,10 +17,12 @@ from ditserve.cli_common import (
     UsageError,
     add_engine_flags,
     add_lora_flags,
+    add_profile_flags,
     apply_lora_flags,
     engine_args_from,
     field_to_flag,
     lora_request,
+    profile_request,
     quiet_libraries,
 )
 from ditserve.config import ConfigError
@@ -152,6 +154,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     )
     params.validate(spatial_multiple=1)  # model-independent checks before the (slow) load
     lora_request(ns)
+    profile = profile_request(ns)
     engine = Engine(engine_args_from(ns))
     if not engine.is_driver:  # another rank of a torchrun or multi-node launch: follow rank 0
         engine.follow()
@@ -176,8 +179,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr, leave=False))
         bars[0].update(1)
 
+    traces: list[str] = []
     try:
-        result = engine.run(params, on_step)
+        if profile is not None:
+            with engine.profile(**profile) as session:
+                result = engine.run(params, on_step)
+            traces = [str(path) for path in session.traces]
+        else:
+            result = engine.run(params, on_step)
     finally:
         for bar in bars:
             bar.close()
@@ -187,6 +196,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     else:
         paths = save_images(result.images, output)
     print(_format_summary(result, paths))
+    for trace in traces:
+        print(f"profile: {trace}")
     return 0
 
 
@@ -244,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(gen)
     add_sampling_flags(gen)
     add_lora_flags(gen)
+    add_profile_flags(gen)
     gen.add_argument(
         "--output",
         default=None,
@@ -271,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=2, help="timed generations per engine (after one warm-up)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ditserve only")
     bench.add_argument("--json", default=None, help="write the results to this file")
+    add_profile_flags(bench)
     for action in bench._actions:  # bench times one backend or several in one run: --backend native,diffusers
         if action.dest == "backend":
             action.choices = None

@@ -110,6 +110,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=True,
         help="replay the DiT forward as a CUDA graph per image size (CUDA only; on by default)",
     )
+    p.add_argument(
+        "--nvtx",
+        action="store_true",
+        help="NVTX ranges per stage, denoising step and DiT block, for Nsight Systems (nsys profile ...; CUDA only)",
+    )
     mem = p.add_argument_group("memory (docs/memory.md)")
     mem.add_argument(
         "--dit-layerwise-offload",
@@ -264,6 +269,55 @@ def cache_dit_settings(ns: argparse.Namespace):
             raise UsageError(f"ditserve: {field_to_flag(next(iter(given)))}: give --cache-dit too")
         return None
     return CacheDiTSettings(**{CACHE_DIT_FLAGS[flag]: value for flag, value in given.items()})
+
+
+# ---- profiling flags (generate and bench; docs/profiling.md) -----------------------------------------------------
+PROFILE_FLAGS = {"stages": "--profile-stages", "steps": "--profile-steps", "profile": "--profile"}
+
+
+def add_profile_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("profiling (docs/profiling.md)")
+    g.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="write torch.profiler traces (Chrome/Perfetto JSON, one per window) of the run to DIR",
+    )
+    g.add_argument(
+        "--profile-stages",
+        default=None,
+        metavar="STAGES",
+        help="which stages to trace, comma-separated: encode, prepare, denoise, decode (default: all)",
+    )
+    g.add_argument(
+        "--profile-steps",
+        default=None,
+        metavar="START:STOP",
+        help="trace only these denoising steps (0-based, STOP excluded: 2:4 is steps 2 and 3)",
+    )
+    g.add_argument(
+        "--profile-record-shapes", action="store_true", help="record the operators' input shapes in the trace"
+    )
+
+
+def profile_request(ns: argparse.Namespace) -> dict | None:
+    """The profiling flags as `Engine.start_profile` keyword arguments (checked before the model load); None without
+    --profile. A bad value is a usage error naming its flag."""
+    from ditserve.utils.profiling import ProfileConfig, ProfileConfigError
+
+    stages, steps = getattr(ns, "profile_stages", None), getattr(ns, "profile_steps", None)
+    if getattr(ns, "profile", None) is None:
+        if stages is not None or steps is not None or getattr(ns, "profile_record_shapes", False):
+            raise UsageError("ditserve: --profile-stages/--profile-steps/--profile-record-shapes: give --profile DIR")
+        return None
+    if Path(ns.profile).exists() and not Path(ns.profile).is_dir():
+        raise UsageError(f"ditserve: --profile: {ns.profile!r} is a file, not a folder")
+    settings = {"stages": stages, "steps": steps, "record_shapes": ns.profile_record_shapes}
+    try:
+        ProfileConfig.coerce(settings)
+    except ProfileConfigError as e:
+        raise UsageError(f"ditserve: {PROFILE_FLAGS.get(e.field, '--profile')}: {e.message}") from None
+    return {"out_dir": ns.profile, **settings}
 
 
 # ---- LoRA flags (generate and serve) ----------------------------------------------------------------------------

@@ -162,6 +162,8 @@ class EngineArgs:
     vae_slicing: bool = False  # decode a batch's images one at a time (diffusers' vae.enable_slicing())
     cache_dit: CacheDiTSettings | dict | None = None  # the cache-dit library (diffusers backend); None: off
     cuda_graphs: bool = True  # replay the DiT forward as a CUDA graph per input shape (CUDA only; see accel/cuda_graph)
+    # NVTX ranges per stage, step and block for Nsight Systems (utils/profiling.py); CUDA builds only.
+    nvtx: bool = False
     # "fp8": the DiT blocks' linears in float8 e4m3 with per-channel scales, activations per token (accel/fp8.py).
     quantization: str | None = None
     seed_for_dummy_weights: int = 0

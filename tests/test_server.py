@@ -250,6 +250,8 @@ def test_models_health_metrics_info(server):
         assert name in text, name
     info = server.info()
     assert info["state"] == "ready" and info["worker_pid"] and info["max_batch_size"] == 4
+    off = httpx.post(f"{server.url}/start_profile", json={}, headers={"X-Admin-Key": "x"})
+    assert off.status_code == 403 and "--admin-key" in off.json()["error"]["message"]  # no admin key: no profiling
     assert info["model"]["memory_plan"]["dit_layerwise_offload"] is False  # the offloads in effect (none here)
 
 

@@ -1,10 +1,11 @@
 """LoRA over HTTP on a live loopback server: set, list, merge, unmerge; errors name the field and change nothing;
-paths outside --lora-dir are refused; --lora-* flags on serve."""
+paths outside --lora-dir are refused; --lora-* flags on serve. The same server's profiling window (--admin-key)."""
 
 from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from ditserve import Engine
 from ditserve.server.launch import start_server
 
+ADMIN_KEY = "operator-key"
 REQUEST = {"prompt": "a boat", "size": "32x32", "num_inference_steps": 2, "seed": 5, "response_format": "b64_json"}
 
 
@@ -33,7 +35,14 @@ def lora_dir(tiny_dev, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dev, lora_dir, tmp_path_factory):
-    s = start_server(str(tiny_dev), "--lora-dir", str(lora_dir), log_path=str(tmp_path_factory.mktemp("l") / "log"))
+    s = start_server(
+        str(tiny_dev),
+        "--lora-dir",
+        str(lora_dir),
+        "--admin-key",
+        ADMIN_KEY,
+        log_path=str(tmp_path_factory.mktemp("l") / "log"),
+    )
     yield s
     s.stop()
 
@@ -141,3 +150,25 @@ def test_a_restarted_worker_has_the_loras_set_before(server):
     finally:
         httpx.post(f"{server.url}/v1/unmerge_lora_weights", json={}, timeout=120)
         httpx.post(f"{server.url}/v1/set_lora", json={"lora_nickname": []}, timeout=60)
+
+
+def test_profiling_window_over_http(server):
+    url = f"{server.url}/start_profile"
+    assert httpx.post(url, json={}, timeout=60).status_code == 401  # no X-Admin-Key
+    wrong = httpx.post(url, json={}, headers={"X-Admin-Key": "guess"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_admin_key"
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    bad = httpx.post(url, json={"steps": "3:1"}, headers=admin, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps", bad.text
+    assert httpx.post(url, json={"stages": ["render"]}, headers=admin, timeout=60).status_code == 400
+    started = httpx.post(url, json={"steps": "0:1"}, headers=admin, timeout=60)
+    assert started.status_code == 200 and started.json()["steps"] == [0, 1], started.text
+    again = httpx.post(url, json={}, headers=admin, timeout=60)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "profile"
+    image(server.url)
+    stopped = httpx.post(f"{server.url}/stop_profile", headers=admin, timeout=60)
+    assert stopped.status_code == 200, stopped.text
+    (trace,) = [Path(p) for p in stopped.json()["traces"]]
+    assert trace.name == "000-steps-0-1.rank0.json" and '"step 0"' in trace.read_text()
+    after = httpx.post(f"{server.url}/stop_profile", headers=admin, timeout=60).json()
+    assert after == {"profiling": False, "traces": []}

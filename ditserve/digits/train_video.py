@@ -65,7 +65,7 @@ class VideoTrainConfig:
     latent_channels: int = 8
     vae_steps: int = 3000
     vae_batch_size: int = 16
-    vae_lr: float = 2e-3
+    vae_lr: float = 5e-4  # 2e-3 collapses the base-16 VAE to a blur (docs/digits-video.md, "To do")
     vae_kl_weight: float = 1e-4
     clips_per_scan: int = 4  # clips encoded for the DiT, each scan with random motions
     # DiT (text_dim: the frozen UMT5's width)

@@ -7,6 +7,7 @@ validates a request, fills the model's defaults, runs the pipeline and returns i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -14,6 +15,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from ditserve.parallel.sequence import enable_sequence_parallel
 from ditserve.pipelines import Pipeline
 from ditserve.pipelines.base import StepCallback, check_attention, offered_sparse_backends
 from ditserve.registry import load_object
+from ditserve.utils import profiling
 from ditserve.utils.memory import device_stats, is_out_of_memory, out_of_memory, peak_mb, reset_peak
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,13 @@ class Engine:
         self.rank = 0
         self.device = args.resolved_device()
         self.dtype = args.resolved_dtype()
+        if args.nvtx:
+            if self.device.type != "cuda":
+                raise ConfigError("nvtx", f"NVTX ranges are for Nsight Systems on CUDA devices, not {self.device}")
+            try:
+                profiling.set_nvtx(True)
+            except profiling.ProfileConfigError as e:
+                raise ConfigError(e.field, e.message) from None
         self.source = resolve_model(args.model, args.load_format, args.backend)
         load_object(self.source.spec.pipeline).check_engine_args(args, self.source)
         check_attention(
@@ -281,6 +291,11 @@ class Engine:
                 self._gather_memory(outputs[0].timings)
             elif op == "lora":
                 self._apply_lora(message["method"], message["kwargs"])
+            elif op == "profile":
+                if message["out_dir"] is None:
+                    self._stop_profile()
+                else:
+                    self._start_profile(message["out_dir"], message["config"])
         self._shutdown()
 
     def close(self) -> None:
@@ -488,6 +503,52 @@ class Engine:
         if self.parallel.world_size > 1:
             ranks = all_gather_json(mine, self._control)
         return {"peak_allocated_mb": mine["peak_allocated_mb"], "stages": stages, "ranks": ranks}
+
+    # ---- profiling (utils/profiling.py) ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def profile(self, out_dir: str | Path, stages=None, steps=None, record_shapes: bool = False):
+        """Profile the requests run inside: a torch.profiler trace (Chrome/Perfetto JSON) per request and window,
+        in `out_dir`; `stages` (names, or "encode,denoise"; None: all) and `steps` ("2:4" or (2, 4): denoising
+        steps 2 and 3). Yields the session; its `traces` lists the files once the block ends."""
+        self.start_profile(str(out_dir), stages=stages, steps=steps, record_shapes=record_shapes)
+        session = profiling.current()
+        try:
+            yield session
+        finally:
+            self.stop_profile()
+
+    def start_profile(self, out_dir: str, stages=None, steps=None, record_shapes: bool = False) -> dict:
+        """Arm a profile for the requests that follow (every rank writes its own traces); ended by stop_profile."""
+        self._check_driver()
+        settings = {"stages": stages, "steps": steps, "record_shapes": record_shapes}
+        try:
+            config = profiling.ProfileConfig.coerce(settings)
+        except profiling.ProfileConfigError as e:
+            raise ConfigError(e.field, e.message) from None
+        with self._lock:
+            self._start_profile(out_dir, config.to_dict())
+            if self.parallel.world_size > 1:
+                self._broadcast({"op": "profile", "out_dir": out_dir, "config": config.to_dict()})
+        return {"profiling": True, "out_dir": out_dir, **config.to_dict()}
+
+    def stop_profile(self) -> dict:
+        """End the profile; the trace files this rank wrote (every rank writes beside them, `.rankN.json`)."""
+        self._check_driver()
+        with self._lock:
+            traces = self._stop_profile()
+            if self.parallel.world_size > 1:
+                self._broadcast({"op": "profile", "out_dir": None, "config": None})
+        return {"profiling": False, "traces": [str(p) for p in traces]}
+
+    def _start_profile(self, out_dir: str, config: dict) -> None:
+        try:
+            profiling.start(config, out_dir, self.rank, self.device)
+        except profiling.ProfileConfigError as e:
+            raise ConfigError(e.field, e.message) from None
+
+    def _stop_profile(self) -> list[Path]:
+        session = profiling.stop()
+        return [] if session is None else session.traces
 
     # ---- LoRA (inputs and outputs are plain data, so the HTTP routes can pass them through) --------------------------
     def set_lora(

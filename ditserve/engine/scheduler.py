@@ -511,8 +511,18 @@ class Scheduler:
                 )
         elif kind == "lora_result":
             pending = self.running.pop(message["request_id"], None)
-            if pending is not None and pending.control is not None and pending.control["method"] != "list_loras":
-                self._lora_log.append(pending.control)  # the state a fresh worker must reach again
+            changes_lora = (
+                pending is not None
+                and pending.control is not None
+                and pending.control["method"]
+                in (
+                    "set_lora",
+                    "merge_lora_weights",
+                    "unmerge_lora_weights",
+                )
+            )
+            if changes_lora:  # the state a fresh worker must reach again (a profile ends with its worker)
+                self._lora_log.append(pending.control)  # type: ignore[union-attr]
             if pending is not None and not pending.future.done():
                 pending.future.set_result(message["result"])
         elif kind == "error":

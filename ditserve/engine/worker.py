@@ -32,6 +32,7 @@ _FAIL_MARK = "[[fail]]"
 _SLEEP_MARK = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
 POLL_MS = 500  # how often an idle worker checks that its parent is still alive
 LORA_METHODS = ("set_lora", "merge_lora_weights", "unmerge_lora_weights", "list_loras")
+PROFILE_METHODS = ("start_profile", "stop_profile")  # the operator's profiling window (utils/profiling.py)
 STARTUP_LORA_KEY = "_startup_lora"  # in the worker's JSON arguments: serve's --lora-* flags, as set_lora kwargs
 MAX_LORA_STRENGTH_KEY = "_max_lora_strength"  # serve's --max-lora-strength
 REPLAY_LORA_KEY = "_replay_lora"  # the LoRA changes a replaced worker had made ({"method", "kwargs"}), to redo
@@ -274,15 +275,16 @@ class Worker:
     def run_lora(self, message: dict) -> None:
         """A LoRA operation, queued by the server between batches like a request: it applies after every request
         accepted before it and before every request accepted after it."""
+        from ditserve.config import ConfigError
         from ditserve.lora import LoRAError
 
         request_id = message["request_id"]
         try:
-            if message["method"] not in LORA_METHODS:
-                raise ValueError(f"unknown LoRA operation {message['method']!r}")
+            if message["method"] not in LORA_METHODS + PROFILE_METHODS:
+                raise ValueError(f"unknown operation {message['method']!r}")
             result = getattr(self.engine, message["method"])(**message["kwargs"])
             self.sock.send_multipart(msg.encode({"type": "lora_result", "request_id": request_id, "result": result}))
-        except LoRAError as e:
+        except (LoRAError, ConfigError) as e:
             self.sock.send_multipart(
                 msg.encode(
                     {"type": "error", "request_id": request_id, "kind": "invalid", "param": e.field, "message": str(e)}

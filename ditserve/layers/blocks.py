@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ditserve.utils import profiling
+
 State = tuple[torch.Tensor, ...]
 
 
@@ -50,8 +52,15 @@ class LoopStep:
     fn: Callable[..., State]
     args: tuple[Any, ...] = ()
     offload: Any = None  # the loop's BlockOffload (accel/offload.py), when its blocks live on the host
+    name: str = ""  # the profiler's and NVTX's range for this step ("block 7", "glue")
 
     def run(self, state: State) -> State:
+        if profiling.ranges_on:
+            with profiling.named_range(self.name):
+                return self._run(state)
+        return self._run(state)
+
+    def _run(self, state: State) -> State:
         if self.block is None:
             return self.fn(state)
         return self.fn(self.block, state, *self.args)
@@ -82,9 +91,13 @@ class BlockLoop:
         steps: list[LoopStep] = []
         for part in parts:
             if isinstance(part, Glue):
-                steps.append(LoopStep(None, part.fn, (), self.offload))
+                steps.append(LoopStep(None, part.fn, (), self.offload, "glue"))
             else:
-                steps.extend(LoopStep(block, part.call, part.args, self.offload) for block in part.modules)
+                first = sum(s.block is not None for s in steps)
+                steps.extend(
+                    LoopStep(block, part.call, part.args, self.offload, f"block {first + i}")
+                    for i, block in enumerate(part.modules)
+                )
         if self.offload is not None and signal is not None:
             signal = self.offload.with_block(next(s.block for s in steps if s.block is not None), signal)
         if self.hook is None:

@@ -19,6 +19,12 @@ def register_server_commands(sub: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health/live (or set DITSERVE_API_KEY)",
     )
     serve.add_argument(
+        "--admin-key",
+        default=None,
+        help="key for the operator routes POST /start_profile and /stop_profile, sent as 'X-Admin-Key: KEY' (or set "
+        "DITSERVE_ADMIN_KEY); without one those routes answer 403",
+    )
+    serve.add_argument(
         "--allowed-hosts",
         default=None,
         help="comma-separated Host header names answered, '*' for any (default: the --host address and localhost)",
@@ -197,6 +203,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             max_restarts=ns.max_restarts,
         ),
         api_key=ns.api_key or os.environ.get("DITSERVE_API_KEY") or None,
+        admin_key=ns.admin_key or os.environ.get("DITSERVE_ADMIN_KEY") or None,
         output_dir=ns.output_dir,
         max_body_bytes=int(ns.max_body_mb * 2**20),
         max_prompt_chars=ns.max_prompt_chars,

@@ -346,3 +346,15 @@ class MergeLoraRequest(_Strict):
 
 class UnmergeLoraRequest(_Strict):
     target: LoraTarget = "all"
+
+
+class StartProfileRequest(_Strict):
+    """What POST /start_profile traces in every request until /stop_profile (docs/profiling.md)."""
+
+    stages: list[Literal["encode", "prepare", "denoise", "decode"]] | None = Field(
+        None, description="the stages to trace, each a window of its own (default: all, or none when steps are given)"
+    )
+    steps: str | None = Field(
+        None, description="denoising steps to trace as one window, START:STOP (0-based, STOP excluded), e.g. '2:4'"
+    )
+    record_shapes: bool = Field(False, description="record the operators' input shapes")

@@ -37,6 +37,7 @@ class ServerSettings:
     engine_args: dict = field(default_factory=dict)  # EngineArgs fields as plain data (what `generate` takes)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     api_key: str | None = None  # Bearer token required on /v1/*; None = open
+    admin_key: str | None = None  # X-Admin-Key of the operator routes (profiling); None = those routes are off
     output_dir: Path | None = None  # where `url` images and video content are kept; None = a temporary folder
     max_body_bytes: int = 16 * 2**20
     max_prompt_chars: int = 8192
@@ -67,6 +68,7 @@ class ServerState:
         self.output_dir = Path(settings.output_dir or tempfile.mkdtemp(prefix="ditserve-out-")).resolve()
         self.image_dir = self.output_dir / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.profile_dir = self.output_dir / "profiles"  # traces of POST /start_profile windows
         self.jobs = JobStore(
             self.output_dir / "videos",
             settings.video_store,
@@ -197,7 +199,8 @@ class ServerState:
         self.metrics.batch_size.observe(result.batch_size)
 
     async def control(self, request: Request, method: str, kwargs: dict) -> dict:
-        """Run one LoRA operation, queued behind the requests accepted before it; a failure raised as its ApiError."""
+        """Run one operation (LoRA, profiling), queued behind the requests accepted before it; a failure raised as
+        its ApiError."""
         try:
             return await unless_disconnected(request, self.scheduler.control(method, kwargs))
         except SCHEDULER_FAILURES as e:

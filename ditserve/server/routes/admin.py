@@ -1,14 +1,17 @@
-"""What operators and clients ask about the server itself: /v1/models, /health, /metrics, /server_info."""
+"""What operators and clients ask about the server itself: /v1/models, /health, /metrics, /server_info; and the
+operator's profiling window, /start_profile and /stop_profile."""
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ditserve.server.errors import ERROR_RESPONSES
+from ditserve.server.errors import ERROR_RESPONSES, ApiError, require_json
+from ditserve.server.schemas import StartProfileRequest
 from ditserve.server.state import Server, ServerState
 
 router = APIRouter()
@@ -118,3 +121,38 @@ async def server_info(server: Server):
         },
         "uptime_s": round(time.time() - server.started, 1),
     }
+
+
+# ---- profiling (docs/profiling.md): operator routes behind --admin-key ----------------------------------------------
+def require_admin(request: Request) -> None:
+    """The operator routes answer only to `X-Admin-Key: <--admin-key>`; with no admin key they are off (403)."""
+    key = request.app.state.server.settings.admin_key
+    if key is None:
+        raise ApiError(
+            403, "profiling is off on this server: start it with --admin-key", "permission_error", None, "admin_off"
+        )
+    given = request.headers.get("x-admin-key", "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(
+            401,
+            "missing or wrong admin key; send it as 'X-Admin-Key: <key>'",
+            "invalid_request_error",
+            None,
+            "invalid_admin_key",
+        )
+
+
+@router.post("/start_profile", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin), Depends(require_json)])
+async def start_profile(request: Request, body: StartProfileRequest, server: Server):
+    """Trace every request from now until POST /stop_profile: torch.profiler traces (Chrome/Perfetto JSON) of the
+    chosen stages or steps, written in the server's output folder. Queued behind the requests accepted before it."""
+    out_dir = server.profile_dir / time.strftime("%Y%m%d-%H%M%S")
+    settings = {"stages": body.stages, "steps": body.steps, "record_shapes": body.record_shapes}
+    # The operator holds the admin key and reads the traces on this machine: the answers give full paths.
+    return await server.control(request, "start_profile", {"out_dir": str(out_dir), **settings})
+
+
+@router.post("/stop_profile", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin)])
+async def stop_profile(request: Request, server: Server):
+    """End the profile; the paths of the traces written since /start_profile (one per request and window)."""
+    return await server.control(request, "stop_profile", {})
