@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ditserve.accel.fp8 import ScaledFP8, check_fp8_scales, prepare_fp8_dit
 from ditserve.errors import LoaderError
+from ditserve.kernels.fp8_quant import FP8
 from ditserve.loader.weights import build_on_meta, checkpoint_files, iter_checkpoint, load_checkpoint, materialize
 from ditserve.models.flux import (
     BFL_PREFIXES,
@@ -51,17 +53,26 @@ class LoadedDiT:
     vae_downscale: int = 8
 
 
-def load_dit(path: str, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
-    """Our FLUX.1 DiT from a single .safetensors file or a diffusers folder (its transformer/)."""
+def load_dit(path: str, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> LoadedDiT:
+    """Our FLUX.1 DiT from a single .safetensors file or a diffusers folder (its transformer/). `fp8`: the blocks'
+    linears in FP8 (accel/fp8.py), an FP8 file's weights kept byte for byte with its scales, others quantised as
+    they load; everything else in `dtype`."""
     p = Path(path).expanduser()
     if not p.exists():
         raise NodeInputError("model", f"{path!r} does not exist")
+    if fp8:
+        from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+        try:
+            check_fp8_device(device)
+        except FP8Unsupported as e:
+            raise NodeInputError("weight_dtype", str(e)) from None
     try:
         if p.is_dir():
-            return _load_folder(p, device, dtype)
+            return _load_folder(p, device, dtype, fp8)
         if p.suffix not in (".safetensors", ".sft"):
             raise NodeInputError("model", f"{p.name}: only .safetensors files and diffusers folders can be loaded")
-        return _load_single_file(p, device, dtype)
+        return _load_single_file(p, device, dtype, fp8)
     except LoaderError as e:
         raise NodeInputError("model", str(e)) from None
 
@@ -91,8 +102,9 @@ def _describe_architecture(names: set[str]) -> str:
     return "not a FLUX.1 diffusion model (no double_blocks / img_in weights); supported: FLUX.1 dev/schnell"
 
 
-def _bfl_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The file's tensors under diffusers' names, FP8 weights scaled back to real values."""
+def _bfl_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor | ScaledFP8]]:
+    """The file's tensors under diffusers' names; FP8 weights in the blocks as `ScaledFP8` (kept as they are where
+    the layer is FP8), the others' scaled back to real values."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         names = set(f.keys())  # noqa: SIM118
         for name in sorted(names):
@@ -103,10 +115,14 @@ def _bfl_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             tensor = f.get_tensor(name)
             scale_name = name.rsplit(".", 1)[0] + _FP8_SCALE_SUFFIX
+            scale = f.get_tensor(scale_name).float() if scale_name in names else torch.ones(())
+            if tensor.dtype == FP8 and short.startswith(("double_blocks.", "single_blocks.")):
+                converted = bfl_to_diffusers(short, tensor)
+                if converted is not None:  # the same cuts of the bytes, each with its scale
+                    yield from ((n, ScaledFP8(part, scale)) for n, part in converted)
+                    continue
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                tensor = tensor.float()
-                if scale_name in names:
-                    tensor = tensor * f.get_tensor(scale_name).float()
+                tensor = tensor.float() * scale
             converted = bfl_to_diffusers(short, tensor)
             if converted is None:
                 yield short, tensor  # reported by load_checkpoint as unexpected, with the others
@@ -114,9 +130,9 @@ def _bfl_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield from converted
 
 
-def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
+def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> LoadedDiT:
     shapes, prefix = _shapes(path)
-    return _from_bfl(shapes, _bfl_tensors(path, prefix), str(path), device, dtype)
+    return _from_bfl(shapes, _bfl_tensors(path, prefix), str(path), device, dtype, fp8)
 
 
 def load_dit_from_state_dict(
@@ -130,13 +146,15 @@ def load_dit_from_state_dict(
     return _from_bfl(shapes, tensors, "state dict", device, dtype)
 
 
-def _from_bfl(shapes, tensors, where: str, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
+def _from_bfl(shapes, tensors, where: str, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> LoadedDiT:
     try:
         config = config_from_bfl_shapes(shapes)
     except (KeyError, ValueError) as e:
         raise NodeInputError("model", f"{where}: {e}") from None
-    model = _build(config, device, dtype)
+    model = _build(config, device, dtype, fp8)
     load_checkpoint(model, tensors, map_diffusers_key, where=where)
+    if fp8:
+        check_fp8_scales(model)
     return LoadedDiT(
         model=model.eval(),
         source=where,
@@ -146,7 +164,7 @@ def _from_bfl(shapes, tensors, where: str, device: torch.device, dtype: torch.dt
     )
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedDiT:
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> LoadedDiT:
     index = _read_json(folder / "model_index.json", "a diffusers folder with model_index.json")
     if index.get("_class_name") != "FluxPipeline":
         raise NodeInputError(
@@ -155,9 +173,11 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Load
             "(FLUX.1) folders so far",
         )
     config = FluxConfig.from_dict(_read_json(folder / "transformer" / "config.json", "transformer/config.json"))
-    model = _build(config, device, dtype)
+    model = _build(config, device, dtype, fp8)
     files = checkpoint_files(folder / "transformer")
     load_checkpoint(model, iter_checkpoint(files), map_diffusers_key, where=str(folder / "transformer"))
+    if fp8:
+        check_fp8_scales(model)
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler/scheduler_config.json")
     vae = _read_json(folder / "vae" / "config.json", "vae/config.json")
     dynamic = bool(scheduler.get("use_dynamic_shifting", False))
@@ -173,8 +193,11 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Load
     )
 
 
-def _build(config: FluxConfig, device: torch.device, dtype: torch.dtype) -> FluxTransformer:
-    return materialize(build_on_meta(lambda: FluxTransformer(config), dtype), device)
+def _build(config: FluxConfig, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> FluxTransformer:
+    model = materialize(build_on_meta(lambda: FluxTransformer(config), dtype), device)
+    if fp8:
+        prepare_fp8_dit(model)
+    return model
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -20,6 +20,9 @@ from .model import LORA_OPTION, DiTHandle, comfy_model
 
 OPTIONS_TYPE = "DITSERVE_OPTIONS"
 DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# ComfyUI's name for FP8 weights: ours are the blocks' linears in e4m3 with FP8 products (accel/fp8.py), an FP8
+# file's bytes kept as they are; the rest in the device's default dtype.
+FP8_WEIGHTS = "fp8_e4m3fn"
 
 
 def _folder_paths():
@@ -34,10 +37,10 @@ def _folder_paths():
 def _device_and_dtype(weight_dtype: str) -> tuple[torch.device, torch.dtype]:
     import comfy.model_management as mm
 
-    if weight_dtype not in DTYPES:
-        raise NodeInputError("weight_dtype", f"{weight_dtype!r} is not one of {', '.join(DTYPES)}")
+    if weight_dtype not in (*DTYPES, FP8_WEIGHTS):
+        raise NodeInputError("weight_dtype", f"{weight_dtype!r} is not one of {', '.join([*DTYPES, FP8_WEIGHTS])}")
     device = mm.get_torch_device()
-    dtype = DTYPES[weight_dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES.get(weight_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
@@ -58,7 +61,7 @@ def _apply_options(handle: DiTHandle, options: dict | None) -> None:
 
 def _model(path: str, weight_dtype: str, options: dict | None):
     device, dtype = _device_and_dtype(weight_dtype)
-    handle = DiTHandle(load_dit(path, device, dtype))
+    handle = DiTHandle(load_dit(path, device, dtype, fp8=weight_dtype == FP8_WEIGHTS))
     _apply_options(handle, options)
     return comfy_model(handle)
 
@@ -76,7 +79,7 @@ class DitserveDiffusionModelLoader:
         return {
             "required": {
                 "unet_name": (_folder_paths().get_filename_list("diffusion_models"),),
-                "weight_dtype": (list(DTYPES),),
+                "weight_dtype": ([*DTYPES, FP8_WEIGHTS],),
             },
             "optional": {"options": (OPTIONS_TYPE,)},
         }
@@ -101,7 +104,7 @@ class DitserveFolderLoader:
         return {
             "required": {
                 "folder": ("STRING", {"default": "digits"}),
-                "weight_dtype": (list(DTYPES),),
+                "weight_dtype": ([*DTYPES, FP8_WEIGHTS],),
             },
             "optional": {"options": (OPTIONS_TYPE,)},
         }

@@ -14,6 +14,8 @@ tests check the mechanism (merge/unmerge, tensor parallelism, LoRA) without a GP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -93,29 +95,92 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: t
     return y.view(*shape[:-1], wq.shape[0])
 
 
-def quantize_dit(model: nn.Module) -> int:
-    """Quantise the linears of `model.repeated_blocks()` (all but ReplicatedLinear) to FP8; returns how many."""
+def fp8_linears(model: nn.Module) -> list[nn.Module]:
+    """The linears FP8 applies to: those of `model.repeated_blocks()` but ReplicatedLinear, not yet FP8."""
     from ditserve.layers.linear import LinearBase, ReplicatedLinear
 
-    count = 0
-    for block in model.repeated_blocks():
-        for module in block.modules():
-            # _scaled_mm needs both GEMM widths divisible by 16 (every real DiT's are; tiny test models may not be)
-            if (
-                isinstance(module, LinearBase)
-                and not isinstance(module, ReplicatedLinear)
-                and module.weight_scale is None
-                and module.in_features % 16 == 0
-                and module.out_features % 16 == 0
-            ):
-                module.quantize_fp8()
-                count += 1
-    return count
+    return [
+        module
+        for block in model.repeated_blocks()
+        for module in block.modules()
+        # _scaled_mm needs both GEMM widths divisible by 16 (every real DiT's are; tiny test models may not be)
+        if isinstance(module, LinearBase)
+        and not isinstance(module, ReplicatedLinear)
+        and module.weight_scale is None
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    ]
+
+
+def quantize_dit(model: nn.Module) -> int:
+    """Quantise the linears of `model.repeated_blocks()` (all but ReplicatedLinear) to FP8; returns how many."""
+    linears = fp8_linears(model)
+    for module in linears:
+        module.quantize_fp8()
+    return len(linears)
+
+
+# ---- checkpoints that are FP8 already --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScaledFP8:
+    """A checkpoint's FP8 weight and its scale: W = data · scale, the scale one number for the tensor (ComfyUI's
+    `scale_weight`; 1 for plain e4m3 files) or one per row. Loading keeps `data`'s bytes where the layer is FP8
+    (`prepare_fp8_dit`) and multiplies it out elsewhere."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.data.dtype != FP8:
+            raise ValueError(f"FP8 weights are float8 e4m3 here, not {self.data.dtype}")
+        if self.scale.numel() not in (1, self.data.shape[0]):
+            raise ValueError(f"a scale of {self.scale.numel()} values for a weight of {self.data.shape[0]} rows")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def row_scales(self) -> torch.Tensor:
+        return self.scale.float().reshape(-1).expand(self.data.shape[0]).contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        scale = self.scale.float().reshape(-1, *([1] * (self.data.dim() - 1)))
+        return self.data.float() * scale
+
+    def split(self, sizes: list[int]) -> list[ScaledFP8]:
+        """Row blocks of the weight (a fused checkpoint projection cut into its parts), each with its scales."""
+        rows = self.row_scales().split(sizes)
+        return [ScaledFP8(d, r if self.scale.numel() > 1 else self.scale) for d, r in zip(self.data.split(sizes), rows)]
+
+
+def prepare_fp8_dit(model: nn.Module) -> int:
+    """Before loading: make the linears `quantize_dit` would quantise FP8 already (float8 storage, scales to fill),
+    so the checkpoint's FP8 bytes load as they are and other weights are quantised as they load, never held in
+    the activation dtype. Returns how many."""
+    linears = fp8_linears(model)
+    for module in linears:
+        weight = module.weight
+        module.weight = nn.Parameter(torch.empty(weight.shape, dtype=FP8, device=weight.device), requires_grad=False)
+        module.weight_scale = torch.full((weight.shape[0],), float("nan"), device=weight.device)
+    return len(linears)
+
+
+def check_fp8_scales(model: nn.Module) -> None:
+    """After loading into prepared layers: every row got its scale (a row that none did is a loader bug)."""
+    from ditserve.layers.linear import LinearBase
+
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and module.weight_scale is not None and module.weight_scale.isnan().any():
+            raise RuntimeError(f"{name}: FP8 rows without a scale after loading")
 
 
 __all__ = [
     "FP8",
     "FP8Unsupported",
+    "ScaledFP8",
+    "check_fp8_scales",
+    "fp8_linears",
+    "prepare_fp8_dit",
     "check_fp8_device",
     "dequantize_weight",
     "fp8_linear",

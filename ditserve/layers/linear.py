@@ -121,6 +121,25 @@ class LinearBase(nn.Module):
         """The max of each output row's |W| over the ranks that hold parts of that row (here: this rank alone)."""
         return amax
 
+    def load_row_vector(self, target: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        """A vector with one value per output row of the checkpoint tensor (an FP8 weight's scales) into `target`,
+        this rank's rows: the rows the weight loader keeps, at the same places."""
+        self.weight_loader(nn.Parameter(target, requires_grad=False), loaded, shard_id)
+
+    @torch.no_grad()
+    def load_fp8_weight(self, loaded, shard_id: int | None = None) -> None:
+        """A checkpoint weight into this FP8 layer (`accel.fp8.prepare_fp8_dit`): an FP8 one (`ScaledFP8`) keeps its
+        bytes and scales; any other is quantised per row as it loads (whole rows: every rank's shard is a slice of
+        the same quantised weight)."""
+        from ditserve.accel.fp8 import ScaledFP8, quantize_weight
+
+        if isinstance(loaded, ScaledFP8):
+            q, scales = loaded.data, loaded.row_scales()
+        else:
+            q, scales = quantize_weight(loaded)
+        self.weight_loader(self.weight, q, shard_id)
+        self.load_row_vector(self.weight_scale, scales.to(self.weight_scale.device), shard_id)
+
     @torch.no_grad()
     def quantize_fp8(self) -> None:
         """Store the weight as float8 e4m3 with a scale per output row (see accel/fp8.py); the bias stays."""
@@ -277,6 +296,10 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"input_sizes {self.input_sizes} do not add up to {in_features}")
         self.local_input_sizes = [_divide(s, self.tp.size, "input features") for s in self.input_sizes]
         super().__init__(sum(self.local_input_sizes), out_features, bias)
+
+    def load_row_vector(self, target: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        _check_shape("row vector", target.shape, loaded.shape)  # every rank holds every output row
+        target.copy_(loaded)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0 only, so the all-reduce sums it once

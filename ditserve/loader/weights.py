@@ -17,7 +17,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ditserve.accel.fp8 import ScaledFP8
 from ditserve.errors import LoaderError
+from ditserve.kernels.fp8_quant import FP8
 from ditserve.layers.linear import LinearBase, ShapeMismatchError
 
 KeyMap = Callable[[str], "tuple[str, int | None] | None"]
@@ -102,7 +104,10 @@ def _first(items: list[str], n: int = 5) -> str:
 def load_checkpoint(
     model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], key_map: KeyMap, where: str = "checkpoint"
 ) -> None:
-    """Copy checkpoint tensors into a materialised model; raise one LoaderError listing every problem found."""
+    """Copy checkpoint tensors into a materialised model; raise one LoaderError listing every problem found.
+
+    A tensor may be an `accel.fp8.ScaledFP8` (an FP8 checkpoint's weight with its scale): layers made FP8 before
+    loading (`prepare_fp8_dit`) keep its bytes, others get it multiplied out."""
     params = dict(model.named_parameters())
     owners = {
         name: module for module_name, module in model.named_modules() for name in _param_names(module_name, module)
@@ -118,6 +123,13 @@ def load_checkpoint(
         target, shard = mapped
         param, owner = params[target], owners[target]
         try:
+            if isinstance(owner, LinearBase) and param is owner.weight and owner.weight_scale is not None:
+                # an FP8 layer (accel.fp8.prepare_fp8_dit): FP8 bytes kept, other weights quantised as they load
+                owner.load_fp8_weight(_as_scaled_fp8(tensor), shard)
+                filled.setdefault(target, set()).add(shard)
+                continue
+            if isinstance(tensor, ScaledFP8):  # an FP8 checkpoint weight where the layer is not FP8
+                tensor = tensor.dequantize()
             if isinstance(owner, LinearBase) or hasattr(owner, "weight_loader"):  # a layer that shards or reshapes
                 owner.weight_loader(param, tensor.to(param.dtype), shard)
             else:
@@ -144,6 +156,13 @@ def load_checkpoint(
         problems.append(f"{len(mis_shaped)} mis-shaped: {_first(mis_shaped, 3)}")
     if problems:
         raise LoaderError(f"{where} does not fit the model: " + "; ".join(problems))
+
+
+def _as_scaled_fp8(tensor):
+    """A plain e4m3 checkpoint tensor is an FP8 weight with scale 1; anything else stays as it is."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype == FP8:
+        return ScaledFP8(tensor, torch.ones(()))
+    return tensor
 
 
 def _param_names(module_name: str, module: nn.Module) -> Iterator[str]:
