@@ -52,13 +52,14 @@ def _signature(args: tuple, kwargs: dict) -> tuple | None:
 
 
 class _Graph:
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, side: torch.cuda.Stream):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool, warmup_stream: Callable[[], torch.cuda.Stream]):
         # Static inputs live outside the pool: the pool's blocks are rewritten by other graphs' replays.
         def static(value):
             return value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value
 
         self.args = tuple(static(a) for a in args)
         self.kwargs = {k: static(v) for k, v in kwargs.items()}
+        side = warmup_stream()
         side.wait_stream(torch.cuda.current_stream(side.device))
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_RUNS):
@@ -101,9 +102,15 @@ class CudaGraphs:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.failed: set[tuple] = set()
         self.pool = torch.cuda.graph_pool_handle()
-        # One stream for every capture's warm-up runs: each new stream would get (and keep) its own cuBLAS workspace.
-        self.side_stream = torch.cuda.Stream(device)
+        # One stream for every capture's warm-up runs (made at the first capture): each new stream would get, and
+        # keep, its own cuBLAS workspace.
+        self._side_stream: torch.cuda.Stream | None = None
         self.captures = 0  # for tests and logs: how many graphs were captured since the start
+
+    def warmup_stream(self) -> torch.cuda.Stream:
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         loop = getattr(self.model, "block_loop", None)
@@ -123,7 +130,7 @@ class CudaGraphs:
         if graph is None:
             failure = None
             try:
-                graph = _Graph(fn, args, kwargs, self.pool, self.side_stream)
+                graph = _Graph(fn, args, kwargs, self.pool, self.warmup_stream)
             except Exception as e:  # noqa: BLE001 - a forward that can't be captured still runs, eagerly
                 failure = f"{type(e).__name__}: {e}"
             if failure is not None:  # outside the handler, so the failed capture's tensors are freed first
