@@ -48,13 +48,13 @@ class StageTimer:
                 yield
         finally:
             self._end_step_range()
-            profiling.stage_end(name)
             synchronize(self.device)
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
             peak = memory.peak_mb(self.device)
             before = self.stage_peaks_mb.get(name)
             self.stage_peaks_mb[name] = None if peak is None else round(max(peak, before or 0.0), 1)
             self.current_stage = None
+            profiling.stage_end(name)  # after the timing: writing a trace is not the stage's time
 
     def step_begin(self) -> None:
         profiling.step_begin(self._step_index)
