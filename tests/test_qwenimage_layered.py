@@ -44,10 +44,36 @@ def test_layers_match_diffusers(ours):
     assert encode_image(got[0], "png")[:4] == b"\x89PNG" and encode_image(got[0], "jpeg")[:2] == b"\xff\xd8"
 
 
+def test_without_a_prompt_the_image_is_captioned_as_diffusers_does(ours, monkeypatch):
+    """No prompt: the VL encoder captions the resized image with the model's captioning prompt (Chinese by
+    default, English with options.use_en_prompt), and the layers are diffusers' for the same empty prompt."""
+    from ditserve.pipelines.qwenimage import CAPTION_PROMPTS
+
+    image = rgba_image(1)
+    theirs = ours.diffusers_pipeline()  # on our components: one text encoder, one generation config
+    # The random encoder ends its answer at once; a few words first make the caption something to compare.
+    monkeypatch.setattr(ours.c.text_encoder.generation_config, "min_new_tokens", 8)
+    assert {"cn": theirs.image_caption_prompt_cn, "en": theirs.image_caption_prompt_en} == CAPTION_PROMPTS
+    params = ours.resolve(SamplingParams(seed=4, images=[image], num_inference_steps=2, options={"layers": 1}))
+    resized = theirs.image_processor.resize(image, 544, 768)
+    assert params.prompt == theirs.get_image_caption(resized, use_en_prompt=False, device="cpu") != ""
+    english = ours.resolve(
+        SamplingParams(prompt="", seed=4, images=[image], num_inference_steps=2, options={"use_en_prompt": True})
+    )
+    assert english.prompt == theirs.get_image_caption(resized, use_en_prompt=True, device="cpu")
+    got = ours(params).images
+    expected = theirs(
+        image=image, prompt="", layers=1, num_inference_steps=2, generator=torch.Generator().manual_seed(4)
+    )
+    (a,), (b,) = got, expected.images[0]
+    assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() <= 1.0
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        (dict(prompt=" "), "prompt"),
+        (dict(prompt=["a cat", " "]), "prompt"),
+        (dict(options={"use_en_prompt": 1}), "options.use_en_prompt"),
         (dict(height=512), "height"),
         (dict(images=[]), "images"),
         (dict(options={"resolution": 800}), "options.resolution"),

@@ -51,7 +51,7 @@ SPEC = ModelSpec(
     max_sequence_length=1024,
     # diffusers' QwenImageLayeredPipeline settings that SamplingParams has no field for: the layers to make, the
     # resolution bucket (640 or 1024) and whether the guided prediction is rescaled to the positive's norm.
-    sampling_options={"layers": 4, "resolution": 640, "cfg_normalize": False},
+    sampling_options={"layers": 4, "resolution": 640, "cfg_normalize": False, "use_en_prompt": False},
     presets=(Preset(name="qwen-image-layered", pipeline_class="QwenImageLayeredPipeline", configs=_LAYERED),),
     make_tiny="ditserve.tiny.qwenimage:make_tiny_qwenimage_layered_folder",
 )

@@ -626,11 +626,71 @@ class VLProcessor:
         from transformers import BatchFeature
 
         images = images if isinstance(images, list) else [images] if images is not None else []
-        return BatchFeature(vl_inputs(self.tokenizer, self.image_processor, text, images))
+        texts = [text] if isinstance(text, str) else text  # Layered's captioning passes one string
+        return BatchFeature(vl_inputs(self.tokenizer, self.image_processor, texts, images))
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
 
 
 # ---- Qwen-Image-Layered: one RGBA image decomposed into layers --------------------------------------------------
 LAYERED_RESOLUTIONS = (640, 1024)
+CAPTION_MAX_NEW_TOKENS = 512
+
+# Qwen-Image-Layered's captioning prompts (the model's own text, as diffusers' pipeline sends it): the image is
+# captioned with the VL encoder when a request has no prompt; `options.use_en_prompt` picks English over Chinese.
+CAPTION_PROMPTS = {
+    "cn": (
+        "<|im_start|>system\n"
+        "You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n"
+        "# 图像标注器\n"
+        "你是一个专业的图像标注器。请基于输入图像，撰写图注:\n"
+        "1.\n"
+        "使用自然、描述性的语言撰写图注，不要使用结构化形式或富文本形式。\n"
+        "2. 通过加入以下内容，丰富图注细节：\n"
+        " - 对象的属性：如数量、颜色、形状、大小、位置、材质、状态、动作等\n"
+        " -\n"
+        "对象间的视觉关系：如空间关系、功能关系、动作关系、从属关系、比较关系、因果关系等\n"
+        " - 环境细节：例如天气、光照、颜色、纹理、气氛等\n"
+        " - 文字内容：识别图像中清晰可见的文字，不做翻译和解释，用引号在图注中强调\n"
+        "3.\n"
+        "保持真实性与准确性：\n"
+        " - 不要使用笼统的描述\n"
+        " -\n"
+        "描述图像中所有可见的信息，但不要加入没有在图像中出现的内容\n"
+        "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "en": (
+        "<|im_start|>system\n"
+        "You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n"
+        "# Image Annotator\n"
+        "You are a professional\n"
+        "image annotator. Please write an image caption based on the input image:\n"
+        "1. Write the caption using natural,\n"
+        "descriptive language without structured formats or rich text.\n"
+        "2. Enrich caption details by including: \n"
+        " - Object\n"
+        "attributes, such as quantity, color, shape, size, material, state, position, actions, and so on\n"
+        " - Vision Relations\n"
+        "between objects, such as spatial relations, functional relations, possessive relations, attachment"
+        " relations, action\n"
+        "relations, comparative relations, causal relations, and so on\n"
+        " - Environmental details, such as weather, lighting,\n"
+        "colors, textures, atmosphere, and so on\n"
+        " - Identify the text clearly visible in the image, without translation or\n"
+        "explanation, and highlight it in the caption with quotation marks\n"
+        "3. Maintain authenticity and accuracy:\n"
+        " - Avoid\n"
+        "generalizations\n"
+        " - Describe all visible information in the image, while do not add information not explicitly shown in\n"
+        "the image\n"
+        "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+}
 
 
 class QwenImageLayeredPipeline(QwenImageEditPipeline):
@@ -638,17 +698,21 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
     (options.resolution, 640 or 1024) through the VAE as the condition on RoPE frame −1, `layers` + 1 noisy frames
     (the first the whole image, dropped at the end) on frames 0 … layers, the text prompt in Qwen-Image's template
     (no image in it), sigmas linspace(1, 0, n + 1) without the last and μ = √(condition tokens / 256), true CFG
-    (rescaled only with options.cfg_normalize), and `layers` RGBA images per sample. diffusers captions the image
-    with the VL encoder when no prompt is given; here a prompt is required."""
+    (rescaled only with options.cfg_normalize), and `layers` RGBA images per sample. A request without a prompt
+    gets the image's caption, written by the VL encoder (`caption`), as its prompt, as diffusers does; the result's
+    params show it."""
 
     image_mode = "RGBA"
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         if len(params.images or []) != 1:
             raise ConfigError("images", "Qwen-Image-Layered takes exactly one input image (the one to decompose)")
-        prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
-        if not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ConfigError("prompt", "describe the image: automatic captioning (diffusers' default) is not run here")
+        prompts = [params.prompt] if isinstance(params.prompt, str) or params.prompt is None else params.prompt
+        captioned = all(p is None or (isinstance(p, str) and not p.strip()) for p in prompts)
+        if not captioned and not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError("prompt", "give one prompt for the image, or none to have it captioned")
+        if captioned and len(prompts) > 1:
+            raise ConfigError("prompt", "one image has one caption: give a single empty prompt, or the prompts")
         for name in ("height", "width"):
             if getattr(params, name) is not None:
                 raise ConfigError(name, "Layered's size follows the input image at options.resolution (640 or 1024)")
@@ -660,11 +724,27 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
             raise ConfigError("options.resolution", f"must be 640 or 1024, got {resolution!r}")
         if not isinstance(options.get("cfg_normalize"), bool):
             raise ConfigError("options.cfg_normalize", "must be true or false")
+        if not isinstance(options.get("use_en_prompt"), bool):
+            raise ConfigError("options.use_en_prompt", "must be true or false")
         image = self.input_images(params)[0]
         width, height = area_dimensions(resolution * resolution, image.width / image.height)
+        if captioned:
+            resized = self.image_processor.resize(image, height, width)
+            params = params.replace(prompt=self.caption(resized, "en" if options["use_en_prompt"] else "cn"))
         m = self.spatial_multiple
         params = params.replace(images=[image_data_uri(image)], height=height // m * m, width=width // m * m)
         return QwenImagePipeline.resolve(self, params)
+
+    @torch.no_grad()
+    def caption(self, image, language: str = "cn") -> str:
+        """The image described by the VL encoder (greedy, or as the folder's generation config says), prompted with
+        the model's captioning prompt in `language` (cn or en)."""
+        inputs = vl_inputs(self.c.tokenizer, self.vl_image_processor, [CAPTION_PROMPTS[language]], [image])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        generated = self.c.text_encoder.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+        new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+        text = self.c.tokenizer.decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text.strip()
 
     def run_one(self, params: SamplingParams, on_step: StepCallback | None = None) -> PipelineOutput:
         options = {**self.spec.sampling_options, **(params.options or {})}
