@@ -24,7 +24,8 @@ from ditserve.loader.folder import resolve_model
 from ditserve.loader.weights import build_on_meta, load_checkpoint, materialize
 from ditserve.models.wan import WanConfig, WanTransformer, map_diffusers_key, to_diffusers_state_dict
 from ditserve.parallel.state import TensorParallelGroup
-from ditserve.pipelines.wan import WanPipeline, image_from_data_uri, patchify, prompt_clean, unpatchify
+from ditserve.pipelines.input_images import load_image
+from ditserve.pipelines.wan import WanPipeline, patchify, prompt_clean, unpatchify
 from ditserve.utils.video import Video
 
 
@@ -529,4 +530,4 @@ def test_image_inputs_are_checked_and_travel_as_plain_data(ours, tiny_wan_i2v, t
     resolved = [i2v.resolve(SamplingParams(prompt="x", images=[im])) for im in (array, str(tmp_path / "in.png"))]
     assert resolved[0].images == resolved[1].images and resolved[0].images[0].startswith("data:image/png;base64,")
     json.dumps(dataclasses.asdict(resolved[0]))  # what crosses to the other ranks
-    assert np.array_equal(np.asarray(image_from_data_uri(resolved[0].images[0])), array)
+    assert np.array_equal(np.asarray(load_image(resolved[0].images[0])), array)

@@ -305,9 +305,9 @@ class DiffusersBackendPipeline(Pipeline):
             options={**self.spec.sampling_options, **(params.options or {})}
         )
         if resolved.images:
-            from ditserve.pipelines.wan import image_as_data_uri
+            from ditserve.pipelines.input_images import as_data_uri
 
-            resolved = resolved.replace(images=[image_as_data_uri(image) for image in resolved.images])
+            resolved = resolved.replace(images=[as_data_uri(image) for image in resolved.images])
         return resolved
 
     # ---- running ----------------------------------------------------------------------------------------------
@@ -361,9 +361,9 @@ class DiffusersBackendPipeline(Pipeline):
             if name is not None and value is not None:
                 kwargs[name] = value
         if first.images:
-            from ditserve.pipelines.wan import image_from_data_uri
+            from ditserve.pipelines.input_images import load_image
 
-            kwargs["image"] = image_from_data_uri(first.images[0])
+            kwargs["image"] = load_image(first.images[0])
         kwargs.update(first.options or {})
         video = self.spec.output == "video"
         kwargs["output_type"] = "np" if video and first.output_type == "pil" else first.output_type

@@ -44,7 +44,7 @@ from ditserve.pipelines.base import (
     prompts_with_negatives,
     seeded_noise,
 )
-from ditserve.pipelines.wan import image_as_data_uri, image_from_data_uri
+from ditserve.pipelines.input_images import as_data_uri, load_image
 from ditserve.utils.timing import StageTimer
 
 REFERENCE_MAX_AREA = 1024 * 1024  # reference images are shrunk to this many pixels when larger (diffusers)
@@ -151,14 +151,14 @@ class Flux2Pipeline(Pipeline):
     def resolve(self, params: SamplingParams) -> SamplingParams:
         self.check_guidance(params)
         images = params.images or []
-        uris = [image_as_data_uri(image) for image in images]
+        uris = [as_data_uri(image) for image in images]
         if uris and (params.height is None or params.width is None):
             # diffusers: an edit without a size takes the first reference image's processed size.
-            first = self.reference_image(image_from_data_uri(uris[0]), 0)
+            first = self.reference_image(load_image(uris[0]), 0)
             side_h, side_w = first.shape[-2:]
             params = params.replace(height=params.height or side_h, width=params.width or side_w)
         for i, uri in enumerate(uris[1:], start=1):
-            self.reference_image(image_from_data_uri(uri), i)  # refuse a bad one before the request is queued
+            self.reference_image(load_image(uri), i)  # refuse a bad one before the request is queued
         resolved = super().resolve(params)
         return resolved.replace(images=uris) if uris else resolved
 
@@ -257,7 +257,7 @@ class Flux2Pipeline(Pipeline):
         vae = self.c.vae
         tokens, ids = [], []
         for i, uri in enumerate(uris):
-            pixels = self.reference_image(image_from_data_uri(uri), i).to(self.device, vae.dtype)
+            pixels = self.reference_image(load_image(uri), i).to(self.device, vae.dtype)
             latents = patchify(vae.encode(pixels).latent_dist.mode())
             mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
             std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)

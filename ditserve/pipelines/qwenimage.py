@@ -15,11 +15,8 @@ reference images after the noisy one), text tokens on the diagonal starting at t
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
-import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +36,7 @@ from ditserve.pipelines.base import (
     seeded_noise,
 )
 from ditserve.pipelines.flux import calculate_shift, pack_latents, unpack_latents
+from ditserve.pipelines.input_images import image_data_uri, load_image
 from ditserve.utils.timing import StageTimer
 
 PROMPT_TEMPLATE = (
@@ -437,34 +435,6 @@ def vl_inputs(tokenizer, image_processor, texts: list[str], images: list) -> dic
         expanded.append(out)
     tokens = tokenizer(expanded, padding=True, return_tensors="pt")
     return {**tokens, **vision}
-
-
-def load_image(image, mode: str = "RGB"):
-    """An input image (PIL image, H×W×3 (or ×4) uint8 array, file path, or a PNG/JPEG data URI) as a PIL image in
-    `mode` (RGB, or RGBA for Layered)."""
-    from PIL import Image
-
-    if isinstance(image, str) and image.startswith("data:image/"):
-        image = io.BytesIO(base64.b64decode(image.split(",", 1)[1]))
-    if isinstance(image, str | os.PathLike | io.BytesIO):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert(mode)
-        except OSError as e:
-            raise ConfigError("images", f"cannot read image {str(image)[:80]!r} ({e})") from None
-    if isinstance(image, Image.Image):
-        return image.convert(mode)
-    array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
-        raise ConfigError("images", f"an array image must be H×W×3 (or ×4) uint8, got {array.shape} {array.dtype}")
-    return Image.fromarray(array).convert(mode)
-
-
-def image_data_uri(image) -> str:
-    """A PIL image as a PNG data URI (lossless, plain data; RGBA keeps its alpha)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 class QwenImageEditPipeline(QwenImagePipeline):

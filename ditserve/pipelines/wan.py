@@ -38,13 +38,10 @@ the request's fps that saves itself as MP4, the frames diffusers' output_type="n
 
 from __future__ import annotations
 
-import base64
 import copy
 import html
 import importlib.util
-import io
 import math
-import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -64,6 +61,7 @@ from ditserve.pipelines.base import (
     prompts_with_negatives,
     seeded_noise,
 )
+from ditserve.pipelines.input_images import as_data_uri, load_image
 from ditserve.pipelines.rcm import DEFAULT_SIGMA_MAX, RCMScheduler
 from ditserve.pipelines.rcm import MAX_STEPS as RCM_MAX_STEPS
 from ditserve.utils.timing import StageTimer
@@ -126,40 +124,6 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[in
 
 
 # ---- input images ---------------------------------------------------------------------------------------------
-_DATA_URI = "data:image/png;base64,"
-
-
-def image_as_data_uri(image) -> str:
-    """An input image (PIL image, H×W×3 uint8 array, file path or one of these URIs) as a PNG data URI of its RGB
-    pixels: lossless and plain data."""
-    from PIL import Image
-
-    if isinstance(image, str) and image.startswith(_DATA_URI):
-        return image
-    if isinstance(image, str | os.PathLike):
-        try:
-            with Image.open(image) as opened:
-                pil = opened.convert("RGB")
-        except OSError as e:
-            raise ConfigError("images", f"cannot read image {str(image)!r} ({e})") from None
-    elif isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    else:
-        array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
-        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise ConfigError("images", f"an array image must be H×W×3 uint8, got {array.shape} {array.dtype}")
-        pil = Image.fromarray(array)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return _DATA_URI + base64.b64encode(buffer.getvalue()).decode()
-
-
-def image_from_data_uri(uri: str):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(uri[len(_DATA_URI) :]))).convert("RGB")
-
-
 class WanPipeline(Pipeline):
     components_class = WanComponents
     c: WanComponents
@@ -240,7 +204,7 @@ class WanPipeline(Pipeline):
         resolved = super().resolve(params)
         _check_sampler(resolved.options or {}, resolved.num_inference_steps)  # type: ignore[arg-type]
         if images:
-            resolved = resolved.replace(images=[image_as_data_uri(image) for image in images])
+            resolved = resolved.replace(images=[as_data_uri(image) for image in images])
         frames, step = resolved.num_frames, self.vae_scale_temporal
         below = (frames - 1) // step * step + 1  # type: ignore[operator]
         if frames != below:
@@ -492,7 +456,7 @@ class WanPipeline(Pipeline):
             use_cfg = first.guidance_scale > 1.0  # type: ignore[operator]
             embeds = self.encode_prompt(prompts + (negatives if use_cfg else []), first.max_sequence_length)  # type: ignore[arg-type]
             cond, uncond = embeds[: len(prompts)], (embeds[len(prompts) :] if use_cfg else None)
-        images = [image_from_data_uri(p.images[0]) if p.images else None for p in batch]
+        images = [load_image(p.images[0]) if p.images else None for p in batch]
         image_states = None
         if images[0] is not None and self.c.transformer.config.image_dim is not None:
             with timer.stage("encode"):
