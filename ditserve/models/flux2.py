@@ -19,7 +19,6 @@ appends them to the noisy latents' tokens with ids of their own), and the output
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -38,6 +37,7 @@ from ditserve.layers.linear import (
 )
 from ditserve.layers.norm import QKNorm, layer_norm_modulate
 from ditserve.layers.rotary import multi_axis_rope
+from ditserve.loader.names import BlockNames, DiffusersNames
 from ditserve.parallel.sharding import SequenceSharding, Sharded
 from ditserve.parallel.state import tp_group
 
@@ -358,58 +358,21 @@ _TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
     "norm_out.linear": ("norm_out", None),
     "proj_out": ("proj_out", None),
 }
-_BLOCK_KEY = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
-_TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
+_NAMES = DiffusersNames(
+    blocks=(
+        BlockNames("transformer_blocks", "double_blocks", _DOUBLE_BLOCK_KEYS),
+        BlockNames("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK_KEYS),
+    ),
+    top=_TOP_LEVEL_KEYS,
+)
 
 
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
     """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
-    if m := _BLOCK_KEY.match(name):
-        kind, index, suffix, tensor = m.groups()
-        table, ours = (
-            (_DOUBLE_BLOCK_KEYS, "double_blocks")
-            if kind == "transformer_blocks"
-            else (_SINGLE_BLOCK_KEYS, "single_blocks")
-        )
-        if suffix in table:
-            target, shard = table[suffix]
-            return f"{ours}.{index}.{target}.{tensor}", shard
-        return None
-    if (m := _TOP_KEY.match(name)) and m.group(1) in _TOP_LEVEL_KEYS:
-        target, shard = _TOP_LEVEL_KEYS[m.group(1)]
-        return f"{target}.{m.group(2)}", shard
-    return None
+    return _NAMES.map(name)
 
 
 def to_diffusers_state_dict(model: Flux2Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under diffusers' names (fused q/k/v split back), for loading into diffusers' model.
-
-    Used to run diffusers on exactly our weights in benchmarks and parity checks. Single rank only.
-    """
-    if tp_group().size != 1:
-        raise RuntimeError("to_diffusers_state_dict works on an unsharded model only")
-    ours = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-
-    def emit(diffusers_name: str, our_name: str, shard: int | None) -> None:
-        tensor = ours[our_name]
-        if shard is not None:
-            layer = modules[our_name.rsplit(".", 1)[0]]
-            tensor = tensor.split(layer.local_sizes, dim=0)[shard]
-        out[diffusers_name] = tensor
-
-    for prefix, (target, shard) in _TOP_LEVEL_KEYS.items():
-        for t in ("weight", "bias"):
-            if f"{target}.{t}" in ours:
-                emit(f"{prefix}.{t}", f"{target}.{t}", shard)
-    for kind, ours_kind, table, n in (
-        ("transformer_blocks", "double_blocks", _DOUBLE_BLOCK_KEYS, len(model.double_blocks)),
-        ("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK_KEYS, len(model.single_blocks)),
-    ):
-        for i in range(n):
-            for suffix, (target, shard) in table.items():
-                for t in ("weight", "bias"):
-                    if f"{ours_kind}.{i}.{target}.{t}" in ours:
-                        emit(f"{kind}.{i}.{suffix}.{t}", f"{ours_kind}.{i}.{target}.{t}", shard)
-    return out
+    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model: to run
+    diffusers on exactly our weights in benchmarks and parity checks. Single rank only."""
+    return _NAMES.state_dict(model)

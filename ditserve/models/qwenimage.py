@@ -23,7 +23,6 @@ same order of residual adds. What differs is layout:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,6 +41,7 @@ from ditserve.layers.linear import (
 )
 from ditserve.layers.modulation import Modulation
 from ditserve.layers.norm import QKNorm, RMSNorm, layer_norm_modulate
+from ditserve.loader.names import BlockNames, DiffusersNames
 from ditserve.parallel.sharding import SequenceSharding, Sharded
 from ditserve.parallel.state import tp_group
 
@@ -372,54 +372,19 @@ _TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
     "proj_out": ("proj_out", None),
 }
 _EMBEDDINGS = {"time_text_embed.addition_t_embedding.weight": "addition_t_embedding"}
-_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
-_TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
+_NAMES = DiffusersNames(
+    blocks=(BlockNames("transformer_blocks", "transformer_blocks", _BLOCK_KEYS),),
+    top=_TOP_LEVEL_KEYS,
+    whole=_EMBEDDINGS,
+)
 
 
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
     """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
-    if name in _EMBEDDINGS:
-        return _EMBEDDINGS[name], None
-    if m := _BLOCK_KEY.match(name):
-        index, suffix, tensor = m.groups()
-        if suffix in _BLOCK_KEYS:
-            target, shard = _BLOCK_KEYS[suffix]
-            return f"transformer_blocks.{index}.{target}.{tensor}", shard
-        return None
-    if (m := _TOP_KEY.match(name)) and m.group(1) in _TOP_LEVEL_KEYS:
-        target, shard = _TOP_LEVEL_KEYS[m.group(1)]
-        return f"{target}.{m.group(2)}", shard
-    return None
+    return _NAMES.map(name)
 
 
 def to_diffusers_state_dict(model: QwenImageTransformer) -> dict[str, torch.Tensor]:
-    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model.
-
-    Used to run diffusers on exactly our weights in benchmarks and parity checks. Single rank only.
-    """
-    if tp_group().size != 1:
-        raise RuntimeError("to_diffusers_state_dict works on an unsharded model only")
-    ours = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-
-    def emit(diffusers_name: str, our_name: str, shard: int | None) -> None:
-        tensor = ours[our_name]
-        if shard is not None:
-            layer = modules[our_name.rsplit(".", 1)[0]]
-            tensor = tensor.split(layer.local_sizes, dim=0)[shard]
-        out[diffusers_name] = tensor
-
-    for theirs, target in _EMBEDDINGS.items():
-        if target in ours:
-            emit(theirs, target, None)
-    for suffix, (target, shard) in _TOP_LEVEL_KEYS.items():
-        for t in ("weight", "bias"):
-            if f"{target}.{t}" in ours:
-                emit(f"{suffix}.{t}", f"{target}.{t}", shard)
-    for i in range(len(model.transformer_blocks)):
-        for suffix, (target, shard) in _BLOCK_KEYS.items():
-            for t in ("weight", "bias"):
-                if f"transformer_blocks.{i}.{target}.{t}" in ours:
-                    emit(f"transformer_blocks.{i}.{suffix}.{t}", f"transformer_blocks.{i}.{target}.{t}", shard)
-    return out
+    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model: to run
+    diffusers on exactly our weights in benchmarks and parity checks. Single rank only."""
+    return _NAMES.state_dict(model)

@@ -35,6 +35,7 @@ from ditserve.layers.linear import (
 )
 from ditserve.layers.norm import QKNorm, RMSNorm
 from ditserve.layers.rotary import multi_axis_rope
+from ditserve.loader.names import BlockNames, DiffusersNames
 from ditserve.parallel.sharding import SequenceSharding, Sharded
 from ditserve.parallel.state import tp_group
 
@@ -339,66 +340,31 @@ _PATCH_KEYS: dict[str, tuple[str, int | None]] = {
     "all_final_layer.adaLN_modulation.1": ("final_modulation", None),
 }
 _PAD_TOKENS = ("x_pad_token", "cap_pad_token")
-_BLOCK_KEY = re.compile(r"^(noise_refiner|context_refiner|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+_NAMES = DiffusersNames(
+    blocks=tuple(BlockNames(kind, kind, _BLOCK_KEYS) for kind in ("noise_refiner", "context_refiner", "layers")),
+    top=_TOP_LEVEL_KEYS,
+    whole={name: name for name in _PAD_TOKENS},
+)
 _PATCH_TAG = re.compile(r"^(all_x_embedder|all_final_layer)\.\d+-\d+\.")  # the "<p>-<f>." after the module
-_TOP_KEY = re.compile(r"^(.+)\.(weight|bias)$")
 
 
 def map_diffusers_key(name: str) -> tuple[str, int | None] | None:
     """diffusers parameter name → (our parameter name, shard index), or None for a name we do not know."""
-    if name in _PAD_TOKENS:
-        return name, None
-    if m := _BLOCK_KEY.match(name):
-        kind, index, suffix, tensor = m.groups()
-        if suffix in _BLOCK_KEYS:
-            target, shard = _BLOCK_KEYS[suffix]
-            return f"{kind}.{index}.{target}.{tensor}", shard
-        return None
     if m := _PATCH_TAG.match(name):
         prefix, _, tensor = f"{m.group(1)}.{name[m.end() :]}".rpartition(".")
         if prefix in _PATCH_KEYS and tensor in ("weight", "bias"):
             target, shard = _PATCH_KEYS[prefix]
             return f"{target}.{tensor}", shard
         return None
-    if (m := _TOP_KEY.match(name)) and m.group(1) in _TOP_LEVEL_KEYS:
-        target, shard = _TOP_LEVEL_KEYS[m.group(1)]
-        return f"{target}.{m.group(2)}", shard
-    return None
+    return _NAMES.map(name)
 
 
 def to_diffusers_state_dict(model: ZImageTransformer) -> dict[str, torch.Tensor]:
-    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model.
-
-    Used to run diffusers on exactly our weights in benchmarks and parity checks. Single rank only.
-    """
-    if tp_group().size != 1:
-        raise RuntimeError("to_diffusers_state_dict works on an unsharded model only")
-    ours = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-
-    def emit(diffusers_name: str, our_name: str, shard: int | None) -> None:
-        tensor = ours[our_name]
-        if shard is not None:
-            layer = modules[our_name.rsplit(".", 1)[0]]
-            tensor = tensor.split(layer.local_sizes, dim=0)[shard]
-        out[diffusers_name] = tensor
-
-    for name in _PAD_TOKENS:
-        emit(name, name, None)
+    """Our weights under diffusers' names (fused linears split back), for loading into diffusers' model: to run
+    diffusers on exactly our weights in benchmarks and parity checks. Single rank only."""
     patch = model.config.patch_key
-    named = {**_TOP_LEVEL_KEYS}
+    top = {**_TOP_LEVEL_KEYS}
     for key, value in _PATCH_KEYS.items():
         kind, _, rest = key.partition(".")
-        named[f"{kind}.{patch}.{rest}" if rest else f"{kind}.{patch}"] = value
-    for prefix, (target, shard) in named.items():
-        for t in ("weight", "bias"):
-            if f"{target}.{t}" in ours:
-                emit(f"{prefix}.{t}", f"{target}.{t}", shard)
-    for kind in ("noise_refiner", "context_refiner", "layers"):
-        for i in range(len(getattr(model, kind))):
-            for suffix, (target, shard) in _BLOCK_KEYS.items():
-                for t in ("weight", "bias"):
-                    if f"{kind}.{i}.{target}.{t}" in ours:
-                        emit(f"{kind}.{i}.{suffix}.{t}", f"{kind}.{i}.{target}.{t}", shard)
-    return out
+        top[f"{kind}.{patch}.{rest}" if rest else f"{kind}.{patch}"] = value
+    return _NAMES.state_dict(model, top)
