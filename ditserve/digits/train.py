@@ -19,12 +19,14 @@ Everything is seeded; on the CPU the same command gives the same weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -275,20 +277,26 @@ def save_folder(pipe, ema: nn.Module, cfg: TrainConfig, out: Path) -> None:
     (out / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
-def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> Path:
-    # Our Triton kernels have no backward: training takes their torch references (on CUDA too). Tiny weights and
-    # activations go subnormal during training, which is many times slower on CPUs. Both settings are undone after.
+@contextlib.contextmanager
+def training_settings() -> Iterator[None]:
+    """Our Triton kernels have no backward: training takes their torch references (on CUDA too). Tiny weights and
+    activations go subnormal during training, which is many times slower on CPUs. Both settings are undone after."""
     previous = os.environ.get("DITSERVE_DISABLE_TRITON")
     os.environ["DITSERVE_DISABLE_TRITON"] = "1"
     torch.set_flush_denormal(True)
     try:
-        return _train(cfg, out, device)
+        yield
     finally:
         torch.set_flush_denormal(False)
         if previous is None:
             os.environ.pop("DITSERVE_DISABLE_TRITON", None)
         else:
             os.environ["DITSERVE_DISABLE_TRITON"] = previous
+
+
+def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> Path:
+    with training_settings():
+        return _train(cfg, out, device)
 
 
 def _train(cfg: TrainConfig, out: Path, device: str) -> Path:

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ from ditserve.digits.clips import (
     render_motions,
 )
 from ditserve.digits.data import load_digits
-from ditserve.digits.train import log, randn_like
+from ditserve.digits.train import log, randn_like, training_settings
 from ditserve.loader.folder import SAMPLING_DEFAULTS_FILE
 
 
@@ -291,19 +290,8 @@ def save_folder(pipe, ema: nn.Module, cfg: VideoTrainConfig, out: Path) -> None:
 
 
 def train(cfg: VideoTrainConfig, out: Path, device: str = "cpu") -> Path:
-    # Our Triton kernels have no backward: training takes their torch references (on CUDA too). Tiny weights and
-    # activations go subnormal during training, which is many times slower on CPUs. Both settings are undone after.
-    previous = os.environ.get("DITSERVE_DISABLE_TRITON")
-    os.environ["DITSERVE_DISABLE_TRITON"] = "1"
-    torch.set_flush_denormal(True)
-    try:
+    with training_settings():
         return _train(cfg, out, device)
-    finally:
-        torch.set_flush_denormal(False)
-        if previous is None:
-            os.environ.pop("DITSERVE_DISABLE_TRITON", None)
-        else:
-            os.environ["DITSERVE_DISABLE_TRITON"] = previous
 
 
 def _train(cfg: VideoTrainConfig, out: Path, device: str) -> Path:
