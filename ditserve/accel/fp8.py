@@ -147,11 +147,6 @@ class ScaledFP8:
         scale = self.scale.float().reshape(-1, *([1] * (self.data.dim() - 1)))
         return self.data.float() * scale
 
-    def split(self, sizes: list[int]) -> list[ScaledFP8]:
-        """Row blocks of the weight (a fused checkpoint projection cut into its parts), each with its scales."""
-        rows = self.row_scales().split(sizes)
-        return [ScaledFP8(d, r if self.scale.numel() > 1 else self.scale) for d, r in zip(self.data.split(sizes), rows)]
-
 
 def prepare_fp8_dit(model: nn.Module) -> int:
     """Before loading: make the linears `quantize_dit` would quantise FP8 already (float8 storage, scales to fill),
