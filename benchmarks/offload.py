@@ -40,6 +40,51 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def stream_timeline(fn, device: torch.device, trace_path: str | None = None) -> dict:
+    """One call of `fn` under torch.profiler; what the GPU's streams did during it.
+
+    The compute stream is the one with the most kernel time. Its gaps (time between one kernel's end and the next
+    one's start, from its first kernel to its last) are where it waited: for a launch, or for a copy it depends on.
+    Comparing them with the same forward resident says what offload's copies cost the compute stream.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    path = trace_path or "/tmp/offload_trace.json"
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    streams: dict = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        streams.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"], e["cat"]))
+    busy = {tid: sum(end - start for start, end, cat in evs if cat == "kernel") for tid, evs in streams.items()}
+    if not busy:
+        return dict(error="the trace holds no GPU kernels")
+    compute = max(busy, key=busy.get)
+    kernels = sorted((start, end) for start, end, cat in streams[compute] if cat == "kernel")
+    gaps, reach = [], kernels[0][1]
+    for start, end in kernels[1:]:
+        if start > reach:
+            gaps.append(start - reach)
+        reach = max(reach, end)
+    copies = {
+        str(tid): sum(end - start for start, end, cat in evs if cat == "gpu_memcpy") / 1000
+        for tid, evs in streams.items()
+        if any(cat == "gpu_memcpy" for _, _, cat in evs)
+    }
+    return dict(
+        compute_span_ms=(reach - kernels[0][0]) / 1000,
+        compute_kernel_ms=busy[compute] / 1000,
+        compute_gap_ms=sum(gaps) / 1000,
+        compute_gaps_over_100us=sum(1 for g in gaps if g > 100),
+        longest_gap_ms=max(gaps, default=0) / 1000,
+        copy_ms_per_stream=copies,
+    )
+
+
 def group_offload(module, device: torch.device) -> None:
     """diffusers' group offload at block level, one block per group, copies on a CUDA stream."""
     module.enable_group_offload(
@@ -76,6 +121,8 @@ def bench_forward(ns: argparse.Namespace) -> dict:
             forward_ms=1000 * _time_calls(lambda: model(**inputs), device, iters=ns.iters),
             forward_peak_gib=forward_peak_gib(lambda: model(**inputs), device),
         )
+        if ns.timeline:
+            results["ditserve resident"]["timeline"] = stream_timeline(lambda: model(**inputs), device)
         pipe = pipeline.diffusers_pipeline()
         their_inputs = pipeline.diffusers_forward_inputs(inputs)
         dt = pipe.transformer
@@ -91,6 +138,11 @@ def bench_forward(ns: argparse.Namespace) -> dict:
                 forward_peak_gib=forward_peak_gib(lambda: model(**inputs), device),
                 difference_to_resident=relative_difference(out, reference),
             )
+            if ns.timeline:
+                trace = f"{ns.timeline}/offload_prefetch{prefetch}.json" if ns.timeline != "-" else None
+                results[f"ditserve layerwise prefetch {prefetch}"]["timeline"] = stream_timeline(
+                    lambda: model(**inputs), device, trace
+                )
             del out
             disable_layerwise_offload([model])
             if graphs is not None:
@@ -114,6 +166,13 @@ def bench_forward(ns: argparse.Namespace) -> dict:
             f"{label:<32} {r['forward_ms']:>9.1f} {r['time_over_resident']:>11.3f} {fmt(r['forward_peak_gib'], '>9.2f')} "
             f"{'' if diff is None else format(diff, '.1e'):>10}"
         )
+        if "timeline" in r and "error" not in r["timeline"]:
+            t = r["timeline"]
+            print(
+                f"    compute stream: span {t['compute_span_ms']:.1f} ms, kernels {t['compute_kernel_ms']:.1f} ms, "
+                f"gaps {t['compute_gap_ms']:.1f} ms ({t['compute_gaps_over_100us']} over 100 us, longest "
+                f"{t['longest_gap_ms']:.2f} ms); copies per stream (ms) {t['copy_ms_per_stream']}"
+            )
     return results
 
 
@@ -176,6 +235,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--load-format", default="dummy", help="dummy (random weights at real size) or auto (the folder's)")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--timeline",
+        default=None,
+        help="forward: profile one more forward per setting and report the compute stream's gaps; DIR keeps the "
+        "offload traces (Chrome JSON), '-' keeps none",
+    )
     ns = p.parse_args()
     results = bench_forward(ns) if ns.what == "forward" else bench_pipeline(ns)
     report = {
