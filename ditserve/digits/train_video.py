@@ -286,11 +286,10 @@ def train_dit(
         noise = randn_like(x0, gen)
         # Half logit-normal shifted towards high noise as the sampler's sigmas are (where the digit and its path
         # are decided), half uniform (so the last, low-noise steps that clean up the strokes are trained too).
+        half = torch.rand(cfg.batch_size, generator=gen) < 0.5
         u = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
         shifted = cfg.timestep_shift * u / (1 + (cfg.timestep_shift - 1) * u)
-        t = torch.where(
-            torch.rand(cfg.batch_size, generator=gen) < 0.5, shifted, torch.rand(cfg.batch_size, generator=gen)
-        ).to(device)
+        t = torch.where(half, shifted, torch.rand(cfg.batch_size, generator=gen)).to(device)
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
         drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout).to(device)
         rows = torch.where(drop, empty_row, prompt_row(digits[idx], directions[idx], form))
