@@ -57,13 +57,13 @@ class VideoTrainConfig:
     num_frames: int = NUM_FRAMES
     scans: int | None = None  # the first this many of scikit-learn's 1,797 scans (None: all; fewer: quick tests)
     # VAE: three levels of 8, 16, 16 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
-    # 48×48×9 clip is 8 channels × 3 × 12 × 12. 1,000 steps of 8 clips at 2e-3 reconstruct clips
-    # that the frame classifier reads 79% right; 300 steps left blobs (34%); base 16 at 2e-3 collapsed to a blur
-    # (docs/digits-video.md).
+    # 48×48×9 clip is 8 channels × 3 × 12 × 12. Batches of 8 clips at 2e-3: 300 steps left blobs (the classifier read
+    # 34% of its reconstructions right), 1,000 steps 81% (the gate needs 90% of the DiT's clips); 2,000 is a guess
+    # along that line that the training log checks (`reconstruction_score`). Base 16 at 2e-3 collapsed to a blur.
     vae_base_dim: int = 8
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     latent_channels: int = 8
-    vae_steps: int = 1000
+    vae_steps: int = 2000
     vae_batch_size: int = 8
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
@@ -151,6 +151,19 @@ def train_vae(vae: nn.Module, ink: np.ndarray, cfg: VideoTrainConfig, gen: torch
         if step % 25 == 0 or step == cfg.vae_steps - 1:
             log(f"vae {step:5d}  recon {rec.item():.4f}  kl {kl.item():.3f}")
     vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_score(vae: nn.Module, ink: np.ndarray, labels: np.ndarray, device: str, n: int = 80) -> str:
+    """`score_videos` of the VAE's reconstructions of n real clips (the last n scans, seeded motions): the most the
+    DiT's clips can score through this VAE."""
+    from ditserve.digits.video_quality import score_videos
+
+    n = min(n, len(ink))
+    direction, cross = random_motions(n, torch.Generator().manual_seed(1))
+    clips = render_motions(ink[-n:], direction, cross)
+    recon = torch.cat([vae.decode(vae.encode(c.to(device)).latent_dist.mean).sample.cpu() for c in clips.split(40)])
+    return score_videos(recon.clamp(-1, 1), labels[-n:], [DIRECTIONS[d] for d in direction]).summary()
 
 
 @torch.no_grad()
@@ -377,6 +390,7 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None)
         log(f"vae: {cfg.vae_steps} steps in {time.time() - vae_start:.1f} s")
     else:
         log(f"vae: taken from {vae_from}")
+    log(f"vae: its reconstructions of real clips score {reconstruction_score(pipe.vae, ink, labels, device)}")
     mean, std, digits, directions = encode_clips(pipe.vae, ink, labels, cfg, gen, device)
     # Statistics of the posterior samples the DiT learns from: the means' spread plus the posterior's own, so a
     # channel the VAE leaves to noise is not blown up by a tiny spread of its means.
