@@ -56,24 +56,36 @@ class VideoTrainConfig:
     clip_size: int = CLIP_SIZE
     num_frames: int = NUM_FRAMES
     scans: int | None = None  # the first this many of scikit-learn's 1,797 scans (None: all; fewer: quick tests)
-    # VAE: three levels of 16, 32, 32 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
-    # 48×48×9 clip is 8 channels × 3 × 12 × 12; with the DiT's 2×2 patches that is 3 × 6 × 6 = 108 tokens.
-    # 300 steps of 8 clips (base 8) left blobs in place of digits: it needs thousands of steps, a GPU's minutes.
-    vae_base_dim: int = 16
+    # VAE: three levels of 8, 16, 16 channels → latents at 1/4 of the sides and (frames - 1)/4 + 1 frames: a
+    # 48×48×9 clip is 8 channels × 3 × 12 × 12. Batches of 8 clips at 2e-3: 300 steps left blobs (the classifier read
+    # 34% of its reconstructions right), 1,000 steps 81% (the gate needs 90% of the DiT's clips); 2,000 is a guess
+    # along that line that the training log checks (`reconstruction_score`). Base 16 at 2e-3 collapsed to a blur.
+    vae_base_dim: int = 8
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     latent_channels: int = 8
-    vae_steps: int = 3000
-    vae_batch_size: int = 16
-    vae_lr: float = 5e-4  # 2e-3 collapses the base-16 VAE to a blur (docs/digits-video.md, "To do")
+    vae_steps: int = 2000
+    vae_batch_size: int = 8
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
     clips_per_scan: int = 4  # clips encoded for the DiT, each scan with random motions
-    # DiT (text_dim: the frozen UMT5's width)
+    # DiT (text_dim: the UMT5's width). Patches of one latent value: 3 × 12 × 12 = 432 tokens, a token per 4×4
+    # pixels (a digit ~6×6 tokens); 2×2 patches gave 108 (a digit ~3×3) and learned slower per step
+    # (docs/digits-video.md).
+    patch_size: tuple[int, int, int] = (1, 1, 1)
     num_layers: int = 4
     num_attention_heads: int = 3
     attention_head_dim: int = 32
     ffn_dim: int = 256
     text_dim: int = 32
     text_layers: int = 2
+    # The text encoder can be trained beside the DiT at this rate (0: left frozen at its random weights, the
+    # default). Frozen, it already keeps the digits apart: a digit's own token moves by more than a token's norm.
+    # Neither training it nor (as a test) copying the digit's features onto every token made the DiT take up the
+    # digit faster on the CPU (docs/digits-video.md, "Why the DiT ignored the digit").
+    text_encoder_lr: float = 0.0
+    # Timesteps: half logit-normal shifted by this (t → s·t / (1 + (s - 1)·t), as flow_shift shifts the sampler's
+    # sigmas), half uniform. Shifted, the DiT learned the motion several times faster per step than unshifted.
+    timestep_shift: float = 3.0
     dit_steps: int = 10000
     dit_lr: float = 1e-3
     dit_warmup: int = 200
@@ -103,6 +115,7 @@ def base_pipeline(cfg: VideoTrainConfig, workdir: Path):
         head_dim=cfg.attention_head_dim,
         layers=cfg.num_layers,
         ffn_dim=cfg.ffn_dim,
+        patch_size=cfg.patch_size,
         latent_channels=cfg.latent_channels,
         vae_base_dim=cfg.vae_base_dim,
         vae_dim_mult=cfg.vae_dim_mult,
@@ -141,6 +154,19 @@ def train_vae(vae: nn.Module, ink: np.ndarray, cfg: VideoTrainConfig, gen: torch
 
 
 @torch.no_grad()
+def reconstruction_score(vae: nn.Module, ink: np.ndarray, labels: np.ndarray, device: str, n: int = 80) -> str:
+    """`score_videos` of the VAE's reconstructions of n real clips (the last n scans, seeded motions): the most the
+    DiT's clips can score through this VAE."""
+    from ditserve.digits.video_quality import score_videos
+
+    n = min(n, len(ink))
+    direction, cross = random_motions(n, torch.Generator().manual_seed(1))
+    clips = render_motions(ink[-n:], direction, cross)
+    recon = torch.cat([vae.decode(vae.encode(c.to(device)).latent_dist.mean).sample.cpu() for c in clips.split(40)])
+    return score_videos(recon.clamp(-1, 1), labels[-n:], [DIRECTIONS[d] for d in direction]).summary()
+
+
+@torch.no_grad()
 def encode_clips(
     vae: nn.Module, ink: np.ndarray, labels: np.ndarray, cfg: VideoTrainConfig, gen: torch.Generator, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,28 +184,52 @@ def encode_clips(
     return torch.cat(means), torch.cat(stds), torch.from_numpy(digits), torch.from_numpy(direction)
 
 
-@torch.no_grad()
-def prompt_embeddings(pipe, cfg: VideoTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """UMT5 sequences [10, directions, forms, S, D] of every prompt as the pipeline encodes them (zeros past each
-    prompt), then the negative prompt's [S, D] (the unconditional input of CFG)."""
+def prompt_tokens(pipe, cfg: VideoTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention masks [10 · directions · forms + 1, S] of every prompt as WanPipeline tokenizes them
+    (`prompt_row` orders them), the negative prompt (the unconditional input of CFG) last."""
     prompts = [
         prompt(d, direction, form) for d in range(10) for direction in DIRECTIONS for form in range(len(PROMPT_FORMS))
     ]
     longest = max(len(pipe.tokenizer(p).input_ids) for p in prompts)
     if longest > cfg.max_sequence_length:
         raise ValueError(f"max_sequence_length {cfg.max_sequence_length} < {longest} tokens of the longest prompt")
-    embeds, _ = pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length
+    tokens = pipe.tokenizer(
+        [*prompts, cfg.negative_prompt],
+        padding="max_length",
+        max_length=cfg.max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
     )
-    seqs = embeds.unflatten(0, (10, len(DIRECTIONS), len(PROMPT_FORMS)))
-    # The frozen random encoder must tell the prompts apart; a DiT cannot learn what the inputs do not carry.
-    flat = embeds.flatten(1)
+    return tokens.input_ids, tokens.attention_mask
+
+
+def prompt_row(digit: torch.Tensor, direction: torch.Tensor, form: torch.Tensor) -> torch.Tensor:
+    """Rows of `prompt_tokens` of each (digit, direction index, form)."""
+    return (digit * len(DIRECTIONS) + direction) * len(PROMPT_FORMS) + form
+
+
+def encode_tokens(text_encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """UMT5 sequences [N, S, D] as WanPipeline.encode_prompt makes them: zeros past each prompt's tokens."""
+    return text_encoder(ids, mask).last_hidden_state * mask[..., None].to(torch.float32)
+
+
+@torch.no_grad()
+def log_prompt_distances(text_encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, label: str) -> None:
+    """How far apart the encoder puts the prompts: the closest two, and how much of a digit's change reaches the
+    tokens other than the digit's own (a frozen random encoder leaves nearly all of it on that one token)."""
+    seqs = encode_tokens(text_encoder, ids, mask)[:-1]
+    flat = seqs.flatten(1)
     dist = torch.cdist(flat, flat) + torch.eye(len(flat), device=flat.device) * 1e9
-    log(f"text: closest two prompts {dist.min().item():.3f} apart (norm {flat.norm(dim=1).mean():.3f})")
-    empty, _ = pipe.encode_prompt(
-        [cfg.negative_prompt], do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length
+    # "the digit 3 moving left" against "the digit 5 moving left": the digit is token 8 of form 0
+    a, b = (int(prompt_row(torch.tensor(d), torch.tensor(0), torch.tensor(0))) for d in (3, 5))
+    change = (seqs[a] - seqs[b]).norm(dim=-1)
+    others = torch.cat([change[:8], change[9:]]).norm()
+    log(
+        f"text ({label}): closest two prompts {dist.min().item():.3f} apart (norm {flat.norm(dim=1).mean():.3f}); "
+        f"digit 3 → 5 moves its own token {change[8].item():.2f}, all the others together {others.item():.2f}"
     )
-    return seqs, empty[0]
 
 
 def new_transformer(pipe, device: str):
@@ -200,16 +250,19 @@ def new_transformer(pipe, device: str):
 
 def train_dit(
     model: nn.Module,
+    text_encoder: nn.Module,
     latents_mean: torch.Tensor,
     latents_std: torch.Tensor,
     digits: torch.Tensor,
     directions: torch.Tensor,
-    seqs: torch.Tensor,
-    empty_seq: torch.Tensor,
+    token_ids: torch.Tensor,
+    token_mask: torch.Tensor,
     cfg: VideoTrainConfig,
     gen: torch.Generator,
-) -> nn.Module:
-    """Flow matching on normalised latents [N, C, F', H', W']; returns the moving average of the weights."""
+) -> tuple[nn.Module, nn.Module]:
+    """Flow matching on normalised latents [N, C, F', H', W'], the prompts encoded each step (the text encoder
+    trained beside the DiT when `cfg.text_encoder_lr` > 0); returns the moving averages of the DiT's and the text
+    encoder's weights."""
     from ditserve.models.wan import video_position_ids
     from ditserve.pipelines.wan import patchify, unpatchify
 
@@ -217,8 +270,16 @@ def train_dit(
     patch = tuple(model.config.patch_size)
     grid = tuple(s // p for s, p in zip(latents_mean.shape[2:], patch))
     ids = video_position_ids(*grid, device=device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
+    train_text = cfg.text_encoder_lr > 0
+    # eval(): UMT5's dropout stays off, trained or not (the pipeline encodes without it)
+    text_encoder.eval().requires_grad_(train_text)
+    both = nn.ModuleList([model, text_encoder])
+    ema = copy.deepcopy(both).requires_grad_(False).eval()
+    groups = [{"params": list(model.parameters())}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_encoder_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.dit_lr, weight_decay=0.0)
+    trained = [p for group in groups for p in group["params"]]
 
     # Linear warm-up, then cosine decay to zero: the last steps refine at a small rate.
     def lr_factor(step: int) -> float:
@@ -228,45 +289,52 @@ def train_dit(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     n = len(digits)
+    token_ids, token_mask = token_ids.to(device), token_mask.to(device)
+    empty_row = len(token_ids) - 1
     for step in range(cfg.dit_steps):
         idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
-        form = torch.randint(seqs.shape[2], (cfg.batch_size,), generator=gen).to(device)
+        form = torch.randint(len(PROMPT_FORMS), (cfg.batch_size,), generator=gen).to(device)
         # A fresh posterior sample each time: the VAE's noise is free augmentation.
         x0 = latents_mean[idx] + latents_std[idx] * randn_like(latents_mean[idx], gen)
         noise = randn_like(x0, gen)
-        # Half logit-normal (mid noise, where the digit and its path are decided), half uniform (so the last,
-        # low-noise steps that clean up the strokes are trained too).
-        t = torch.where(
-            torch.rand(cfg.batch_size, generator=gen) < 0.5,
-            torch.sigmoid(torch.randn(cfg.batch_size, generator=gen)),
-            torch.rand(cfg.batch_size, generator=gen),
-        ).to(device)
+        # Half logit-normal shifted towards high noise as the sampler's sigmas are (where the digit and its path
+        # are decided), half uniform (so the last, low-noise steps that clean up the strokes are trained too).
+        half = torch.rand(cfg.batch_size, generator=gen) < 0.5
+        u = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
+        shifted = cfg.timestep_shift * u / (1 + (cfg.timestep_shift - 1) * u)
+        t = torch.where(half, shifted, torch.rand(cfg.batch_size, generator=gen)).to(device)
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
         drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout).to(device)
-        seq = torch.where(drop[:, None, None], empty_seq, seqs[digits[idx], directions[idx], form])
+        rows = torch.where(drop, empty_row, prompt_row(digits[idx], directions[idx], form))
+        with torch.set_grad_enabled(train_text):
+            seq = encode_tokens(text_encoder, token_ids[rows], token_mask[rows])
         out = model(patchify(xt, patch), timestep=1000 * t, text_states=seq, video_ids=ids)
         loss = F.mse_loss(unpatchify(out, grid, patch), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         schedule.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), model.parameters()):
+            for e, p in zip(ema.parameters(), both.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == cfg.dit_steps - 1:
             log(f"dit {step:5d}  loss {loss.item():.4f}")
-    return ema
+    text_encoder.requires_grad_(False)
+    return ema[0], ema[1]
 
 
-def save_folder(pipe, ema: nn.Module, cfg: VideoTrainConfig, out: Path) -> None:
+def save_folder(
+    pipe, ema: nn.Module, text_encoder: nn.Module, cfg: VideoTrainConfig, out: Path, vae_from: Path | None = None
+) -> None:
     from ditserve.models.wan import to_diffusers_state_dict
 
     pipe.to("cpu")
     state = {k: v.detach().cpu().clone().contiguous() for k, v in to_diffusers_state_dict(ema).items()}
     missing, unexpected = pipe.transformer.load_state_dict(state, strict=True)
     assert not missing and not unexpected
+    pipe.text_encoder.load_state_dict({k: v.detach().cpu() for k, v in text_encoder.state_dict().items()})
     pipe.save_pretrained(out, safe_serialization=True)
     # diffusers records the temporary folder the pipeline was loaded from; drop it so reruns write the same files.
     for config in [out / "model_index.json", *out.glob("*/config.json")]:
@@ -284,17 +352,19 @@ def save_folder(pipe, ema: nn.Module, cfg: VideoTrainConfig, out: Path) -> None:
             "negative_prompt": cfg.negative_prompt,
             "fps": cfg.fps,
         },
-        "trained_with": asdict(cfg),
+        "trained_with": asdict(cfg) | ({"vae_from": str(vae_from)} if vae_from is not None else {}),
     }
     (out / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
-def train(cfg: VideoTrainConfig, out: Path, device: str = "cpu") -> Path:
+def train(cfg: VideoTrainConfig, out: Path, device: str = "cpu", vae_from: Path | None = None) -> Path:
+    """Train and write the folder; `vae_from`: a digits-video folder whose trained VAE is taken as it is (no VAE
+    steps), so that DiT recipes can be compared on one VAE."""
     with training_settings():
-        return _train(cfg, out, device)
+        return _train(cfg, out, device, vae_from)
 
 
-def _train(cfg: VideoTrainConfig, out: Path, device: str) -> Path:
+def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None) -> Path:
     if (cfg.clip_size, cfg.num_frames) != (CLIP_SIZE, NUM_FRAMES):
         raise ValueError(f"the clips are {CLIP_SIZE}×{CLIP_SIZE}, {NUM_FRAMES} frames (ditserve.digits.clips)")
     torch.manual_seed(cfg.seed)
@@ -303,10 +373,24 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str) -> Path:
     ink, labels = load_digits()
     ink, labels = ink[: cfg.scans], labels[: cfg.scans]
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = base_pipeline(cfg, Path(tmp)).to(device)
+        pipe = base_pipeline(cfg, Path(tmp))
+    if vae_from is not None:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
+        if vae.config.z_dim != cfg.latent_channels:
+            raise ValueError(f"{vae_from}: a VAE of {vae.config.z_dim} latent channels, not {cfg.latent_channels}")
+        pipe.register_modules(vae=vae.eval().requires_grad_(False))
+    pipe.to(device)
     log(f"data: {len(labels)} scans, clips of {NUM_FRAMES} frames of {CLIP_SIZE}×{CLIP_SIZE}")
 
-    train_vae(pipe.vae, ink, cfg, gen, device)
+    if vae_from is None:
+        vae_start = time.time()
+        train_vae(pipe.vae, ink, cfg, gen, device)
+        log(f"vae: {cfg.vae_steps} steps in {time.time() - vae_start:.1f} s")
+    else:
+        log(f"vae: taken from {vae_from}")
+    log(f"vae: its reconstructions of real clips score {reconstruction_score(pipe.vae, ink, labels, device)}")
     mean, std, digits, directions = encode_clips(pipe.vae, ink, labels, cfg, gen, device)
     # Statistics of the posterior samples the DiT learns from: the means' spread plus the posterior's own, so a
     # channel the VAE leaves to noise is not blown up by a tiny spread of its means.
@@ -321,11 +405,18 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str) -> Path:
     scale = torch.tensor(pipe.vae.config.latents_std, device=device).view(shape)
     log(f"vae: {len(digits)} clips encoded to {list(mean.shape[1:])} ({time.time() - start:.0f} s so far)")
 
-    seqs, empty_seq = prompt_embeddings(pipe, cfg)
+    token_ids, token_mask = prompt_tokens(pipe, cfg)
+    log_prompt_distances(pipe.text_encoder, token_ids.to(device), token_mask.to(device), "random")
     model = new_transformer(pipe, device)
     latents = (mean - shift) / scale, std / scale
-    ema = train_dit(model, *latents, digits.to(device), directions.to(device), seqs, empty_seq, cfg, gen)
-    save_folder(pipe, ema, cfg, out)
+    dit_start = time.time()
+    ema, text_encoder = train_dit(
+        model, pipe.text_encoder, *latents, digits.to(device), directions.to(device), token_ids, token_mask, cfg, gen
+    )
+    log(f"dit: {cfg.dit_steps} steps in {time.time() - dit_start:.1f} s")
+    if cfg.text_encoder_lr > 0:
+        log_prompt_distances(text_encoder, token_ids.to(device), token_mask.to(device), "trained")
+    save_folder(pipe, ema, text_encoder, cfg, out, vae_from)
     log(f"wrote {out} in {time.time() - start:.0f} s")
     return out
 
@@ -371,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-steps", type=int, default=VideoTrainConfig.dit_steps)
     p.add_argument("--batch-size", type=int, default=VideoTrainConfig.batch_size)
     p.add_argument("--device", default="cpu", help="cpu (the default) or cuda")
+    p.add_argument(
+        "--vae-from", type=Path, default=None, help="a digits-video folder whose VAE to take as it is (no VAE steps)"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip scoring the written model")
     p.add_argument(
         "--threads", type=int, default=1, help="CPU threads (default 1: the same weights whatever the machine's count)"
@@ -390,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--set: {e}")
     cfg = VideoTrainConfig(**settings)
-    out = train(cfg, Path(ns.out), ns.device)
+    out = train(cfg, Path(ns.out), ns.device, ns.vae_from)
     if not ns.no_eval:
         evaluate(out, device=ns.device)
     return 0

@@ -25,6 +25,7 @@ class TinyWanSpec:
     head_dim: int = 24  # RoPE splits it 8 (frames) + 8 (rows) + 8 (columns)
     layers: int = 2
     ffn_dim: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # latent frames, rows, columns per DiT token
     latent_channels: int = 4  # the VAE's z_dim
     vae_base_dim: int = 8
     # Channel multipliers of the VAE's levels: each level after the first halves the sides, and the last two also
@@ -56,7 +57,7 @@ def tiny_transformer(spec: TinyWanSpec, seed: int):
 
     clip = spec.i2v and not spec.two_experts
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
+        patch_size=tuple(spec.patch_size),
         num_attention_heads=spec.heads,
         attention_head_dim=spec.head_dim,
         in_channels=2 * spec.latent_channels + 4 if spec.i2v else spec.latent_channels,

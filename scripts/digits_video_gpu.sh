@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# digits-video on one GPU, within BUDGET seconds (default 540) in all: a short probe run measures the seconds per
+# VAE and DiT step on this machine; run A then trains the default recipe with as many DiT steps as fit, keeping
+# B_RESERVE seconds aside (`--dit-steps`, printed), and is scored; run B, when time for 1,000 DiT steps is left,
+# trains a second DiT recipe on A's VAE (so the two differ only in the DiT) and is scored. Results under $OUT:
+#   digits-video/ (the folder to ship), train-a.log, score-a.txt, examples/ (seed 0's clips: PNG strips, GIFs),
+#   digits-video-b/, train-b.log, score-b.txt, probe.log, timings.txt
+#
+# Environment:
+#   VAE_FROM   a digits-video folder whose VAE run A takes as it is (no VAE steps, more time for the DiT);
+#              unset: run A trains its own VAE (the default recipe's vae_steps). Either way the training log scores
+#              the VAE's reconstructions of real clips ("reconstructions of real clips score ..."): the ceiling of
+#              what the DiT's clips can score through it
+#   A_ARGS     extra train_video arguments of run A (default none: the default recipe)
+#   B_ARGS     train_video arguments of run B (default: 2×2 patches, the token grid of the recipe before)
+#   B_RESERVE  seconds of DiT training kept for run B (default 0: run A's steps come first, as they are what the
+#              digit needs most; B runs on what the probe's margins leave)
+#   SEEDS      seeds per digit × direction when scoring (default 3: 120 clips)
+#   DIT_STEPS  run A's DiT steps, in place of what the probe says fits
+set -uo pipefail
+: "${OUT:?set OUT to the results folder}"
+BUDGET=${BUDGET:-540}
+SEEDS=${SEEDS:-3}
+B_ARGS=${B_ARGS:---set patch_size=1,2,2}
+B_RESERVE=${B_RESERVE:-0}
+START=$(date +%s)
+mkdir -p "$OUT"
+: >"$OUT/timings.txt"
+elapsed() { echo $(($(date +%s) - START)); }
+stamp() { echo "$(elapsed) s: $*" | tee -a "$OUT/timings.txt"; }
+# run LOG CMD...: the command, given only the time left, its output to the screen and to LOG
+run() {
+    local log=$1 limit rc
+    shift
+    limit=$((BUDGET - $(elapsed) - 3))
+    if ((limit < 15)); then
+        stamp "skipped, no time left: $*"
+        return 1
+    fi
+    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    stamp "exit $rc: $*"
+    return "$rc"
+}
+# seconds per step of a "vae/dit: N steps in S s" line of a training log (S is whole seconds, so N must be large)
+per_step() { grep -h "^\[.*\] $2: [0-9]* steps in" "$1" | tail -n 1 | awk '{print $6 / $3}'; }
+train=(python -m ditserve.digits.train_video --device cuda --no-eval)
+score=(python -m ditserve.digits.video_quality --device cuda --seeds "$SEEDS")
+
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+stamp "start, budget $BUDGET s"
+
+vae_a=()
+[[ -n "${VAE_FROM:-}" ]] && vae_a=(--vae-from "$VAE_FROM")
+# Probe: 200 VAE steps (none with VAE_FROM) and 400 DiT steps on 64 scans, at run A's sizes.
+# shellcheck disable=SC2086
+run "$OUT/probe.log" "${train[@]}" --out "$OUT/probe" --vae-steps 200 --dit-steps 400 --set scans=64 \
+    --set clips_per_scan=1 "${vae_a[@]}" ${A_ARGS:-} || exit 1
+vae_s=$(per_step "$OUT/probe.log" vae)
+dit_s=$(per_step "$OUT/probe.log" dit)
+stamp "probe: ${vae_s:-no} s per VAE step, $dit_s s per DiT step"
+
+# Run A: what is left after the VAE, ~40 s of start-up, encoding and saving, ~45 s of scoring and B_RESERVE goes
+# to DiT steps.
+vae_time=0
+if [[ -z "${VAE_FROM:-}" ]]; then
+    vae_steps=$(python -c "from ditserve.digits.train_video import VideoTrainConfig as C; print(C.vae_steps)")
+    vae_time=$(awk -v n="$vae_steps" -v s="$vae_s" 'BEGIN {print int(n * s) + 1}')
+fi
+left=$((BUDGET - $(elapsed) - vae_time - 40 - 45 - B_RESERVE))
+steps=${DIT_STEPS:-$(awk -v l="$left" -v s="$dit_s" 'BEGIN {n = int(l / s / 100) * 100; print (n < 500 ? 500 : n)}')}
+stamp "run A: $steps DiT steps (VAE: ${VAE_FROM:-trained, about $vae_time s})"
+# shellcheck disable=SC2086
+if run "$OUT/train-a.log" "${train[@]}" --out "$OUT/digits-video" --dit-steps "$steps" "${vae_a[@]}" ${A_ARGS:-}; then
+    run "$OUT/score-a.txt" "${score[@]}" --model "$OUT/digits-video" --examples "$OUT/examples"
+    # Run B on A's VAE with the DiT steps that fit in what is left after ~35 s of start-up and ~45 s of scoring.
+    dit_b=$(per_step "$OUT/train-a.log" dit)
+    left=$((BUDGET - $(elapsed) - 35 - 45))
+    steps_b=$(awk -v l="$left" -v s="$dit_b" 'BEGIN {print int(l / s / 100) * 100}')
+    if ((steps_b >= 1000)); then
+        stamp "run B ($B_ARGS): $steps_b DiT steps"
+        # shellcheck disable=SC2086
+        run "$OUT/train-b.log" "${train[@]}" --out "$OUT/digits-video-b" --vae-from "$OUT/digits-video" \
+            --dit-steps "$steps_b" $B_ARGS &&
+            run "$OUT/score-b.txt" "${score[@]}" --model "$OUT/digits-video-b"
+    else
+        stamp "run B skipped: time for only $steps_b DiT steps"
+    fi
+fi
+
+echo "== summary =="
+cat "$OUT/timings.txt"
+for r in a b; do
+    if [[ -f "$OUT/train-$r.log" ]]; then
+        for pattern in "vae  *[0-9]*  recon" "reconstructions of real" "dit  *[0-9]*  loss" "dit: [0-9]* steps"; do
+            grep -h "$pattern" "$OUT/train-$r.log" | tail -n 1
+        done
+    fi
+    [[ -f "$OUT/score-$r.txt" ]] && echo "run $r: $(grep -h 'videos: digit' "$OUT/score-$r.txt")"
+done
+exit 0
