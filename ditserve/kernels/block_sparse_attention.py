@@ -188,8 +188,7 @@ if triton is not None:
             q_tok = tl.load(ORDER + q_start + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             q_tok = (q_start + rows).to(tl.int64)
-        q_ptrs = Q + b * sqb + h * sqh + q_tok[:, None] * sqn + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         if WIDEN:
             q = q.to(tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # exp2 below: log2(e) folded into the scale
@@ -239,8 +238,10 @@ if triton is not None:
         if EPILOGUE == 1:
             # SLA's linear branch through its projection: φ(q)·KVW / (ε + φ(q)·Σφ(k)) + bias, φ the softmax over
             # the head dimension. E0 [B, H, D, D] = (Σ φ(k) vᵀ) Wᵀ in q's dtype, E1 [B, H, D] = Σ φ(k) float32,
-            # E2 [D] = the projection's bias float32. q is read again (from cache) rather than kept live.
-            qf = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            # E2 [D] = the projection's bias float32. q is read again (from cache), its pointers built anew: a
+            # [BLOCK_M, D] pointer tensor kept live across the loop would hold registers the loop needs.
+            q_rows = (Q + (b * sqb + h * sqh)) + (q_tok * sqn)[:, None]
+            qf = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
             e = tl.math.exp2((qf - tl.max(qf, 1)[:, None]) * 1.4426950408889634)
             phi = e / tl.sum(e, 1)[:, None]
             kvw = tl.load(E0 + b * se0b + h * se0h + offs_d[:, None] * D + offs_d[None, :])
