@@ -60,6 +60,35 @@ def test_kernel_matches_reference_cuda(sizes):
     run_all("cuda", torch.bfloat16, 2e-2, sizes)
 
 
+@pytest.mark.gpu
+def test_autotuned_launch_matches_default_config():
+    """A launch large enough to be autotuned (SLA's, with its linear epilogue) gives what the default config gives,
+    and the chosen config is reported."""
+    from ditserve.kernels import block_sparse_attention as kernel
+    from ditserve.layers.sparse_attention import (
+        SLA_KEY_BLOCK,
+        SLA_QUERY_BLOCK,
+        _runs,
+        sla_block_map,
+        sla_key_statistics,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    n, heads = 32768, 8  # 256 query blocks × 8 heads: kernel.TUNE_MIN_PROGRAMS
+    q, k, v = (torch.randn(1, n, heads, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    projection = torch.nn.Linear(128, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lut, counts = sla_block_map(q, k, 0.1)
+        blocks = (q, k, v, _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device), lut, counts)
+        linear = kernel.LinearBranch(*sla_key_statistics(k, v, projection))
+        tuned = kernel.block_sparse_attention(*blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear)
+        default = kernel.block_sparse_attention(
+            *blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear, config=kernel.default_config(SLA_QUERY_BLOCK)
+        )
+    assert ((tuned.float() - default.float()).norm() / default.float().norm()).item() < 1e-2
+    assert any(key[5] == 1 for key in kernel.tuned_configs())
+
+
 def test_tiles_cover_every_token_once_and_windows_shift_inwards():
     layout = tile_layout((5, 17, 9), (3, 3, 3), torch.device("cpu"))
     assert sorted(layout.order.tolist()) == list(range(5 * 17 * 9))

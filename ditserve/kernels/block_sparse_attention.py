@@ -265,15 +265,26 @@ if triton is not None:
             mask=row_ok[:, None],
         )
 
-    # Tile configurations tried at size (BLOCK_N, warps, stages): BLOCK_M is the layout's query block. Chosen per
+    # Tile configurations tried at size (BLOCK_N, warps, stages); BLOCK_M is the layout's query block. Chosen per
     # key (head dim, blocks, LUT width, epilogue, sequence length rounded to a power of two) by timing them once.
+    # Query blocks of 128 rows take two warpgroups (8 warps) or one; blocks of 64 (VSA's cubes) one.
     TUNE_CONFIGS = [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 3), (64, 4, 4))
+        for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 3))
     ]
+
+    def _fitting_configs(configs, named_args, **kwargs):
+        """The configs worth timing for the launch's query block: for 128 rows all but 4 warps over 128 keys (too
+        many registers for one warpgroup), for 64 rows or fewer those of one warpgroup."""
+        block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+        if block_m >= 128:
+            return [c for c in configs if not (c.num_warps == 4 and c.kwargs["BLOCK_N"] == 128)]
+        return [c for c in configs if c.num_warps == 4]
+
     _tuned_kernel = triton.autotune(
         TUNE_CONFIGS,
         key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "EPILOGUE", "n_bucket"],
+        prune_configs_by={"early_config_prune": _fitting_configs},
     )(_block_sparse_attention_kernel)
 
 
