@@ -215,9 +215,8 @@ def sla_key_statistics(
     phi_k = torch.softmax(k, dim=-1)
     kv = torch.stack([phi_k[i].permute(1, 2, 0) @ v[i].transpose(0, 1) for i in range(k.shape[0])])
     k_sum = phi_k.sum(dim=1, dtype=torch.float32)
-    weight_dtype = next(projection.parameters()).dtype
-    bias = projection(torch.zeros(1, k.shape[-1], device=k.device, dtype=weight_dtype)).float()[0]
-    kv_w = projection(kv.to(weight_dtype)).float() - bias
+    bias = projection(torch.zeros(1, k.shape[-1], device=k.device, dtype=k.dtype)).float()[0]
+    kv_w = projection(kv).float() - bias
     return kv_w.to(k.dtype), k_sum, bias
 
 
