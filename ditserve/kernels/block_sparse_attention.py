@@ -234,7 +234,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
         if EPILOGUE == 1:
             # SLA's linear branch through its projection: φ(q)·KVW / (ε + φ(q)·Σφ(k)) + bias, φ the softmax over
             # the head dimension. E0 [B, H, D, D] = (Σ φ(k) vᵀ) Wᵀ in q's dtype, E1 [B, H, D] = Σ φ(k) float32,
@@ -242,17 +242,23 @@ if triton is not None:
             # [BLOCK_M, D] pointer tensor kept live across the loop would hold registers the loop needs.
             q_rows = (Q + (b * sqb + h * sqh)) + (q_tok * sqn)[:, None]
             qf = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            # φ(q) = e / Σe with e = exp(q − max q); Σe cancels between numerator and denominator, so φ is never
+            # formed: e·KVW / (e·Σφ(k) + ε·Σe).
             e = tl.math.exp2((qf - tl.max(qf, 1)[:, None]) * 1.4426950408889634)
-            phi = e / tl.sum(e, 1)[:, None]
-            kvw = tl.load(E0 + b * se0b + h * se0h + offs_d[:, None] * D + offs_d[None, :])
             k_sum = tl.load(E1 + b * se1b + h * se1h + offs_d)
-            bias = tl.load(E2 + offs_d)
+            denominator = tl.sum(e * k_sum[None, :], 1) + lin_eps * tl.sum(e, 1)
+            kvw = tl.load(E0 + b * se0b + h * se0h + offs_d[:, None] * D + offs_d[None, :])
+            # acc/l + e·KVW/den = (acc·den/l + e·KVW)/den: the product accumulates into acc's registers, so the
+            # epilogue holds one [BLOCK_M, D] float32 tile, not two.
+            acc = acc * (denominator / l_safe)[:, None]
             if WIDEN:
-                numerator = tl.dot(phi, kvw.to(tl.float32))
+                acc = tl.dot(e, kvw.to(tl.float32), acc)
             else:
-                numerator = tl.dot(phi.to(kvw.dtype), kvw)
-            denominator = tl.sum(phi * k_sum[None, :], 1) + lin_eps
-            out = out + numerator / denominator[:, None] + bias[None, :]
+                acc = tl.dot(e.to(kvw.dtype), kvw, acc)
+            bias = tl.load(E2 + offs_d)
+            out = acc / denominator[:, None] + bias[None, :]
+        else:
+            out = acc / l_safe[:, None]
         if EPILOGUE == 2:
             # VSA's gated coarse output: gate[token] · coarse[query block]. E0 [B, N, H, D] the gate (any strides,
             # se0b/se0h/se0n), E1 [B, H, Mq, D] float32 the coarse attention's output per query block.
@@ -267,19 +273,17 @@ if triton is not None:
 
     # Tile configurations tried at size (BLOCK_N, warps, stages); BLOCK_M is the layout's query block. Chosen per
     # key (head dim, blocks, LUT width, epilogue, sequence length rounded to a power of two) by timing them once.
-    # Query blocks of 128 rows take two warpgroups (8 warps) or one; blocks of 64 (VSA's cubes) one.
+    # Query blocks of 128 rows take two warpgroups (8 warps: one warpgroup spills registers there, compiled for
+    # sm_90), blocks of 64 (VSA's cubes) one.
     TUNE_CONFIGS = [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 3))
     ]
 
     def _fitting_configs(configs, named_args, **kwargs):
-        """The configs worth timing for the launch's query block: for 128 rows all but 4 warps over 128 keys (too
-        many registers for one warpgroup), for 64 rows or fewer those of one warpgroup."""
+        """The configs worth timing for the launch's query block: two warpgroups for 128 rows, one for fewer."""
         block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-        if block_m >= 128:
-            return [c for c in configs if not (c.num_warps == 4 and c.kwargs["BLOCK_N"] == 128)]
-        return [c for c in configs if c.num_warps == 4]
+        return [c for c in configs if c.num_warps == (8 if block_m >= 128 else 4)]
 
     _tuned_kernel = triton.autotune(
         TUNE_CONFIGS,
