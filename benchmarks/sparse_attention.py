@@ -73,8 +73,20 @@ def event_ms(fn, reps: int = 5) -> float:
 
 
 def newly_tuned(before: dict) -> list[dict]:
-    """The configs autotuning chose since `before` (a `tuned_configs()`), as plain dicts."""
-    return [dict(key=[str(x) for x in key], **vars(c)) for key, c in tuned_configs().items() if key not in before]
+    """The configs autotuning chose since `before` (a `tuned_configs()`), as plain dicts, with the median ms of
+    every config timed in the last tuning (Triton's autotuner keeps those of its last key only)."""
+    from ditserve.kernels import block_sparse_attention as kernel
+
+    chosen = [dict(key=[str(x) for x in key], **vars(c)) for key, c in tuned_configs().items() if key not in before]
+    timings = getattr(kernel._tuned_kernel, "configs_timings", None) or {}
+    if chosen:
+        chosen[-1]["timings_ms"] = {
+            f"block_n={c.kwargs['BLOCK_N']},warps={c.num_warps},stages={c.num_stages}": (
+                t[0] if isinstance(t, list) else t
+            )
+            for c, t in timings.items()
+        }
+    return chosen
 
 
 def sla_breakdown(q, k, v, pattern: SLA, projection) -> dict:
