@@ -75,7 +75,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="BACKEND",
         help=f"{', '.join(ATTENTION_BACKENDS)}; sparse ones (video models) optionally with an argument: "
-        "sliding-tile:T,H,W (window in tiles), sla:RATIO (checkpoints fine-tuned with SLA). Default: auto",
+        "sliding-tile:T,H,W (window in tiles), sla:RATIO (checkpoints fine-tuned with SLA), vsa:SPARSITY "
+        "(checkpoints trained with VSA, e.g. FastWan). Default: auto",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first request)")
     p.add_argument(

@@ -32,10 +32,15 @@ DTYPES: dict[str, str] = {
 LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sliding-tile", "sla")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sliding-tile", "sla", "vsa")
 # Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
-# (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to.
-SPARSE_ATTENTION_ARGUMENTS = {"sliding-tile": "T,H,W (odd tile counts, e.g. 3,3,5)", "sla": "a ratio in (0, 1]"}
+# (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to, VSA's share of key cubes
+# each query cube leaves out.
+SPARSE_ATTENTION_ARGUMENTS = {
+    "sliding-tile": "T,H,W (odd tile counts, e.g. 3,3,5)",
+    "sla": "a ratio in (0, 1]",
+    "vsa": "a sparsity in [0, 1)",
+}
 QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
 
 # Bounds that keep one request from exhausting the machine; generous for real use.
@@ -53,7 +58,7 @@ class ConfigError(FieldError):
 
 def check_attention_backend_name(value, field: str) -> None:
     """An attention backend: one of ATTENTION_BACKENDS, a sparse one optionally with its argument
-    (`sliding-tile:3,3,5`, `sla:0.15`)."""
+    (`sliding-tile:3,3,5`, `sla:0.15`, `vsa:0.9`)."""
     if not isinstance(value, str):
         raise ConfigError(field, f"must be a backend name, got {value!r}")
     kind, colon, arg = value.partition(":")
@@ -67,9 +72,9 @@ def check_attention_backend_name(value, field: str) -> None:
     if kind == "sliding-tile":
         parts = arg.split(",")
         ok = len(parts) == 3 and all(p.isdigit() and int(p) % 2 == 1 and int(p) <= 99 for p in parts)
-    elif kind == "sla":
+    elif kind in ("sla", "vsa"):
         try:
-            ok = 0 < float(arg) <= 1
+            ok = 0 < float(arg) <= 1 if kind == "sla" else 0 <= float(arg) < 1
         except ValueError:
             ok = False
     if not ok:
@@ -219,6 +224,10 @@ class EngineArgs:
         if self.attention_backend.startswith(tuple(SPARSE_ATTENTION_ARGUMENTS)) and self.ring_degree > 1:
             raise ConfigError(
                 "attention_backend", "sparse attention runs under Ulysses (heads split), not Ring: use --ring-degree 1"
+            )
+        if self.attention_backend.startswith("vsa") and self.ulysses_degree > 1:
+            raise ConfigError(
+                "attention_backend", "vsa does not run under sequence parallelism yet (its gate is not exchanged)"
             )
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(

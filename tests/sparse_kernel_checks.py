@@ -1,8 +1,12 @@
-"""The block-sparse attention kernel against its torch reference, for sliding tiles and SLA's block map: run as a
-script with TRITON_INTERPRET=1 on the CPU (tests/test_sparse_attention.py), imported by the CUDA test."""
+"""The block-sparse attention kernel against its torch reference, for sliding tiles, SLA (its linear branch in the
+kernel's epilogue) and VSA (its gated coarse term in the epilogue), at the default config and at others (key tiles
+narrower and wider than a key block); VSA's whole path also against a from-scratch float64 rendering of FastVideo's
+definition. Run as a script with TRITON_INTERPRET=1 on the CPU (tests/test_sparse_attention.py), imported by the
+CUDA tests."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -11,10 +15,17 @@ from ditserve.kernels import block_sparse_attention as kernel
 from ditserve.layers.attention import attention_reference
 from ditserve.layers.sparse_attention import (
     SLA,
+    SLA_KEY_BLOCK,
+    SLA_QUERY_BLOCK,
+    VSA,
     SlidingTile,
+    _runs,
     sla_attention,
+    sla_block_map,
+    sla_key_statistics,
     sliding_tile_attention,
     tile_layout,
+    vsa_attention,
 )
 
 
@@ -53,15 +64,115 @@ def check_sla(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d: in
     assert rel(out, ref) < tol, ("sla", rel(out, ref), n, topk)
 
 
+def vsa_plain(q, k, v, gate, grid, sparsity: float) -> torch.Tensor:
+    """VSA from its definition, float64, token by token: each token's cube from its (frame, row, column), the
+    cube means, dense attention of the means, the ⌈(1 − sparsity)·cubes⌉ best key cubes per query cube, softmax
+    attention over those cubes' tokens, plus gate × the coarse output of the query's cube."""
+    b, n, h, d = q.shape
+    f_, h_, w_ = grid
+    t = torch.arange(n)
+    frame, row, col = t // (h_ * w_), (t // w_) % h_, t % w_
+    cubes_per = [-(-g // 4) for g in grid]
+    cube = (frame // 4 * cubes_per[1] + row // 4) * cubes_per[2] + col // 4
+    m = cubes_per[0] * cubes_per[1] * cubes_per[2]
+    size = torch.bincount(cube, minlength=m).double()
+    qd, kd, vd, gd = (x.double().transpose(1, 2) for x in (q, k, v, gate))  # [B, H, N, D]
+
+    def means(x):
+        return torch.zeros(b, h, m, d, dtype=torch.float64).index_add_(2, cube, x) / size[:, None]
+
+    q_c, k_c, v_c = means(qd), means(kd), means(vd)
+    scores = q_c @ k_c.transpose(-1, -2) * d**-0.5
+    chosen = max(1, min(m, math.ceil((1 - sparsity) * m)))
+    picked = torch.zeros(b, h, m, m, dtype=torch.bool).scatter_(-1, scores.topk(chosen, -1).indices, True)
+    allowed = picked[:, :, cube][:, :, :, cube]  # [B, H, N, N]
+    fine = (qd @ kd.transpose(-1, -2) * d**-0.5).masked_fill(~allowed, float("-inf")).softmax(-1) @ vd
+    coarse = (scores.softmax(-1) @ v_c)[:, :, cube]
+    return (fine + gd * coarse).transpose(1, 2)
+
+
+def check_vsa(device: str, dtype: torch.dtype, b: int, grid, heads: int, d: int, sparsity: float, tol: float, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1] * grid[2]
+    qkvg = torch.randn(b, n, 4, heads, d, generator=g).to(device, dtype)
+    q, k, v, gate = qkvg.unbind(2)  # strided views of one fused projection, as the model hands them over
+    assert kernel._use_triton(q), "the Triton path is not taken"
+    out = vsa_attention(q, k, v, gate, grid, VSA(sparsity))
+    ref = vsa_attention(q, k, v, gate, grid, VSA(sparsity), reference=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel(out, ref) < tol, ("vsa", rel(out, ref), grid, sparsity)
+    if dtype == torch.float32:  # the same cube choice as float64 needs float32 scores
+        plain = vsa_plain(q.cpu(), k.cpu(), v.cpu(), gate.cpu(), grid, sparsity)
+        assert rel(out.cpu(), plain) < tol, ("vsa vs its definition", rel(out.cpu(), plain), grid, sparsity)
+
+
+def check_configs(device: str, dtype: torch.dtype, configs, tol: float, d: int = 16, heads: int = 2) -> None:
+    """Explicit kernel configs (key tiles narrower and wider than a key block) against the reference, with an
+    order (sliding tiles) and with SLA's runs and linear epilogue."""
+    g = torch.Generator().manual_seed(5)
+    grid = (3, 10, 9)
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, n, heads, d, generator=g).to(device, dtype) for _ in range(3))
+    layout = tile_layout(grid, (3, 1, 1), q.device)
+    blocks = (layout.starts, layout.lengths)
+    tile_ref = kernel.block_sparse_attention_reference(q, k, v, blocks, blocks, layout.lut, layout.counts, layout.order)
+    projection = torch.nn.Linear(d, d).to(device, dtype)
+    with torch.no_grad():
+        lut, counts = sla_block_map(q, k, 0.5)
+        q_blocks, kv_blocks = _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device)
+        linear = kernel.LinearBranch(*sla_key_statistics(k, v, projection))
+        sla_ref = kernel.block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, epilogue=linear)
+        for config in configs:
+            out = kernel.block_sparse_attention(
+                q,
+                k,
+                v,
+                blocks,
+                blocks,
+                layout.lut,
+                layout.counts,
+                layout.order,
+                None,
+                layout.block,
+                layout.block,
+                config=config,
+            )
+            assert rel(out, tile_ref) < tol, ("tiles", config, rel(out, tile_ref))
+            out = kernel.block_sparse_attention(
+                q,
+                k,
+                v,
+                q_blocks,
+                kv_blocks,
+                lut,
+                counts,
+                None,
+                None,
+                SLA_QUERY_BLOCK,
+                SLA_KEY_BLOCK,
+                linear,
+                config=config,
+            )
+            assert rel(out, sla_ref) < tol, ("sla", config, rel(out, sla_ref))
+
+
 def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -> None:
     if sizes == "small":
         for seed, (grid, window) in enumerate([((3, 9, 10), (1, 1, 1)), ((3, 10, 9), (3, 1, 1))]):
             check_sliding_tile(device, dtype, grid, 2, 16, window, tol, seed)
         for seed, (n, topk) in enumerate([(300, 0.5), (140, 0.1)]):
             check_sla(device, dtype, 1 + seed, n, 1, 16, topk, tol, seed)
+        for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
+            check_vsa(device, dtype, 1 + seed, grid, 2, 16, sparsity, tol, seed)
+        if dtype == torch.float32:
+            check_configs(device, dtype, [kernel.KernelConfig(32, 4, 1), kernel.KernelConfig(256, 4, 1)], tol)
     else:
         check_sliding_tile(device, dtype, (6, 30, 52), 4, 128, (3, 3, 5), tol, 0)
         check_sla(device, dtype, 1, 9360, 4, 128, 0.1, tol, 1)
+        check_vsa(device, dtype, 1, (6, 30, 52), 4, 128, 0.8, tol, 2)
+        tried = kernel._fitting_configs(kernel.TUNE_CONFIGS, {}, BLOCK_M=128)  # what autotuning times for both
+        configs = [kernel.KernelConfig(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tried]
+        check_configs(device, dtype, configs, tol, d=128, heads=4)
 
 
 if __name__ == "__main__":

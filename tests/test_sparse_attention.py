@@ -60,6 +60,35 @@ def test_kernel_matches_reference_cuda(sizes):
     run_all("cuda", torch.bfloat16, 2e-2, sizes)
 
 
+@pytest.mark.gpu
+def test_autotuned_launch_matches_default_config():
+    """A launch large enough to be autotuned (SLA's, with its linear epilogue) gives what the default config gives,
+    and the chosen config is reported."""
+    from ditserve.kernels import block_sparse_attention as kernel
+    from ditserve.layers.sparse_attention import (
+        SLA_KEY_BLOCK,
+        SLA_QUERY_BLOCK,
+        _runs,
+        sla_block_map,
+        sla_key_statistics,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    n, heads = 32768, 8  # 256 query blocks × 8 heads: kernel.TUNE_MIN_PROGRAMS
+    q, k, v = (torch.randn(1, n, heads, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    projection = torch.nn.Linear(128, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lut, counts = sla_block_map(q, k, 0.1)
+        blocks = (q, k, v, _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device), lut, counts)
+        linear = kernel.LinearBranch(*sla_key_statistics(k, v, projection))
+        tuned = kernel.block_sparse_attention(*blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear)
+        default = kernel.block_sparse_attention(
+            *blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear, config=kernel.default_config(SLA_QUERY_BLOCK)
+        )
+    assert ((tuned.float() - default.float()).norm() / default.float().norm()).item() < 1e-2
+    assert any(key[5] == 1 for key in kernel.tuned_configs())
+
+
 def test_tiles_cover_every_token_once_and_windows_shift_inwards():
     layout = tile_layout((5, 17, 9), (3, 3, 3), torch.device("cpu"))
     assert sorted(layout.order.tolist()) == list(range(5 * 17 * 9))
@@ -153,3 +182,76 @@ def test_cuda_graphs_replay_sparse_attention(tmp_path, backend):
             if graphs:
                 assert engine.cuda_graphs["transformer"].captures >= 1
     assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+# ---- VSA -----------------------------------------------------------------------------------------------------------
+# a (3, 8, 8) token grid: 4 cubes of 4 × 4 × 4 (their frames cut to 3); latents, to skip the VAE
+VSA_REQUEST = dict(REQUEST, height=128, width=128, output_type="latent")
+
+
+def _zero_gates(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: torch.zeros_like(t) if "to_gate_compress" in k else t for k, t in state.items()}, weights)
+
+
+@pytest.fixture(scope="module")
+def tiny_vsa(tmp_path_factory):
+    from ditserve.tiny.wan import make_tiny_wan_folder
+
+    return make_tiny_wan_folder(tmp_path_factory.mktemp("tiny-fastwan"), vsa=True)
+
+
+def test_vsa_reference_path_is_dense_when_no_cube_is_left_out():
+    """Without Triton: at sparsity 0 every cube is chosen, so the fine stage is dense attention and the output is
+    dense attention plus gate × the coarse output of the query's cube (one cube here: the mean of v, attended)."""
+    from ditserve.layers.sparse_attention import VSA, vsa_attention
+
+    g = torch.Generator().manual_seed(1)
+    grid = (2, 3, 4)  # one cube (smaller than 4 × 4 × 4)
+    q, k, v, gate = (torch.randn(1, 24, 2, 8, generator=g) for _ in range(4))
+    out = vsa_attention(q, k, v, gate, grid, VSA(0.0))
+    expected = attention_reference(q, k, v) + gate * v.mean(dim=1, keepdim=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(vsa_attention(q, k, v, torch.zeros_like(gate), grid, VSA(0.9)), attention_reference(q, k, v))
+
+
+def test_vsa_folder_loads_and_runs(tiny_vsa):
+    from ditserve.loader.folder import resolve_model
+
+    source = resolve_model(str(tiny_vsa))
+    assert source.config("transformer")["video_sparse_attention"]  # told by the to_gate_compress names alone
+    with Engine.from_pretrained(str(tiny_vsa), device="cpu") as engine:
+        dense = engine.generate(**VSA_REQUEST).videos[0]
+        sparse = engine.generate(**VSA_REQUEST, attention="vsa:0.5").videos[0].float()
+        full = engine.generate(**VSA_REQUEST, attention="vsa:0").videos[0].float()
+    assert torch.isfinite(sparse).all()
+    assert (sparse - dense.float()).abs().max() > 1e-3 and (full - sparse).abs().max() > 1e-4
+
+
+def test_vsa_with_zero_gates_and_no_cube_left_out_is_dense(tiny_vsa, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_vsa, tmp_path / "zero-gates"))
+    _zero_gates(folder)
+    with Engine.from_pretrained(str(folder), device="cpu", attention_backend="vsa:0") as engine:
+        vsa = engine.generate(**VSA_REQUEST).videos[0].float()
+        dense = engine.generate(**VSA_REQUEST, attention="sdpa").videos[0].float()
+    assert (vsa - dense).abs().max() < 1e-4
+
+
+def test_vsa_refused_where_it_does_not_fit(engine, tiny_wan, tiny_vsa):
+    with pytest.raises(ConfigError, match="to_gate_compress") as e:
+        engine.generate(**REQUEST, attention="vsa")  # a Wan checkpoint without VSA's gates
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError) as e:
+        Engine.from_pretrained(str(tiny_wan), device="cpu", attention_backend="vsa:0.8")
+    assert e.value.field == "attention_backend"
+    for bad in ("vsa:1", "vsa:-0.1", "vsa:x"):
+        with pytest.raises(ConfigError) as e:
+            Engine.from_pretrained(str(tiny_vsa), device="cpu", attention_backend=bad)
+        assert e.value.field == "attention_backend"
+    with pytest.raises(ConfigError, match="sequence parallelism") as e:
+        Engine.from_pretrained(str(tiny_vsa), device="cpu", attention_backend="vsa", num_gpus=2, ulysses_degree=2)

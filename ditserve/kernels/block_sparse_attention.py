@@ -10,11 +10,20 @@ tile order first. Blocks may be shorter than the kernel's tile (the last run, th
 `lut` [B, H, Mq, K] (int32; size-1 batch or head dimensions broadcast) names for each query block the key blocks it
 attends to, its first `counts` [B, H, Mq] entries valid. Each query row takes the softmax over exactly those keys,
 as flash attention does over all of them: one pass, a running max and sum, float32 accumulation.
+
+An epilogue can add a second term to each output row before it is stored, so that the sparse backends' other
+branch costs no pass of its own over [B, N, H, D] tensors:
+- `LinearBranch` (SLA): a linear attention over all keys through a learned projection, from per-head key
+  statistics computed beforehand ([B, H, D, D] and [B, H, D]);
+- `GatedCoarse` (VSA): a per-token gate times the coarse (pooled) attention's output of the row's query block.
+
+The kernel's key tile, warps and stages are autotuned (`KernelConfig`, `tuned_configs`) on CUDA for large launches.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +44,39 @@ def _token_blocks(starts: torch.Tensor, lengths: torch.Tensor, order: torch.Tens
     return block_of
 
 
+@dataclass(frozen=True)
+class LinearBranch:
+    """SLA's linear attention through its projection W, b, added to every row:
+    φ(q)·kv / (eps + φ(q)·k_sum) + bias, φ the softmax over the head dimension. With kv = (Σₙ φ(kₙ) vₙᵀ) Wᵀ this
+    is W(linear attention) + b: the projection folded into the [D, D] statistics, so it runs once per head."""
+
+    kv: torch.Tensor  # [B, H, D, D] (size-1 B or H broadcast)
+    k_sum: torch.Tensor  # [B, H, D] float32: Σₙ φ(kₙ)
+    bias: torch.Tensor  # [D]
+    eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class GatedCoarse:
+    """VSA's coarse branch, added to every row: gate[token] · coarse[the row's query block]."""
+
+    gate: torch.Tensor  # [B, N, H, D], like q
+    coarse: torch.Tensor  # [B, H, query blocks, D] float32
+
+
+def _epilogue_reference(epilogue: LinearBranch | GatedCoarse, q: torch.Tensor, q_of: torch.Tensor) -> torch.Tensor:
+    """The epilogue's term in float32, [B, N, H, D] (rows in no query block: zero)."""
+    if isinstance(epilogue, LinearBranch):
+        phi = torch.softmax(q.float(), dim=-1)
+        numerator = torch.einsum("bnhd,bhde->bnhe", phi, epilogue.kv.float().expand(q.shape[0], q.shape[2], -1, -1))
+        denominator = torch.einsum("bnhd,bhd->bnh", phi, epilogue.k_sum.float().expand(q.shape[0], q.shape[2], -1))
+        term = numerator / (denominator[..., None] + epilogue.eps) + epilogue.bias.float()
+    else:
+        coarse = epilogue.coarse.float().expand(q.shape[0], q.shape[2], -1, -1)[:, :, q_of.clamp(min=0)]
+        term = epilogue.gate.float() * coarse.transpose(1, 2)
+    return term * (q_of >= 0)[None, :, None, None]
+
+
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -45,10 +87,11 @@ def block_sparse_attention_reference(
     counts: torch.Tensor,
     order: torch.Tensor | None = None,
     scale: float | None = None,
+    epilogue: LinearBranch | GatedCoarse | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ·scale over the allowed keys) v in float32 for q, k, v [B, N, H, D]; a dense mask built from the
-    tables (memory N² per head: for tests and small inputs). Query rows in no block, or whose block names no key
-    block, are zero."""
+    """softmax(q kᵀ·scale over the allowed keys) v in float32 for q, k, v [B, N, H, D], plus the epilogue's term; a
+    dense mask built from the tables (memory N² per head: for tests and small inputs). Query rows in no block are
+    zero; rows whose block names no key block get the epilogue's term alone."""
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     q_of = _token_blocks(*q_blocks, order, n)
@@ -66,7 +109,10 @@ def block_sparse_attention_reference(
     scores = (qf @ kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zero
-    return (weights @ vf).transpose(1, 2).to(q.dtype)
+    out = (weights @ vf).transpose(1, 2)
+    if epilogue is not None:
+        out = out + _epilogue_reference(epilogue, q, q_of)
+    return out.to(q.dtype)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -90,8 +136,13 @@ if triton is not None:
         KV_LEN,
         LUT,
         COUNT,
+        E0,
+        E1,
+        E2,
         sm_scale,
+        lin_eps,
         heads,
+        n_bucket,
         sqb,
         sqn,
         sqh,
@@ -109,11 +160,18 @@ if triton is not None:
         slm,
         scb,
         sch,
+        se0b,
+        se0h,
+        se0n,
+        se1b,
+        se1h,
+        se1m,
         D: tl.constexpr,
         MAX_COUNT: tl.constexpr,
         MAX_KV_LEN: tl.constexpr,
         HAS_ORDER: tl.constexpr,
         WIDEN: tl.constexpr,
+        EPILOGUE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -140,49 +198,131 @@ if triton is not None:
         lut_row = LUT + b * slb + h * slh + m * slm
         count = tl.load(COUNT + b * scb + h * sch + m)
         cols = tl.arange(0, BLOCK_N)
-        # Loops of bounds known when compiling (the LUT's width, the longest key block), masked to each block's
-        # own: the same trip count for every program.
-        for i in range(0, MAX_COUNT):
-            j = tl.load(lut_row + i, mask=i < count, other=0)
-            kv_start = tl.load(KV_START + j)
-            kv_len = tl.where(i < count, tl.load(KV_LEN + j), 0)
-            for off in range(0, MAX_KV_LEN, BLOCK_N):
-                col_ok = off + cols < kv_len
-                if HAS_ORDER:
-                    k_tok = tl.load(ORDER + kv_start + off + cols, mask=col_ok, other=0).to(tl.int64)
-                else:
-                    k_tok = (kv_start + off + cols).to(tl.int64)
-                kt = tl.load(
-                    K + b * skb + h * skh + k_tok[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0
-                )
-                if WIDEN:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, kt) * qk_scale
-                s = tl.where(col_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
-                p = tl.math.exp2(s - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vb = tl.load(
-                    V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
-                )
-                if WIDEN:
-                    vb = vb.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-                m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        # One flat loop (the only loop: Triton software-pipelines innermost loops) over the key columns of the
+        # query block's LUT entries laid end to end, each entry MAX_KV_LEN wide: a step of BLOCK_N columns covers
+        # part of one key block (BLOCK_N < MAX_KV_LEN) or several (BLOCK_N > MAX_KV_LEN). Both are powers of two.
+        # The trip count is known when compiling (the LUT's width); columns past a block's length or the query
+        # block's count are masked.
+        for step in range(0, (MAX_COUNT * MAX_KV_LEN + BLOCK_N - 1) // BLOCK_N):
+            column = step * BLOCK_N + cols
+            slot = column // MAX_KV_LEN
+            within = column % MAX_KV_LEN
+            listed = slot < count
+            j = tl.load(lut_row + slot, mask=listed, other=0)
+            kv_start = tl.load(KV_START + j, mask=listed, other=0)
+            kv_len = tl.load(KV_LEN + j, mask=listed, other=0)
+            col_ok = listed & (within < kv_len)
+            if HAS_ORDER:
+                k_tok = tl.load(ORDER + kv_start + within, mask=col_ok, other=0).to(tl.int64)
+            else:
+                k_tok = (kv_start + within).to(tl.int64)
+            kb = tl.load(
+                K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+            )
+            vb = tl.load(
+                V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+            )
+            if WIDEN:
+                kb = kb.to(tl.float32)
+                vb = vb.to(tl.float32)
+            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        if EPILOGUE == 1:
+            # SLA's linear branch through its projection: φ(q)·KVW / (ε + φ(q)·Σφ(k)) + bias, φ the softmax over
+            # the head dimension. E0 [B, H, D, D] = (Σ φ(k) vᵀ) Wᵀ in q's dtype, E1 [B, H, D] = Σ φ(k) float32,
+            # E2 [D] = the projection's bias float32. q is read again (from cache), its pointers built anew: a
+            # [BLOCK_M, D] pointer tensor kept live across the loop would hold registers the loop needs.
+            q_rows = (Q + (b * sqb + h * sqh)) + (q_tok * sqn)[:, None]
+            qf = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            # φ(q) = e / Σe with e = exp(q − max q); Σe cancels between numerator and denominator, so φ is never
+            # formed: e·KVW / (e·Σφ(k) + ε·Σe).
+            e = tl.math.exp2((qf - tl.max(qf, 1)[:, None]) * 1.4426950408889634)
+            k_sum = tl.load(E1 + b * se1b + h * se1h + offs_d)
+            denominator = tl.sum(e * k_sum[None, :], 1) + lin_eps * tl.sum(e, 1)
+            kvw = tl.load(E0 + b * se0b + h * se0h + offs_d[:, None] * D + offs_d[None, :])
+            # acc/l + e·KVW/den = (acc·den/l + e·KVW)/den: the product accumulates into acc's registers, so the
+            # epilogue holds one [BLOCK_M, D] float32 tile, not two.
+            acc = acc * (denominator / l_safe)[:, None]
+            if WIDEN:
+                acc = tl.dot(e, kvw.to(tl.float32), acc)
+            else:
+                acc = tl.dot(e.to(kvw.dtype), kvw, acc)
+            bias = tl.load(E2 + offs_d)
+            out = acc / denominator[:, None] + bias[None, :]
+        else:
+            out = acc / l_safe[:, None]
+        if EPILOGUE == 2:
+            # VSA's gated coarse output: gate[token] · coarse[query block]. E0 [B, N, H, D] the gate (any strides,
+            # se0b/se0h/se0n), E1 [B, H, Mq, D] float32 the coarse attention's output per query block.
+            gate = tl.load(E0 + b * se0b + h * se0h + q_tok[:, None] * se0n + offs_d[None, :], mask=row_ok[:, None])
+            coarse = tl.load(E1 + b * se1b + h * se1h + m * se1m + offs_d)
+            out = out + gate.to(tl.float32) * coarse[None, :]
         tl.store(
             OUT + b * sob + h * soh + q_tok[:, None] * son + offs_d[None, :],
             out.to(OUT.dtype.element_ty),
             mask=row_ok[:, None],
         )
 
+    # Tile configurations tried at size (BLOCK_N, warps, stages); BLOCK_M is the layout's query block. Chosen per
+    # key (head dim, blocks, LUT width, epilogue, sequence length rounded to a power of two) by timing them once.
+    # Query blocks of 128 rows take two warpgroups (8 warps: one warpgroup spills registers there, compiled for
+    # sm_90), blocks of 64 (VSA's cubes) one.
+    TUNE_CONFIGS = [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 3))
+    ]
+
+    def _fitting_configs(configs, named_args, **kwargs):
+        """The configs worth timing for the launch's query block: two warpgroups for 128 rows, one for fewer."""
+        block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+        return [c for c in configs if c.num_warps == (8 if block_m >= 128 else 4)]
+
+    _tuned_kernel = triton.autotune(
+        TUNE_CONFIGS,
+        key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "EPILOGUE", "n_bucket"],
+        prune_configs_by={"early_config_prune": _fitting_configs},
+    )(_block_sparse_attention_kernel)
+
 
 def _lut_strides(t: torch.Tensor, dims: int) -> list[int]:
     """Strides of the batch and head dimensions (0 where they broadcast) and, for a LUT, of its query blocks."""
     strides = [0 if t.shape[i] == 1 else t.stride(i) for i in range(2)]
     return strides + ([t.stride(2)] if dims == 4 else [])
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The kernel's tile of keys per step and its launch shape (BLOCK_M is the layout's query block)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(block_m: int) -> KernelConfig:
+    """What runs untuned: small problems, deterministic mode, the interpreter."""
+    return KernelConfig(64, 8 if block_m >= 128 else 4, 3)
+
+
+# Launches of fewer programs than this (query blocks × batch × heads) run the default config: timing configs
+# costs more than it saves there.
+TUNE_MIN_PROGRAMS = 2048
+
+
+def tuned_configs() -> dict[tuple, KernelConfig]:
+    """The configs autotuning chose so far in this process, by tuning key (D, BLOCK_M, MAX_KV_LEN, MAX_COUNT,
+    HAS_ORDER, EPILOGUE, sequence length rounded up to a power of two, then Triton's dtype entries)."""
+    if triton is None:
+        return {}
+    return {key: KernelConfig(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for key, c in _tuned_kernel.cache.items()}
 
 
 def block_sparse_attention(
@@ -196,16 +336,18 @@ def block_sparse_attention(
     order: torch.Tensor | None = None,
     scale: float | None = None,
     block_m: int = 128,
-    block_n: int = 64,
-    max_kv_len: int | None = None,
+    max_kv_len: int = 64,
+    epilogue: LinearBranch | GatedCoarse | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """`block_sparse_attention_reference` in one Triton kernel where it can run (q, k, v [B, N, H, D] with unit
-    stride in D, D a power of two ≥ 16); query blocks at most `block_m` long, key blocks at most `max_kv_len`
-    (default `block_n`). Every query row must lie in a block
-    (rows outside every block are left as they were in the new output: uninitialised)."""
+    stride in D, D a power of two ≥ 16): query blocks at most `block_m` long, key blocks at most `max_kv_len`
+    (a power of two), `epilogue` added to each row before the store. `config` None: autotuned on CUDA for large
+    launches outside deterministic mode (`tuned_configs` says what was chosen), the default config otherwise.
+    Every query row must lie in a block (rows outside every block are left as they were in the new output:
+    uninitialised)."""
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    max_kv_len = block_n if max_kv_len is None else max_kv_len
     usable = (
         _use_triton(q)
         and d >= 16
@@ -214,15 +356,31 @@ def block_sparse_attention(
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
     if not usable:
-        return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale)
+        return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue)
+    if max_kv_len & (max_kv_len - 1) or block_m & (block_m - 1):
+        raise ValueError(f"block_m ({block_m}) and max_kv_len ({max_kv_len}) must be powers of two")
     out = torch.empty_like(q)
     q_start, q_len = (t.to(torch.int32).contiguous() for t in q_blocks)
     kv_start, kv_len = (t.to(torch.int32).contiguous() for t in kv_blocks)
-    lut = lut.to(torch.int32)
+    lut = lut.to(torch.int32).contiguous()  # the kernel steps through a LUT row with unit stride
     counts = counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
+    extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
+    if isinstance(epilogue, LinearBranch):
+        kind, eps = 1, epilogue.eps
+        kv = epilogue.kv.to(q.dtype).contiguous()
+        k_sum = epilogue.k_sum.float().contiguous()
+        extras = [kv, k_sum, epilogue.bias.float().contiguous()]
+        extra_strides = [*_lut_strides(kv, 3)[:2], 0, *_lut_strides(k_sum, 3)[:2], 0]
+    elif isinstance(epilogue, GatedCoarse):
+        kind = 2
+        gate, coarse = epilogue.gate, epilogue.coarse.float()
+        if gate.stride(-1) != 1:
+            gate = gate.contiguous()
+        extras = [gate, coarse, q_start]
+        extra_strides = [gate.stride(0), gate.stride(2), gate.stride(1), *_lut_strides(coarse, 4)]
     grid = (q_start.numel(), b * h)
-    _block_sparse_attention_kernel[grid](
+    args = (
         q,
         k,
         v,
@@ -234,8 +392,11 @@ def block_sparse_attention(
         kv_len,
         lut,
         counts,
+        *extras,
         scale,
+        eps,
         h,
+        1 << max(n - 1, 0).bit_length(),  # the sequence length's tuning bucket
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -250,6 +411,9 @@ def block_sparse_attention(
         out.stride(2),
         *_lut_strides(lut, 4),
         *_lut_strides(counts, 3),
+        *extra_strides,
+    )
+    constants = dict(
         D=d,
         MAX_COUNT=lut.shape[-1],
         MAX_KV_LEN=max_kv_len,
@@ -257,12 +421,33 @@ def block_sparse_attention(
         # Triton 3.6's interpreter multiplies 16-bit operands of tl.dot wrongly (it reads their bits as garbage):
         # on the CPU the operands are widened to float32 first; compiled kernels multiply them as they are.
         WIDEN=not q.is_cuda and q.dtype != torch.float32,
+        EPILOGUE=kind,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=8 if block_m >= 128 else 4,
-        num_stages=3,
     )
+    tune = (
+        config is None
+        and q.is_cuda
+        and grid[0] * grid[1] >= TUNE_MIN_PROGRAMS
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+    if tune:
+        # Timing picks among configs that compute the same sums in different tile orders: results can differ
+        # in the last bits between processes that chose differently (deterministic mode runs the default).
+        _tuned_kernel[grid](*args, **constants)
+    else:
+        c = config or default_config(block_m)
+        _block_sparse_attention_kernel[grid](
+            *args, **constants, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages
+        )
     return out
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+__all__ = [
+    "GatedCoarse",
+    "KernelConfig",
+    "LinearBranch",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "default_config",
+    "tuned_configs",
+]

@@ -11,10 +11,11 @@ in the process changes it (seen here: diffusers fell back to flash after one). S
 `cudnn` on CUDA and `sdpa` elsewhere (`resolve_attention_backend`), and `cudnn` calls the cuDNN op directly, which
 torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
 
-Sparse backends (`sliding-tile`, `sla`: layers/sparse_attention.py) apply to self-attentions over one video's token
-grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each forward, hands its
-self-attentions the request's backend and the token grid (`attention_request`); an `Attention` given SLA's learned
-projection (`sla_projection_dim`) holds it as `sla_proj`. Cross-attentions stay dense.
+Sparse backends (`sliding-tile`, `sla`, `vsa`: layers/sparse_attention.py) apply to self-attentions over one
+video's token grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each
+forward, hands its self-attentions the request's backend and the token grid (`attention_request`); an `Attention`
+given SLA's learned projection (`sla_projection_dim`) holds it as `sla_proj`; VSA's learned gate is computed by the
+model (beside q, k, v) and handed to the call (`gate`). Cross-attentions stay dense.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.linear import ReplicatedLinear
-from ditserve.layers.sparse_attention import SLA, parse_sparse_backend, sla_attention, sliding_tile_attention
+from ditserve.layers.sparse_attention import (
+    SLA,
+    VSA,
+    parse_sparse_backend,
+    sla_attention,
+    sliding_tile_attention,
+    vsa_attention,
+)
 
 _SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -140,8 +148,11 @@ class Attention(nn.Module):
         # checkpoint was fine-tuned with SLA.
         self.sla_proj = ReplicatedLinear(sla_projection_dim, sla_projection_dim) if sla_projection_dim else None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None):
-        return run_alongside(lambda: self.attend(q, k, v, key_mask), alongside, project)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None, gate=None
+    ):
+        """`gate` [B, S, H, D]: VSA's learned gate of the coarse branch (read by the vsa backend only)."""
+        return run_alongside(lambda: self.attend(q, k, v, key_mask, gate), alongside, project)
 
     @property
     def effective_backend(self) -> str:
@@ -153,7 +164,12 @@ class Attention(nn.Module):
         the grid's tokens: sequence parallelism hands it no padded rows)."""
         return parse_sparse_backend(self.effective_backend) is not None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None) -> torch.Tensor:
+    @property
+    def reads_gate(self) -> bool:
+        """Whether this forward's backend reads a gate (VSA)."""
+        return isinstance(parse_sparse_backend(self.effective_backend), VSA)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None, gate=None) -> torch.Tensor:
         """Attention over the whole sequence with this forward's backend (`key_mask`: keys that count, dense only)."""
         backend = self.effective_backend
         pattern = parse_sparse_backend(backend)
@@ -167,6 +183,10 @@ class Attention(nn.Module):
             return sla_attention(q, k, v, pattern, self.sla_proj)
         if self.token_grid is None:
             raise ValueError(f"the {backend} attention backend needs the token grid of a video model's self-attention")
+        if isinstance(pattern, VSA):
+            if gate is None:
+                raise ValueError("the vsa attention backend needs a model trained with VSA (its to_gate_compress)")
+            return vsa_attention(q, k, v, gate, self.token_grid, pattern)
         return sliding_tile_attention(q, k, v, self.token_grid, pattern)
 
     def input_buffers(
@@ -229,6 +249,7 @@ def check_attention_backend(backend: str | None, offered: tuple[str, ...], model
         why = {
             "sla": "it needs a checkpoint fine-tuned with SLA, whose proj_l weights it reads",
             "sliding-tile": "it needs a video model whose self-attention runs over one token grid",
+            "vsa": "it needs a checkpoint trained with VSA, whose to_gate_compress weights it reads",
         }.get(kind, "")
         offers = ", ".join(offered) or "none"
         raise ValueError(f"{model_name} cannot run {kind} attention ({why}); its sparse backends: {offers}")

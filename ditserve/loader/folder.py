@@ -23,6 +23,7 @@ from ditserve.loader.weights import (
     LoaderError,
     build_on_meta,
     checkpoint_files,
+    checkpoint_names,
     default_dtype,
     init_dummy_weights,
     iter_checkpoint,
@@ -92,15 +93,22 @@ class ModelSource:
         return {k: v for k, v in index.items() if not k.startswith("_") and k not in self.spec.components}
 
     def config(self, component: str) -> dict:
+        """The component's config.json (or scheduler_config.json); for a DiT whose class reads its checkpoint's
+        names too (`config_from_checkpoint`: layers that only the names tell of), with what they add."""
         if self.folder is None:
             return dict(self.preset_configs[component])
         sub = self.folder / component
         for filename in ("config.json", "scheduler_config.json"):
             if (sub / filename).is_file():
                 try:
-                    return json.loads((sub / filename).read_text())
+                    config = json.loads((sub / filename).read_text())
                 except json.JSONDecodeError as e:
                     raise LoaderError(f"{sub / filename}: invalid JSON ({e})") from None
+                for dit in self.spec.dits:
+                    adapt = getattr(load_object(dit.model), "config_from_checkpoint", None)
+                    if dit.component == component and adapt is not None:
+                        config = adapt(config, checkpoint_names(sub))
+                return config
         raise LoaderError(f"{sub}: no config.json")
 
     def sampling_defaults(self) -> dict:

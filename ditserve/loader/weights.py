@@ -73,6 +73,22 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
+def checkpoint_names(folder: Path) -> list[str]:
+    """The tensor names of a component folder's safetensors weights, from its index or the files' headers (no
+    tensor is read); empty for a .pth checkpoint or a folder without readable weights (loading reports those)."""
+    try:
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            return list(json.loads(indexes[0].read_text())["weight_map"])
+        names: list[str] = []
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names += list(f.keys())
+        return names
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return []
+
+
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs, one tensor in memory at a time."""
     for path in files:

@@ -14,7 +14,8 @@ GELU(tanh) feed-forward, so outputs match it to float rounding. What differs is 
 - the per-block modulation table and the output table stay float32 (diffusers keeps them so), whatever the dtype.
 
 The self-attention can run sparse (layers/sparse_attention.py): `sliding-tile` on any Wan, `sla` on checkpoints
-fine-tuned with SLA (TurboWan: config `sparse_linear_attention`, one learned proj_l per block). The forward takes
+fine-tuned with SLA (TurboWan: config `sparse_linear_attention`, one learned proj_l per block), `vsa` on checkpoints
+trained with VSA (FastWan: `blocks.N.to_gate_compress`, fused into the block's qkv projection). The forward takes
 the request's backend (`attention`) and the token grid (`token_grid`, which sequence parallelism cannot tell from
 its shard of positions). The key map reads diffusers' names and the original Wan repository's (TurboDiffusion's
 checkpoints are the latter, with SLA's proj_l).
@@ -74,6 +75,9 @@ class WanConfig:
     pos_embed_seq_len: int | None = None  # FLF2V's learned image-token positions
     # ditserve's key, not diffusers': the checkpoint was fine-tuned with SLA and carries each block's proj_l
     sparse_linear_attention: bool = False
+    # ditserve's key: the checkpoint was trained with VSA and carries each block's to_gate_compress (FastWan's
+    # folders say so only through those names: see `WanTransformer.config_from_checkpoint`)
+    video_sparse_attention: bool = False
 
     @classmethod
     def from_dict(cls, config: dict) -> WanConfig:
@@ -149,7 +153,8 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         # shift, scale, gate of self-attention, then of the feed-forward: added to the timestep projection
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim, dtype=torch.float32), requires_grad=False)
-        self.qkv = MergedColumnParallelLinear(dim, [dim, dim, dim])
+        # q, k, v and, for a VSA checkpoint, VSA's gate of the coarse branch (to_gate_compress: same input, one GEMM)
+        self.qkv = MergedColumnParallelLinear(dim, [dim] * (4 if cfg.video_sparse_attention else 3))
         self.norm_q = HeadsRMSNorm(dim, cfg.eps)
         self.norm_k = HeadsRMSNorm(dim, cfg.eps)
         sla_dim = cfg.attention_head_dim if cfg.sparse_linear_attention else None
@@ -174,7 +179,7 @@ class WanBlock(nn.Module):
         return t.unflatten(-1, (-1, self.head_dim))
 
     def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = (self.heads(t) for t in self.qkv.split(self.qkv(x)))
+        q, k, v, *gate = (self.heads(t) for t in self.qkv.split(self.qkv(x)))
         q_in, k_in, v_in = self.self_attn.input_buffers(q, q.shape, value=v)
         self.norm_q.norm_rope_into(q_in, q, rope)
         self.norm_k.norm_rope_into(k_in, k, rope)
@@ -188,6 +193,7 @@ class WanBlock(nn.Module):
             project=lambda out, first_head, partial: self.self_out.add_columns(
                 out.flatten(2), first_head * head_dim, partial
             ),
+            gate=gate[0] if gate else None,
         )
         return self.self_out.finish(projected)
 
@@ -319,8 +325,22 @@ class WanTransformer(nn.Module):
 
     @staticmethod
     def sparse_attention_backends(config: dict) -> tuple[str, ...]:
-        """The sparse self-attention backends this config can run: sliding tiles always, SLA when fine-tuned with it."""
-        return ("sla", "sliding-tile") if config.get("sparse_linear_attention") else ("sliding-tile",)
+        """The sparse self-attention backends this config can run: sliding tiles always, SLA and VSA when trained
+        with them."""
+        offered = ["sliding-tile"]
+        if config.get("sparse_linear_attention"):
+            offered.append("sla")
+        if config.get("video_sparse_attention"):
+            offered.append("vsa")
+        return tuple(sorted(offered))
+
+    @staticmethod
+    def config_from_checkpoint(config: dict, names: list[str]) -> dict:
+        """The config plus what only the checkpoint's tensor names tell: a VSA-trained checkpoint (FastVideo's
+        FastWan folders: `blocks.N.to_gate_compress`, no config key) gets `video_sparse_attention`."""
+        if any(name.endswith("to_gate_compress.weight") for name in names):
+            return {**config, "video_sparse_attention": True}
+        return config
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks that offload, caching and regional compile work on, in execution order."""
@@ -397,6 +417,9 @@ _BLOCK_KEYS: dict[str, tuple[str, int | None]] = {
     "ffn.net.0.proj": ("ff_up", None),
     "ffn.net.2": ("ff_down", None),
     "attn1.proj_l": ("self_attn.sla_proj", None),  # SLA's projection (not a diffusers name: diffusers has no SLA)
+    # VSA's gate (FastVideo's name, which its FastWan diffusers folders keep at the block's level: diffusers has no
+    # VSA), fused after to_q, to_k, to_v
+    "to_gate_compress": ("qkv", 3),
 }
 _TOP_LEVEL_KEYS: dict[str, tuple[str, int | None]] = {
     "patch_embedding": ("patch_embedding", None),
@@ -536,7 +559,7 @@ def to_diffusers_state_dict(model: WanTransformer) -> dict[str, torch.Tensor]:
             if suffix == _TABLE:
                 emit(f"blocks.{i}.{_TABLE}", f"blocks.{i}.{_TABLE}", None)
                 continue
-            if suffix == "attn1.proj_l":  # SLA's: diffusers' model has no place for it
+            if suffix in ("attn1.proj_l", "to_gate_compress"):  # SLA's and VSA's: diffusers' model has no place
                 continue
             for t in ("weight", "bias"):
                 if f"blocks.{i}.{target}.{t}" in ours:

@@ -397,8 +397,12 @@ class SequenceParallelAttention(nn.Module):
         self.message: torch.Tensor | None = None  # handed out by input_buffers, sent by the next forward
 
     @torch.compiler.disable
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None):
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None, gate=None
+    ):
         g, layout = self.groups, self.layout
+        if self.inner.reads_gate:  # VSA's gate would have to travel with q; refused at the engine's flags too
+            raise ValueError("the vsa attention backend does not run under sequence parallelism yet")
         # The model's `key_mask` is its local part: the whole sequence's comes from the wrapper (`self.key_mask`).
         full_mask = self.key_mask if key_mask is not None else None
         if key_mask is not None and full_mask is None:

@@ -78,7 +78,7 @@ class ImageOptions(_Strict):
         default=None,
         max_length=64,
         description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
-        "sla[:ratio]); default: the server's",
+        "sla[:ratio], vsa[:sparsity]); default: the server's",
     )
 
 
@@ -130,7 +130,7 @@ class VideoRequest(_Strict):
         default=None,
         max_length=64,
         description="attention backend of this request (sdpa, cudnn, ...; sparse for video models: sliding-tile[:T,H,W], "
-        "sla[:ratio]); default: the server's",
+        "sla[:ratio], vsa[:sparsity]); default: the server's",
     )
 
 

@@ -48,6 +48,9 @@ class TinyWanSpec:
     # TurboWan-style: SLA's proj_l in every block (written in the original Wan repository's names, as TurboDiffusion
     # publishes its checkpoints: a .pth state dict) and rCM as the folder's sampler
     turbowan: bool = False
+    # FastWan-style (trained with VSA): VSA's gate projection in every block, as FastVideo's diffusers folders store it
+    # (`blocks.N.to_gate_compress`, the config unchanged)
+    vsa: bool = False
     seed: int = 0
 
 
@@ -178,7 +181,23 @@ def make_tiny_wan(path: str | os.PathLike, spec: TinyWanSpec | None = None) -> P
     pipe.save_pretrained(out, safe_serialization=True)
     if spec.turbowan:
         _as_turbowan(out, spec)
+    if spec.vsa:
+        _with_vsa_gates(out, spec)
     return out
+
+
+def _with_vsa_gates(out: Path, spec: TinyWanSpec) -> None:
+    """A random to_gate_compress (dim → dim, with bias) in every block of the folder's transformer(s)."""
+    from safetensors.torch import load_file, save_file
+
+    dim = spec.heads * spec.head_dim
+    gen = torch.Generator().manual_seed(spec.seed + 11)
+    for weights in sorted(out.glob("transformer*/diffusion_pytorch_model.safetensors")):
+        state = load_file(weights)
+        for i in range(spec.layers):
+            state[f"blocks.{i}.to_gate_compress.weight"] = 0.2 * torch.randn(dim, dim, generator=gen)
+            state[f"blocks.{i}.to_gate_compress.bias"] = 0.1 * torch.randn(dim, generator=gen)
+        save_file(state, weights)
 
 
 def _as_turbowan(out: Path, spec: TinyWanSpec) -> None:
@@ -207,12 +226,19 @@ def _as_turbowan(out: Path, spec: TinyWanSpec) -> None:
 
 
 def make_tiny_wan_folder(
-    path: str | os.PathLike, two_experts: bool = False, ti2v: bool = False, i2v: bool = False, turbowan: bool = False
+    path: str | os.PathLike,
+    two_experts: bool = False,
+    ti2v: bool = False,
+    i2v: bool = False,
+    turbowan: bool = False,
+    vsa: bool = False,
 ) -> Path:
     """`ditserve make-tiny wan [--two-experts] [--ti2v | --i2v]`: a tiny Wan model with random weights."""
     if ti2v and (two_experts or i2v):
         raise ValueError("--ti2v is a model of its own (it takes an image or none); leave out --two-experts and --i2v")
-    spec = TinyWanSpec(two_experts=two_experts, ti2v=ti2v, i2v=i2v, turbowan=turbowan, flow_shift=5.0 if ti2v else 3.0)
+    spec = TinyWanSpec(
+        two_experts=two_experts, ti2v=ti2v, i2v=i2v, turbowan=turbowan, vsa=vsa, flow_shift=5.0 if ti2v else 3.0
+    )
     if turbowan:
         spec.head_dim = 32  # a power of two: the block-sparse Triton kernel's (on CUDA) head widths
     if two_experts and i2v:
