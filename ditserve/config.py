@@ -32,7 +32,7 @@ DTYPES: dict[str, str] = {
 LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sliding-tile", "sla")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "sliding-tile", "sla")
 # Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
 # (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to.
 SPARSE_ATTENTION_ARGUMENTS = {"sliding-tile": "T,H,W (odd tile counts, e.g. 3,3,5)", "sla": "a ratio in (0, 1]"}
