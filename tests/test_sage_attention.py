@@ -97,7 +97,7 @@ def test_long_sequences_leave_a_shrink_below_half_a_bf16_step(stand_in):
 
 def test_inputs_it_cannot_take_run_sdpa(stand_in):
     q, k, v = (torch.randn(1, 128, 2, 64) for _ in range(3))
-    assert not sage_can_take(q, k)  # not CUDA
+    assert not sage_can_take(q, k, v)  # not CUDA
     assert torch.allclose(attention(q, k, v, "sage"), attention(q, k, v, "sdpa"))
     assert not stand_in.calls
 
@@ -130,7 +130,7 @@ def test_sage_on_cuda_is_close_to_the_reference(batch, queries, keys, heads, hea
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, heads, head_dim, generator=g).to("cuda", torch.bfloat16)
     k, v = (torch.randn(batch, keys, heads, head_dim, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
-    assert sage_can_take(q, k)
+    assert sage_can_take(q, k, v)
     out = attention(q, k, v, "sage")
     ref = attention_reference(q.double(), k.double(), v.double())
     assert out.shape == q.shape and out.dtype == q.dtype

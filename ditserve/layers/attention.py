@@ -76,7 +76,7 @@ def attention(
         return attention_reference(q, k, v, key_mask)
     if backend == "sage":
         load_sageattn()  # refused by name without the package, wherever these inputs would run
-        if key_mask is None and sage_can_take(q, k):
+        if key_mask is None and sage_can_take(q, k, v):
             return sage_attention(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_mask is not None:

@@ -63,16 +63,18 @@ def kernel_plan(head_dim: int, kv_len: int) -> tuple[int, bool] | None:
     return (fits[0], correct) if fits else None
 
 
-def sage_can_take(q: torch.Tensor, k: torch.Tensor) -> bool:
+def sage_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `sage_attention` runs these [B, S, H, D] inputs (else the caller uses another kernel)."""
     return (
         q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
-        and q.stride(-1) == k.stride(-1) == 1
+        and q.stride(-1) == v.stride(-1) == 1  # the kernel's rows are contiguous (k is smoothed into a new tensor)
         and kernel_plan(q.shape[-1], k.shape[1]) is not None
     )
 
 
+# torch.compile leaves the package's Python and Triton launches to run as they are (one graph break per attention).
+@torch.compiler.disable
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal attention of [B, S, H, D] q, k, v through `sageattn`; the result is [B, S_q, H, D]."""
     sageattn = load_sageattn()
