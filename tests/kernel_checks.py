@@ -31,6 +31,21 @@ def check_layer_norm_modulate(device: str, dtype: torch.dtype, b: int, s: int, d
     assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
 
 
+def check_layer_norm_affine(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
+    """Wan's cross-attention norm: float32 LayerNorm with scale and bias, rounded to the activations' dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]  # rows strided in the batch dimension
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    bias = (0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    assert k._use_triton(x), "the Triton path is not taken"
+    out = k.layer_norm_affine(x, w, bias, 1e-6)
+    ref = k.layer_norm_affine_reference(x.double(), w.double(), bias.double(), 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
+    assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
+    today = k.layer_norm_affine_reference(x, w, bias, 1e-6)
+    assert_rounds_like(out, today, today, ("layer_norm_affine", b, s, d))
+
+
 def check_rms_norm_rope(
     device: str, dtype: torch.dtype, b: int, s_txt: int, s_img: int, h: int, d: int, tol: float, seed: int
 ) -> None:
@@ -324,6 +339,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         [(1, 7, 48), (2, 33, 96), (2, 5, 3072)] if sizes == "small" else [(1, 4608, 3072), (2, 4096, 3072)]
     ):
         check_layer_norm_modulate(device, dtype, b, s, d, tol, seed)
+        check_layer_norm_affine(device, dtype, b, s, d, tol, seed)
         check_gated_residual(device, dtype, b, s, d, tol, seed)
         check_gelu_tanh(device, dtype, b, s, d, tol, seed)
     if sizes == "small":
@@ -337,6 +353,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         check_rms_norm_rope(device, dtype, b, st, si, h, d, tol, seed)
     for seed, (rows, cols) in enumerate([(3, 48), (17, 3072)] if sizes == "small" else [(4608, 3072), (4096, 15360)]):
         check_quantize_rows(device, dtype, rows, cols, seed)
+    check_layer_norm_affine(device, dtype, 2, 3 if sizes == "small" else 4096, 5120, tol, 0)  # Wan 14B's width
     wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]
     for seed, (b, s, h, d) in enumerate(wan_shapes):
         check_rms_norm_across_heads_rope(device, dtype, b, s, h, d, tol, seed)

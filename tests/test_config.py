@@ -42,7 +42,7 @@ def test_engine_args_validation():
     with pytest.raises(ConfigError, match="dtype"):
         EngineArgs(dtype="int4")
     with pytest.raises(ConfigError, match="attention_backend"):
-        EngineArgs(attention_backend="sage")
+        EngineArgs(attention_backend="xformers")
     with pytest.raises(ConfigError) as err:  # raised as ParallelConfigError, reported as the setting at fault
         EngineArgs(device="cpu", num_gpus=3, ulysses_degree=2)
     assert err.value.field == "num_gpus"

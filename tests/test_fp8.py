@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from digit_gate import cuda_digit_accuracy
 from safetensors.torch import save_file
 
 from ditserve import Engine
@@ -138,13 +139,5 @@ def test_fp8_on_cuda_keeps_digit_accuracy_within_two_points():
     forms × three seeds within 2 points of bf16."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores")
-    scores = {}
-    for quantization in (None, "fp8"):
-        engine = Engine.from_pretrained(None, device="cuda", dtype="bfloat16", quantization=quantization)
-        images, asked = [], []
-        for form in (0, 1):
-            for seed in (0, 1, 2):
-                images += engine.generate([prompt(d, form) for d in range(10)], seed=seed + 1000 * form).images
-                asked += list(range(10))
-        scores[quantization] = score_images(images, asked).overall
+    scores = {quantization: cuda_digit_accuracy(quantization=quantization) for quantization in (None, "fp8")}
     assert scores["fp8"] >= scores[None] - 0.02, scores

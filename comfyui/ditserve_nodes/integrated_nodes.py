@@ -152,6 +152,13 @@ class DitserveOptions:
     def options(self, attention_backend: str, compile: bool, cuda_graphs: bool):
         if attention_backend not in ATTENTION_BACKENDS:
             raise NodeInputError("attention_backend", f"{attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        if attention_backend == "sage":  # an optional package: refused here, with its install command
+            from ditserve.layers.sage_attention import SageUnavailable, load_sageattn
+
+            try:
+                load_sageattn()
+            except SageUnavailable as e:
+                raise NodeInputError("attention_backend", str(e)) from None
         return ({"attention_backend": attention_backend, "compile": bool(compile), "cuda_graphs": bool(cuda_graphs)},)
 
 

@@ -207,7 +207,8 @@ class Engine:
             log.info("memory: %s", chosen.describe())
         if args.max_gpu_memory is not None and total is not None:
             # The budget is a cap, as a smaller card would be: a request beyond it fails as out of memory.
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), self.device)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), index)
         return chosen
 
     def _apply_memory_plan(self, args: EngineArgs) -> None:

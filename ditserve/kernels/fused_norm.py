@@ -5,6 +5,8 @@ on FLUX.1 at 1024², the QK-norm + RoPE of one block moves about 1.2 GB instead 
 here reads its input once and writes its output once.
 
 - `layer_norm_modulate`: LayerNorm (no affine) then x·(1 + scale) + shift, per-sample [B, D] modulation.
+- `layer_norm_affine`: LayerNorm with a learned scale and bias in float32, rounded to the input's dtype (Wan's
+  cross-attention norm: in eager torch an upcast copy, the norm and a downcast copy, 20 ms of a 14B forward).
 - `rms_norm_scale`: RMS norm with its learned weight, then · (1 + scale), per-sample [B, D] scale (Z-Image's
   modulated block inputs; eager torch's broadcast multiply is not vectorised: H200, 1024², 69 µs → 21 µs).
 - `rms_norm_rope_into`: RMS norm over each head, then interleaved-pair rotary embedding, written into a slice of
@@ -96,6 +98,77 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         x.stride(0),
         x.stride(1),
         shift.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return out
+
+
+# ---- LayerNorm with scale and bias, in float32 -------------------------------------------------------------------
+def layer_norm_affine_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_affine_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        seq_len,
+        dim,
+        x_stride_b,
+        x_stride_s,
+        eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        batch = row // seq_len
+        pos = row % seq_len
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        x = tl.load(
+            x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+        )
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / dim
+        centered = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
+        out = centered * rstd * w.to(tl.float32) + b.to(tl.float32)
+        tl.store(out_ptr + row * dim + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) · weight + bias computed in float32, in x's dtype; x [B, S, D] (rows may be strided), weight
+    and bias [D]."""
+    usable = (
+        _use_triton(x)
+        and x.dim() == 3
+        and x.numel() > 0
+        and x.stride(-1) == 1
+        and weight.is_contiguous()
+        and bias.is_contiguous()
+        and weight.shape == bias.shape == (x.shape[-1],)
+    )
+    if not usable:
+        return layer_norm_affine_reference(x, weight, bias, eps)
+    b, s, d = x.shape
+    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(d)
+    _layer_norm_affine_kernel[(b * s,)](
+        x,
+        weight,
+        bias,
+        out,
+        s,
+        d,
+        x.stride(0),
+        x.stride(1),
         eps,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,

@@ -11,6 +11,9 @@ in the process changes it (seen here: diffusers fell back to flash after one). S
 `cudnn` on CUDA and `sdpa` elsewhere (`resolve_attention_backend`), and `cudnn` calls the cuDNN op directly, which
 torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
 
+`sage` (optional: the `sageattention` package) quantises q·kᵀ to INT8 (layers/sage_attention.py); it too falls back
+to SDPA for inputs it cannot take, and is refused by name when the package does not import.
+
 Sparse backends (`sliding-tile`, `sla`, `vsa`: layers/sparse_attention.py) apply to self-attentions over one
 video's token grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each
 forward, hands its self-attentions the request's backend and the token grid (`attention_request`); an `Attention`
@@ -30,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.linear import ReplicatedLinear
+from ditserve.layers.sage_attention import load_sageattn, sage_attention, sage_can_take
 from ditserve.layers.sparse_attention import (
     SLA,
     VSA,
@@ -78,6 +82,10 @@ def attention(
     every key) leaves out padded keys (a padded text of a batch); every query must keep at least one key."""
     if backend == "reference":
         return attention_reference(q, k, v, key_mask)
+    if backend == "sage":
+        load_sageattn()  # refused by name without the package, wherever these inputs would run
+        if key_mask is None and sage_can_take(q, k, v):
+            return sage_attention(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_mask is not None:
         # A kernel that takes a mask: SDPA picks one unless efficient or math is asked for (flash takes none, and
@@ -241,7 +249,9 @@ def sparse_attention_backends(model_cls, config: dict) -> tuple[str, ...]:
 
 
 def check_attention_backend(backend: str | None, offered: tuple[str, ...], model_name: str) -> None:
-    """Refuse (ValueError) a sparse backend that the model does not offer."""
+    """Refuse (ValueError) a sparse backend that the model does not offer, and `sage` without its package."""
+    if backend == "sage":
+        load_sageattn()
     if backend is None or parse_sparse_backend(backend) is None:
         return
     kind = backend.partition(":")[0]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.kernels.fused_norm import (
+    layer_norm_affine,
     layer_norm_modulate,
     rms_norm_across_heads_rope_into,
     rms_norm_rope_into,
@@ -73,6 +74,10 @@ class FP32LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+
+    def rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) rounded to x's dtype, as the next layer takes it: one fused pass on CUDA."""
+        return layer_norm_affine(x, self.weight, self.bias, self.eps)
 
 
 class HeadsRMSNorm(nn.Module):

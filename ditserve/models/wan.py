@@ -226,7 +226,7 @@ class WanBlock(nn.Module):
         """x [B, S, dim]; text [B, L, dim] (embedded); timestep_proj [B, 6, dim] or [B, S, 6, dim] (per token)."""
         shift, scale, gate, c_shift, c_scale, c_gate = self.modulations(timestep_proj)
         x = gated_add(x, gate, self.self_attention(modulate(x, shift, scale, self.eps), rope))
-        h = self.norm2(x).to(x.dtype) if self.norm2 is not None else x
+        h = self.norm2.rounded(x) if self.norm2 is not None else x
         x = x + self.cross_attention(h, text, image)
         ff = self.ff_down(gelu_tanh(self.ff_up(modulate(x, c_shift, c_scale, self.eps))))
         return gated_add(x, c_gate, ff)

@@ -460,6 +460,12 @@ class DiffusersBackendPipeline(Pipeline):
             raise ConfigError(
                 "quantization", "FP8 quantisation is for native families' DiTs; the diffusers backend runs bf16"
             )
+        if args.attention_backend != "auto" and args.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                "attention_backend",
+                f"the diffusers backend takes {', '.join(ATTENTION_BACKENDS)} (diffusers' attention dispatcher); "
+                f"{args.attention_backend} is for native families",
+            )
         if args.tp_size > 1:
             raise ConfigError("tp_size", "the diffusers backend has no tensor parallelism; use --backend native")
         if args.cfg_parallel:
