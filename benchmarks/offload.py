@@ -17,12 +17,22 @@ import argparse
 import datetime
 import gc
 import json
+import sys
+import time
 
 import torch
 
 from ditserve import Engine
 from ditserve.accel.offload import disable_layerwise_offload, enable_layerwise_offload
 from ditserve.bench import _bench_diffusers, _request, _time_calls, _time_generations, forward_peak_gib
+
+
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """Where a long run is, on stderr, with the seconds since the start (a run cut off still says how far it got)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def free(device: torch.device) -> None:
@@ -109,6 +119,7 @@ def bench_forward(ns: argparse.Namespace) -> dict:
         vae_cpu_offload=True,
         dit_layerwise_offload=False,
     )
+    progress("engine built")
     device, pipeline = engine.device, engine.pipeline
     name, model = next(iter(pipeline.transformers().items()))
     frames = {"num_frames": ns.num_frames} if ns.num_frames else {}
@@ -123,7 +134,9 @@ def bench_forward(ns: argparse.Namespace) -> dict:
         )
         if ns.timeline:
             results["ditserve resident"]["timeline"] = stream_timeline(lambda: model(**inputs), device)
+        progress(f"resident: {results['ditserve resident']['forward_ms']:.1f} ms")
         pipe = pipeline.diffusers_pipeline()
+        progress("diffusers pipeline built")
         their_inputs = pipeline.diffusers_forward_inputs(inputs)
         dt = pipe.transformer
         dt.to("cpu")  # its own host copy; ours keeps the device tensors
@@ -143,6 +156,7 @@ def bench_forward(ns: argparse.Namespace) -> dict:
                 results[f"ditserve layerwise prefetch {prefetch}"]["timeline"] = stream_timeline(
                     lambda: model(**inputs), device, trace
                 )
+            progress(f"prefetch {prefetch}: {results[f'ditserve layerwise prefetch {prefetch}']['forward_ms']:.1f} ms")
             del out
             disable_layerwise_offload([model])
             if graphs is not None:
@@ -150,6 +164,7 @@ def bench_forward(ns: argparse.Namespace) -> dict:
         model.to("cpu")  # diffusers alone on the device now
         free(device)
         group_offload(dt, device)
+        progress("diffusers group offload set up")
         out = pipeline.comparable_outputs(reference, dt(**their_inputs, return_dict=False), inputs)[1]
         results["diffusers group offload"] = dict(
             forward_ms=1000 * _time_calls(lambda: dt(**their_inputs, return_dict=False), device, iters=ns.iters),
