@@ -26,7 +26,6 @@ from ditserve import Engine
 from ditserve.accel.offload import disable_layerwise_offload, enable_layerwise_offload
 from ditserve.bench import _bench_diffusers, _request, _time_calls, _time_generations, forward_peak_gib
 
-
 _START = time.perf_counter()
 
 
