@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from ditserve.kernels import fused_norm as k
 from ditserve.layers.rotary import multi_axis_rope
@@ -43,7 +44,11 @@ def check_layer_norm_affine(device: str, dtype: torch.dtype, b: int, s: int, d: 
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
     assert rel(out, ref) < tol, (rel(out, ref), b, s, d)
     today = k.layer_norm_affine_reference(x, w, bias, 1e-6)
-    assert_rounds_like(out, today, today, ("layer_norm_affine", b, s, d))
+    # The terms added up are x̂·w and the bias: where they cancel, the result is far smaller than either, and float32
+    # sums in another order move it by steps of the terms, not of the result.
+    x_hat = F.layer_norm(x.float(), (d,), eps=1e-6)
+    size = (x_hat * w.float()).abs() + bias.float().abs()
+    assert_rounds_like(out, today, size, ("layer_norm_affine", b, s, d))
 
 
 def check_rms_norm_rope(
