@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ditserve.kernels.block_sparse_attention import (
     GatedCoarse,
@@ -161,14 +160,15 @@ def _runs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return starts, (n - starts).clamp(max=size)
 
 
-def _run_sums(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, N, H, D] → [B, ceil(N/size), H, D]: float32 sums of each run of `size` tokens (the last one shorter),
-    reduced from x as it is (no float copy, no padding)."""
-    n = x.shape[1]
+def _run_sums(x: torch.Tensor, size: int, axis: int = 1) -> torch.Tensor:
+    """Float32 sums of each run of `size` entries along `axis` (the last run shorter): [B, N, H, D] →
+    [B, ceil(N/size), H, D] for the default axis. Reduced from x as it is (no float copy, no padding)."""
+    n = x.shape[axis]
     full = n // size
-    sums = x[:, : full * size].unflatten(1, (full, size)).sum(2, dtype=torch.float32)
+    sums = x.narrow(axis, 0, full * size).unflatten(axis, (full, size)).sum(axis + 1, dtype=torch.float32)
     if n > full * size:
-        sums = torch.cat([sums, x[:, full * size :].sum(1, keepdim=True, dtype=torch.float32)], dim=1)
+        rest = x.narrow(axis, full * size, n - full * size).sum(axis, keepdim=True, dtype=torch.float32)
+        sums = torch.cat([sums, rest], dim=axis)
     return sums
 
 
@@ -247,16 +247,6 @@ def sla_attention(
 
 
 # ---- VSA ---------------------------------------------------------------------------------------------------------
-def _pool_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """Sums of runs of `size` along `axis` (the last run shorter), float32."""
-    n = x.shape[axis]
-    runs = math.ceil(n / size)
-    if n % size:
-        pad = [0, 0] * (x.dim() - 1 - axis) + [0, runs * size - n]
-        x = F.pad(x, pad)
-    return x.unflatten(axis, (runs, size)).sum(axis + 1, dtype=torch.float32)
-
-
 def vsa_cube_means(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """[B, F·H·W, heads, D] in raster order → [B, heads, cubes, D]: the mean of each VSA_CUBE cube of the grid
     over its tokens (the cubes at the far edges smaller), cubes in raster order of their coordinates, float32
@@ -265,8 +255,8 @@ def vsa_cube_means(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     b, _, heads, d = x.shape
     sums = x.view(b, *grid, heads, d)
     for axis in (3, 2, 1):
-        sums = _pool_axis(sums, axis, VSA_CUBE[axis - 1])
-    counts = [(g - torch.arange(0, g, c, device=x.device)).clamp(max=c).float() for g, c in zip(grid, VSA_CUBE)]
+        sums = _run_sums(sums, VSA_CUBE[axis - 1], axis)
+    counts = [_run_lengths(g, c, x.device) for g, c in zip(grid, VSA_CUBE)]
     volume = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
     means = sums / volume[None, :, :, :, None, None]
     return means.flatten(1, 3).transpose(1, 2).to(x.dtype)
