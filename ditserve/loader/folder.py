@@ -105,8 +105,10 @@ class ModelSource:
                 except json.JSONDecodeError as e:
                     raise LoaderError(f"{sub / filename}: invalid JSON ({e})") from None
                 for dit in self.spec.dits:
+                    if dit.component != component:
+                        continue
                     adapt = getattr(load_object(dit.model), "config_from_checkpoint", None)
-                    if dit.component == component and adapt is not None:
+                    if adapt is not None:
                         config = adapt(config, checkpoint_names(sub))
                 return config
         raise LoaderError(f"{sub}: no config.json")
