@@ -260,8 +260,8 @@ def train_dit(
     cfg: VideoTrainConfig,
     gen: torch.Generator,
 ) -> tuple[nn.Module, nn.Module]:
-    """Flow matching on normalised latents [N, C, F', H', W'], the prompts encoded each step (the text encoder
-    trained beside the DiT when `cfg.text_encoder_lr` > 0); returns the moving averages of the DiT's and the text
+    """Flow matching on normalised latents [N, C, F', H', W'], the prompts encoded each step when the text encoder
+    is trained beside the DiT (`cfg.text_encoder_lr` > 0), once when it is frozen; returns the moving averages of the DiT's and the text
     encoder's weights."""
     from ditserve.models.wan import video_position_ids
     from ditserve.pipelines.wan import patchify, unpatchify
@@ -291,6 +291,11 @@ def train_dit(
     n = len(digits)
     token_ids, token_mask = token_ids.to(device), token_mask.to(device)
     empty_row = len(token_ids) - 1
+    # A frozen encoder gives every prompt the same sequence each step: encoded once, indexed per batch.
+    frozen_seqs = None
+    if not train_text:
+        with torch.no_grad():
+            frozen_seqs = encode_tokens(text_encoder, token_ids, token_mask)
     for step in range(cfg.dit_steps):
         idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
         form = torch.randint(len(PROMPT_FORMS), (cfg.batch_size,), generator=gen).to(device)
@@ -306,7 +311,9 @@ def train_dit(
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
         drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout).to(device)
         rows = torch.where(drop, empty_row, prompt_row(digits[idx], directions[idx], form))
-        with torch.set_grad_enabled(train_text):
+        if frozen_seqs is not None:
+            seq = frozen_seqs[rows]
+        else:
             seq = encode_tokens(text_encoder, token_ids[rows], token_mask[rows])
         out = model(patchify(xt, patch), timestep=1000 * t, text_states=seq, video_ids=ids)
         loss = F.mse_loss(unpatchify(out, grid, patch), noise - x0)
