@@ -347,7 +347,7 @@ def test_host_buffers_are_grouped_below_powers_of_two():
     from ditserve.accel.offload import _host_buffers
 
     sizes = [3 << 20] * 10 + [0]  # 30 MiB: allocations of 15, 6, 6 and 3 MiB, under 16, 8, 8 and 4
-    buffers = _host_buffers(sizes, pin=False)
+    buffers = list(_host_buffers(sizes, pin=False))
     assert [b.numel() for b in buffers] == sizes
     allocations = {}
     for b in buffers:
