@@ -41,7 +41,30 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# ---- LayerNorm + modulation -------------------------------------------------------------------------------------
+# ---- Row norms: one program per token row of x [B, S, D] ------------------------------------------------------
+# The three kernels below share their addressing (rows of x may be strided views, e.g. a slice of a fused
+# projection; the output is contiguous) and their launch: the row kernels take (x, out, seq_len, dim, x's batch and
+# sequence strides) first, then their own operands.
+if triton is not None:
+
+    @triton.jit
+    def _x_row_offset(row, seq_len, x_stride_b, x_stride_s):
+        """Where row `row` (batch-major over B·S, int64) of a strided x [B, S, D] starts."""
+        return (row // seq_len) * x_stride_b + (row % seq_len) * x_stride_s
+
+
+def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
+    """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype."""
+    b, s, d = x.shape
+    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(d)
+    kernel[(b * s,)](
+        x, out, s, d, x.stride(0), x.stride(1), *operands, BLOCK=block, num_warps=8 if block >= 2048 else 4
+    )
+    return out
+
+
+# LayerNorm + modulation
 def layer_norm_modulate_reference(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -53,59 +76,49 @@ if triton is not None:
     @triton.jit
     def _layer_norm_modulate_kernel(
         x_ptr,
-        shift_ptr,
-        scale_ptr,
         out_ptr,
         seq_len,
         dim,
         x_stride_b,
         x_stride_s,
+        shift_ptr,
+        scale_ptr,
         mod_batch_stride,
         eps,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         batch = row // seq_len
-        pos = row % seq_len
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
-        x = tl.load(x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s) + offs, mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
         mean = tl.sum(x, axis=0) / dim
         centered = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
-        scale = tl.load(scale_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
         out = centered * rstd * (1.0 + scale) + shift
         tl.store(out_ptr + row * dim + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]."""
-    if not _use_triton(x) or x.stride(-1) != 1 or shift.stride(-1) != 1 or scale.stride(-1) != 1:
-        return layer_norm_modulate_reference(x, shift, scale, eps)
-    b, s, d = x.shape
-    if shift.stride(0) != scale.stride(0):
-        return layer_norm_modulate_reference(x, shift, scale, eps)
-    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
-    block = triton.next_power_of_2(d)
-    _layer_norm_modulate_kernel[(b * s,)](
-        x,
-        shift,
-        scale,
-        out,
-        s,
-        d,
-        x.stride(0),
-        x.stride(1),
-        shift.stride(0),
-        eps,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+    usable = (
+        _use_triton(x)
+        and x.dim() == 3
+        and x.numel() > 0
+        and x.stride(-1) == 1
+        and shift.stride(-1) == 1
+        and scale.stride(-1) == 1
+        and shift.stride(0) == scale.stride(0)
     )
-    return out
+    if not usable:
+        return layer_norm_modulate_reference(x, shift, scale, eps)
+    return _launch_per_row(_layer_norm_modulate_kernel, x, shift, scale, shift.stride(0), eps)
 
 
-# ---- LayerNorm with scale and bias, in float32 -------------------------------------------------------------------
+# LayerNorm with scale and bias, in float32
 def layer_norm_affine_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
@@ -115,23 +128,24 @@ if triton is not None:
     @triton.jit
     def _layer_norm_affine_kernel(
         x_ptr,
-        w_ptr,
-        b_ptr,
         out_ptr,
         seq_len,
         dim,
         x_stride_b,
         x_stride_s,
+        w_ptr,
+        b_ptr,
         eps,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        batch = row // seq_len
-        pos = row % seq_len
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
         x = tl.load(
-            x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+            x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s) + offs,
+            mask=mask,
+            other=0.0,
+            eviction_policy="evict_first",
         )
         w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
         b = tl.load(b_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
@@ -157,26 +171,10 @@ def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     )
     if not usable:
         return layer_norm_affine_reference(x, weight, bias, eps)
-    b, s, d = x.shape
-    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
-    block = triton.next_power_of_2(d)
-    _layer_norm_affine_kernel[(b * s,)](
-        x,
-        weight,
-        bias,
-        out,
-        s,
-        d,
-        x.stride(0),
-        x.stride(1),
-        eps,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
-    return out
+    return _launch_per_row(_layer_norm_affine_kernel, x, weight, bias, eps)
 
 
-# ---- RMS norm + scale --------------------------------------------------------------------------------------------
+# RMS norm + scale
 def rms_norm_scale_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps) * (1.0 + scale)[:, None]
 
@@ -186,25 +184,27 @@ if triton is not None:
     @triton.jit
     def _rms_norm_scale_kernel(
         x_ptr,
-        w_ptr,
-        scale_ptr,
         out_ptr,
         seq_len,
         dim,
         x_stride_b,
         x_stride_s,
+        w_ptr,
+        scale_ptr,
         scale_batch_stride,
         eps,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         batch = row // seq_len
-        pos = row % seq_len
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
         # Every load is issued before the reduction waits on x: one memory round trip per row, not two.
         x = tl.load(
-            x_ptr + batch * x_stride_b + pos * x_stride_s + offs, mask=mask, other=0.0, eviction_policy="evict_first"
+            x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s) + offs,
+            mask=mask,
+            other=0.0,
+            eviction_policy="evict_first",
         )
         w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
         scale = tl.load(
@@ -237,24 +237,7 @@ def rms_norm_scale(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: tor
     )
     if not usable:
         return rms_norm_scale_reference(x, weight, eps, scale)
-    b, s, d = x.shape
-    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
-    block = triton.next_power_of_2(d)
-    _rms_norm_scale_kernel[(b * s,)](
-        x,
-        weight,
-        scale,
-        out,
-        s,
-        d,
-        x.stride(0),
-        x.stride(1),
-        scale.stride(0),
-        eps,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
-    return out
+    return _launch_per_row(_rms_norm_scale_kernel, x, weight, scale, scale.stride(0), eps)
 
 
 # ---- RMS norm per head + rotary embedding -----------------------------------------------------------------------
