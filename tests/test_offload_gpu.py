@@ -135,7 +135,27 @@ def test_two_experts_on_one_ring_with_graphs(tiny_wan_experts):
     expected = _engine(tiny_wan_experts).generate(**WAN_REQUEST).videos[0]
     engine = _engine(tiny_wan_experts, dit_layerwise_offload=True)
     assert engine.block_offloads["transformer"].ring is engine.block_offloads["transformer_2"].ring
+    # The experts take turns: their graphs share one memory pool, held once.
+    assert engine.cuda_graphs["transformer"].pool is engine.cuda_graphs["transformer_2"].pool
     np.testing.assert_allclose(engine.generate(**WAN_REQUEST).videos[0], expected, atol=1e-4)
+    assert all(g.captures and not g.failed for g in engine.cuda_graphs.values())
+
+
+def test_offload_enabled_after_graphs_recaptures(tiny_wan_experts):
+    """As benchmarks/offload.py does: the whole forward graphed resident, then layerwise offload and a reset; the
+    block-run graphs are captured into a fresh pool (not the emptied one) and give the resident output."""
+    engine = _engine(tiny_wan_experts)
+    name, model = next(iter(engine.pipeline.transformers().items()))
+    graphs = engine.cuda_graphs[name]
+    inputs = engine.pipeline.forward_inputs(48, 16, num_frames=5)
+    with torch.no_grad():
+        expected = [model(**inputs) for _ in range(3)][-1]
+        assert graphs.captures == 1
+        enable_layerwise_offload([model], CUDA, 1)
+        graphs.reset()
+        got = [model(**inputs) for _ in range(3)][-1]
+    assert not graphs.failed and graphs.captures == 2
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -8,8 +8,9 @@ A replayed graph launches the whole forward at once.
 It attaches at one seam, the model's `forward` (as sequence parallelism does, and on top of it): the first call with
 a new set of input shapes runs eagerly twice (to settle cuDNN/cuBLAS workspaces and NCCL communicators), then is
 captured; later calls copy their inputs into the graph's static buffers, replay, and return a copy of the output.
-Graphs share one memory pool: each replay's intermediates are dead once its output is copied out, so a graph may
-reuse another's intermediate memory. Only the model's tensors are read in place, so anything that changes which
+Graphs share one memory pool (`GraphPool`), across the models of an engine too (Wan2.2's two experts, never run at
+once): each replay's intermediates are dead once its output is copied out, so a graph may reuse another's
+intermediate memory. Only the model's tensors are read in place, so anything that changes which
 kernels run or which tensors they read (LoRA changes) must call `reset()`.
 
 While a hook decides at the block loop which blocks run (DiT caching, accel/cache.py), one graph of the whole
@@ -89,11 +90,22 @@ class _Graph:
         self.graph.reset()
 
 
+class GraphPool:
+    """The CUDA graph memory pool several `CudaGraphs` capture into. A pool whose graphs were all freed is not
+    captured into again (the caching allocator has released it): `renew` gives the next captures a fresh one."""
+
+    def __init__(self) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+
+    def renew(self) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+
+
 class CudaGraphs:
     """Graphs of one model's forward (and of its runs of blocks, while a block-loop hook is on), keyed by input
     shapes, at most `max_graphs` kept (least recently used goes)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 16):
+    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 16, pool: GraphPool | None = None):
         self.model = model
         self.device = device
         self.max_graphs = max_graphs
@@ -101,7 +113,7 @@ class CudaGraphs:
         self.wrapped_instance_forward = "forward" in model.__dict__
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.failed: set[tuple] = set()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = pool or GraphPool()
         # One stream for every capture's warm-up runs (made at the first capture): each new stream would get, and
         # keep, its own cuBLAS workspace.
         self._side_stream: torch.cuda.Stream | None = None
@@ -130,7 +142,7 @@ class CudaGraphs:
         if graph is None:
             failure = None
             try:
-                graph = _Graph(fn, args, kwargs, self.pool, self.warmup_stream)
+                graph = _Graph(fn, args, kwargs, self.pool.handle, self.warmup_stream)
             except Exception as e:  # noqa: BLE001 - a forward that can't be captured still runs, eagerly
                 failure = f"{type(e).__name__}: {e}"
             if failure is not None:  # outside the handler, so the failed capture's tensors are freed first
@@ -153,13 +165,17 @@ class CudaGraphs:
             graph.release()
         self.graphs.clear()
         self.failed.clear()
+        self.pool.renew()  # other models' graphs keep the old pool alive as long as they live
 
 
-def enable_cuda_graphs(model: nn.Module, device: torch.device, max_graphs: int = 16) -> CudaGraphs:
-    """Route `model(...)` through CUDA graphs (inference only: with grad enabled the eager forward runs)."""
+def enable_cuda_graphs(
+    model: nn.Module, device: torch.device, max_graphs: int = 16, pool: GraphPool | None = None
+) -> CudaGraphs:
+    """Route `model(...)` through CUDA graphs (inference only: with grad enabled the eager forward runs); `pool`
+    shared with the graphs of models that never run at the same time as this one."""
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-    graphs = CudaGraphs(model, device, max_graphs)
+    graphs = CudaGraphs(model, device, max_graphs, pool)
     model.forward = graphs  # type: ignore[method-assign]
     return graphs
 
@@ -175,4 +191,4 @@ def disable_cuda_graphs(model: nn.Module) -> None:
             del model.forward
 
 
-__all__ = ["CudaGraphs", "disable_cuda_graphs", "enable_cuda_graphs"]
+__all__ = ["CudaGraphs", "GraphPool", "disable_cuda_graphs", "enable_cuda_graphs"]

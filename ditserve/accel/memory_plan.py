@@ -6,7 +6,8 @@ one whose estimate fits the budget. Cost is bytes copied per request: an offload
 DiT's blocks once per forward (so every component offload is tried before layerwise offload). The estimate is what
 is resident (components not offloaded, each DiT's parts outside its blocks and the ring of block slots, or the whole
 DiT) plus the larger of the largest offloaded component (while it runs) and the room for the denoising loop's
-activations (`ACTIVATION_ROOM_GIB`): the two are not on the device at the same time.
+activations (`ACTIVATION_ROOM_GIB`): the two are not on the device at the same time. Under CUDA graphs the
+activations stay in the graphs' memory pool between forwards, so there they are added, not the larger taken.
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def component_sizes(source, dtype: torch.dtype, measure: bool = True) -> Compone
     return sizes
 
 
-def estimate(sizes: ComponentSizes, output: str, layerwise: bool, prefetch: int, offloaded: set[str]) -> int:
-    """Device bytes a request needs with these offloads (see the module's docstring)."""
+def estimate(
+    sizes: ComponentSizes, output: str, layerwise: bool, prefetch: int, offloaded: set[str], graphs: bool = False
+) -> int:
+    """Device bytes a request needs with these offloads (see the module's docstring); `graphs`: the DiT runs under
+    CUDA graphs, whose pool keeps the activations' memory."""
     resident = sum(b for n, b in sizes.others.items() if n not in offloaded)
     running = max((b for n, b in sizes.others.items() if n in offloaded), default=0)
     if layerwise and sizes.dits:
@@ -138,7 +142,8 @@ def estimate(sizes: ComponentSizes, output: str, layerwise: bool, prefetch: int,
         dits = sum(d.outside_blocks for d in sizes.dits.values()) + slots * slot
     else:
         dits = sum(d.total for d in sizes.dits.values())
-    return resident + dits + max(running, int(ACTIVATION_ROOM_GIB[output] * GIB))
+    activations = int(ACTIVATION_ROOM_GIB[output] * GIB)
+    return resident + dits + (running + activations if graphs else max(running, activations))
 
 
 def plan(args: EngineArgs, sizes: ComponentSizes, output: str, device_bytes: int | None) -> MemoryPlan:
@@ -147,11 +152,12 @@ def plan(args: EngineArgs, sizes: ComponentSizes, output: str, device_bytes: int
     model_prefetch = max((d.prefetch for d in sizes.dits.values()), default=DEFAULT_PREFETCH)
     prefetch = args.offload_prefetch_size or model_prefetch
     layerwise = args.dit_layerwise_offload
+    graphs = args.cuda_graphs and device_bytes is not None
     if args.max_gpu_memory is None:
         reason = "flags"
         if layerwise is None:
             # As other engines do for video models: offload the blocks when the model would not fit with room to run.
-            fits = device_bytes is None or estimate(sizes, output, False, prefetch, forced) <= device_bytes
+            fits = device_bytes is None or estimate(sizes, output, False, prefetch, forced, graphs) <= device_bytes
             layerwise = output == "video" and not fits
             reason = "model size" if layerwise else reason
         return MemoryPlan(layerwise, prefetch if layerwise else None, sorted(forced), reason=reason)
@@ -167,7 +173,7 @@ def plan(args: EngineArgs, sizes: ComponentSizes, output: str, device_bytes: int
             for lw in [layerwise] if layerwise is not None else [False, True]:
                 prefetches = [prefetch] if not lw or args.offload_prefetch_size else range(prefetch, 0, -1)
                 for n in prefetches:
-                    need = estimate(sizes, output, lw, n, offloaded)
+                    need = estimate(sizes, output, lw, n, offloaded, graphs)
                     # Copying the blocks every forward costs more than any component once per request.
                     cost = (moved + (dit_bytes * 1000 if lw else 0), -n)
                     candidates.append((cost, need, lw, n, offloaded))

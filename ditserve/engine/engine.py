@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from ditserve.accel.cache_config import CacheConfig
 from ditserve.accel.compile import compile_repeated_blocks
-from ditserve.accel.cuda_graph import CudaGraphs, enable_cuda_graphs
+from ditserve.accel.cuda_graph import CudaGraphs, GraphPool, enable_cuda_graphs
 from ditserve.accel.memory_plan import MemoryPlan, component_sizes, plan
 from ditserve.accel.offload import BlockOffload, ComponentOffload, enable_layerwise_offload
 from ditserve.config import ConfigError, EngineArgs, SamplingParams
@@ -175,11 +175,13 @@ class Engine:
                 raise ConfigError("vae_slicing", f"{type(self.pipeline.vae).__name__} cannot decode in slices")
             self.pipeline.vae.enable_slicing()
         self.pipeline.configure(args, self.groups)
+        # The DiTs take turns (Wan2.2's experts): their graphs share one pool, so its memory is held once.
+        graph_pool = GraphPool() if args.cuda_graphs and self.device.type == "cuda" else None
         for name, transformer in self.pipeline.transformers().items():
             if args.compile:
                 compile_repeated_blocks(transformer)
-            if args.cuda_graphs and self.device.type == "cuda":
-                self.cuda_graphs[name] = enable_cuda_graphs(transformer, self.device)
+            if graph_pool is not None:
+                self.cuda_graphs[name] = enable_cuda_graphs(transformer, self.device, pool=graph_pool)
         # One request at a time per engine: the pipeline's modules are shared state. LoRA changes take the same
         # lock, so they land between requests and a request never sees half of one LoRA state and half of another.
         self._lock = threading.Lock()
