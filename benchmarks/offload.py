@@ -133,7 +133,8 @@ def bench_forward(ns: argparse.Namespace) -> dict:
         )
         if ns.timeline:
             results["ditserve resident"]["timeline"] = stream_timeline(lambda: model(**inputs), device)
-        progress(f"resident: {results['ditserve resident']['forward_ms']:.1f} ms")
+        r = results["ditserve resident"]
+        progress(f"resident: {r['forward_ms']:.1f} ms, peak {fmt(r['forward_peak_gib'], '.2f')} GiB")
         pipe = pipeline.diffusers_pipeline()
         progress("diffusers pipeline built")
         their_inputs = pipeline.diffusers_forward_inputs(inputs)
@@ -155,7 +156,8 @@ def bench_forward(ns: argparse.Namespace) -> dict:
                 results[f"ditserve layerwise prefetch {prefetch}"]["timeline"] = stream_timeline(
                     lambda: model(**inputs), device, trace
                 )
-            progress(f"prefetch {prefetch}: {results[f'ditserve layerwise prefetch {prefetch}']['forward_ms']:.1f} ms")
+            r = results[f"ditserve layerwise prefetch {prefetch}"]
+            progress(f"prefetch {prefetch}: {r['forward_ms']:.1f} ms, peak {fmt(r['forward_peak_gib'], '.2f')} GiB")
             del out
             disable_layerwise_offload([model])
             if graphs is not None:
