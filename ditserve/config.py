@@ -225,10 +225,6 @@ class EngineArgs:
             raise ConfigError(
                 "attention_backend", "sparse attention runs under Ulysses (heads split), not Ring: use --ring-degree 1"
             )
-        if self.attention_backend.startswith("vsa") and self.ulysses_degree > 1:
-            raise ConfigError(
-                "attention_backend", "vsa does not run under sequence parallelism yet (its gate is not exchanged)"
-            )
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 "quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or none)"

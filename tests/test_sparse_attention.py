@@ -154,18 +154,6 @@ def test_backends_refused_where_they_do_not_fit(engine, tiny_wan):
     assert e.value.field == "attention_backend"
 
 
-def test_engine_backend_under_ulysses_matches_one_process(tiny_wan):
-    """Engine-wide sliding tiles over 2 Ulysses ranks (9 tokens: the second shard padded) equal one process's."""
-    backend = "sliding-tile:1,1,1"
-    with Engine.from_pretrained(str(tiny_wan), device="cpu", attention_backend=backend) as engine:
-        one = engine.generate(**REQUEST).videos[0]
-    with Engine.from_pretrained(
-        str(tiny_wan), device="cpu", attention_backend=backend, num_gpus=2, ulysses_degree=2
-    ) as engine:
-        two = engine.generate(**REQUEST).videos[0]
-    assert np.abs(one - two).max() < 1e-3
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["sliding-tile:1,1,3", "sla:0.5"])
 def test_cuda_graphs_replay_sparse_attention(tmp_path, backend):
@@ -253,5 +241,19 @@ def test_vsa_refused_where_it_does_not_fit(engine, tiny_wan, tiny_vsa):
         with pytest.raises(ConfigError) as e:
             Engine.from_pretrained(str(tiny_vsa), device="cpu", attention_backend=bad)
         assert e.value.field == "attention_backend"
-    with pytest.raises(ConfigError, match="sequence parallelism") as e:
-        Engine.from_pretrained(str(tiny_vsa), device="cpu", attention_backend="vsa", num_gpus=2, ulysses_degree=2)
+
+
+def test_engine_backends_under_ulysses_match_one_process(tiny_vsa):
+    """Sparse backends per request over 2 Ulysses ranks equal one process's: sliding tiles and VSA on a (3, 3, 1)
+    grid of 9 tokens (the second shard padded), and VSA over 4 cubes (its gate exchanged with q)."""
+    cases = [(REQUEST, "sliding-tile:1,1,1"), (REQUEST, "vsa:0.5"), (VSA_REQUEST, "vsa:0.5")]
+
+    def run(engine):
+        return [np.asarray(torch.as_tensor(engine.generate(**r, attention=b).videos[0]).float()) for r, b in cases]
+
+    with Engine.from_pretrained(str(tiny_vsa), device="cpu") as engine:
+        one = run(engine)
+    with Engine.from_pretrained(str(tiny_vsa), device="cpu", num_gpus=2, ulysses_degree=2) as engine:
+        two = run(engine)
+    for (_, backend), a, b in zip(cases, one, two, strict=True):
+        assert np.abs(a - b).max() < 1e-3, backend

@@ -401,8 +401,7 @@ class SequenceParallelAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alongside=None, project=None, key_mask=None, gate=None
     ):
         g, layout = self.groups, self.layout
-        if self.inner.reads_gate:  # VSA's gate would have to travel with q; refused at the engine's flags too
-            raise ValueError("the vsa attention backend does not run under sequence parallelism yet")
+        gate = self.gate_of_my_heads(gate) if self.inner.reads_gate else None
         # The model's `key_mask` is its local part: the whole sequence's comes from the wrapper (`self.key_mask`).
         full_mask = self.key_mask if key_mask is not None else None
         if key_mask is not None and full_mask is None:
@@ -439,10 +438,11 @@ class SequenceParallelAttention(nn.Module):
                 k, v = k.index_select(1, idx), v.index_select(1, idx)
                 if self.inner.is_sparse:  # a pattern over the token grid: its queries are exactly the tokens
                     out = torch.zeros_like(q)
-                    return out.index_copy_(1, idx, self.inner(q.index_select(1, idx), k, v))
+                    tokens_gate = None if gate is None else gate.index_select(1, idx)
+                    return out.index_copy_(1, idx, self.inner(q.index_select(1, idx), k, v, gate=tokens_gate))
             if full_mask is not None:
                 return self.inner(q, k, v, key_mask=block_mask(0))
-            return self.inner(q, k, v)
+            return self.inner(q, k, v, gate=gate)
 
         if g.ulysses_size == 1:  # Ring alone: its first exchange starts inside; the other work simply goes first
             return run_alongside(lambda: attend(q, k, v), alongside, project)
@@ -464,10 +464,23 @@ class SequenceParallelAttention(nn.Module):
             exchange=self.exchange,
         )
 
+    def gate_of_my_heads(self, gate: torch.Tensor | None) -> torch.Tensor | None:
+        """VSA's gate [B, S, H, D] of this rank's tokens → [B, ranks·S, H/ranks, D], the whole sequence for the
+        heads this rank attends to: one all-to-all, as q's (in one head group: `chunks` is 1 for a gate)."""
+        g = self.groups
+        if gate is None or g.ulysses_size == 1:
+            return gate
+        b, s, h, d = gate.shape
+        size = g.ulysses_size
+        send = gate.reshape(b, s, size, h // size, d).permute(2, 0, 1, 3, 4).contiguous()  # [ranks, B, S, h, D]
+        received = torch.empty_like(send)  # received[u]: rank u's tokens of our heads, in rank order the sequence
+        dist.all_to_all_single(received, send, group=g.ulysses_group)
+        return received.permute(1, 0, 2, 3, 4).reshape(b, size * s, h // size, d)
+
     def chunks(self, heads: int, tokens: int) -> int:
         """Head groups for pure Ulysses with `tokens` in this rank's shard (under Ring each group would pass its own
-        K/V around the ring)."""
-        if self.groups.ring_size > 1:
+        K/V around the ring; a gate, VSA's, is exchanged for all of a rank's heads at once)."""
+        if self.groups.ring_size > 1 or self.inner.reads_gate:
             return 1
         chunks = self.ulysses_chunks
         if chunks is None:
