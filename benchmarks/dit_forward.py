@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--num-frames", type=int, help="video models: default the model's")
     ap.add_argument("--device", default="cuda", help="cuda (what is measured) or cpu (a tiny folder, to try it)")
     ap.add_argument("--iters", type=int, default=3, help="timed forwards per configuration (after one warm-up)")
+    ap.add_argument(
+        "--attention",
+        nargs="+",
+        default=None,
+        help="our attention backends to time (default: cudnn, and sage if it imports)",
+    )
     ap.add_argument("--json", help="write the report here too")
     ns = ap.parse_args()
 
@@ -73,7 +79,7 @@ def main() -> None:
         results={},
     )
     print(f"{ns.model}: engine built in {report['engine_build_s']:.1f} s", flush=True)
-    attentions = ["cudnn", *(["sage"] if sage_available() else [])]
+    attentions = ns.attention or ["cudnn", *(["sage"] if sage_available() else [])]
     ours_outputs: dict[str, torch.Tensor] = {}
 
     def time_ours(label: str) -> None:
@@ -90,8 +96,8 @@ def main() -> None:
     ms, their_out, their_flash = time_diffusers(pipeline, inputs, device, ns.iters)
     report["results"]["diffusers eager"] = dict(forward_ms=ms)
     print(f"diffusers eager: {ms:.1f} ms", flush=True)
-    reference = pipeline.comparable_outputs(ours_outputs[f"ditserve {plain} cudnn"], their_out, inputs)[1]
-    flash = pipeline.comparable_outputs(ours_outputs[f"ditserve {plain} cudnn"], their_flash, inputs)[1]
+    reference = pipeline.comparable_outputs(ours_outputs[f"ditserve {plain} {attentions[0]}"], their_out, inputs)[1]
+    flash = pipeline.comparable_outputs(ours_outputs[f"ditserve {plain} {attentions[0]}"], their_flash, inputs)[1]
     report["diffusers_flash_vs_default"] = rel(flash, reference)
     del their_out, their_flash, flash
     gc.collect()
