@@ -5,6 +5,7 @@ published sampling loop; rCM's times; the presets."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,75 @@ def test_presets(name):
     assert source.config("transformer")["sparse_linear_attention"] is True
     assert offered_sparse_backends(source) == ("sla", "sliding-tile")
     assert source.pipeline_config()["sampler"] == "rcm"
+
+
+# ---- TurboDiffusion's -quant checkpoints (Int8Linear: int8 weights, one scale per 128 × 128 block) ----------------
+def _quantize_int8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TurboDiffusion's weight quantiser, block by block: scale = amax / 128, round to nearest, saturate to int8."""
+    rows, cols = w.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(-(-rows // 128), -(-cols // 128))
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            block = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
+            amax = block.abs().max().clamp_min(1e-12)
+            scale[i, j] = amax / 128
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (block * (128 / amax)).round().clamp(-128, 127)
+    return q, scale
+
+
+def _block_product(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(q.shape)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rows, cols = slice(i * 128, (i + 1) * 128), slice(j * 128, (j + 1) * 128)
+            out[rows, cols] = q[rows, cols].float() * scale[i, j]
+    return out
+
+
+def test_block_int8_dequantisation():
+    from ditserve.loader.weights import LoaderError, dequantize_block_int8
+
+    w = torch.randn(300, 260, generator=torch.Generator().manual_seed(3))  # 3 × 3 blocks, partial at the edges
+    q, scale = _quantize_int8_blocks(w)
+    got = dequantize_block_int8(q, scale)
+    assert torch.equal(got, _block_product(q, scale))
+    # within half a step, but for a block's largest positive value, saturated from 128 to 127 steps
+    assert ((got - w).abs() <= scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260] * 1.0001).all()
+    with pytest.raises(LoaderError, match=r"needs \(3, 3\)"):
+        dequantize_block_int8(q, scale[:2])
+
+
+def test_quantised_checkpoint_loads_its_block_products(turbowan, tmp_path):
+    """A TurboWan folder whose .pth holds every block linear as Int8Linear does (SLA's proj_l stays float, as
+    TurboDiffusion leaves it) loads the same DiT as a .pth holding those products in float."""
+    import shutil
+
+    from ditserve.loader.weights import LoaderError
+
+    pth = turbowan / "transformer" / "turbowan.pth"
+    state = torch.load(pth, weights_only=True)
+    quantised, products = {}, {}
+    for name, t in state.items():
+        if name.startswith("blocks.") and t.dim() == 2 and "proj_l" not in name:
+            q, scale = _quantize_int8_blocks(t)
+            prefix = name.removesuffix("weight")
+            quantised.update({prefix + "int8_weight": q, prefix + "scale": scale})
+            products[name] = _block_product(q, scale)
+        else:
+            quantised[name] = products[name] = t
+    assert len(quantised) > len(state)  # something was quantised
+    models = []
+    for label, content in (("quant", quantised), ("products", products)):
+        folder = Path(shutil.copytree(turbowan, tmp_path / label))
+        torch.save(content, folder / "transformer" / "turbowan.pth")
+        with Engine.from_pretrained(str(folder), device="cpu") as engine:
+            models.append(engine.pipeline.c.transformer.state_dict())
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+    del quantised["blocks.0.ffn.0.scale"]
+    folder = Path(shutil.copytree(turbowan, tmp_path / "no-scale"))
+    torch.save(quantised, folder / "transformer" / "turbowan.pth")
+    with pytest.raises(LoaderError, match=r"blocks\.0\.ffn\.0\.int8_weight has no blocks\.0\.ffn\.0\.scale"):
+        Engine.from_pretrained(str(folder), device="cpu")

@@ -100,7 +100,7 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise LoaderError(f"{path}: not a state dict of tensors")
-            yield from ((name, t) for name, t in state.items() if isinstance(t, torch.Tensor))
+            yield from _with_int8_linears_dequantized(state, path)
             continue
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -110,6 +110,43 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             if isinstance(e, LoaderError):
                 raise
             raise LoaderError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+# TurboDiffusion's `-quant` checkpoints store each block linear as its Int8Linear holds it
+# (turbodiffusion/ops/core.py, quant/quant.hpp): `int8_weight` [out, in] int8, row-major, and `scale`
+# [⌈out/128⌉, ⌈in/128⌉] float32, one per 128 × 128 block: W = int8 · scale of the block (amax / 128, rounded to
+# nearest).
+INT8_BLOCK = 128
+
+
+def dequantize_block_int8(q: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """W (float32) of a block-scaled int8 weight in TurboDiffusion's layout (above)."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise LoaderError(f"{name}: an int8 matrix was expected, not {q.dtype} of shape {tuple(q.shape)}")
+    rows, cols = q.shape
+    blocks = (-(-rows // INT8_BLOCK), -(-cols // INT8_BLOCK))
+    if tuple(scale.shape) != blocks:
+        raise LoaderError(
+            f"{name}: its scale is {tuple(scale.shape)}, a [{rows}, {cols}] weight in 128 × 128 blocks needs {blocks}"
+        )
+    per_value = scale.float().repeat_interleave(INT8_BLOCK, 0)[:rows].repeat_interleave(INT8_BLOCK, 1)[:, :cols]
+    return q.float() * per_value
+
+
+def _with_int8_linears_dequantized(state: dict, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state dict's tensors, each `X.int8_weight` with its `X.scale` given as `X.weight` (multiplied out: the
+    model computes in its own dtype, or requantises to FP8 as it loads)."""
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if name.endswith(".int8_weight"):
+            prefix = name.removesuffix("int8_weight")
+            scale = state.get(prefix + "scale")
+            if not isinstance(scale, torch.Tensor):
+                raise LoaderError(f"{path}: {name} has no {prefix}scale beside it")
+            yield prefix + "weight", dequantize_block_int8(t, scale, f"{path}: {name}")
+        elif not (name.endswith(".scale") and name.removesuffix("scale") + "int8_weight" in state):
+            yield name, t
 
 
 def _first(items: list[str], n: int = 5) -> str:
