@@ -239,7 +239,7 @@ def make_tiny_wan_folder(
     spec = TinyWanSpec(
         two_experts=two_experts, ti2v=ti2v, i2v=i2v, turbowan=turbowan, vsa=vsa, flow_shift=5.0 if ti2v else 3.0
     )
-    if turbowan:
+    if turbowan or vsa:
         spec.head_dim = 32  # a power of two: the block-sparse Triton kernel's (on CUDA) head widths
     if two_experts and i2v:
         spec.boundary_ratio = 0.9  # Wan2.2 I2V-A14B's
