@@ -63,7 +63,17 @@ def main() -> None:
     ns = ap.parse_args()
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(ns.model, load_format="dummy", device=ns.device, cuda_graphs=False)
+    # Only the DiT is timed: the text encoders and VAE wait on the host (FLUX.2-dev's 24B text encoder beside its
+    # 32B DiT would not leave room for diffusers' forward).
+    engine = Engine.from_pretrained(
+        ns.model,
+        load_format="dummy",
+        device=ns.device,
+        cuda_graphs=False,
+        text_encoder_cpu_offload=True,
+        image_encoder_cpu_offload=True,
+        vae_cpu_offload=True,
+    )
     device, pipeline = engine.device, engine.pipeline
     model = next(iter(pipeline.transformers().values()))
     frames = {"num_frames": ns.num_frames} if ns.num_frames else {}
