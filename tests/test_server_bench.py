@@ -20,25 +20,27 @@ def test_percentile():
     assert percentile([3.0], 99) == 3.0
 
 
-@pytest.mark.parametrize("load", [["--concurrency", "4"], ["--rate", "20"]], ids=["concurrency", "rate"])
-def test_bench_serve_reports_throughput_and_latency(tiny_dev, tmp_path, load):
+def test_bench_serve_reports_throughput_and_latency(tiny_dev, tmp_path):
+    """Both load modes (a fixed number in flight; a Poisson arrival rate) against one server."""
     server = start_server(str(tiny_dev), "--max-batch-size", "4", log_path=str(tmp_path / "server.log"))
     try:
-        out = tmp_path / "bench.json"
-        proc = subprocess.run(
-            [
-                sys.executable, "-m", "ditserve", "bench-serve", "--url", server.url, "--num-requests", "12",
-                "--size", "32x32", "--num-inference-steps", "2", "--label", "cpu-tiny", "--json", str(out), *load,
-            ],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        report = json.loads(out.read_text())
-        assert report["succeeded"] == 12 and report["failed"] == 0
-        assert report["throughput_rps"] > 0
-        assert 0 < report["latency_p50_s"] <= report["latency_p90_s"] <= report["latency_p99_s"]
-        assert "| cpu-tiny |" in proc.stdout and "p99 s" in proc.stdout
-        assert server.info()["completed"] == 12 + 1  # the requests plus one warm-up, none lost or repeated
+        for n, load in enumerate((["--concurrency", "4"], ["--rate", "20"]), start=1):
+            out = tmp_path / f"bench-{n}.json"
+            proc = subprocess.run(
+                [
+                    sys.executable, "-m", "ditserve", "bench-serve", "--url", server.url, "--num-requests", "12",
+                    "--size", "32x32", "--num-inference-steps", "2", "--label", "cpu-tiny", "--json", str(out), *load,
+                ],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            report = json.loads(out.read_text())
+            assert report["succeeded"] == 12 and report["failed"] == 0, load
+            assert report["throughput_rps"] > 0
+            assert 0 < report["latency_p50_s"] <= report["latency_p90_s"] <= report["latency_p99_s"]
+            assert "| cpu-tiny |" in proc.stdout and "p99 s" in proc.stdout
+            # the requests plus one warm-up per run, none lost or repeated
+            assert server.info()["completed"] == n * (12 + 1), load
     finally:
         server.stop()
 
