@@ -16,11 +16,13 @@
 #   B_RESERVE  seconds of DiT training kept for run B (default 0: run A's steps come first, as they are what the
 #              digit needs most; B runs on what the probe's margins leave)
 #   SEEDS      seeds per digit × direction when scoring (default 3: 120 clips)
+#   PYTHON     the interpreter (default python; python3 where the image has no python with its packages)
 #   DIT_STEPS  run A's DiT steps, in place of what the probe says fits
 set -uo pipefail
 : "${OUT:?set OUT to the results folder}"
 BUDGET=${BUDGET:-540}
 SEEDS=${SEEDS:-3}
+PY=${PYTHON:-python}
 B_ARGS=${B_ARGS:---set patch_size=1,2,2}
 B_RESERVE=${B_RESERVE:-0}
 START=$(date +%s)
@@ -44,8 +46,8 @@ run() {
 }
 # seconds per step of a "vae/dit: N steps in S s" line of a training log (S is whole seconds, so N must be large)
 per_step() { grep -h "^\[.*\] $2: [0-9]* steps in" "$1" | tail -n 1 | awk '{print $6 / $3}'; }
-train=(python -m ditserve.digits.train_video --device cuda --no-eval)
-score=(python -m ditserve.digits.video_quality --device cuda --seeds "$SEEDS")
+train=("$PY" -m ditserve.digits.train_video --device cuda --no-eval)
+score=("$PY" -m ditserve.digits.video_quality --device cuda --seeds "$SEEDS")
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 stamp "start, budget $BUDGET s"
@@ -64,7 +66,7 @@ stamp "probe: ${vae_s:-no} s per VAE step, $dit_s s per DiT step"
 # to DiT steps.
 vae_time=0
 if [[ -z "${VAE_FROM:-}" ]]; then
-    vae_steps=$(python -c "from ditserve.digits.train_video import VideoTrainConfig as C; print(C.vae_steps)")
+    vae_steps=$("$PY" -c "from ditserve.digits.train_video import VideoTrainConfig as C; print(C.vae_steps)")
     vae_time=$(awk -v n="$vae_steps" -v s="$vae_s" 'BEGIN {print int(n * s) + 1}')
 fi
 left=$((BUDGET - $(elapsed) - vae_time - 40 - 45 - B_RESERVE))
