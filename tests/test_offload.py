@@ -300,6 +300,20 @@ def test_the_budget_picks_the_cheapest_offloads_that_fit(budget, layerwise, offl
     assert "max_gpu_memory" in chosen.describe()
 
 
+def test_under_cuda_graphs_the_activations_are_held_beside_an_offloaded_component():
+    """A graph's pool keeps its activations between requests, so on a GPU (device_bytes given) an offloaded text
+    encoder runs beside them: 13.5 GiB fit without graphs (0.5 + 1.6 + max(11, 8)); with them the least is 20.6
+    (1.6 + 11 + 8, the VAE moved too), and at 21.5 nothing needs moving (11.5 + 1.6 + 8: a resident encoder runs
+    beside the pool, no worse than without graphs)."""
+    args = dict(device="cpu", max_gpu_memory=13.5, dit_layerwise_offload=True)
+    chosen = plan(EngineArgs(**args, cuda_graphs=False), _sizes(), "video", 80 * GIB)
+    assert chosen.offloaded == ["text_encoder"] and chosen.estimate_bytes <= 13.5 * GIB
+    with pytest.raises(ConfigError) as e:
+        plan(EngineArgs(**args), _sizes(), "video", 80 * GIB)
+    assert e.value.field == "max_gpu_memory" and "20.6 GiB" in e.value.message
+    assert plan(EngineArgs(**{**args, "max_gpu_memory": 21.5}), _sizes(), "video", 80 * GIB).offloaded == []
+
+
 def test_a_budget_nothing_fits_is_refused_naming_the_flag():
     with pytest.raises(ConfigError) as e:
         plan(EngineArgs(device="cpu", max_gpu_memory=12.5), _sizes(), "video", None)  # 12.6 at the least
