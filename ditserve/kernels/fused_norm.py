@@ -53,6 +53,11 @@ if triton is not None:
         return (row // seq_len) * x_stride_b + (row % seq_len) * x_stride_s
 
 
+def _rows_kernel_fits(x: torch.Tensor) -> bool:
+    """Whether x can go to a row kernel: Triton in use, [B, S, D] with rows to run and a contiguous last dim."""
+    return _use_triton(x) and x.dim() == 3 and x.numel() > 0 and x.stride(-1) == 1
+
+
 def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
     """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype."""
     b, s, d = x.shape
@@ -105,13 +110,7 @@ if triton is not None:
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]."""
     usable = (
-        _use_triton(x)
-        and x.dim() == 3
-        and x.numel() > 0
-        and x.stride(-1) == 1
-        and shift.stride(-1) == 1
-        and scale.stride(-1) == 1
-        and shift.stride(0) == scale.stride(0)
+        _rows_kernel_fits(x) and shift.stride(-1) == 1 and scale.stride(-1) == 1 and shift.stride(0) == scale.stride(0)
     )
     if not usable:
         return layer_norm_modulate_reference(x, shift, scale, eps)
@@ -161,10 +160,7 @@ def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """LayerNorm(x) · weight + bias computed in float32, in x's dtype; x [B, S, D] (rows may be strided), weight
     and bias [D]."""
     usable = (
-        _use_triton(x)
-        and x.dim() == 3
-        and x.numel() > 0
-        and x.stride(-1) == 1
+        _rows_kernel_fits(x)
         and weight.is_contiguous()
         and bias.is_contiguous()
         and weight.shape == bias.shape == (x.shape[-1],)
@@ -225,11 +221,8 @@ if triton is not None:
 def rms_norm_scale(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
     """rms_norm(x) · weight · (1 + scale[:, None]); x [B, S, D] (rows may be strided), weight [D], scale [B, D]."""
     usable = (
-        _use_triton(x)
-        and x.dim() == 3
-        and x.numel() > 0
+        _rows_kernel_fits(x)
         and scale.shape == (x.shape[0], x.shape[2])
-        and x.stride(-1) == 1
         and weight.is_contiguous()
         and scale.stride(-1) == 1
         and weight.dtype == x.dtype
