@@ -472,7 +472,7 @@ class SequenceParallelAttention(nn.Module):
             return gate
         b, s, h, d = gate.shape
         size = g.ulysses_size
-        send = gate.reshape(b, s, size, h // size, d).permute(2, 0, 1, 3, 4).contiguous()  # [ranks, B, S, h, D]
+        send = _head_chunk(gate, size, 1, 0).contiguous()  # [ranks, B, S, h, D]: the heads as q's exchange splits them
         received = torch.empty_like(send)  # received[u]: rank u's tokens of our heads, in rank order the sequence
         dist.all_to_all_single(received, send, group=g.ulysses_group)
         return received.permute(1, 0, 2, 3, 4).reshape(b, size * s, h // size, d)
