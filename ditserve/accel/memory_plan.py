@@ -95,7 +95,7 @@ def offload_kind(component: str) -> str | None:
 def component_sizes(source, dtype: torch.dtype, measure: bool = True) -> ComponentSizes:
     """Bytes of every model component of `source` (a loader.folder.ModelSource) in `dtype`, built on meta;
     `measure` False: the components and the DiTs' prefetch sizes only (every size 0), for plans from flags alone."""
-    from ditserve.loader.folder import library_class
+    from ditserve.loader.folder import construct_library_model, library_class
     from ditserve.loader.weights import build_on_meta
     from ditserve.registry import load_object
 
@@ -121,10 +121,7 @@ def component_sizes(source, dtype: torch.dtype, measure: bool = True) -> Compone
             raw = source.config(name)
             config_cls = getattr(cls, "config_class", None) if library == "transformers" else None
             with torch.device("meta"):
-                if config_cls is not None:
-                    model = cls(config_cls.from_dict(raw))
-                else:
-                    model = cls.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
+                model = construct_library_model(cls, raw, config_cls)
             sizes.others[name] = sum(t.numel() for t in _module_tensors(model)) * dtype.itemsize
     return sizes
 

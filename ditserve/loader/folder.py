@@ -352,10 +352,7 @@ def load_library_model(
         # minutes for a 5.7B-parameter text encoder), then filled by our init. Buffers the constructor computes
         # (rotary frequencies, position ids) are kept.
         with seeded(device, seed), torch.device(device), default_dtype(dtype), library_init_skipped(model_cls):
-            if config_cls is not None:
-                model = model_cls(config_cls.from_dict(raw))
-            else:
-                model = model_cls.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
+            model = construct_library_model(model_cls, raw, config_cls)
         if hasattr(model, "tie_weights"):
             model.tie_weights()  # transformers ties shared embeddings in the init it skipped
         model = model.to(dtype)
@@ -366,6 +363,14 @@ def load_library_model(
     except (OSError, ValueError) as e:
         raise LoaderError(f"{source.folder / component}: cannot load {model_cls.__name__} ({e})") from None
     return model.to(device).eval()
+
+
+def construct_library_model(model_cls, raw: dict, config_cls=None) -> nn.Module:
+    """A transformers (given its `config_cls`) or diffusers model built from its config.json's contents, on the
+    current default device, with whatever init the caller's context leaves it."""
+    if config_cls is not None:
+        return model_cls(config_cls.from_dict(raw))
+    return model_cls.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
 
 
 def library_init_skipped(model_cls):
