@@ -202,7 +202,6 @@ def _host_buffers(sizes: Sequence[int], pin: bool) -> Iterator[torch.Tensor]:
             j += 1
         group = torch.empty(used, dtype=torch.uint8, pin_memory=pin)
         yield from group.split(list(sizes[i:j]))
-        del group
         i = j
 
 

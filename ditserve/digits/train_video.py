@@ -261,8 +261,8 @@ def train_dit(
     gen: torch.Generator,
 ) -> tuple[nn.Module, nn.Module]:
     """Flow matching on normalised latents [N, C, F', H', W'], the prompts encoded each step when the text encoder
-    is trained beside the DiT (`cfg.text_encoder_lr` > 0), once when it is frozen; returns the moving averages of the DiT's and the text
-    encoder's weights."""
+    is trained beside the DiT (`cfg.text_encoder_lr` > 0), once when it is frozen; returns the moving averages of
+    the DiT's and the text encoder's weights."""
     from ditserve.models.wan import video_position_ids
     from ditserve.pipelines.wan import patchify, unpatchify
 
