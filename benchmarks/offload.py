@@ -201,15 +201,23 @@ PIPELINE_SETTINGS = {
 }
 
 
+def _pipeline_row(label: str, r: dict) -> str:
+    return f"{label:<36} {r['generation_s']:>8.3f} {r['step_ms']:>9.1f} {fmt(r['peak_gib'], '>9.2f')}"
+
+
 def bench_pipeline(ns: argparse.Namespace) -> dict:
     results: dict = {}
     base = dict(device=ns.device, load_format=ns.load_format, compile=ns.compile, cuda_graphs=ns.cuda_graphs)
-    for label, setting in PIPELINE_SETTINGS.items():
-        engine = Engine.from_pretrained(ns.model, **{**base, "dit_layerwise_offload": False, **setting})
+    for label in ns.settings:
+        engine = Engine.from_pretrained(
+            ns.model, **{**base, "dit_layerwise_offload": False, **PIPELINE_SETTINGS[label]}
+        )
+        progress(f"engine built ({label})")
         gen = _request(ns, engine.defaults())
         results[f"ditserve {label}"] = dict(
             _time_generations(engine, gen, ns.repeat), plan=engine.memory_plan.to_dict()
         )
+        progress(_pipeline_row(f"ditserve {label}", results[f"ditserve {label}"]))
         del engine
         free(torch.device(ns.device))
     engine = Engine.from_pretrained(ns.model, dit_layerwise_offload=False, **base)
@@ -224,13 +232,14 @@ def bench_pipeline(ns: argparse.Namespace) -> dict:
     group_offload(pipe.transformer, device)
     free(device)
     results["diffusers group offload (DiT)"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+    progress(_pipeline_row("diffusers group offload (DiT)", results["diffusers group offload (DiT)"]))
     pipe = pipeline.diffusers_pipeline()  # a fresh transformer over our (host) tensors, no hooks
     pipe.enable_model_cpu_offload(device=device)
     free(device)
     results["diffusers enable_model_cpu_offload"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
     print(f"{'generation':<36} {'s':>8} {'step ms':>9} {'peak GiB':>9}")
     for label, r in results.items():
-        print(f"{label:<36} {r['generation_s']:>8.3f} {r['step_ms']:>9.1f} {fmt(r['peak_gib'], '>9.2f')}")
+        print(_pipeline_row(label, r))
     return results
 
 
@@ -246,6 +255,13 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 4], help="forward: prefetch sizes to time")
     p.add_argument("--iters", type=int, default=5, help="forward: timed forwards (median)")
     p.add_argument("--repeat", type=int, default=1, help="pipeline: timed generations per setting")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(PIPELINE_SETTINGS),
+        default=list(PIPELINE_SETTINGS),
+        help="pipeline: our offload settings to time (an engine is built for each; default all)",
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cuda")
