@@ -3,26 +3,32 @@
 # VAE and DiT step on this machine; run A then trains the default recipe with as many DiT steps as fit, keeping
 # B_RESERVE seconds aside (`--dit-steps`, printed), and is scored; run B, when time for 1,000 DiT steps is left,
 # trains a second DiT recipe on A's VAE (so the two differ only in the DiT) and is scored. Results under $OUT:
-#   digits-video/ (the folder to ship), train-a.log, score-a.txt, examples/ (seed 0's clips: PNG strips, GIFs),
-#   digits-video-b/, train-b.log, score-b.txt, probe.log, timings.txt
+#   digits-video.tar.gz (digits-video/, the folder to ship; examples/, seed 0's clips as PNG strips and GIFs;
+#   digits-video-b/), train-a.log, score-a.txt, train-b.log, score-b.txt, probe.log, timings.txt
+# (one archive for the folders: the device tool brings back at most 8 files, none more than 2 folders down).
 #
 # Environment:
 #   VAE_FROM   a digits-video folder whose VAE run A takes as it is (no VAE steps, more time for the DiT);
 #              unset: run A trains its own VAE (the default recipe's vae_steps). Either way the training log scores
 #              the VAE's reconstructions of real clips ("reconstructions of real clips score ..."): the ceiling of
 #              what the DiT's clips can score through it
+#   DIT_FROM   a digits-video folder (or a digits-video.tar.gz of this script) whose model run A trains further
+#              (`--dit-from`: its VAE, text encoder and DiT as they are, no VAE steps): a run its slot cut short
+#              goes on in the next
 #   A_ARGS     extra train_video arguments of run A (default none: the default recipe)
 #   B_ARGS     train_video arguments of run B (default: 2×2 patches, the token grid of the recipe before)
 #   B_RESERVE  seconds of DiT training kept for run B (default 0: run A's steps come first, as they are what the
 #              digit needs most; B runs on what the probe's margins leave)
 #   SEEDS      seeds per digit × direction when scoring (default 3: 120 clips)
 #   PYTHON     the interpreter (default python; python3 where the image has no python with its packages)
-#   DIT_STEPS  run A's DiT steps, in place of what the probe says fits
+#   DEVICE     cuda (the default), or cpu to try the script itself with a tiny A_ARGS
+#   DIT_STEPS  run A's DiT steps, in place of what the probe says fits (the probe is then skipped)
 set -uo pipefail
 : "${OUT:?set OUT to the results folder}"
 BUDGET=${BUDGET:-540}
 SEEDS=${SEEDS:-3}
 PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
 B_ARGS=${B_ARGS:---set patch_size=1,2,2}
 B_RESERVE=${B_RESERVE:-0}
 START=$(date +%s)
@@ -46,32 +52,50 @@ run() {
 }
 # seconds per step of a "vae/dit: N steps in S s" line of a training log (S is whole seconds, so N must be large)
 per_step() { grep -h "^\[.*\] $2: [0-9]* steps in" "$1" | tail -n 1 | awk '{print $6 / $3}'; }
-train=("$PY" -m ditserve.digits.train_video --device cuda --no-eval)
-score=("$PY" -m ditserve.digits.video_quality --device cuda --seeds "$SEEDS")
+train=("$PY" -m ditserve.digits.train_video --device "$DEVICE" --no-eval)
+score=("$PY" -m ditserve.digits.video_quality --device "$DEVICE" --seeds "$SEEDS")
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 stamp "start, budget $BUDGET s"
 
-vae_a=()
+# Everything the run writes but the logs goes into one archive at the end.
+pack() {
+    local parts=()
+    for part in digits-video digits-video-b examples; do [[ -d "$OUT/$part" ]] && parts+=("$part"); done
+    ((${#parts[@]})) || return 0
+    tar -czf "$OUT/digits-video.tar.gz" -C "$OUT" "${parts[@]}" && rm -rf "${parts[@]/#/$OUT/}" "$OUT/probe" "$OUT/from"
+    stamp "packed ${parts[*]} into digits-video.tar.gz ($(du -h "$OUT/digits-video.tar.gz" | cut -f1))"
+}
+trap pack EXIT
+
+if [[ "${DIT_FROM:-}" == *.tar.gz ]]; then
+    mkdir -p "$OUT/from" && tar -xzf "$DIT_FROM" -C "$OUT/from" digits-video || exit 1
+    DIT_FROM=$OUT/from/digits-video
+fi
+vae_a=() from_a=()
 [[ -n "${VAE_FROM:-}" ]] && vae_a=(--vae-from "$VAE_FROM")
-# Probe: 200 VAE steps (none with VAE_FROM) and 400 DiT steps on 64 scans, at run A's sizes.
-# shellcheck disable=SC2086
-run "$OUT/probe.log" "${train[@]}" --out "$OUT/probe" --vae-steps 200 --dit-steps 400 --set scans=64 \
-    --set clips_per_scan=1 "${vae_a[@]}" ${A_ARGS:-} || exit 1
-vae_s=$(per_step "$OUT/probe.log" vae)
-dit_s=$(per_step "$OUT/probe.log" dit)
-stamp "probe: ${vae_s:-no} s per VAE step, $dit_s s per DiT step"
+[[ -n "${DIT_FROM:-}" ]] && vae_a=(--vae-from "$DIT_FROM") from_a=(--dit-from "$DIT_FROM")
+if [[ -z "${DIT_STEPS:-}" ]]; then
+    # Probe: 200 VAE steps (none with VAE_FROM or DIT_FROM) and 400 DiT steps on 64 scans, at run A's sizes.
+    # shellcheck disable=SC2086
+    run "$OUT/probe.log" "${train[@]}" --out "$OUT/probe" --vae-steps 200 --dit-steps 400 --set scans=64 \
+        --set clips_per_scan=1 "${vae_a[@]}" ${A_ARGS:-} || exit 1
+    vae_s=$(per_step "$OUT/probe.log" vae)
+    dit_s=$(per_step "$OUT/probe.log" dit)
+    stamp "probe: ${vae_s:-no} s per VAE step, $dit_s s per DiT step"
+fi
 
 # Run A: what is left after the VAE, ~40 s of start-up, encoding and saving, ~45 s of scoring and B_RESERVE goes
 # to DiT steps.
 vae_time=0
-if [[ -z "${VAE_FROM:-}" ]]; then
+if [[ -z "${VAE_FROM:-}${DIT_FROM:-}" && -n "${vae_s:-}" ]]; then
     vae_steps=$("$PY" -c "from ditserve.digits.train_video import VideoTrainConfig as C; print(C.vae_steps)")
     vae_time=$(awk -v n="$vae_steps" -v s="$vae_s" 'BEGIN {print int(n * s) + 1}')
 fi
 left=$((BUDGET - $(elapsed) - vae_time - 40 - 45 - B_RESERVE))
 steps=${DIT_STEPS:-$(awk -v l="$left" -v s="$dit_s" 'BEGIN {n = int(l / s / 100) * 100; print (n < 500 ? 500 : n)}')}
-stamp "run A: $steps DiT steps (VAE: ${VAE_FROM:-trained, about $vae_time s})"
+stamp "run A: $steps DiT steps (${DIT_FROM:+from $DIT_FROM; }VAE: ${DIT_FROM:-${VAE_FROM:-trained, about $vae_time s}})"
+if ((${#from_a[@]})); then vae_a=("${from_a[@]}"); fi
 # shellcheck disable=SC2086
 if run "$OUT/train-a.log" "${train[@]}" --out "$OUT/digits-video" --dit-steps "$steps" "${vae_a[@]}" ${A_ARGS:-}; then
     run "$OUT/score-a.txt" "${score[@]}" --model "$OUT/digits-video" --examples "$OUT/examples"

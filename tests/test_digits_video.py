@@ -156,6 +156,8 @@ def test_training_is_seeded_and_writes_a_loadable_folder(tmp_path):
         a, b = (train(VideoTrainConfig(**trained_text), tmp_path / name) for name in "ab")
         c = train(VideoTrainConfig(seed=1, **trained_text), tmp_path / "c")
         d = train(VideoTrainConfig(seed=1, **tiny), tmp_path / "d", vae_from=a)  # the text encoder left frozen
+        # trained further by no steps: the folder it started from, byte for byte
+        e = train(VideoTrainConfig(**dict(tiny, dit_steps=0)), tmp_path / "e", dit_from=a)
     finally:
         torch.set_num_threads(threads)
     assert "DITSERVE_DISABLE_TRITON" not in os.environ  # training's setting does not leak
@@ -167,6 +169,12 @@ def test_training_is_seeded_and_writes_a_loadable_folder(tmp_path):
     text_part = "text_encoder/model.safetensors"
     assert (c / text_part).read_bytes() != (d / text_part).read_bytes()  # trained, and not
     assert json.loads((d / "ditserve.json").read_text())["trained_with"]["vae_from"] == str(a)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", vae_part, text_part, "vae/config.json"):
+        assert (e / part).read_bytes() == (a / part).read_bytes(), part
+    continued = json.loads((e / "ditserve.json").read_text())["trained_with"]
+    assert continued["dit_from"] == str(a) and continued["dit_from_trained_with"]["text_encoder_lr"] == 1e-3
+    with pytest.raises(ValueError, match="num_layers"):
+        train(VideoTrainConfig(**dict(tiny, num_layers=1)), tmp_path / "f", dit_from=a)
     vae = json.loads((a / "vae/config.json").read_text())
     assert vae["scale_factor_spatial"] == 4 and len(vae["latents_mean"]) == len(vae["latents_std"]) == vae["z_dim"]
     assert json.loads((a / "transformer/config.json").read_text())["patch_size"] == [1, 1, 1]

@@ -248,6 +248,23 @@ def new_transformer(pipe, device: str):
     return model.requires_grad_(True).train()
 
 
+def load_trained_transformer(model: nn.Module, folder: Path, config: dict) -> None:
+    """A digits-video folder's DiT weights into `model`, built from `config` (the recipe's transformer config),
+    which the folder's must match."""
+    from ditserve.loader.weights import checkpoint_files, iter_checkpoint, load_checkpoint
+    from ditserve.models.wan import map_diffusers_key
+
+    trained = json.loads((folder / "transformer" / "config.json").read_text())
+    differ = sorted(k for k, v in config.items() if not k.startswith("_") and k in trained and trained[k] != v)
+    if differ:
+        raise ValueError(
+            f"{folder}: its transformer differs from this recipe's in "
+            + ", ".join(f"{k} ({trained[k]} there, {config[k]} here)" for k in differ)
+        )
+    files = checkpoint_files(folder / "transformer")
+    load_checkpoint(model, iter_checkpoint(files), map_diffusers_key, where=f"{folder}/transformer")
+
+
 def train_dit(
     model: nn.Module,
     text_encoder: nn.Module,
@@ -333,7 +350,13 @@ def train_dit(
 
 
 def save_folder(
-    pipe, ema: nn.Module, text_encoder: nn.Module, cfg: VideoTrainConfig, out: Path, vae_from: Path | None = None
+    pipe,
+    ema: nn.Module,
+    text_encoder: nn.Module,
+    cfg: VideoTrainConfig,
+    out: Path,
+    vae_from: Path | None = None,
+    dit_from: Path | None = None,
 ) -> None:
     from ditserve.models.wan import to_diffusers_state_dict
 
@@ -348,6 +371,9 @@ def save_folder(
         values = json.loads(config.read_text())
         if values.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    previous = None
+    if dit_from is not None:
+        previous = json.loads((Path(dit_from) / SAMPLING_DEFAULTS_FILE).read_text()).get("trained_with")
     defaults = {
         "sampling_defaults": {
             "height": cfg.clip_size,
@@ -359,19 +385,33 @@ def save_folder(
             "negative_prompt": cfg.negative_prompt,
             "fps": cfg.fps,
         },
-        "trained_with": asdict(cfg) | ({"vae_from": str(vae_from)} if vae_from is not None else {}),
+        "trained_with": asdict(cfg)
+        | ({"vae_from": str(vae_from)} if vae_from is not None else {})
+        | ({"dit_from": str(dit_from), "dit_from_trained_with": previous} if dit_from is not None else {}),
     }
     (out / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
-def train(cfg: VideoTrainConfig, out: Path, device: str = "cpu", vae_from: Path | None = None) -> Path:
+def train(
+    cfg: VideoTrainConfig,
+    out: Path,
+    device: str = "cpu",
+    vae_from: Path | None = None,
+    dit_from: Path | None = None,
+) -> Path:
     """Train and write the folder; `vae_from`: a digits-video folder whose trained VAE is taken as it is (no VAE
-    steps), so that DiT recipes can be compared on one VAE."""
+    steps), so that DiT recipes can be compared on one VAE; `dit_from`: a digits-video folder whose model is trained
+    further (its VAE and text encoder as they are, its latent statistics, its DiT as the starting weights), so that a
+    run cut short by its time slot can be continued in the next."""
+    if dit_from is not None:
+        if vae_from is not None and Path(vae_from) != Path(dit_from):
+            raise ValueError("dit_from takes the VAE of its own folder: leave vae_from unset")
+        vae_from = dit_from
     with training_settings():
-        return _train(cfg, out, device, vae_from)
+        return _train(cfg, out, device, vae_from, dit_from)
 
 
-def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None) -> Path:
+def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None, dit_from: Path | None) -> Path:
     if (cfg.clip_size, cfg.num_frames) != (CLIP_SIZE, NUM_FRAMES):
         raise ValueError(f"the clips are {CLIP_SIZE}×{CLIP_SIZE}, {NUM_FRAMES} frames (ditserve.digits.clips)")
     torch.manual_seed(cfg.seed)
@@ -388,6 +428,9 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None)
         if vae.config.z_dim != cfg.latent_channels:
             raise ValueError(f"{vae_from}: a VAE of {vae.config.z_dim} latent channels, not {cfg.latent_channels}")
         pipe.register_modules(vae=vae.eval().requires_grad_(False))
+    if dit_from is not None:
+        text_encoder = type(pipe.text_encoder).from_pretrained(Path(dit_from) / "text_encoder", dtype=torch.float32)
+        pipe.register_modules(text_encoder=text_encoder.eval())
     pipe.to(device)
     log(f"data: {len(labels)} scans, clips of {NUM_FRAMES} frames of {CLIP_SIZE}×{CLIP_SIZE}")
 
@@ -399,14 +442,16 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None)
         log(f"vae: taken from {vae_from}")
     log(f"vae: its reconstructions of real clips score {reconstruction_score(pipe.vae, ink, labels, device)}")
     mean, std, digits, directions = encode_clips(pipe.vae, ink, labels, cfg, gen, device)
-    # Statistics of the posterior samples the DiT learns from: the means' spread plus the posterior's own, so a
-    # channel the VAE leaves to noise is not blown up by a tiny spread of its means.
-    channel_mean = mean.mean(dim=(0, 2, 3, 4))
-    channel_std = (mean.var(dim=(0, 2, 3, 4)) + std.square().mean(dim=(0, 2, 3, 4))).sqrt()
-    pipe.vae.register_to_config(
-        latents_mean=[round(v, 4) for v in channel_mean.tolist()],
-        latents_std=[round(v, 4) for v in channel_std.tolist()],
-    )
+    if dit_from is None:
+        # Statistics of the posterior samples the DiT learns from: the means' spread plus the posterior's own, so a
+        # channel the VAE leaves to noise is not blown up by a tiny spread of its means. A DiT trained further
+        # keeps the statistics it was trained on (its folder's VAE config).
+        channel_mean = mean.mean(dim=(0, 2, 3, 4))
+        channel_std = (mean.var(dim=(0, 2, 3, 4)) + std.square().mean(dim=(0, 2, 3, 4))).sqrt()
+        pipe.vae.register_to_config(
+            latents_mean=[round(v, 4) for v in channel_mean.tolist()],
+            latents_std=[round(v, 4) for v in channel_std.tolist()],
+        )
     shape = (1, -1, 1, 1, 1)
     shift = torch.tensor(pipe.vae.config.latents_mean, device=device).view(shape)
     scale = torch.tensor(pipe.vae.config.latents_std, device=device).view(shape)
@@ -415,6 +460,9 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None)
     token_ids, token_mask = prompt_tokens(pipe, cfg)
     log_prompt_distances(pipe.text_encoder, token_ids.to(device), token_mask.to(device), "random")
     model = new_transformer(pipe, device)
+    if dit_from is not None:
+        load_trained_transformer(model, Path(dit_from), dict(pipe.transformer.config))
+        log(f"dit: starting from {dit_from}'s weights")
     latents = (mean - shift) / scale, std / scale
     dit_start = time.time()
     ema, text_encoder = train_dit(
@@ -423,7 +471,7 @@ def _train(cfg: VideoTrainConfig, out: Path, device: str, vae_from: Path | None)
     log(f"dit: {cfg.dit_steps} steps in {time.time() - dit_start:.1f} s")
     if cfg.text_encoder_lr > 0:
         log_prompt_distances(text_encoder, token_ids.to(device), token_mask.to(device), "trained")
-    save_folder(pipe, ema, text_encoder, cfg, out, vae_from)
+    save_folder(pipe, ema, text_encoder, cfg, out, vae_from, dit_from)
     log(f"wrote {out} in {time.time() - start:.0f} s")
     return out
 
@@ -472,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vae-from", type=Path, default=None, help="a digits-video folder whose VAE to take as it is (no VAE steps)"
     )
+    p.add_argument(
+        "--dit-from",
+        type=Path,
+        default=None,
+        help="a digits-video folder to train further: its VAE, text encoder and latent statistics as they are, its "
+        "DiT as the starting weights (--dit-steps more steps, a fresh warm-up and cosine decay)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip scoring the written model")
     p.add_argument(
         "--threads", type=int, default=1, help="CPU threads (default 1: the same weights whatever the machine's count)"
@@ -491,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--set: {e}")
     cfg = VideoTrainConfig(**settings)
-    out = train(cfg, Path(ns.out), ns.device, ns.vae_from)
+    if ns.dit_from is not None and ns.vae_from is not None:
+        p.error("--dit-from takes its folder's VAE: leave out --vae-from")
+    out = train(cfg, Path(ns.out), ns.device, ns.vae_from, ns.dit_from)
     if not ns.no_eval:
         evaluate(out, device=ns.device)
     return 0
