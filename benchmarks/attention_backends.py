@@ -26,7 +26,7 @@ SHAPES = {
     "flux-2048": (1, 16896, 24, 128),
     "wan-480p-81": (1, 32760, 40, 128),
 }
-BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "sage")
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "sage", "fp8")
 REFERENCE_QUERIES = 512
 
 

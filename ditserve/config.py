@@ -32,7 +32,9 @@ DTYPES: dict[str, str] = {
 LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "sliding-tile", "sla", "vsa")
+ATTENTION_BACKENDS = (
+    "auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "fp8", "sliding-tile", "sla", "vsa"
+)  # fmt: skip
 # Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
 # (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to, VSA's share of key cubes
 # each query cube leaves out.

@@ -145,6 +145,38 @@ def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, s
         assert not got[1].float().any()
 
 
+def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int, h: int, d: int, seed: int) -> None:
+    """FP8 attention: the quantising kernels against the reference (scales exactly; e4m3 bytes but for rounding
+    boundaries, and on the CPU the interpreter's round-ups, as for check_quantize_rows), and the attention kernel
+    against float32 attention over its own FP8 operands (what is left is P's rounding to e4m3: about 2% on random
+    inputs; the CPU interpreter's round-ups add to it)."""
+    from ditserve.kernels import fp8_attention as fa
+
+    g = torch.Generator().manual_seed(seed)
+    fused = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype)
+    q = fused[:, :, 0]  # a strided view of a fused projection, as models hand it over
+    k = (torch.randn(b, nk, h, d, generator=g) * 2 + 0.5).to(device, dtype)
+    v = (torch.randn(b, nk, h, d, generator=g) * torch.logspace(-1, 1, d)).to(device, dtype)  # channels of all sizes
+    assert fa.fp8_attention_can_take(q, k, v), "the Triton path is not taken"
+    sm_scale = d**-0.5
+    got, want = fa.quantize_heads(q, k, v, sm_scale), fa.quantize_heads_reference(q, k, v, sm_scale)
+    bytes_apart = 1e-3 if device != "cpu" else 0.05
+    for name in ("q_scale", "k_scale", "v_scale"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=0)
+    for name in ("q8", "k8", "vt8"):
+        a, w = getattr(got, name), getattr(want, name)
+        assert a.shape == w.shape and a.dtype == fa.FP8, (name, a.shape, w.shape)
+        differ = (a.view(torch.uint8) != w.view(torch.uint8)).float().mean().item()
+        assert differ < bytes_apart, (name, differ)
+    assert not got.vt8[..., nk:].float().any()  # the padding keys are zeros
+    out = fa.fp8_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    qf, kf, vf = fa.dequantized(got, n, nk, sm_scale)
+    own = (torch.softmax(qf @ kf.transpose(-1, -2) * sm_scale, dim=-1) @ vf).transpose(1, 2)
+    err = rel(out, own)
+    assert err < (5e-2 if device != "cpu" else 0.1), (err, b, n, nk, h, d)
+
+
 def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
     from ditserve.kernels import fused_residual as r
 
@@ -369,6 +401,13 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     )
     for seed, shape in enumerate(copies):
         check_copy_rows(device, dtype, shape, seed)
+    attentions = (
+        [(1, 200, 200, 2, 32), (2, 130, 77, 1, 16)]  # keys off the 64/128-key tiles
+        if sizes == "small"
+        else [(1, 4608, 4608, 24, 128), (1, 8190, 8190, 8, 128), (2, 1024, 512, 4, 64)]
+    )
+    for seed, shape in enumerate(attentions):
+        check_fp8_attention(device, dtype, *shape, seed)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ class FP8Unsupported(ValueError):
     """FP8 products need a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell)."""
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """Refuse GPUs without FP8 tensor cores, by name; the CPU runs the float32 reference (for tests)."""
+def check_fp8_device(device: torch.device, instead: str = "Run without --quantization.") -> None:
+    """Refuse GPUs without FP8 tensor cores, by name, saying what to do `instead`; the CPU runs the float32
+    reference (for tests)."""
     if device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)
@@ -35,7 +36,7 @@ def check_fp8_device(device: torch.device) -> None:
         name = torch.cuda.get_device_name(device)
         raise FP8Unsupported(
             f"FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4/L40/RTX 40xx, H100/H200, "
-            f"B200); {name} has {major}.{minor}. Run without --quantization."
+            f"B200); {name} has {major}.{minor}. {instead}"
         )
 
 

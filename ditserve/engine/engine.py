@@ -134,6 +134,13 @@ class Engine:
                 check_fp8_device(self.device)
             except FP8Unsupported as e:
                 raise ConfigError("quantization", str(e)) from None
+        if args.attention_backend == "fp8":
+            from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+            try:
+                check_fp8_device(self.device, "Choose another --attention-backend.")
+            except FP8Unsupported as e:
+                raise ConfigError("attention_backend", str(e)) from None
         cls = load_object(self.source.spec.pipeline)
         self.memory_plan = self._plan_memory(args)
         host = set(self.memory_plan.offloaded)

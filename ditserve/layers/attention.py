@@ -14,6 +14,10 @@ torch.compile also keeps, falling back to SDPA for inputs cuDNN cannot take.
 `sage` (optional: the `sageattention` package) quantises q·kᵀ to INT8 (layers/sage_attention.py); it too falls back
 to SDPA for inputs it cannot take, and is refused by name when the package does not import.
 
+`fp8` runs both products of flash attention in float8 e4m3 on FP8 tensor cores (kernels/fp8_attention.py: our Triton
+kernels); the engine refuses it on GPUs without them, the CPU runs its torch reference (the same rounding of q, k
+and v, float32 attention), and masked attentions (a padded text batch) run the device's default kernel.
+
 Sparse backends (`sliding-tile`, `sla`, `vsa`: layers/sparse_attention.py) apply to self-attentions over one
 video's token grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each
 forward, hands its self-attentions the request's backend and the token grid (`attention_request`); an `Attention`
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ditserve.kernels.fp8_attention import fp8_attention
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.linear import ReplicatedLinear
 from ditserve.layers.sage_attention import load_sageattn, sage_attention, sage_can_take
@@ -86,6 +91,10 @@ def attention(
         load_sageattn()  # refused by name without the package, wherever these inputs would run
         if key_mask is None and sage_can_take(q, k, v):
             return sage_attention(q, k, v)
+    if backend == "fp8":
+        if key_mask is None:
+            return fp8_attention(q, k, v)
+        backend = resolve_attention_backend("auto", q.device)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_mask is not None:
         # A kernel that takes a mask: SDPA picks one unless efficient or math is asked for (flash takes none, and

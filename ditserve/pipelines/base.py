@@ -57,6 +57,9 @@ class Pipeline:
     decode_group = None
     # The sparse attention backends every DiT of this model offers (`offered_sparse_backends`; set by `load`).
     sparse_attention: tuple[str, ...] = ()
+    # Whether the family hands a request's `attention` to its DiTs' forwards (`attention_request`); the others run
+    # the engine's --attention-backend for every request and refuse the field rather than ignore it.
+    request_attention = False
 
     def __init__(
         self, spec: ModelSpec, components, device: torch.device, dtype: torch.dtype, sampling_defaults: dict | None
@@ -164,7 +167,20 @@ class Pipeline:
                 "(models with two, switched during denoising)",
             )
         params.validate(self.spatial_multiple, self.max_sequence_length_limit)
+        if params.attention is not None and not self.request_attention:
+            raise ConfigError(
+                "attention",
+                f"this {self.family} model runs the engine's attention backend for every request "
+                "(--attention-backend); a per-request backend is for the video families",
+            )
         check_attention(params.attention, self.sparse_attention, "attention", self.family)
+        if params.attention == "fp8":
+            from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+            try:
+                check_fp8_device(self.device, "Ask for another attention backend.")
+            except FP8Unsupported as e:
+                raise ConfigError("attention", str(e)) from None
         preset_options: dict = {}
         if params.sampling_preset is not None:
             preset = dict(self.sampling_preset(params.sampling_preset))

@@ -127,6 +127,7 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[in
 class WanPipeline(Pipeline):
     components_class = WanComponents
     c: WanComponents
+    request_attention = True
 
     def __init__(self, spec, components: WanComponents, device, dtype, sampling_defaults: dict | None = None):
         from diffusers.video_processor import VideoProcessor

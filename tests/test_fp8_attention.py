@@ -1,0 +1,94 @@
+"""The fp8 attention backend: its reference, its place in `attention`, the engine and the request field, the refusal
+of GPUs without FP8 tensor cores. The kernels themselves are checked in tests/kernel_checks.py (CPU interpreter and
+CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from digit_gate import cuda_digit_accuracy
+
+from ditserve.config import ConfigError
+from ditserve.kernels import fp8_attention as fa
+from ditserve.layers.attention import attention, attention_reference
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_the_reference_rounds_each_operand_to_e4m3_with_its_scales():
+    g = torch.Generator().manual_seed(0)
+    b, n, nk, h, d = 2, 150, 70, 3, 32
+    q = torch.randn(b, n, h, d, generator=g)
+    q[:, 128:] *= 100  # the second query tile of each head gets a scale of its own
+    k = torch.randn(b, nk, h, d, generator=g) * torch.logspace(-2, 2, nk)[None, :, None, None]  # per-key scales
+    v = torch.randn(b, nk, h, d, generator=g) * torch.logspace(-2, 2, d)  # per-channel scales
+    ops = fa.quantize_heads_reference(q, k, v, d**-0.5)
+    assert ops.q8.shape == (b, h, n, d) and ops.k8.shape == (b, h, nk, d) and ops.vt8.shape == (b, h, d, 80)
+    assert ops.q_scale.shape == (b, h, 2) and ops.k_scale.shape == (b, h, nk) and ops.v_scale.shape == (b, h, d)
+    assert (ops.q_scale[..., 1] > 50 * ops.q_scale[..., 0]).all()
+    for x8 in (ops.q8, ops.k8, ops.vt8):
+        assert x8.float().abs().amax() <= fa.FP8_MAX
+    qf, kf, vf = fa.dequantized(ops, n, nk, d**-0.5)
+    # e4m3 keeps 3 mantissa bits: every value within 2⁻⁴ of itself (relative), small and large alike
+    for got, want in ((qf, q), (kf, k), (vf, v)):
+        want = want.transpose(1, 2)
+        assert ((got - want).abs() <= want.abs() * 2**-4 + 1e-6 * want.abs().amax()).all()
+    # on unscaled inputs the rounding costs a few percent of the output (P's rounding, in the kernel, adds ~2%)
+    q, k, v = (torch.randn(b, nk, h, d, generator=g) for _ in range(3))
+    assert rel(fa.fp8_attention_reference(q, k, v), attention_reference(q, k, v)) < 0.05
+
+
+def test_the_backend_runs_the_reference_on_the_cpu_and_masks_on_the_default():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    assert not fa.fp8_attention_can_take(q, k, v) or torch.cuda.is_available()
+    torch.testing.assert_close(attention(q, k, v, "fp8"), fa.fp8_attention_reference(q, k, v), rtol=0, atol=0)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    mask[:, 30:] = False
+    torch.testing.assert_close(attention(q, k, v, "fp8", mask), attention(q, k, v, "sdpa", mask))
+
+
+def test_gpus_without_fp8_tensor_cores_are_refused_by_name(monkeypatch):
+    from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(FP8Unsupported, match="A100 has 8.0. Choose another --attention-backend"):
+        check_fp8_device(torch.device("cuda"), "Choose another --attention-backend.")
+    check_fp8_device(torch.device("cpu"))  # the CPU runs the reference
+
+
+def test_engines_and_video_requests_take_fp8_attention(tiny_dev, tiny_wan):
+    from ditserve import Engine
+    from ditserve.config import SamplingParams
+
+    with pytest.raises(ConfigError) as info:
+        SamplingParams(prompt="a", attention="fp9").validate()
+    assert info.value.field == "attention" and "fp8" in info.value.message
+    kwargs = dict(height=32, width=32, num_inference_steps=2, seed=0, output_type="np")
+    images = {}
+    for backend in ("fp8", "sdpa"):
+        with Engine.from_pretrained(str(tiny_dev), device="cpu", attention_backend=backend) as engine:
+            images[backend] = engine.generate("a cat", **kwargs).images[0]
+            if backend == "fp8":  # image families run the engine's backend: a request's own is refused, not ignored
+                with pytest.raises(ConfigError) as info:
+                    engine.generate("a cat", attention="sdpa", **kwargs)
+                assert info.value.field == "attention" and "--attention-backend" in info.value.message
+    assert not np.array_equal(images["fp8"], images["sdpa"])
+    assert np.abs(images["fp8"] - images["sdpa"]).mean() < 0.05
+    video = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="np")
+    with Engine.from_pretrained(str(tiny_wan), device="cpu") as engine:
+        dense = engine.generate("a cat", **video).videos[0]
+        fp8 = engine.generate("a cat", attention="fp8", **video).videos[0]
+    assert not np.array_equal(fp8, dense) and np.abs(fp8 - dense).mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_fp8_attention_keeps_digit_accuracy_within_two_points():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 attention needs FP8 tensor cores")
+    scores = {backend: cuda_digit_accuracy(attention_backend=backend) for backend in ("auto", "fp8")}
+    assert scores["fp8"] >= scores["auto"] - 0.02, scores
