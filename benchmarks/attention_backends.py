@@ -1,7 +1,7 @@
 """Time each attention backend of ditserve.layers.attention at DiT shapes, and check it against cuDNN and the
 reference.
 
-    python benchmarks/attention_backends.py            # FLUX 1024², 2048² and Wan 480p×81; every dense backend
+    python benchmarks/attention_backends.py            # FLUX 1024², 2048², Wan 480p×81, 720p×81; every dense backend
     python benchmarks/attention_backends.py --shapes flux-1024,wan-480p-81 --backends cudnn,flash,sage --json a.json
 
 Prints per backend and shape: milliseconds and TFLOP/s (4·B·H·S²·D FLOPs per call), the relative L2 difference from
@@ -25,6 +25,7 @@ SHAPES = {
     "flux-1024": (1, 4608, 24, 128),
     "flux-2048": (1, 16896, 24, 128),
     "wan-480p-81": (1, 32760, 40, 128),
+    "wan-720p-81": (1, 75600, 40, 128),
 }
 BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "sage", "fp8")
 REFERENCE_QUERIES = 512

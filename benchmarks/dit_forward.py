@@ -57,7 +57,7 @@ def main() -> None:
         "--attention",
         nargs="+",
         default=None,
-        help="our attention backends to time (default: cudnn, and sage if it imports)",
+        help="our attention backends to time (default: cudnn, sage if it imports, fp8 on GPUs with FP8 tensor cores)",
     )
     ap.add_argument("--json", help="write the report here too")
     ns = ap.parse_args()
@@ -89,7 +89,8 @@ def main() -> None:
         results={},
     )
     print(f"{ns.model}: engine built in {report['engine_build_s']:.1f} s", flush=True)
-    attentions = ns.attention or ["cudnn", *(["sage"] if sage_available() else [])]
+    fp8_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    attentions = ns.attention or ["cudnn", *(["sage"] if sage_available() else []), *(["fp8"] if fp8_cores else [])]
     ours_outputs: dict[str, torch.Tensor] = {}
 
     def time_ours(label: str) -> None:
