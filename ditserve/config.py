@@ -33,7 +33,7 @@ LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
 ATTENTION_BACKENDS = (
-    "auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "fp8", "sliding-tile", "sla", "vsa"
+    "auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "fp8", "sliding-tile", "sla", "sla-fp8", "vsa"
 )  # fmt: skip
 # Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
 # (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to, VSA's share of key cubes
@@ -41,6 +41,7 @@ ATTENTION_BACKENDS = (
 SPARSE_ATTENTION_ARGUMENTS = {
     "sliding-tile": "T,H,W (odd tile counts, e.g. 3,3,5)",
     "sla": "a ratio in (0, 1]",
+    "sla-fp8": "a ratio in (0, 1]",
     "vsa": "a sparsity in [0, 1)",
 }
 QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
@@ -74,9 +75,9 @@ def check_attention_backend_name(value, field: str) -> None:
     if kind == "sliding-tile":
         parts = arg.split(",")
         ok = len(parts) == 3 and all(p.isdigit() and int(p) % 2 == 1 and int(p) <= 99 for p in parts)
-    elif kind in ("sla", "vsa"):
+    elif kind in ("sla", "sla-fp8", "vsa"):
         try:
-            ok = 0 < float(arg) <= 1 if kind == "sla" else 0 <= float(arg) < 1
+            ok = 0 < float(arg) <= 1 if kind != "vsa" else 0 <= float(arg) < 1
         except ValueError:
             ok = False
     if not ok:

@@ -155,7 +155,7 @@ def test_backends_refused_where_they_do_not_fit(engine, tiny_wan):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sliding-tile:1,1,3", "sla:0.5", "vsa:0.5"])
+@pytest.mark.parametrize("backend", ["sliding-tile:1,1,3", "sla:0.5", "sla-fp8:0.5", "vsa:0.5"])
 def test_cuda_graphs_replay_sparse_attention(tmp_path, backend):
     """A sparse backend captured into the DiT's CUDA graph gives what it gives eagerly (TurboWan-style tiny folder:
     it has SLA's projections; for VSA a FastWan-style one, with its gates)."""

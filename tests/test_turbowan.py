@@ -82,6 +82,19 @@ def test_engine_is_the_published_sampling_loop(engine):
     assert (other.float() - got.float()).abs().max() > 1e-3
 
 
+def test_sla_fp8_is_sla_on_fp8_operands(engine, tiny_wan):
+    """`sla-fp8` per request: the same model, SLA's products over e4m3 operands (on the CPU the reference: q, k, v
+    rounded as the kernels round them); refused where SLA is."""
+    size = dict(num_frames=9, height=128, width=128, seed=SEED, num_inference_steps=2, output_type="latent")
+    plain = engine.run(SamplingParams(prompt=PROMPT, attention=ATTENTION, **size)).videos[0].float()
+    fp8 = engine.run(SamplingParams(prompt=PROMPT, attention="sla-fp8:0.5", **size)).videos[0].float()
+    assert 0 < (fp8 - plain).norm() / plain.norm() < 0.1
+    # tiny_wan has no SLA projections
+    with Engine.from_pretrained(str(tiny_wan), device="cpu") as dense, pytest.raises(ConfigError) as e:
+        dense.generate(PROMPT, attention="sla-fp8", **size)
+    assert e.value.field == "attention" and "sla" in e.value.message
+
+
 def test_rcm_settings_refused_where_wrong(engine):
     with pytest.raises(ConfigError) as e:
         engine.run(SamplingParams(prompt=PROMPT, num_inference_steps=8, num_frames=9, height=48, width=16))

@@ -37,7 +37,7 @@ from ditserve.engine.distributed import (
     rank_main,
     torchrun_placement,
 )
-from ditserve.layers.attention import set_attention_backend
+from ditserve.layers.attention import needs_fp8_tensor_cores, set_attention_backend
 from ditserve.loader.folder import resolve_model
 from ditserve.parallel.groups import ParallelConfigError, ParallelGroups, init_parallel_groups
 from ditserve.parallel.sequence import enable_sequence_parallel
@@ -134,7 +134,7 @@ class Engine:
                 check_fp8_device(self.device)
             except FP8Unsupported as e:
                 raise ConfigError("quantization", str(e)) from None
-        if args.attention_backend == "fp8":
+        if needs_fp8_tensor_cores(args.attention_backend):
             from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
 
             try:

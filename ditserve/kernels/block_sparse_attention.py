@@ -88,12 +88,20 @@ def block_sparse_attention_reference(
     order: torch.Tensor | None = None,
     scale: float | None = None,
     epilogue: LinearBranch | GatedCoarse | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale over the allowed keys) v in float32 for q, k, v [B, N, H, D], plus the epilogue's term; a
     dense mask built from the tables (memory N² per head: for tests and small inputs). Query rows in no block are
-    zero; rows whose block names no key block get the epilogue's term alone."""
+    zero; rows whose block names no key block get the epilogue's term alone. `fp8`: q, k and v rounded to the
+    kernel's e4m3 operands first (kernels/fp8_attention.py; the epilogue reads q as given)."""
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    q_given = q
+    if fp8:
+        from ditserve.kernels.fp8_attention import dequantized, quantize_heads_reference
+
+        operands = dequantized(quantize_heads_reference(q, k, v, scale), n, k.shape[1], scale)
+        q, k, v = (t.transpose(1, 2) for t in operands)
     q_of = _token_blocks(*q_blocks, order, n)
     k_of = _token_blocks(*kv_blocks, order, k.shape[1])
     mq, mk = q_blocks[0].numel(), kv_blocks[0].numel()
@@ -111,8 +119,8 @@ def block_sparse_attention_reference(
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zero
     out = (weights @ vf).transpose(1, 2)
     if epilogue is not None:
-        out = out + _epilogue_reference(epilogue, q, q_of)
-    return out.to(q.dtype)
+        out = out + _epilogue_reference(epilogue, q_given, q_of)
+    return out.to(q_given.dtype)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -139,6 +147,10 @@ if triton is not None:
         E0,
         E1,
         E2,
+        QE,
+        QS,
+        KS,
+        VS,
         sm_scale,
         lin_eps,
         heads,
@@ -166,12 +178,18 @@ if triton is not None:
         se1b,
         se1h,
         se1m,
+        sqeb,
+        sqen,
+        sqeh,
+        svd,
+        n_keys,
         D: tl.constexpr,
         MAX_COUNT: tl.constexpr,
         MAX_KV_LEN: tl.constexpr,
         HAS_ORDER: tl.constexpr,
         WIDEN: tl.constexpr,
         EPILOGUE: tl.constexpr,
+        FP8: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -191,7 +209,12 @@ if triton is not None:
         q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         if WIDEN:
             q = q.to(tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634  # exp2 below: log2(e) folded into the scale
+        if FP8:
+            # e4m3 operands (kernels/fp8_attention.py): q's scale per query block of 128 with softmax's scale and
+            # log2(e) folded in, k's per key, v's per channel (applied after the loop); V is vᵀ [B, H, D, keys].
+            qk_scale = tl.load(QS + bh * tl.num_programs(0) + m)
+        else:
+            qk_scale = sm_scale * 1.4426950408889634  # exp2 below: log2(e) folded into the scale
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -219,28 +242,43 @@ if triton is not None:
             kb = tl.load(
                 K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
             )
-            vb = tl.load(
-                V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
-            )
+            if FP8:
+                vb = tl.load(
+                    V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0
+                )
+            else:
+                vb = tl.load(
+                    V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+                )
             if WIDEN:
                 kb = kb.to(tl.float32)
                 vb = vb.to(tl.float32)
-            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            if FP8:
+                k_scale = tl.load(KS + bh.to(tl.int64) * n_keys + k_tok, mask=col_ok, other=0.0)
+                s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :]
+            else:
+                s = tl.dot(q, tl.trans(kb)) * qk_scale
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
+            if FP8:
+                acc = tl.dot((p * 448.0).to(vb.dtype), vb, acc * alpha[:, None])  # P ≤ 1 into e4m3's range
+            else:
+                acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
             m_i = m_new
+        if FP8:
+            acc = acc * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         if EPILOGUE == 1:
             # SLA's linear branch through its projection: φ(q)·KVW / (ε + φ(q)·Σφ(k)) + bias, φ the softmax over
             # the head dimension. E0 [B, H, D, D] = (Σ φ(k) vᵀ) Wᵀ in q's dtype, E1 [B, H, D] = Σ φ(k) float32,
-            # E2 [D] = the projection's bias float32. q is read again (from cache), its pointers built anew: a
-            # [BLOCK_M, D] pointer tensor kept live across the loop would hold registers the loop needs.
-            q_rows = (Q + (b * sqb + h * sqh)) + (q_tok * sqn)[:, None]
+            # E2 [D] = the projection's bias float32. q is read again (from cache; QE: q as given, also under
+            # FP8), its pointers built anew: a [BLOCK_M, D] pointer tensor kept live across the loop would hold
+            # registers the loop needs.
+            q_rows = (QE + (b * sqeb + h * sqeh)) + (q_tok * sqen)[:, None]
             qf = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
             # φ(q) = e / Σe with e = exp(q − max q); Σe cancels between numerator and denominator, so φ is never
             # formed: e·KVW / (e·Σφ(k) + ε·Σe).
@@ -287,7 +325,7 @@ if triton is not None:
 
     _tuned_kernel = triton.autotune(
         TUNE_CONFIGS,
-        key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "EPILOGUE", "n_bucket"],
+        key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "EPILOGUE", "FP8", "n_bucket"],
         prune_configs_by={"early_config_prune": _fitting_configs},
     )(_block_sparse_attention_kernel)
 
@@ -339,13 +377,16 @@ def block_sparse_attention(
     max_kv_len: int = 64,
     epilogue: LinearBranch | GatedCoarse | None = None,
     config: KernelConfig | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """`block_sparse_attention_reference` in one Triton kernel where it can run (q, k, v [B, N, H, D] with unit
     stride in D, D a power of two ≥ 16): query blocks at most `block_m` long, key blocks at most `max_kv_len`
     (a power of two), `epilogue` added to each row before the store. `config` None: autotuned on CUDA for large
     launches outside deterministic mode (`tuned_configs` says what was chosen), the default config otherwise.
     Every query row must lie in a block (rows outside every block are left as they were in the new output:
-    uninitialised)."""
+    uninitialised). `fp8`: both products on FP8 tensor cores over e4m3 operands (kernels/fp8_attention.py's
+    quantisation; its reference here with `fp8=True`), for query blocks that are runs of QUERY_BLOCK tokens from the
+    first (SLA's), no order."""
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     usable = (
@@ -355,11 +396,30 @@ def block_sparse_attention(
         and all(t.stride(-1) == 1 for t in (q, k, v))
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
+    if fp8:
+        from ditserve.kernels.fp8_attention import QUERY_BLOCK
+
+        runs = -(-n // QUERY_BLOCK)
+        if order is not None or block_m != QUERY_BLOCK or q_blocks[0].numel() != runs:
+            raise ValueError(f"fp8 block-sparse attention takes query blocks of runs of {QUERY_BLOCK} tokens, no order")
     if not usable:
-        return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue)
+        return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue, fp8)
     if max_kv_len & (max_kv_len - 1) or block_m & (block_m - 1):
         raise ValueError(f"block_m ({block_m}) and max_kv_len ({max_kv_len}) must be powers of two")
     out = torch.empty_like(q)
+    given = q  # read by SLA's epilogue as it is
+    fp8_args = [q, q, q]  # placeholders: no FP8
+    v_d_stride = 1
+    if fp8:
+        from ditserve.kernels.fp8_attention import quantize_heads
+
+        operands = quantize_heads(q, k, v, scale)
+        # [B, H, S, D] e4m3 seen through the kernel's (batch, token, head) strides; v transposed [B, H, D, keys]
+        q = operands.q8.transpose(1, 2)
+        k = operands.k8.transpose(1, 2)
+        v = operands.vt8.permute(0, 3, 1, 2)
+        v_d_stride = operands.vt8.stride(2)
+        fp8_args = [operands.q_scale, operands.k_scale, operands.v_scale]
     q_start, q_len = (t.to(torch.int32).contiguous() for t in q_blocks)
     kv_start, kv_len = (t.to(torch.int32).contiguous() for t in kv_blocks)
     lut = lut.to(torch.int32).contiguous()  # the kernel steps through a LUT row with unit stride
@@ -368,7 +428,7 @@ def block_sparse_attention(
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
     if isinstance(epilogue, LinearBranch):
         kind, eps = 1, epilogue.eps
-        kv = epilogue.kv.to(q.dtype).contiguous()
+        kv = epilogue.kv.to(given.dtype).contiguous()
         k_sum = epilogue.k_sum.float().contiguous()
         extras = [kv, k_sum, epilogue.bias.float().contiguous()]
         extra_strides = [*_lut_strides(kv, 3)[:2], 0, *_lut_strides(k_sum, 3)[:2], 0]
@@ -393,6 +453,8 @@ def block_sparse_attention(
         lut,
         counts,
         *extras,
+        given,
+        *fp8_args,
         scale,
         eps,
         h,
@@ -412,6 +474,11 @@ def block_sparse_attention(
         *_lut_strides(lut, 4),
         *_lut_strides(counts, 3),
         *extra_strides,
+        given.stride(0),
+        given.stride(1),
+        given.stride(2),
+        v_d_stride,
+        k.shape[1],
     )
     constants = dict(
         D=d,
@@ -420,8 +487,11 @@ def block_sparse_attention(
         HAS_ORDER=order is not None,
         # Triton 3.6's interpreter multiplies 16-bit operands of tl.dot wrongly (it reads their bits as garbage):
         # on the CPU the operands are widened to float32 first; compiled kernels multiply them as they are.
-        WIDEN=not q.is_cuda and q.dtype != torch.float32,
+        # (FP8 operands too, in the interpreter: there the 16-bit epilogue operands force it, and P then stays
+        # float32, which the CUDA checks cover.)
+        WIDEN=not q.is_cuda and given.dtype != torch.float32,
         EPILOGUE=kind,
+        FP8=fp8,
         BLOCK_M=block_m,
     )
     tune = (

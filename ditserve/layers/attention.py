@@ -257,13 +257,19 @@ def sparse_attention_backends(model_cls, config: dict) -> tuple[str, ...]:
     return tuple(offered(config)) if offered is not None else ()
 
 
+def needs_fp8_tensor_cores(backend: str | None) -> bool:
+    """Whether an attention backend runs its products in FP8 (`fp8`, `sla-fp8`): GPUs without FP8 tensor cores
+    refuse it."""
+    return backend is not None and backend.partition(":")[0] in ("fp8", "sla-fp8")
+
+
 def check_attention_backend(backend: str | None, offered: tuple[str, ...], model_name: str) -> None:
     """Refuse (ValueError) a sparse backend that the model does not offer, and `sage` without its package."""
     if backend == "sage":
         load_sageattn()
     if backend is None or parse_sparse_backend(backend) is None:
         return
-    kind = backend.partition(":")[0]
+    kind = backend.partition(":")[0].removesuffix("-fp8")  # sla-fp8: a model that offers sla
     if kind not in offered:
         why = {
             "sla": "it needs a checkpoint fine-tuned with SLA, whose proj_l weights it reads",

@@ -58,6 +58,7 @@ class SlidingTile:
 @dataclass(frozen=True)
 class SLA:
     topk: float = DEFAULT_SLA_TOPK
+    fp8: bool = False  # `sla-fp8`: the block-sparse products on FP8 tensor cores (TurboDiffusion's quantised SLA)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def parse_sparse_backend(name: str) -> SlidingTile | SLA | VSA | None:
     kind, _, arg = name.partition(":")
     if kind == "sliding-tile":
         return SlidingTile(tuple(int(x) for x in arg.split(",")) if arg else DEFAULT_WINDOW)  # type: ignore[arg-type]
-    if kind == "sla":
-        return SLA(float(arg) if arg else DEFAULT_SLA_TOPK)
+    if kind in ("sla", "sla-fp8"):
+        return SLA(float(arg) if arg else DEFAULT_SLA_TOPK, fp8=kind == "sla-fp8")
     if kind == "vsa":
         return VSA(float(arg) if arg else DEFAULT_VSA_SPARSITY)
     return None
@@ -236,13 +237,23 @@ def sla_attention(
     q_blocks = _runs(q.shape[1], SLA_QUERY_BLOCK, q.device)
     kv_blocks = _runs(k.shape[1], SLA_KEY_BLOCK, q.device)
     if reference:
-        sparse = block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts)
+        sparse = block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, fp8=pattern.fp8)
         linear = projection(sla_linear_branch(q, k, v).to(projection.weight.dtype))
         return (sparse.float() + linear.float()).to(q.dtype)
     kv, k_sum, bias = sla_key_statistics(k, v, projection)
     linear = LinearBranch(kv, k_sum, bias, LINEAR_EPS)
     return block_sparse_attention(
-        q, k, v, q_blocks, kv_blocks, lut, counts, block_m=SLA_QUERY_BLOCK, max_kv_len=SLA_KEY_BLOCK, epilogue=linear
+        q,
+        k,
+        v,
+        q_blocks,
+        kv_blocks,
+        lut,
+        counts,
+        block_m=SLA_QUERY_BLOCK,
+        max_kv_len=SLA_KEY_BLOCK,
+        epilogue=linear,
+        fp8=pattern.fp8,
     )
 
 

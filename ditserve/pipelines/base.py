@@ -174,7 +174,9 @@ class Pipeline:
                 "(--attention-backend); a per-request backend is for the video families",
             )
         check_attention(params.attention, self.sparse_attention, "attention", self.family)
-        if params.attention == "fp8":
+        from ditserve.layers.attention import needs_fp8_tensor_cores
+
+        if needs_fp8_tensor_cores(params.attention):
             from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device
 
             try:
