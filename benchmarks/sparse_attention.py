@@ -28,6 +28,7 @@ from ditserve.kernels.block_sparse_attention import (
     default_config,
     tuned_configs,
 )
+from ditserve.kernels.fp8_attention import quantize_heads
 from ditserve.layers.attention import attention
 from ditserve.layers.sparse_attention import (
     LINEAR_EPS,
@@ -97,20 +98,24 @@ def sla_breakdown(q, k, v, pattern: SLA, projection) -> dict:
     q_blocks, kv_blocks = _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device)
     linear = LinearBranch(*sla_key_statistics(k, v, projection), LINEAR_EPS)
     blocks = (q, k, v, q_blocks, kv_blocks, lut, counts, None, None, SLA_QUERY_BLOCK, SLA_KEY_BLOCK)
-    block_sparse_attention(*blocks, linear)
-    tuned = [c for key, c in tuned_configs().items() if key[5] == 1 and key[3] == lut.shape[-1]]
+    fp8 = pattern.fp8
+    block_sparse_attention(*blocks, linear, fp8=fp8)
+    # tuning keys: D, BLOCK_M, MAX_KV_LEN, MAX_COUNT, HAS_ORDER, EPILOGUE, FP8, ...
+    tuned = [c for key, c in tuned_configs().items() if key[5] == 1 and key[3] == lut.shape[-1] and key[6] == fp8]
     chosen = tuned[0] if tuned else default_config(SLA_QUERY_BLOCK)
-    return dict(
+    parts = dict(
         block_map_ms=event_ms(lambda: sla_block_map(q, k, pattern.topk)),
         key_statistics_ms=event_ms(lambda: sla_key_statistics(k, v, projection)),
-        kernel_ms=event_ms(lambda: block_sparse_attention(*blocks, linear)),
+        kernel_ms=event_ms(lambda: block_sparse_attention(*blocks, linear, fp8=fp8)),
         kernel_default_config_ms=event_ms(
-            lambda: block_sparse_attention(*blocks, linear, config=default_config(SLA_QUERY_BLOCK))
+            lambda: block_sparse_attention(*blocks, linear, config=default_config(SLA_QUERY_BLOCK), fp8=fp8)
         ),
-        # at the config tuned for the kernel with the epilogue (tuning keys: D, BLOCK_M, MAX_KV_LEN, MAX_COUNT,
-        # HAS_ORDER, EPILOGUE, ...), so the difference is the epilogue's cost
-        kernel_without_linear_ms=event_ms(lambda: block_sparse_attention(*blocks, config=chosen)),
+        # at the config tuned for the kernel with the epilogue, so the difference is the epilogue's cost
+        kernel_without_linear_ms=event_ms(lambda: block_sparse_attention(*blocks, config=chosen, fp8=fp8)),
     )
+    if fp8:  # the kernel times above include rounding q, k and v to e4m3
+        parts["quantize_ms"] = event_ms(lambda: quantize_heads(q, k, v, q.shape[-1] ** -0.5))
+    return parts
 
 
 def vsa_breakdown(q, k, v, gate, grid, pattern: VSA) -> dict:
@@ -149,6 +154,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="wan-720p", choices=sorted(SHAPES))
     parser.add_argument("--sla-topk", default="0.05,0.1,0.15", help="SLA's key-block ratios to time")
+    parser.add_argument(
+        "--sla-fp8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time sla-fp8 beside sla at each ratio (default: on GPUs with FP8 tensor cores)",
+    )
     parser.add_argument("--windows", default="3,3,5;3,5,7;5,5,9", help="sliding-tile windows (in tiles) to time")
     parser.add_argument("--vsa-sparsity", default="0.8", help="VSA's sparsities to time ('' for none)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -183,8 +194,10 @@ def main() -> None:
     with torch.no_grad():
         projection.weight.normal_(0, 0.02)
         projection.bias.zero_()
-        for topk_text in filter(None, args.sla_topk.split(",")):
-            pattern = SLA(float(topk_text))
+        fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
+        variants = (False, True) if (fp8_cores if args.sla_fp8 is None else args.sla_fp8) else (False,)
+        for topk_text, fp8 in [(t, f) for t in filter(None, args.sla_topk.split(",")) for f in variants]:
+            pattern = SLA(float(topk_text), fp8=fp8)
             before = tuned_configs()
             out = sla_attention(q, k, v, pattern, projection)
             ms = do_bench(lambda p=pattern: sla_attention(q, k, v, p, projection), warmup=10, rep=50)
@@ -194,7 +207,8 @@ def main() -> None:
                 sla_attention(qs, ks, vs, pattern, projection),
                 sla_attention(qs, ks, vs, pattern, projection, reference=True),
             )
-            row = dict(backend=f"sla:{topk_text}", ms=ms, speedup=dense_ms / ms, rel_err_vs_dense=rel(out, dense))
+            name = f"sla-fp8:{topk_text}" if fp8 else f"sla:{topk_text}"
+            row = dict(backend=name, ms=ms, speedup=dense_ms / ms, rel_err_vs_dense=rel(out, dense))
             row["rel_err_vs_reference"] = ref_err
             row.update(tuned=newly_tuned(before), breakdown=sla_breakdown(q, k, v, pattern, projection))
             rows.append(row)
