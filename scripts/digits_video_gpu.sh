@@ -20,6 +20,9 @@
 #   B_RESERVE  seconds of DiT training kept for run B (default 0: run A's steps come first, as they are what the
 #              digit needs most; B runs on what the probe's margins leave)
 #   SEEDS      seeds per digit × direction when scoring (default 3: 120 clips)
+#   CFG_SWEEP  guidance scales to score run A's model at besides its default, e.g. "6,8" (about 25 s each, taken
+#              from run A's DiT time; score-a-cfg<G>.txt): a DiT that has learned the digit partly may draw it
+#              more often under stronger guidance (default none)
 #   PYTHON     the interpreter (default python; python3 where the image has no python with its packages)
 #   DEVICE     cuda (the default), or cpu to try the script itself with a tiny A_ARGS
 #   DIT_STEPS  run A's DiT steps, in place of what the probe says fits (the probe is then skipped)
@@ -92,13 +95,18 @@ if [[ -z "${VAE_FROM:-}${DIT_FROM:-}" && -n "${vae_s:-}" ]]; then
     vae_steps=$("$PY" -c "from ditserve.digits.train_video import VideoTrainConfig as C; print(C.vae_steps)")
     vae_time=$(awk -v n="$vae_steps" -v s="$vae_s" 'BEGIN {print int(n * s) + 1}')
 fi
-left=$((BUDGET - $(elapsed) - vae_time - 40 - 45 - B_RESERVE))
+sweep=()
+IFS=, read -r -a sweep <<<"${CFG_SWEEP:-}"
+left=$((BUDGET - $(elapsed) - vae_time - 40 - 45 - 25 * ${#sweep[@]} - B_RESERVE))
 steps=${DIT_STEPS:-$(awk -v l="$left" -v s="$dit_s" 'BEGIN {n = int(l / s / 100) * 100; print (n < 500 ? 500 : n)}')}
 stamp "run A: $steps DiT steps (${DIT_FROM:+from $DIT_FROM; }VAE: ${DIT_FROM:-${VAE_FROM:-trained, about $vae_time s}})"
 if ((${#from_a[@]})); then vae_a=("${from_a[@]}"); fi
 # shellcheck disable=SC2086
 if run "$OUT/train-a.log" "${train[@]}" --out "$OUT/digits-video" --dit-steps "$steps" "${vae_a[@]}" ${A_ARGS:-}; then
     run "$OUT/score-a.txt" "${score[@]}" --model "$OUT/digits-video" --examples "$OUT/examples"
+    for g in "${sweep[@]}"; do
+        run "$OUT/score-a-cfg$g.txt" "${score[@]}" --model "$OUT/digits-video" --guidance-scale "$g"
+    done
     # Run B on A's VAE with the DiT steps that fit in what is left after ~35 s of start-up and ~45 s of scoring.
     dit_b=$(per_step "$OUT/train-a.log" dit)
     left=$((BUDGET - $(elapsed) - 35 - 45))
@@ -123,5 +131,8 @@ for r in a b; do
         done
     fi
     [[ -f "$OUT/score-$r.txt" ]] && echo "run $r: $(grep -h 'videos: digit' "$OUT/score-$r.txt")"
+done
+for g in "${sweep[@]}"; do
+    [[ -f "$OUT/score-a-cfg$g.txt" ]] && echo "run a, guidance $g: $(grep -h 'videos: digit' "$OUT/score-a-cfg$g.txt")"
 done
 exit 0
