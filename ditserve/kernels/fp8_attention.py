@@ -10,8 +10,9 @@ where FP8 pays next to the linears. How the operands are made FP8, and why:
 - v: one scale per channel of a head over the whole sequence (P·V sums over keys, so a channel's scale factors out
   of the sum and is applied once at the end), stored transposed [B, H, D, keys] so that the kernel's key tile is
   contiguous along the product's reduction dimension, as FP8 tensor-core operands must be;
-- P: the softmax numerators (≤ 1 after the running max is subtracted) times 448 in e4m3, the sum of the rows
-  kept in float32 from the unrounded values, the 448 divided out at the end.
+- P: the softmax numerators times 448 (exp2 of the score less the running max less log2 448: ≤ 448, e4m3's
+  largest value) in e4m3, the sum of the rows kept in float32 from the unrounded values, so the 448 cancels in
+  the final division.
 FP8 is a floating-point format: its rounding is relative to each value (2⁻⁴), whatever the block's scale, so
 these scales only keep values inside its range; e4m3's range below the scale (2⁻⁶ · 448 / amax ≈ 3.5e-5 of the
 block's largest value reaches subnormals) loses nothing that matters to a softmax.
@@ -193,10 +194,11 @@ if triton is not None:
         if MASKED:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # P times 448 (e4m3's largest value) straight from exp2: the numerators ≤ 448, the row sums scaled alike
+        p = tl.math.exp2(s - (m_new - 8.807354922057604)[:, None])  # log2(448)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+        acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit
@@ -273,7 +275,7 @@ if triton is not None:
                 True,
             )
         v_scale = tl.load(VS + bh * D + offs_d)
-        out = acc * (v_scale / 448.0)[None, :] / l_i[:, None]
+        out = acc * v_scale[None, :] / l_i[:, None]
         tl.store(
             OUT + b * sob + h * soh + rows.to(tl.int64)[:, None] * son + offs_d[None, :],
             out.to(OUT.dtype.element_ty),
