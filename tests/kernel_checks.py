@@ -148,8 +148,9 @@ def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, s
 def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int, h: int, d: int, seed: int) -> None:
     """FP8 attention: the quantising kernels against the reference (scales exactly; e4m3 bytes but for rounding
     boundaries, and on the CPU the interpreter's round-ups, as for check_quantize_rows), and the attention kernel
-    against float32 attention over its own FP8 operands (what is left is P's rounding to e4m3: about 2% on random
-    inputs; the CPU interpreter's round-ups add to it)."""
+    against float32 attention over its own FP8 operands: on CUDA what is left is P's rounding to e4m3 (about 2% on
+    random inputs); the interpreter keeps P in float32, so there only the summation order and the output's
+    rounding are left."""
     from ditserve.kernels import fp8_attention as fa
 
     g = torch.Generator().manual_seed(seed)
@@ -174,7 +175,8 @@ def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int
     qf, kf, vf = fa.dequantized(got, n, nk, sm_scale)
     own = (torch.softmax(qf @ kf.transpose(-1, -2) * sm_scale, dim=-1) @ vf).transpose(1, 2)
     err = rel(out, own)
-    assert err < (5e-2 if device != "cpu" else 0.1), (err, b, n, nk, h, d)
+    bound = 5e-2 if device != "cpu" else (1e-5 if dtype == torch.float32 else 1e-2)
+    assert err < bound, (err, b, n, nk, h, d)
 
 
 def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:

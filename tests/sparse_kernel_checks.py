@@ -79,6 +79,17 @@ def check_sla_fp8(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d
     assert out.dtype == dtype and out.shape == q.shape
     assert rel(out, ref) < (5e-2 if device != "cpu" else 0.15), ("sla-fp8", rel(out, ref), n, topk)
     assert rel(ref, plain) < 0.1, ("sla-fp8 reference", rel(ref, plain))
+    # The kernel alone (no epilogue) against exact attention over the operands it was given: the quantiser's own
+    # rounding out of the way, what is left on the CPU (P widened) is float32 summation order.
+    from ditserve.kernels.fp8_attention import dequantized, quantize_heads
+
+    lut, counts = sla_block_map(q, k, topk)
+    q_blocks, kv_blocks = _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device)
+    bare = kernel.block_sparse_attention(q, k, v, q_blocks, kv_blocks, lut, counts, fp8=True)
+    own = (t.transpose(1, 2) for t in dequantized(quantize_heads(q, k, v, d**-0.5), n, n, d**-0.5))
+    exact = kernel.block_sparse_attention_reference(*own, q_blocks, kv_blocks, lut, counts)
+    bound = (1e-5 if dtype == torch.float32 else 1e-2) if device == "cpu" else 5e-2
+    assert rel(bare, exact) < bound, ("sla-fp8 kernel", rel(bare, exact))
 
 
 def vsa_plain(q, k, v, gate, grid, sparsity: float) -> torch.Tensor:

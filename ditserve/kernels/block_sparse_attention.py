@@ -227,14 +227,27 @@ if triton is not None:
         # The trip count is known when compiling (the LUT's width); columns past a block's length or the query
         # block's count are masked.
         for step in range(0, (MAX_COUNT * MAX_KV_LEN + BLOCK_N - 1) // BLOCK_N):
-            column = step * BLOCK_N + cols
-            slot = column // MAX_KV_LEN
-            within = column % MAX_KV_LEN
-            listed = slot < count
-            j = tl.load(lut_row + slot, mask=listed, other=0)
-            kv_start = tl.load(KV_START + j, mask=listed, other=0)
-            kv_len = tl.load(KV_LEN + j, mask=listed, other=0)
-            col_ok = listed & (within < kv_len)
+            if FP8:
+                # A step lies inside one key block (BLOCK_N ≤ MAX_KV_LEN; SLA's key blocks are runs of 64 from
+                # the first key): its block is looked up once and its keys are consecutive, so the loads of vᵀ
+                # (keys contiguous) are vector loads rather than a gather of single bytes.
+                first = step * BLOCK_N
+                slot_1 = first // MAX_KV_LEN
+                listed_1 = slot_1 < count
+                j_1 = tl.load(lut_row + slot_1, mask=listed_1, other=0)
+                kv_start = tl.multiple_of(tl.load(KV_START + j_1, mask=listed_1, other=0), 16)
+                kv_len = tl.load(KV_LEN + j_1, mask=listed_1, other=0)
+                within = first % MAX_KV_LEN + cols
+                col_ok = listed_1 & (within < kv_len)
+            else:
+                column = step * BLOCK_N + cols
+                slot = column // MAX_KV_LEN
+                within = column % MAX_KV_LEN
+                listed = slot < count
+                j = tl.load(lut_row + slot, mask=listed, other=0)
+                kv_start = tl.load(KV_START + j, mask=listed, other=0)
+                kv_len = tl.load(KV_LEN + j, mask=listed, other=0)
+                col_ok = listed & (within < kv_len)
             if HAS_ORDER:
                 k_tok = tl.load(ORDER + kv_start + within, mask=col_ok, other=0).to(tl.int64)
             else:
@@ -319,9 +332,16 @@ if triton is not None:
     ]
 
     def _fitting_configs(configs, named_args, **kwargs):
-        """The configs worth timing for the launch's query block: two warpgroups for 128 rows, one for fewer."""
+        """The configs worth timing for the launch's query block: two warpgroups for 128 rows, one for fewer; under
+        FP8, key tiles within one key block."""
         block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-        return [c for c in configs if c.num_warps == (8 if block_m >= 128 else 4)]
+        fp8 = kwargs.get("FP8", named_args.get("FP8"))
+        max_kv_len = kwargs.get("MAX_KV_LEN", named_args.get("MAX_KV_LEN"))
+        return [
+            c
+            for c in configs
+            if c.num_warps == (8 if block_m >= 128 else 4) and not (fp8 and c.kwargs["BLOCK_N"] > max_kv_len)
+        ]
 
     _tuned_kernel = triton.autotune(
         TUNE_CONFIGS,
@@ -400,8 +420,13 @@ def block_sparse_attention(
         from ditserve.kernels.fp8_attention import QUERY_BLOCK
 
         runs = -(-n // QUERY_BLOCK)
-        if order is not None or block_m != QUERY_BLOCK or q_blocks[0].numel() != runs:
-            raise ValueError(f"fp8 block-sparse attention takes query blocks of runs of {QUERY_BLOCK} tokens, no order")
+        if order is not None or block_m != QUERY_BLOCK or q_blocks[0].numel() != runs or max_kv_len % 16:
+            raise ValueError(
+                f"fp8 block-sparse attention takes query blocks of runs of {QUERY_BLOCK} tokens and key blocks of runs "
+                "of a multiple of 16, no order"
+            )
+        if config is not None and config.block_n > max_kv_len:
+            raise ValueError(f"fp8 block-sparse attention: key tile {config.block_n} > key block {max_kv_len}")
     if not usable:
         return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue, fp8)
     if max_kv_len & (max_kv_len - 1) or block_m & (block_m - 1):
@@ -487,9 +512,9 @@ def block_sparse_attention(
         HAS_ORDER=order is not None,
         # Triton 3.6's interpreter multiplies 16-bit operands of tl.dot wrongly (it reads their bits as garbage):
         # on the CPU the operands are widened to float32 first; compiled kernels multiply them as they are.
-        # (FP8 operands too, in the interpreter: there the 16-bit epilogue operands force it, and P then stays
-        # float32, which the CUDA checks cover.)
-        WIDEN=not q.is_cuda and given.dtype != torch.float32,
+        # FP8 operands too: the interpreter also rounds some values to e4m3 wrongly (P's among them), so there
+        # P stays float32 and the CUDA checks cover its rounding.
+        WIDEN=not q.is_cuda and (given.dtype != torch.float32 or fp8),
         EPILOGUE=kind,
         FP8=fp8,
         BLOCK_M=block_m,

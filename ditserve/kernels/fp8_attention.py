@@ -180,7 +180,9 @@ if triton is not None:
         tl.store(out, v8, mask=(keys < n_pad)[:, None])  # padding keys (v = 0) written as zeros
 
     @triton.jit
-    def _fp8_attention_step(q, acc, m_i, l_i, k_ptrs, ks_ptrs, vt_ptrs, q_scale, cols, n_keys, MASKED: tl.constexpr):
+    def _fp8_attention_step(
+        q, acc, m_i, l_i, k_ptrs, ks_ptrs, vt_ptrs, q_scale, cols, n_keys, MASKED: tl.constexpr, WIDEN: tl.constexpr
+    ):
         if MASKED:
             col_ok = cols < n_keys
             k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
@@ -198,7 +200,10 @@ if triton is not None:
         p = tl.math.exp2(s - (m_new - 8.807354922057604)[:, None])  # log2(448)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+        if WIDEN:  # Triton's CPU interpreter rounds some values to e4m3 wrongly: there P stays float32
+            acc = tl.dot(p, tl.trans(vt.to(tl.float32)), acc * alpha[:, None])
+        else:
+            acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit
@@ -218,6 +223,7 @@ if triton is not None:
         soh,
         N_KEYS: tl.constexpr,
         D: tl.constexpr,
+        WIDEN: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -258,6 +264,7 @@ if triton is not None:
                 c,
                 N_KEYS,
                 False,
+                WIDEN,
             )
         if N_KEYS % BLOCK_N != 0:
             c = N_KEYS // BLOCK_N * BLOCK_N + cols
@@ -273,6 +280,7 @@ if triton is not None:
                 c,
                 N_KEYS,
                 True,
+                WIDEN,
             )
         v_scale = tl.load(VS + bh * D + offs_d)
         out = acc * v_scale[None, :] / l_i[:, None]
@@ -346,9 +354,10 @@ def fp8_attention(
         and not torch.are_deterministic_algorithms_enabled()
     )
     if tune:
-        _tuned_kernel[grid](*args, N_KEYS=nk, D=d, BLOCK_M=QUERY_BLOCK)
+        _tuned_kernel[grid](*args, N_KEYS=nk, D=d, WIDEN=False, BLOCK_M=QUERY_BLOCK)
     else:
-        _fp8_attention_kernel[grid](*args, N_KEYS=nk, D=d, BLOCK_M=QUERY_BLOCK, **(config or DEFAULT_CONFIG))
+        launch = dict(N_KEYS=nk, D=d, WIDEN=not q.is_cuda, BLOCK_M=QUERY_BLOCK)
+        _fp8_attention_kernel[grid](*args, **launch, **(config or DEFAULT_CONFIG))
     return out
 
 
