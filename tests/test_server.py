@@ -144,6 +144,7 @@ def test_32_concurrent_requests_all_answered_correctly(server):
         ({"size": "32x32"}, "prompt", "required"),
         ({"prompt": "x", "seed": -1}, "seed", "greater than or equal"),
         ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale", "number"),
+        ({"prompt": "x", "size": "32x32", "attention": "sdpa"}, "attention", "--attention-backend"),
     ],
 )
 def test_bad_input_is_400_naming_the_field(server, body, param, words):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -110,7 +111,10 @@ def test_cancel_removes_a_queued_request():
 
 
 def test_messages_round_trip_and_reject_garbage():
-    params = SamplingParams(prompt="p", height=32, width=48, seed=5, num_images=2)
+    # every setting a request can make reaches the worker (a field left out here is silently dropped there)
+    params = SamplingParams(prompt="p", height=32, width=48, seed=5, num_images=2, attention="sla:0.2", cache="fora")
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert fields - set(msg.params_to_dict(params)) == {"output_type", "images"}  # encoded by the worker; blobs
     frames = msg.run_message("b1", [msg.WorkItem("r1", msg.params_to_dict(params), "webp")])
     message, blobs = msg.decode(frames)
     item = msg.items_from(message)[0]

@@ -174,12 +174,13 @@ def test_sync_answers_the_mp4_and_json_images_are_taken_in_each_form(ti2v):
         ({"input_reference": "https://example.com/a.png"}, "input_reference", "fetches no URLs"),
         ({"input_reference": {"file_id": "file_1"}}, "input_reference", "file ids"),
         ({"guidance_scale_2": 2.0}, "guidance_scale_2", "one transformer"),  # refused by the model: sync only
+        ({"attention": "sla"}, "attention", "cannot run sla"),  # reaches the model, which has no SLA weights
         ({"colour": "red"}, "colour", "Extra inputs"),
     ],
 )
 def test_bad_input_is_4xx_naming_the_field(ti2v, body, param, words):
     full = {k: v for k, v in {"prompt": "x", **CLIP, **body}.items() if v is not None}
-    route = "/v1/videos/sync" if param == "guidance_scale_2" else "/v1/videos"
+    route = "/v1/videos/sync" if param in ("guidance_scale_2", "attention") else "/v1/videos"
     r = httpx.post(f"{ti2v.url}{route}", json=full, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]

@@ -39,6 +39,7 @@ _PARAM_FIELDS = (
     "guidance_scale_2",
     "sampling_preset",
     "cache",
+    "attention",
 )
 
 
