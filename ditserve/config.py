@@ -228,6 +228,13 @@ class EngineArgs:
             raise ConfigError(
                 "attention_backend", "sparse attention runs under Ulysses (heads split), not Ring: use --ring-degree 1"
             )
+        if self.attention_backend in ("sage", "fp8") and self.ring_degree > 1:
+            # Ring attention merges partial results through its own log-sum-exp kernel, which these do not give.
+            raise ConfigError(
+                "attention_backend",
+                f"{self.attention_backend} attention runs under Ulysses (heads split), not Ring, whose blocks go "
+                "through its own kernel: use --ring-degree 1",
+            )
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 "quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or none)"

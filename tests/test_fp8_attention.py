@@ -92,3 +92,15 @@ def test_fp8_attention_keeps_digit_accuracy_within_two_points():
         pytest.skip("FP8 attention needs FP8 tensor cores")
     scores = {backend: cuda_digit_accuracy(attention_backend=backend) for backend in ("auto", "fp8")}
     assert scores["fp8"] >= scores["auto"] - 0.02, scores
+
+
+def test_ring_attention_refuses_fp8_and_sage():
+    """Ring merges its blocks through its own log-sum-exp kernel: a backend it would not run is refused, not
+    ignored."""
+    from ditserve.config import EngineArgs
+
+    for backend in ("fp8", "sage"):
+        with pytest.raises(ConfigError) as info:
+            EngineArgs(attention_backend=backend, num_gpus=2, ring_degree=2)
+        assert info.value.field == "attention_backend" and "--ring-degree 1" in info.value.message
+    EngineArgs(attention_backend="fp8", num_gpus=2, ulysses_degree=2)
