@@ -404,7 +404,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     for seed, shape in enumerate(copies):
         check_copy_rows(device, dtype, shape, seed)
     attentions = (
-        [(1, 200, 200, 2, 32), (2, 130, 77, 1, 16)]  # keys off the 64/128-key tiles
+        [(1, 200, 200, 2, 32), (2, 130, 77, 1, 64)]  # keys off the 64/128-key tiles
         if sizes == "small"
         else [(1, 4608, 4608, 24, 128), (1, 8190, 8190, 8, 128), (2, 1024, 512, 4, 64)]
     )

@@ -190,7 +190,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
             check_sliding_tile(device, dtype, grid, 2, 16, window, tol, seed)
         for seed, (n, topk) in enumerate([(300, 0.5), (140, 0.1)]):
             check_sla(device, dtype, 1 + seed, n, 1, 16, topk, tol, seed)
-            check_sla_fp8(device, dtype, 1 + seed, n, 2, 16, topk, seed)
+            check_sla_fp8(device, dtype, 1 + seed, n, 2, 32, topk, seed)
         for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
             check_vsa(device, dtype, 1 + seed, grid, 2, 16, sparsity, tol, seed)
         if dtype == torch.float32:

@@ -411,7 +411,7 @@ def block_sparse_attention(
     scale = d**-0.5 if scale is None else scale
     usable = (
         _use_triton(q)
-        and d >= 16
+        and d >= (32 if fp8 else 16)  # 8-bit tensor-core products reduce over 32 at a time
         and d & (d - 1) == 0
         and all(t.stride(-1) == 1 for t in (q, k, v))
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)

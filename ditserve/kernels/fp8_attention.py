@@ -39,6 +39,7 @@ FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # an all-zero block quantises to zeros instead of dividing by zero
 LOG2E = 1.4426950408889634
 QUERY_BLOCK = 128  # rows of q per scale, and the attention kernel's query tile
+MIN_HEAD_DIM = 32  # q·kᵀ reduces over the head: 8-bit tensor-core products take 32 at a time
 KEY_ALIGN = 16  # the transposed v's rows are padded to this many keys (16-byte aligned FP8 rows)
 
 
@@ -112,7 +113,7 @@ def fp8_attention_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     d = q.shape[-1]
     return (
         _use_triton(q)
-        and 16 <= d <= 256
+        and MIN_HEAD_DIM <= d <= 256
         and d & (d - 1) == 0
         and v.shape[-1] == d
         and all(t.stride(-1) == 1 for t in (q, k, v))
