@@ -182,16 +182,22 @@ if triton is not None:
 
     @triton.jit
     def _fp8_attention_step(
-        q, acc, m_i, l_i, k_ptrs, ks_ptrs, vt_ptrs, q_scale, cols, n_keys, MASKED: tl.constexpr, WIDEN: tl.constexpr
-    ):
+        q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, start, q_scale,
+        N_KEYS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WIDEN: tl.constexpr,
+    ):  # fmt: skip
+        """One key tile [start, start + BLOCK_N) of the online softmax; MASKED: the last tile, partly past N_KEYS."""
+        cols = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        k_ptrs = k_head + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
+        vt_ptrs = vt_head + offs_d[:, None] * n_pad + cols[None, :]
         if MASKED:
-            col_ok = cols < n_keys
+            col_ok = cols < N_KEYS
             k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            ks = tl.load(ks_ptrs, mask=col_ok, other=0.0)
+            ks = tl.load(ks_head + cols, mask=col_ok, other=0.0)
             vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
-            ks = tl.load(ks_ptrs)
+            ks = tl.load(ks_head + cols)
             vt = tl.load(vt_ptrs)
         s = tl.dot(q, tl.trans(k)) * (ks * q_scale)[None, :]
         if MASKED:
@@ -247,41 +253,17 @@ if triton is not None:
         k_head = K8 + bh.to(tl.int64) * N_KEYS * D
         ks_head = KS + bh.to(tl.int64) * N_KEYS
         vt_head = VT8 + bh.to(tl.int64) * D * n_pad
-        cols = tl.arange(0, BLOCK_N)
         # Whole key tiles unmasked (the loop Triton pipelines), then the last, partial one masked. The key count is
         # a compile-time constant: one kernel per sequence length, as a server sees a few (and Triton 3.6's
         # interpreter, which the CPU tests run, takes no loop bound known only at run time).
         for start in range(0, N_KEYS // BLOCK_N * BLOCK_N, BLOCK_N):
-            c = start + cols
             acc, m_i, l_i = _fp8_attention_step(
-                q,
-                acc,
-                m_i,
-                l_i,
-                k_head + c.to(tl.int64)[:, None] * D + offs_d[None, :],
-                ks_head + c,
-                vt_head + offs_d[:, None] * n_pad + c[None, :],
-                q_scale,
-                c,
-                N_KEYS,
-                False,
-                WIDEN,
+                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, start, q_scale, N_KEYS, D, BLOCK_N, False, WIDEN
             )
         if N_KEYS % BLOCK_N != 0:
-            c = N_KEYS // BLOCK_N * BLOCK_N + cols
+            last = N_KEYS // BLOCK_N * BLOCK_N
             acc, m_i, l_i = _fp8_attention_step(
-                q,
-                acc,
-                m_i,
-                l_i,
-                k_head + c.to(tl.int64)[:, None] * D + offs_d[None, :],
-                ks_head + c,
-                vt_head + offs_d[:, None] * n_pad + c[None, :],
-                q_scale,
-                c,
-                N_KEYS,
-                True,
-                WIDEN,
+                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, last, q_scale, N_KEYS, D, BLOCK_N, True, WIDEN
             )
         v_scale = tl.load(VS + bh * D + offs_d)
         out = acc * v_scale[None, :] / l_i[:, None]
