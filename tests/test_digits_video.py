@@ -226,3 +226,18 @@ def test_generated_videos_bf16_cuda():
     score = score_videos(videos, digits, directions)
     print(f"digits-video, CUDA bfloat16, 3 seeds: {score.summary()}")
     assert score.digit_accuracy >= 0.9 and score.direction_accuracy >= 0.9, score.summary()
+
+
+def test_the_scorer_scores_a_lossy_setting(tmp_path, capsys):
+    """The scorer runs the grid under a feature's setting (a request's attention, the engine's quantization) and
+    writes the scores beside the setting, for the feature pages' tables."""
+    from ditserve.digits.video_quality import main
+
+    out = tmp_path / "fp8.json"
+    argv = ["--seeds", "1", "--steps", "1", "--attention", "fp8", "--quantization", "fp8", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["attention"] == "fp8" and report["settings"]["quantization"] == "fp8"
+    assert report["settings"]["num_inference_steps"] == 1 and report["settings"]["seeds"] == 1
+    assert 0 <= report["digit_accuracy"] <= 1 and set(report["per_direction"]) == {"left", "right", "up", "down"}
+    assert "videos: digit" in capsys.readouterr().out

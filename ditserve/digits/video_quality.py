@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -221,8 +223,6 @@ def generate_grid(engine, seeds: Iterable[int], form: int = 0, **overrides) -> t
 def save_examples(videos, digits: Sequence[int], directions: Sequence[str], folder, scale: int = 2) -> list:
     """One PNG strip per direction (a row per video, its frames left to right, `scale`× larger) and a GIF of each
     video; returns the paths written."""
-    from pathlib import Path
-
     from PIL import Image
 
     from ditserve.utils.video import Video
@@ -255,18 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps in place of the model's default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    # The lossy settings a feature is scored in (its digit and direction accuracy beside the lossless run's).
+    p.add_argument("--attention", default=None, help="attention backend of the requests (fp8, sliding-tile, ...)")
+    p.add_argument("--quantization", default=None, help="the engine's --quantization (fp8)")
     p.add_argument("--examples", default=None, help="folder to write the first seed's clips to (PNG strips, GIFs)")
+    p.add_argument("--json", default=None, help="write the settings and scores here too")
     ns = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine = Engine.from_pretrained(ns.model, device=ns.device, dtype=ns.dtype)
-    overrides = {"guidance_scale": ns.guidance_scale, "num_inference_steps": ns.steps}
-    videos, digits, directions = generate_grid(
-        engine, range(ns.seeds), ns.form, **{k: v for k, v in overrides.items() if v is not None}
-    )
+    engine = Engine.from_pretrained(ns.model, device=ns.device, dtype=ns.dtype, quantization=ns.quantization)
+    overrides = {"guidance_scale": ns.guidance_scale, "num_inference_steps": ns.steps, "attention": ns.attention}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    videos, digits, directions = generate_grid(engine, range(ns.seeds), ns.form, **overrides)
     score = score_videos(videos, digits, directions)
     print(f"frame classifier, held-out frames: {held_out_accuracy():.1%}")
     print(score.summary())
     print(score.table())
+    if ns.json:
+        settings = dict(model=ns.model, seeds=ns.seeds, form=ns.form, dtype=ns.dtype, quantization=ns.quantization)
+        scores = {k: getattr(score, k) for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")}
+        report = dict(settings=settings | overrides, **scores, per_digit=score.per_digit)
+        Path(ns.json).write_text(json.dumps(report | {"per_direction": score.per_direction}, indent=2) + "\n")
     if ns.examples:
         first = slice(0, 10 * len(DIRECTIONS))
         for path in save_examples(videos[first], digits[first], directions[first], ns.examples):
