@@ -44,6 +44,19 @@ SPARSE_ATTENTION_ARGUMENTS = {
     "sla-fp8": "a ratio in (0, 1]",
     "vsa": "a sparsity in [0, 1)",
 }
+# What Ring attention (--ring-degree > 1) runs: its own kernel, which merges the blocks' partial results through
+# their log-sum-exp, whatever dense backend is named; the others (sage, fp8, the sparse ones) it cannot run.
+RING_ATTENTIONS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+
+
+def ring_refusal(backend: str) -> str | None:
+    """Why an engine running Ring attention cannot run `backend` (None: it can)."""
+    kind = backend.partition(":")[0]
+    if kind in RING_ATTENTIONS:
+        return None
+    return f"{kind} attention runs under Ulysses (heads split), not Ring, whose blocks go through its own kernel"
+
+
 QUANTIZATIONS = ("fp8",)  # what --quantization takes (None: the model's dtype throughout)
 
 # Bounds that keep one request from exhausting the machine; generous for real use.
@@ -224,17 +237,9 @@ class EngineArgs:
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         check_attention_backend_name(self.attention_backend, "attention_backend")
-        if self.attention_backend.startswith(tuple(SPARSE_ATTENTION_ARGUMENTS)) and self.ring_degree > 1:
-            raise ConfigError(
-                "attention_backend", "sparse attention runs under Ulysses (heads split), not Ring: use --ring-degree 1"
-            )
-        if self.attention_backend in ("sage", "fp8") and self.ring_degree > 1:
-            # Ring attention merges partial results through its own log-sum-exp kernel, which these do not give.
-            raise ConfigError(
-                "attention_backend",
-                f"{self.attention_backend} attention runs under Ulysses (heads split), not Ring, whose blocks go "
-                "through its own kernel: use --ring-degree 1",
-            )
+        refusal = ring_refusal(self.attention_backend) if self.ring_degree > 1 else None
+        if refusal is not None:
+            raise ConfigError("attention_backend", f"{refusal}: use --ring-degree 1")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 "quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or none)"

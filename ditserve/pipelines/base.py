@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ditserve.accel.cache_config import CacheConfig, CacheConfigError
-from ditserve.config import ConfigError, EngineArgs, SamplingParams
+from ditserve.config import ConfigError, EngineArgs, SamplingParams, ring_refusal
 from ditserve.registry import ModelSpec
 
 # The prompt of `Pipeline.forward_inputs` (benchmarks time one DiT forward on it).
@@ -175,12 +175,9 @@ class Pipeline:
             )
         check_attention(params.attention, self.sparse_attention, "attention", self.family)
         ring = self.parallel is not None and self.parallel.config.ring_degree > 1
-        if ring and params.attention is not None and params.attention.partition(":")[0] not in _RING_ATTENTIONS:
-            raise ConfigError(
-                "attention",
-                f"{params.attention} runs under Ulysses (heads split), not Ring, whose blocks go through its own "
-                "kernel: this engine runs Ring attention",
-            )
+        refusal = ring_refusal(params.attention) if ring and params.attention is not None else None
+        if refusal is not None:
+            raise ConfigError("attention", f"{refusal}: this engine runs Ring attention")
         from ditserve.layers.attention import needs_fp8_tensor_cores
 
         if needs_fp8_tensor_cores(params.attention):
@@ -318,10 +315,6 @@ def offered_sparse_backends(source) -> tuple[str, ...]:
 
     offered = [set(sparse_attention_backends(load_object(d.model), source.config(d.component))) for d in source.dits]
     return tuple(sorted(set.intersection(*offered))) if offered else ()
-
-
-# The attentions a Ring engine runs a request with: its own kernel, whatever dense backend is named.
-_RING_ATTENTIONS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
 
 
 def check_attention(backend: str | None, offered: tuple[str, ...], field: str, model_name: str) -> None:
