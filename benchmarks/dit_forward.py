@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve import Engine
-from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device, quantize_dit
+from ditserve.accel.fp8 import FP8Unsupported, check_fp8_device, has_fp8_tensor_cores, quantize_dit
 from ditserve.bench import _time_calls
 from ditserve.layers.attention import set_attention_backend
 from ditserve.layers.sage_attention import sage_available
@@ -89,7 +89,7 @@ def main() -> None:
         results={},
     )
     print(f"{ns.model}: engine built in {report['engine_build_s']:.1f} s", flush=True)
-    fp8_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    fp8_cores = has_fp8_tensor_cores(device)
     attentions = ns.attention or ["cudnn", *(["sage"] if sage_available() else []), *(["fp8"] if fp8_cores else [])]
     ours_outputs: dict[str, torch.Tensor] = {}
 

@@ -21,6 +21,7 @@ import json
 import torch
 from triton.testing import do_bench
 
+from ditserve.accel.fp8 import has_fp8_tensor_cores
 from ditserve.kernels.block_sparse_attention import (
     GatedCoarse,
     LinearBranch,
@@ -194,7 +195,7 @@ def main() -> None:
     with torch.no_grad():
         projection.weight.normal_(0, 0.02)
         projection.bias.zero_()
-        fp8_cores = torch.cuda.get_device_capability() >= (8, 9)
+        fp8_cores = has_fp8_tensor_cores(q.device)
         variants = (False, True) if (fp8_cores if args.sla_fp8 is None else args.sla_fp8) else (False,)
         for topk_text, fp8 in [(t, f) for t in filter(None, args.sla_topk.split(",")) for f in variants]:
             pattern = SLA(float(topk_text), fp8=fp8)

@@ -12,7 +12,7 @@ from digit_gate import cuda_digit_accuracy
 from safetensors.torch import save_file
 
 from ditserve import Engine
-from ditserve.accel.fp8 import FP8, dequantize_weight, fp8_linear, quantize_weight
+from ditserve.accel.fp8 import FP8, dequantize_weight, fp8_linear, has_fp8_tensor_cores, quantize_weight
 from ditserve.config import ConfigError, EngineArgs
 from ditserve.digits.data import prompt
 from ditserve.digits.quality import score_images
@@ -137,7 +137,7 @@ def test_bad_quantization_is_refused_by_name():
 def test_fp8_on_cuda_keeps_digit_accuracy_within_two_points():
     """torch._scaled_mm and the Triton quantiser in bf16 under CUDA graphs: accuracy over ten digits × both prompt
     forms × three seeds within 2 points of bf16."""
-    if torch.cuda.get_device_capability() < (8, 9):
+    if not has_fp8_tensor_cores(torch.device("cuda")):
         pytest.skip("needs FP8 tensor cores")
     scores = {quantization: cuda_digit_accuracy(quantization=quantization) for quantization in (None, "fp8")}
     assert scores["fp8"] >= scores[None] - 0.02, scores

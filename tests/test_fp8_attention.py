@@ -9,6 +9,7 @@ import pytest
 import torch
 from digit_gate import cuda_digit_accuracy
 
+from ditserve.accel.fp8 import has_fp8_tensor_cores
 from ditserve.config import ConfigError
 from ditserve.kernels import fp8_attention as fa
 from ditserve.layers.attention import attention, attention_reference
@@ -88,7 +89,7 @@ def test_engines_and_video_requests_take_fp8_attention(tiny_dev, tiny_wan):
 
 @pytest.mark.gpu
 def test_fp8_attention_keeps_digit_accuracy_within_two_points():
-    if torch.cuda.get_device_capability() < (8, 9):
+    if not has_fp8_tensor_cores(torch.device("cuda")):
         pytest.skip("FP8 attention needs FP8 tensor cores")
     scores = {backend: cuda_digit_accuracy(attention_backend=backend) for backend in ("auto", "fp8")}
     assert scores["fp8"] >= scores["auto"] - 0.02, scores

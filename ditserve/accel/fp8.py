@@ -26,18 +26,24 @@ class FP8Unsupported(ValueError):
     """FP8 products need a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell)."""
 
 
+FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 tensor cores (Ada)
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether `device` is a GPU with FP8 tensor cores."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+
+
 def check_fp8_device(device: torch.device, instead: str = "Run without --quantization.") -> None:
     """Refuse GPUs without FP8 tensor cores, by name, saying what to do `instead`; the CPU runs the float32
     reference (for tests)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or has_fp8_tensor_cores(device):
         return
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise FP8Unsupported(
-            f"FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4/L40/RTX 40xx, H100/H200, "
-            f"B200); {name} has {major}.{minor}. {instead}"
-        )
+    raise FP8Unsupported(
+        f"FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4/L40/RTX 40xx, H100/H200, "
+        f"B200); {torch.cuda.get_device_name(device)} has {major}.{minor}. {instead}"
+    )
 
 
 def quantize_weight(weight: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +184,7 @@ __all__ = [
     "fp8_linears",
     "prepare_fp8_dit",
     "check_fp8_device",
+    "has_fp8_tensor_cores",
     "dequantize_weight",
     "fp8_linear",
     "quantize_dit",
