@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     print(score.table())
     if ns.json:
         settings = dict(model=ns.model, seeds=ns.seeds, form=ns.form, dtype=ns.dtype, quantization=ns.quantization)
-        scores = {k: getattr(score, k) for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")}
-        report = dict(settings=settings | overrides, **scores, per_digit=score.per_digit)
-        Path(ns.json).write_text(json.dumps(report | {"per_direction": score.per_direction}, indent=2) + "\n")
+        fields = ("digit_accuracy", "direction_accuracy", "both_accuracy", "per_digit", "per_direction")
+        report = {"settings": settings | overrides} | {k: getattr(score, k) for k in fields}
+        Path(ns.json).write_text(json.dumps(report, indent=2) + "\n")
     if ns.examples:
         first = slice(0, 10 * len(DIRECTIONS))
         for path in save_examples(videos[first], digits[first], directions[first], ns.examples):
