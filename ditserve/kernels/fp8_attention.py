@@ -23,10 +23,11 @@ dequantised values: the kernel equals it up to P's rounding and the order of its
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ditserve.kernels.fused_norm import _use_triton
 
 try:
     import triton
@@ -100,12 +101,6 @@ def fp8_attention_reference(
     qf, kf, vf = dequantized(quantize_heads_reference(q, k, v, sm_scale), q.shape[1], k.shape[1], sm_scale)
     weights = torch.softmax(qf @ kf.transpose(-1, -2) * sm_scale, dim=-1)
     return (weights @ vf).transpose(1, 2).to(q.dtype)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if triton is None or os.environ.get("DITSERVE_DISABLE_TRITON") == "1":
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_attention_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
