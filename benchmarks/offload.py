@@ -94,6 +94,27 @@ def stream_timeline(fn, device: torch.device, trace_path: str | None = None) -> 
     )
 
 
+def host_link_gbps(device: torch.device, gib: float = 1.0, repeat: int = 3) -> dict:
+    """Pinned host → device and device → host copy rates of one `gib` buffer (best of `repeat`), in GB/s: the bound
+    on any offload that moves the weights across the host link every step."""
+    numel = int(gib * 2**30) // 2
+    host = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
+    dev = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    rates = {}
+    for name, dst, src in (("host_to_device", dev, host), ("device_to_host", host, dev)):
+        best = float("inf")
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)
+        rates[f"{name}_gbps"] = host.nbytes / best / 1e9
+    del host, dev
+    return rates
+
+
 def group_offload(module, device: torch.device) -> None:
     """diffusers' group offload at block level, one block per group, copies on a CUDA stream."""
     module.enable_group_offload(
@@ -208,6 +229,12 @@ def _pipeline_row(label: str, r: dict) -> str:
 def bench_pipeline(ns: argparse.Namespace) -> dict:
     results: dict = {}
     base = dict(device=ns.device, load_format=ns.load_format, compile=ns.compile, cuda_graphs=ns.cuda_graphs)
+    link = host_link_gbps(torch.device(ns.device)) if ns.device.startswith("cuda") else {}
+    if link:
+        progress(
+            f"host link: {link['host_to_device_gbps']:.1f} GB/s host → device, "
+            f"{link['device_to_host_gbps']:.1f} GB/s device → host (pinned, 1 GiB)"
+        )
     for label in ns.settings:
         engine = Engine.from_pretrained(
             ns.model, **{**base, "dit_layerwise_offload": False, **PIPELINE_SETTINGS[label]}
@@ -237,9 +264,17 @@ def bench_pipeline(ns: argparse.Namespace) -> dict:
     pipe.enable_model_cpu_offload(device=device)
     free(device)
     results["diffusers enable_model_cpu_offload"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+    dit_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"{'generation':<36} {'s':>8} {'step ms':>9} {'peak GiB':>9}")
     for label, r in results.items():
         print(_pipeline_row(label, r))
+    if link:
+        bound_ms = dit_bytes / (link["host_to_device_gbps"] * 1e9) * 1000
+        print(
+            f"host link {link['host_to_device_gbps']:.1f} GB/s: moving the DiT's {dit_bytes / 1e9:.1f} GB once takes "
+            f"{bound_ms:.0f} ms: the floor of one forward that streams every block"
+        )
+        results["host_link"] = dict(link, dit_gb=dit_bytes / 1e9, dit_copy_ms=bound_ms)
     return results
 
 
