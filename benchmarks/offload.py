@@ -254,16 +254,21 @@ def bench_pipeline(ns: argparse.Namespace) -> dict:
     inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
     their_inputs = pipeline.diffusers_forward_inputs(inputs)
     model = next(iter(pipeline.transformers().values()))
-    pipe = pipeline.diffusers_pipeline()
     model.to("cpu")  # ours leaves the device; diffusers' transformer holds the device tensors until it moves them
-    group_offload(pipe.transformer, device)
     free(device)
-    results["diffusers group offload (DiT)"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
-    progress(_pipeline_row("diffusers group offload (DiT)", results["diffusers group offload (DiT)"]))
-    pipe = pipeline.diffusers_pipeline()  # a fresh transformer over our (host) tensors, no hooks
-    pipe.enable_model_cpu_offload(device=device)
-    free(device)
-    results["diffusers enable_model_cpu_offload"] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+    for label in ns.diffusers:
+        pipe = pipeline.diffusers_pipeline()  # a fresh transformer over our (host) tensors, no hooks
+        if label == "group":
+            label = "diffusers group offload (DiT)"
+            group_offload(pipe.transformer, device)
+        else:
+            label = "diffusers enable_model_cpu_offload"
+            pipe.enable_model_cpu_offload(device=device)
+        free(device)
+        results[label] = _bench_diffusers(pipe, gen, ns.repeat, their_inputs, device)
+        progress(_pipeline_row(label, results[label]))
+        del pipe
+        free(device)
     dit_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"{'generation':<36} {'s':>8} {'step ms':>9} {'peak GiB':>9}")
     for label, r in results.items():
@@ -292,10 +297,18 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="pipeline: timed generations per setting")
     p.add_argument(
         "--settings",
-        nargs="+",
+        nargs="*",
         choices=list(PIPELINE_SETTINGS),
         default=list(PIPELINE_SETTINGS),
-        help="pipeline: our offload settings to time (an engine is built for each; default all)",
+        help="pipeline: our offload settings to time (an engine is built for each; default all; none of them: "
+        "--settings with no value)",
+    )
+    p.add_argument(
+        "--diffusers",
+        nargs="*",
+        choices=("group", "model"),
+        default=["group", "model"],
+        help="pipeline: diffusers' offloads to time: group offload of its DiT, enable_model_cpu_offload (default both)",
     )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
