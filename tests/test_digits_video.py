@@ -78,11 +78,21 @@ def test_generated_videos_move_the_way_asked(gate_score):
     assert gate_score.direction_accuracy >= 0.9, gate_score.summary()
 
 
-# The shipped weights come from a short CPU run (docs/digits-video.md): its DiT draws a blob moving the right way, not
-# the digit asked for. strict: once the folder is retrained with the default recipe and passes, this marker has to go.
-@pytest.mark.xfail(strict=True, reason="shipped DiT ignores the digit; retrain (docs/digits-video.md)")
 def test_generated_videos_show_the_digit_asked_for(gate_score):
     assert gate_score.digit_accuracy >= 0.9, gate_score.summary()
+
+
+def test_caching_settings_are_scored_on_the_video_gate(engine):
+    """cache_quality --video: each caching setting over the digit × direction grid, digit and direction scored by
+    the video gate beside the uncached run."""
+    from ditserve.digits.cache_quality import evaluate, markdown
+
+    settings = [("uncached", {"method": "none"}), ("mask, 2 of 4 steps", {"method": "mask", "compute_steps": [0, 3]})]
+    base, cached = evaluate(engine, settings, [0], video=True, num_inference_steps=4)
+    assert base["psnr_db"] >= 100 and base["agreement"] == 1.0 and base["passes"]
+    assert 0 <= base["direction_accuracy"] <= 1 and 0 <= cached["direction_accuracy"] <= 1
+    assert cached["skipped_fraction"] > 0 and cached["psnr_db"] < 100
+    assert "| direction right |" in markdown([base, cached])
 
 
 def diffusers_frames(folder, engine, text: str, seed: int) -> np.ndarray:
@@ -219,7 +229,6 @@ def test_training_command_takes_any_config_field():
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="shipped DiT ignores the digit; retrain (docs/digits-video.md)")
 def test_generated_videos_bf16_cuda():
     engine = Engine.from_pretrained("digits-video", device="cuda", dtype="bfloat16")
     videos, digits, directions = generate_grid(engine, range(3))

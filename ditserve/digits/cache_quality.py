@@ -6,8 +6,9 @@ computations skipped, the digit classifier's accuracy (the fraction classified a
 it agrees with the uncached image's class, and the PSNR against the uncached image. A setting passes the gate when
 its accuracy stays within 2 points of uncached.
 
-`--video` scores a video model the same way, every frame of a clip classified as the digit asked for (the
-moving-digits video model: `--model FOLDER --video`).
+`--video` scores the moving-digits video model (`--model digits-video --video`) with its own gate
+(`ditserve.digits.video_quality`): every digit × direction per seed, the digit read off each clip's frames and the
+direction off its ink's motion; a setting passes when both stay within 2 points of uncached.
 """
 
 from __future__ import annotations
@@ -56,72 +57,91 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1.0 / mse))
 
 
-def _outputs(result, video: bool) -> list[np.ndarray]:
-    if video:
-        return [np.asarray(v, dtype=np.float32) for v in result.videos]
-    return [np.asarray(i, dtype=np.float32) for i in result.images]
+def _as_float(array) -> np.ndarray:
+    a = np.asarray(array)
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
 
 
-def _classes(outputs: list[np.ndarray], video: bool) -> np.ndarray:
-    """The class of every image, or of every frame of every clip ([N] or [N, T])."""
-    if not video:
-        return classify([(o * 255).round().astype(np.uint8) for o in outputs])
-    return np.stack([classify([(f * 255).round().astype(np.uint8) for f in clip]) for clip in outputs])
+def _image_batch(engine, seed: int, cache: dict, request: dict):
+    """The ten digits once: (result, outputs, digits asked, None)."""
+    digits = list(range(10))
+    result = engine.generate([f"the digit {d}" for d in digits], seed=seed, output_type="np", cache=cache, **request)
+    return result, [_as_float(i) for i in result.images], digits, None
+
+
+def _video_batch(engine, seed: int, cache: dict, request: dict):
+    """Every digit × direction once: (result, clips, digits asked, directions asked)."""
+    from ditserve.digits.clips import DIRECTIONS, prompt
+
+    pairs = [(d, direction) for d in range(10) for direction in DIRECTIONS]
+    result = engine.generate([prompt(d, direction) for d, direction in pairs], seed=seed, cache=cache, **request)
+    return result, [_as_float(v) for v in result.videos], [d for d, _ in pairs], [r for _, r in pairs]
 
 
 def evaluate(engine, settings: list[tuple[str, dict]], seeds: list[int], video: bool = False, **request) -> list[dict]:
-    """One row per setting: skipped fraction, accuracy, agreement with uncached, PSNR to uncached, time."""
-    digits = list(range(10))
-    prompts = [f"the digit {d}" for d in digits]
+    """One row per setting: skipped fraction, accuracy (and, for video, direction accuracy), agreement with
+    uncached, PSNR to uncached, time."""
+    from ditserve.digits.video_quality import classify_videos, motion_directions
+
+    batch = _video_batch if video else _image_batch
     reference: dict[int, list[np.ndarray]] = {}
     rows = []
     for label, cache in settings:
-        outputs, skipped, total, seconds = [], 0, 0, 0.0
+        outputs, asked, asked_directions, skipped, seconds = [], [], [], 0.0, 0.0
         for seed in seeds:
             t0 = time.perf_counter()
-            result = engine.generate(prompts, seed=seed, output_type="np", cache=cache, **request)
+            result, got, digits, directions = batch(engine, seed, cache, request)
             seconds += time.perf_counter() - t0
-            got = _outputs(result, video)
             if cache.get("method") == "none":
                 reference[seed] = got
             outputs.append((seed, got))
-            report = result.timings.get("cache", {})
-            skipped += report.get("sample_skipped_fraction", 0.0)
-            total += 1
-        asked = np.asarray(digits * len(seeds))
+            asked += digits
+            asked_directions += directions or []
+            skipped += result.timings.get("cache", {}).get("sample_skipped_fraction", 0.0)
         flat = [o for _, got in outputs for o in got]
-        classes = _classes(flat, video)
-        ref_classes = _classes([o for seed in seeds for o in reference[seed]], video)
-        asked_b = asked if not video else np.repeat(asked[:, None], classes.shape[1], axis=1)
+        ref_flat = [o for seed in seeds for o in reference[seed]]
+        if video:
+            classes, ref_classes = classify_videos(flat), classify_videos(ref_flat)
+        else:
+            classes = classify([(o * 255).round().astype(np.uint8) for o in flat])
+            ref_classes = classify([(o * 255).round().astype(np.uint8) for o in ref_flat])
         psnrs = [psnr(o, r) for (seed, got) in outputs for o, r in zip(got, reference[seed])]
-        rows.append(
-            dict(
-                setting=label,
-                cache=cache,
-                skipped_fraction=skipped / total if total else 0.0,
-                accuracy=float((classes == asked_b).mean()),
-                agreement=float((classes == ref_classes).mean()),
-                psnr_db=float(np.mean(psnrs)),
-                seconds=seconds,
-            )
+        row = dict(
+            setting=label,
+            cache=cache,
+            skipped_fraction=skipped / len(seeds) if seeds else 0.0,
+            accuracy=float((np.asarray(classes) == np.asarray(asked)).mean()),
+            agreement=float((np.asarray(classes) == np.asarray(ref_classes)).mean()),
+            psnr_db=float(np.mean(psnrs)),
+            seconds=seconds,
         )
-    base = rows[0]["accuracy"]
+        if video:
+            row["direction_accuracy"] = float(
+                np.mean([a == b for a, b in zip(motion_directions(flat), asked_directions)])
+            )
+        rows.append(row)
+    base = rows[0]
     for row in rows:
-        row["passes"] = (base - row["accuracy"]) * 100 <= GATE_POINTS
+        row["passes"] = all(
+            (base[key] - row[key]) * 100 <= GATE_POINTS for key in ("accuracy", "direction_accuracy") if key in row
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
+    video = any("direction_accuracy" in r for r in rows)
+    accuracy = "digit right | direction right" if video else "accuracy"
     lines = [
-        "| setting | cache settings | block computations skipped | accuracy | agrees with uncached | PSNR to uncached "
-        "| within 2 points |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| setting | cache settings | block computations skipped | {accuracy} | agrees with uncached "
+        "| PSNR to uncached | within 2 points |",
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if video else ""),
     ]
     for r in rows:
         settings = json.dumps(r["cache"], separators=(", ", ": "))
         psnr_text = "identical" if r["psnr_db"] >= 100 else f"{r['psnr_db']:.1f} dB"
+        scores = f"{r['accuracy']:.1%}" + (f" | {r['direction_accuracy']:.1%}" if video else "")
         lines.append(
-            f"| {r['setting']} | `{settings}` | {r['skipped_fraction']:.0%} | {r['accuracy']:.1%} | "
+            f"| {r['setting']} | `{settings}` | {r['skipped_fraction']:.0%} | {scores} | "
             f"{r['agreement']:.1%} | {psnr_text} | {'yes' if r['passes'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -135,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, each for the ten digits")
-    p.add_argument("--video", action="store_true", help="a video model: classify every frame")
+    p.add_argument(
+        "--video", action="store_true", help="the digits-video model: its digit × direction grid and video gate"
+    )
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--only", action="append", default=None, help="only settings whose label starts with this")
     p.add_argument("--json", default=None, help="write the rows here too")
@@ -146,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = evaluate(engine, settings, list(range(ns.seeds)), ns.video, **request)
     print(markdown(rows))
-    kind = "clips (every frame classified)" if ns.video else "images"
-    print(f"\n{engine.model_name}, {10 * ns.seeds} {kind} a setting, {time.perf_counter() - t0:.0f} s in all")
+    kind = f"{40 * ns.seeds} clips" if ns.video else f"{10 * ns.seeds} images"
+    print(f"\n{engine.model_name}, {kind} a setting, {time.perf_counter() - t0:.0f} s in all")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=2)
