@@ -22,10 +22,11 @@ The kernel's key tile, warps and stages are autotuned (`KernelConfig`, `tuned_co
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ditserve.kernels.fused_norm import _use_triton
 
 try:
     import triton
@@ -121,12 +122,6 @@ def block_sparse_attention_reference(
     if epilogue is not None:
         out = out + _epilogue_reference(epilogue, q_given, q_of)
     return out.to(q_given.dtype)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if triton is None or os.environ.get("DITSERVE_DISABLE_TRITON") == "1":
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

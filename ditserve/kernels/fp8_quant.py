@@ -7,9 +7,9 @@ divide, cast); the kernel reads each row once and writes the e4m3 row and its sc
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ditserve.kernels.fused_norm import _use_triton
 
 try:
     import triton
@@ -28,14 +28,6 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if triton is None or os.environ.get("DITSERVE_DISABLE_TRITON") == "1":
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
