@@ -254,7 +254,7 @@ def bench_pipeline(ns: argparse.Namespace) -> dict:
     inputs = pipeline.forward_inputs(ns.height, ns.width, **frames)
     their_inputs = pipeline.diffusers_forward_inputs(inputs)
     model = next(iter(pipeline.transformers().values()))
-    model.to("cpu")  # ours leaves the device; diffusers' transformer holds the device tensors until it moves them
+    model.to("cpu")  # ours leaves the device: each diffusers pipeline below is built over its host tensors
     free(device)
     for label in ns.diffusers:
         pipe = pipeline.diffusers_pipeline()  # a fresh transformer over our (host) tensors, no hooks

@@ -20,7 +20,9 @@ import time
 
 import numpy as np
 
+from ditserve.digits.clips import DIRECTIONS, prompt
 from ditserve.digits.quality import classify
+from ditserve.digits.video_quality import as_float, classify_videos, motion_directions
 
 # (label, cache settings) in table order; the first is the uncached reference.
 SETTINGS: list[tuple[str, dict]] = [
@@ -57,32 +59,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1.0 / mse))
 
 
-def _as_float(array) -> np.ndarray:
-    a = np.asarray(array)
-    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-
-
 def _image_batch(engine, seed: int, cache: dict, request: dict):
     """The ten digits once: (result, outputs, digits asked, None)."""
     digits = list(range(10))
     result = engine.generate([f"the digit {d}" for d in digits], seed=seed, output_type="np", cache=cache, **request)
-    return result, [_as_float(i) for i in result.images], digits, None
+    return result, [as_float(i) for i in result.images], digits, None
 
 
 def _video_batch(engine, seed: int, cache: dict, request: dict):
     """Every digit × direction once: (result, clips, digits asked, directions asked)."""
-    from ditserve.digits.clips import DIRECTIONS, prompt
-
     pairs = [(d, direction) for d in range(10) for direction in DIRECTIONS]
     result = engine.generate([prompt(d, direction) for d, direction in pairs], seed=seed, cache=cache, **request)
-    return result, [_as_float(v) for v in result.videos], [d for d, _ in pairs], [r for _, r in pairs]
+    return result, [as_float(v) for v in result.videos], [d for d, _ in pairs], [r for _, r in pairs]
 
 
 def evaluate(engine, settings: list[tuple[str, dict]], seeds: list[int], video: bool = False, **request) -> list[dict]:
     """One row per setting: skipped fraction, accuracy (and, for video, direction accuracy), agreement with
     uncached, PSNR to uncached, time."""
-    from ditserve.digits.video_quality import classify_videos, motion_directions
-
     batch = _video_batch if video else _image_batch
     reference: dict[int, list[np.ndarray]] = {}
     rows = []

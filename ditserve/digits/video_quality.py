@@ -47,17 +47,19 @@ HELD_OUT_EVERY = 5  # every fifth scan is held out to measure the classifier its
 CLASSIFIER_FRAMES = (0, 4, 8)  # frames of each real clip the classifier learns from (the start, middle, end)
 
 
+def as_float(video) -> np.ndarray:
+    """A video's frames (uint8, or float already in [0, 1]) as float32 in [0, 1]."""
+    a = np.asarray(video)
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+
+
 def ink_of(videos) -> np.ndarray:
     """Videos (uint8 [T, H, W, 3] arrays such as `utils.video.Video`, float [0, 1] arrays, or clips
     [N, 3, T, H, W] in [-1, 1] as `clips.render` makes them) → ink [N, T, H, W] in [0, 1] (1 - grey)."""
     if isinstance(videos, torch.Tensor):
         return (1 - ((videos.float().mean(1) + 1) / 2).clamp(0, 1)).numpy()
-    arrays = []
-    for v in videos:
-        a = np.asarray(v)
-        a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-        arrays.append(1 - (a.mean(-1) if a.ndim == 4 else a))
-    return np.stack(arrays).clip(0, 1)
+    arrays = [as_float(v) for v in videos]
+    return np.stack([1 - (a.mean(-1) if a.ndim == 4 else a) for a in arrays]).clip(0, 1)
 
 
 def centroids(ink: np.ndarray) -> np.ndarray:
