@@ -92,17 +92,21 @@ def newly_tuned(before: dict) -> list[dict]:
 
 
 def sla_breakdown(q, k, v, pattern: SLA, projection) -> dict:
-    """SLA's parts timed alone: the block map (pooling, scores, top-k), the linear branch's key statistics, the
-    kernel with its linear epilogue (autotuned, and at the default config), the kernel without the epilogue."""
+    """SLA's parts timed alone: the block map (pooling, scores, top-k), the linear branch's key statistics (one pass
+    over k and v, the projection folded in), the kernel with its linear epilogue (autotuned, and at the default
+    config), the kernel without the epilogue, the kernel reading the key blocks from tables."""
     n = q.shape[1]
     lut, counts = sla_block_map(q, k, pattern.topk)
     q_blocks, kv_blocks = _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device)
     linear = LinearBranch(*sla_key_statistics(k, v, projection), LINEAR_EPS)
-    blocks = (q, k, v, q_blocks, kv_blocks, lut, counts, None, None, SLA_QUERY_BLOCK, SLA_KEY_BLOCK)
+    # as sla_attention launches it: key blocks as runs, every LUT row full (the kernel reads no tables)
+    blocks = (q, k, v, q_blocks, None, lut, None, None, None, SLA_QUERY_BLOCK, SLA_KEY_BLOCK)
     fp8 = pattern.fp8
     block_sparse_attention(*blocks, linear, fp8=fp8)
-    # tuning keys: D, BLOCK_M, MAX_KV_LEN, MAX_COUNT, HAS_ORDER, EPILOGUE, FP8, ...
-    tuned = [c for key, c in tuned_configs().items() if key[5] == 1 and key[3] == lut.shape[-1] and key[6] == fp8]
+    # tuning keys: D, BLOCK_M, MAX_KV_LEN, MAX_COUNT, HAS_ORDER, RUNS, FULL, EPILOGUE, FP8, ...
+    tuned = [
+        c for key, c in tuned_configs().items() if key[7] == 1 and key[3] == lut.shape[-1] and key[8] == fp8 and key[5]
+    ]
     chosen = tuned[0] if tuned else default_config(SLA_QUERY_BLOCK)
     parts = dict(
         block_map_ms=event_ms(lambda: sla_block_map(q, k, pattern.topk)),
@@ -113,6 +117,12 @@ def sla_breakdown(q, k, v, pattern: SLA, projection) -> dict:
         ),
         # at the config tuned for the kernel with the epilogue, so the difference is the epilogue's cost
         kernel_without_linear_ms=event_ms(lambda: block_sparse_attention(*blocks, config=chosen, fp8=fp8)),
+        # the same launch reading the key blocks' bounds and the counts from tables (the general path)
+        kernel_with_tables_ms=event_ms(
+            lambda: block_sparse_attention(
+                *blocks[:4], kv_blocks, lut, counts, *blocks[7:], linear, config=chosen, fp8=fp8
+            )
+        ),
     )
     if fp8:  # the kernel times above include rounding q, k and v to e4m3
         parts["quantize_ms"] = event_ms(lambda: quantize_heads(q, k, v, q.shape[-1] ** -0.5))

@@ -90,6 +90,26 @@ def check_sla_fp8(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d
     exact = kernel.block_sparse_attention_reference(*own, q_blocks, kv_blocks, lut, counts)
     bound = (1e-5 if dtype == torch.float32 else 1e-2) if device == "cpu" else 5e-2
     assert rel(bare, exact) < bound, ("sla-fp8 kernel", rel(bare, exact))
+    # key tiles of two key blocks (one softmax update per pair; an odd count leaves the last pair half empty), the
+    # blocks' bounds computed from the runs and every LUT row full, as sla_attention launches it
+    paired = kernel.KernelConfig(2 * SLA_KEY_BLOCK, 8, 2)
+    two = kernel.block_sparse_attention(q, k, v, q_blocks, None, lut, None, fp8=True, config=paired)
+    assert rel(two, exact) < bound, ("sla-fp8 kernel, paired key blocks", rel(two, exact), lut.shape[-1])
+
+
+def check_key_statistics(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d: int, tol: float, seed: int):
+    """SLA's one-pass key statistics against their torch reference, over strided views of a fused projection."""
+    from ditserve.kernels import key_statistics as stats
+
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, n, 2, heads, d, generator=g).to(device, dtype).unbind(2)
+    assert stats.key_statistics_can_take(k, v), "the Triton path is not taken"
+    out = stats.key_statistics(k, v)
+    ref = stats.key_statistics_reference(k, v)
+    for name in ("kv", "k_sum"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.shape == want.shape and got.dtype == torch.float32, (name, got.shape, want.shape)
+        assert rel(got, want) < tol, ("key statistics", name, rel(got, want), n)
 
 
 def vsa_plain(q, k, v, gate, grid, sparsity: float) -> torch.Tensor:
@@ -189,6 +209,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         for seed, (grid, window) in enumerate([((3, 9, 10), (1, 1, 1)), ((3, 10, 9), (3, 1, 1))]):
             check_sliding_tile(device, dtype, grid, 2, 16, window, tol, seed)
         for seed, (n, topk) in enumerate([(300, 0.5), (140, 0.1)]):
+            check_key_statistics(device, dtype, 1 + seed, n, 2, 16, 1e-5 if dtype == torch.float32 else 1e-2, seed)
             check_sla(device, dtype, 1 + seed, n, 1, 16, topk, tol, seed)
             check_sla_fp8(device, dtype, 1 + seed, n, 2, 32, topk, seed)
         for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
@@ -197,6 +218,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
             check_configs(device, dtype, [kernel.KernelConfig(32, 4, 1), kernel.KernelConfig(256, 4, 1)], tol)
     else:
         check_sliding_tile(device, dtype, (6, 30, 52), 4, 128, (3, 3, 5), tol, 0)
+        check_key_statistics(device, dtype, 2, 75600 // 8, 3, 128, 1e-2, 3)
         check_sla(device, dtype, 1, 9360, 4, 128, 0.1, tol, 1)
         check_sla_fp8(device, dtype, 1, 9360, 4, 128, 0.1, 1)
         check_vsa(device, dtype, 1, (6, 30, 52), 4, 128, 0.8, tol, 2)

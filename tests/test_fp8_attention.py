@@ -21,15 +21,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_reference_rounds_each_operand_to_e4m3_with_its_scales():
     g = torch.Generator().manual_seed(0)
-    b, n, nk, h, d = 2, 150, 70, 3, 32
+    b, n, nk, h, d = 2, 150, 300, 3, 32
     q = torch.randn(b, n, h, d, generator=g)
     q[:, 128:] *= 100  # the second query tile of each head gets a scale of its own
-    k = torch.randn(b, nk, h, d, generator=g) * torch.logspace(-2, 2, nk)[None, :, None, None]  # per-key scales
+    k_blocks = torch.tensor([1e-2, 1.0, 1e2]).repeat_interleave(fa.KEY_BLOCK)[:nk]  # each key block its own scale
+    k = torch.randn(b, nk, h, d, generator=g) * k_blocks[None, :, None, None]
     v = torch.randn(b, nk, h, d, generator=g) * torch.logspace(-2, 2, d)  # per-channel scales
     ops = fa.quantize_heads_reference(q, k, v, d**-0.5)
-    assert ops.q8.shape == (b, h, n, d) and ops.k8.shape == (b, h, nk, d) and ops.vt8.shape == (b, h, d, 80)
-    assert ops.q_scale.shape == (b, h, 2) and ops.k_scale.shape == (b, h, nk) and ops.v_scale.shape == (b, h, d)
+    assert ops.q8.shape == (b, h, n, d) and ops.k8.shape == (b, h, nk, d) and ops.vt8.shape == (b, h, d, 304)
+    assert ops.q_scale.shape == (b, h, 2) and ops.k_scale.shape == (b, h, 3) and ops.v_scale.shape == (b, h, d)
     assert (ops.q_scale[..., 1] > 50 * ops.q_scale[..., 0]).all()
+    assert (ops.k_scale[..., 1] > 50 * ops.k_scale[..., 0]).all() and (
+        ops.k_scale[..., 2] > 50 * ops.k_scale[..., 1]
+    ).all()
     for x8 in (ops.q8, ops.k8, ops.vt8):
         assert x8.float().abs().amax() <= fa.FP8_MAX
     qf, kf, vf = fa.dequantized(ops, n, nk, d**-0.5)

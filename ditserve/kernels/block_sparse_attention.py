@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditserve.kernels.fp8_attention import KEY_BLOCK
 from ditserve.kernels.fused_norm import _use_triton
 
 try:
@@ -127,6 +128,41 @@ def block_sparse_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def _listed_block(lut_row, KV_START, KV_LEN, slot, count, n_keys, RUNS: tl.constexpr, MAX_KV_LEN: tl.constexpr):
+        """The first key and the length of the key block in LUT slot `slot` (a scalar, or a vector of slots): length
+        0 for slots past the row's count. RUNS: the key blocks are runs of MAX_KV_LEN keys from the first, so
+        their tables are not read."""
+        listed = slot < count
+        j = tl.load(lut_row + slot, mask=listed, other=0)
+        if RUNS:
+            start = j * MAX_KV_LEN
+            length = tl.minimum(n_keys - start, MAX_KV_LEN)
+        else:
+            start = tl.load(KV_START + j, mask=listed, other=0)
+            length = tl.load(KV_LEN + j, mask=listed, other=0)
+        return start, tl.where(listed, length, 0)
+
+    @triton.jit
+    def _fp8_key_tile(
+        q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start, length, qk_scale,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One key block of `length` ≤ BLOCK_N consecutive keys from `start` under FP8: its vᵀ tile (read as [keys, D],
+        keys contiguous) and its scores in exp2's domain, −inf past the block's length."""
+        cols = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        col_ok = cols < length
+        k_tok = (tl.multiple_of(start, 16) + cols).to(tl.int64)
+        kb = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        vb = tl.load(V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        k_scale = tl.load(ks_head + k_tok // KS_BLOCK, mask=col_ok, other=0.0)
+        if WIDEN:  # the interpreter's widened operands
+            kb = kb.to(tl.float32)
+        bias = tl.where(col_ok, 0.0, float("-inf"))
+        s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :] + bias[None, :]
+        return vb, s
+
+    @triton.jit
     def _block_sparse_attention_kernel(
         Q,
         K,
@@ -178,13 +214,17 @@ if triton is not None:
         sqeh,
         svd,
         n_keys,
+        n_key_scales,
         D: tl.constexpr,
         MAX_COUNT: tl.constexpr,
         MAX_KV_LEN: tl.constexpr,
         HAS_ORDER: tl.constexpr,
+        RUNS: tl.constexpr,
+        FULL: tl.constexpr,
         WIDEN: tl.constexpr,
         EPILOGUE: tl.constexpr,
         FP8: tl.constexpr,
+        KS_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -214,69 +254,100 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         lut_row = LUT + b * slb + h * slh + m * slm
-        count = tl.load(COUNT + b * scb + h * sch + m)
-        cols = tl.arange(0, BLOCK_N)
-        # One flat loop (the only loop: Triton software-pipelines innermost loops) over the key columns of the
-        # query block's LUT entries laid end to end, each entry MAX_KV_LEN wide: a step of BLOCK_N columns covers
-        # part of one key block (BLOCK_N < MAX_KV_LEN) or several (BLOCK_N > MAX_KV_LEN). Both are powers of two.
-        # The trip count is known when compiling (the LUT's width); columns past a block's length or the query
-        # block's count are masked.
-        for step in range(0, (MAX_COUNT * MAX_KV_LEN + BLOCK_N - 1) // BLOCK_N):
-            if FP8:
-                # A step lies inside one key block (BLOCK_N ≤ MAX_KV_LEN; SLA's key blocks are runs of 64 from
-                # the first key): its block is looked up once and its keys are consecutive, so the loads of vᵀ
-                # (keys contiguous) are vector loads rather than a gather of single bytes.
-                first = step * BLOCK_N
-                slot_1 = first // MAX_KV_LEN
-                listed_1 = slot_1 < count
-                j_1 = tl.load(lut_row + slot_1, mask=listed_1, other=0)
-                kv_start = tl.multiple_of(tl.load(KV_START + j_1, mask=listed_1, other=0), 16)
-                kv_len = tl.load(KV_LEN + j_1, mask=listed_1, other=0)
-                within = first % MAX_KV_LEN + cols
-                col_ok = listed_1 & (within < kv_len)
-            else:
-                column = step * BLOCK_N + cols
-                slot = column // MAX_KV_LEN
-                within = column % MAX_KV_LEN
-                listed = slot < count
-                j = tl.load(lut_row + slot, mask=listed, other=0)
-                kv_start = tl.load(KV_START + j, mask=listed, other=0)
-                kv_len = tl.load(KV_LEN + j, mask=listed, other=0)
-                col_ok = listed & (within < kv_len)
-            if HAS_ORDER:
-                k_tok = tl.load(ORDER + kv_start + within, mask=col_ok, other=0).to(tl.int64)
-            else:
-                k_tok = (kv_start + within).to(tl.int64)
-            kb = tl.load(
-                K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
-            )
-            if FP8:
-                vb = tl.load(
-                    V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0
+        if FULL:  # every LUT row lists MAX_COUNT blocks (SLA's top-k)
+            count = MAX_COUNT
+        else:
+            count = tl.load(COUNT + b * scb + h * sch + m)
+        ks_head = KS + bh.to(tl.int64) * n_key_scales  # FP8: k's scales, one per KS_BLOCK keys
+        if FP8 and BLOCK_N == 2 * MAX_KV_LEN:
+            # Two key blocks a step, each a run of consecutive keys read as its own tile (the loads of vᵀ, keys
+            # contiguous, stay vector loads); one softmax rescale and one running-max update per pair.
+            for step in range(0, (MAX_COUNT + 1) // 2):
+                start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, 2 * step, count, n_keys, RUNS, MAX_KV_LEN)
+                start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, 2 * step + 1, count, n_keys, RUNS, MAX_KV_LEN)
+                vb_a, s_a = _fp8_key_tile(
+                    q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, qk_scale,
+                    D, MAX_KV_LEN, WIDEN, KS_BLOCK,
+                )  # fmt: skip
+                vb_b, s_b = _fp8_key_tile(
+                    q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_b, len_b, qk_scale,
+                    D, MAX_KV_LEN, WIDEN, KS_BLOCK,
+                )  # fmt: skip
+                m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1), tl.max(s_b, 1)))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+                # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
+                p_a = tl.math.exp2(s_a - (m_safe - 8.807354922057604)[:, None])  # log2(448)
+                p_b = tl.math.exp2(s_b - (m_safe - 8.807354922057604)[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
+                if WIDEN:
+                    acc = tl.dot(p_a, vb_a.to(tl.float32), acc * alpha[:, None])
+                    acc = tl.dot(p_b, vb_b.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(p_a.to(vb_a.dtype), vb_a, acc * alpha[:, None])
+                    acc = tl.dot(p_b.to(vb_b.dtype), vb_b, acc)
+                m_i = m_new
+        else:
+            cols = tl.arange(0, BLOCK_N)
+            # One flat loop (the only loop: Triton software-pipelines innermost loops) over the key columns of the
+            # query block's LUT entries laid end to end, each entry MAX_KV_LEN wide: a step of BLOCK_N columns
+            # covers part of one key block (BLOCK_N < MAX_KV_LEN) or several (BLOCK_N > MAX_KV_LEN). Both are
+            # powers of two. The trip count is known when compiling (the LUT's width); columns past a block's
+            # length or the query block's count are masked.
+            for step in range(0, (MAX_COUNT * MAX_KV_LEN + BLOCK_N - 1) // BLOCK_N):
+                if FP8:
+                    # A step lies inside one key block (BLOCK_N ≤ MAX_KV_LEN): its block is looked up once and its
+                    # keys are consecutive, so the loads of vᵀ (keys contiguous) are vector loads rather than a
+                    # gather of single bytes.
+                    first = step * BLOCK_N
+                    kv_start, kv_len = _listed_block(
+                        lut_row, KV_START, KV_LEN, first // MAX_KV_LEN, count, n_keys, RUNS, MAX_KV_LEN
+                    )
+                    kv_start = tl.multiple_of(kv_start, 16)
+                    within = first % MAX_KV_LEN + cols
+                else:
+                    column = step * BLOCK_N + cols
+                    within = column % MAX_KV_LEN
+                    kv_start, kv_len = _listed_block(
+                        lut_row, KV_START, KV_LEN, column // MAX_KV_LEN, count, n_keys, RUNS, MAX_KV_LEN
+                    )
+                col_ok = within < kv_len
+                if HAS_ORDER:
+                    k_tok = tl.load(ORDER + kv_start + within, mask=col_ok, other=0).to(tl.int64)
+                else:
+                    k_tok = (kv_start + within).to(tl.int64)
+                kb = tl.load(
+                    K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
                 )
-            else:
-                vb = tl.load(
-                    V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
-                )
-            if WIDEN:
-                kb = kb.to(tl.float32)
-                vb = vb.to(tl.float32)
-            if FP8:
-                k_scale = tl.load(KS + bh.to(tl.int64) * n_keys + k_tok, mask=col_ok, other=0.0)
-                s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :]
-            else:
-                s = tl.dot(q, tl.trans(kb)) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
-            if FP8:  # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
-                p = tl.math.exp2(s - (m_safe - 8.807354922057604)[:, None])  # log2(448)
-            else:
-                p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
-            m_i = m_new
+                if FP8:
+                    vb = tl.load(
+                        V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0
+                    )
+                else:
+                    vb = tl.load(
+                        V + b * svb + h * svh + k_tok[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+                    )
+                if WIDEN:
+                    kb = kb.to(tl.float32)
+                    vb = vb.to(tl.float32)
+                # Columns outside the listed blocks get −inf through an added bias, so that scaling and masking
+                # are one multiply-add per score.
+                bias = tl.where(col_ok, 0.0, float("-inf"))
+                if FP8:
+                    k_scale = tl.load(ks_head + k_tok // KS_BLOCK, mask=col_ok, other=0.0)
+                    s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :] + bias[None, :]
+                else:
+                    s = tl.dot(q, tl.trans(kb)) * qk_scale + bias[None, :]
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
+                if FP8:  # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
+                    p = tl.math.exp2(s - (m_safe - 8.807354922057604)[:, None])  # log2(448)
+                else:
+                    p = tl.math.exp2(s - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
+                m_i = m_new
         if FP8:
             acc = acc * tl.load(VS + bh * D + offs_d)[None, :]
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -328,21 +399,33 @@ if triton is not None:
 
     def _fitting_configs(configs, named_args, **kwargs):
         """The configs worth timing for the launch's query block: two warpgroups for 128 rows, one for fewer; under
-        FP8, key tiles within one key block."""
+        FP8, key tiles within one key block or of two whole ones."""
         block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
         fp8 = kwargs.get("FP8", named_args.get("FP8"))
         max_kv_len = kwargs.get("MAX_KV_LEN", named_args.get("MAX_KV_LEN"))
         return [
             c
             for c in configs
-            if c.num_warps == (8 if block_m >= 128 else 4) and not (fp8 and c.kwargs["BLOCK_N"] > max_kv_len)
+            if c.num_warps == (8 if block_m >= 128 else 4)
+            and not (fp8 and not _fp8_tile_fits(c.kwargs["BLOCK_N"], max_kv_len))
         ]
 
     _tuned_kernel = triton.autotune(
         TUNE_CONFIGS,
-        key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "EPILOGUE", "FP8", "n_bucket"],
+        key=["D", "BLOCK_M", "MAX_KV_LEN", "MAX_COUNT", "HAS_ORDER", "RUNS", "FULL", "EPILOGUE", "FP8", "n_bucket"],
         prune_configs_by={"early_config_prune": _fitting_configs},
     )(_block_sparse_attention_kernel)
+
+
+def _fp8_tile_fits(block_n: int, max_kv_len: int) -> bool:
+    """FP8 key tiles lie inside one key block or take two whole ones (vᵀ's keys must be contiguous in a tile)."""
+    return block_n <= max_kv_len or block_n == 2 * max_kv_len
+
+
+def _runs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths) int32 of runs of `size` tokens from the first (the last shorter)."""
+    starts = torch.arange(0, n, size, device=device, dtype=torch.int32)
+    return starts, (n - starts).clamp(max=size)
 
 
 def _lut_strides(t: torch.Tensor, dims: int) -> list[int]:
@@ -372,7 +455,8 @@ TUNE_MIN_PROGRAMS = 2048
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
     """The configs autotuning chose so far in this process, by tuning key (D, BLOCK_M, MAX_KV_LEN, MAX_COUNT,
-    HAS_ORDER, EPILOGUE, sequence length rounded up to a power of two, then Triton's dtype entries)."""
+    HAS_ORDER, RUNS, FULL, EPILOGUE, FP8, sequence length rounded up to a power of two, then Triton's dtype
+    entries)."""
     if triton is None:
         return {}
     return {key: KernelConfig(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for key, c in _tuned_kernel.cache.items()}
@@ -383,9 +467,9 @@ def block_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     q_blocks: tuple[torch.Tensor, torch.Tensor],
-    kv_blocks: tuple[torch.Tensor, torch.Tensor],
+    kv_blocks: tuple[torch.Tensor, torch.Tensor] | None,
     lut: torch.Tensor,
-    counts: torch.Tensor,
+    counts: torch.Tensor | None,
     order: torch.Tensor | None = None,
     scale: float | None = None,
     block_m: int = 128,
@@ -396,7 +480,9 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """`block_sparse_attention_reference` in one Triton kernel where it can run (q, k, v [B, N, H, D] with unit
     stride in D, D a power of two ≥ 16): query blocks at most `block_m` long, key blocks at most `max_kv_len`
-    (a power of two), `epilogue` added to each row before the store. `config` None: autotuned on CUDA for large
+    (a power of two), `epilogue` added to each row before the store. `kv_blocks` None: the key blocks are runs of
+    `max_kv_len` keys from the first (SLA's; the kernel then computes their bounds instead of reading tables);
+    `counts` None: every LUT row lists lut.shape[-1] blocks (a top-k choice). `config` None: autotuned on CUDA for large
     launches outside deterministic mode (`tuned_configs` says what was chosen), the default config otherwise.
     Every query row must lie in a block (rows outside every block are left as they were in the new output:
     uninitialised). `fp8`: both products on FP8 tensor cores over e4m3 operands (kernels/fp8_attention.py's
@@ -420,8 +506,16 @@ def block_sparse_attention(
                 f"fp8 block-sparse attention takes query blocks of runs of {QUERY_BLOCK} tokens and key blocks of runs "
                 "of a multiple of 16, no order"
             )
-        if config is not None and config.block_n > max_kv_len:
-            raise ValueError(f"fp8 block-sparse attention: key tile {config.block_n} > key block {max_kv_len}")
+        if config is not None and not _fp8_tile_fits(config.block_n, max_kv_len):
+            raise ValueError(
+                f"fp8 block-sparse attention: key tile {config.block_n} neither inside a key block of {max_kv_len} "
+                "nor two of them"
+            )
+    runs, full = kv_blocks is None, counts is None
+    if runs:
+        kv_blocks = _runs(k.shape[1], max_kv_len, k.device)
+    if full:
+        counts = torch.full(lut.shape[:-1], lut.shape[-1], dtype=torch.int32, device=lut.device)
     if not usable:
         return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue, fp8)
     if max_kv_len & (max_kv_len - 1) or block_m & (block_m - 1):
@@ -499,12 +593,15 @@ def block_sparse_attention(
         given.stride(2),
         v_d_stride,
         k.shape[1],
+        fp8_args[1].shape[-1] if fp8 else 0,  # k's scales per head
     )
     constants = dict(
         D=d,
         MAX_COUNT=lut.shape[-1],
         MAX_KV_LEN=max_kv_len,
         HAS_ORDER=order is not None,
+        RUNS=runs,
+        FULL=full,
         # Triton 3.6's interpreter multiplies 16-bit operands of tl.dot wrongly (it reads their bits as garbage):
         # on the CPU the operands are widened to float32 first; compiled kernels multiply them as they are.
         # FP8 operands too: the interpreter also rounds some values to e4m3 wrongly (P's among them), so there
@@ -512,6 +609,7 @@ def block_sparse_attention(
         WIDEN=not q.is_cuda and (given.dtype != torch.float32 or fp8),
         EPILOGUE=kind,
         FP8=fp8,
+        KS_BLOCK=KEY_BLOCK,
         BLOCK_M=block_m,
     )
     tune = (

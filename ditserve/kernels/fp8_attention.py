@@ -6,7 +6,9 @@ Hopper's tensor cores multiply e4m3 at twice the bf16 rate. At video lengths att
 where FP8 pays next to the linears. How the operands are made FP8, and why:
 - q: one scale per block of QUERY_BLOCK rows of a head (the kernel's query tile), softmax's scale and log2(e)
   folded in, so the kernel's scores come out in the base-2 domain exp2 wants at one multiply;
-- k: one scale per key row (a vector load per key tile in the kernel: per-row scales cost no more than one);
+- k: one scale per block of KEY_BLOCK keys (the kernel's key tiles lie inside one), so a tile's scores share one
+  scale with q's: the kernel takes the row maxima of the raw products and folds the scale into exp2's argument,
+  one multiply-add per score where a per-key scale costs a multiply more (13 % of the kernel's time at Wan 480p);
 - v: one scale per channel of a head over the whole sequence (P·V sums over keys, so a channel's scale factors out
   of the sum and is applied once at the end), stored transposed [B, H, D, keys] so that the kernel's key tile is
   contiguous along the product's reduction dimension, as FP8 tensor-core operands must be;
@@ -40,6 +42,7 @@ FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # an all-zero block quantises to zeros instead of dividing by zero
 LOG2E = 1.4426950408889634
 QUERY_BLOCK = 128  # rows of q per scale, and the attention kernel's query tile
+KEY_BLOCK = 128  # keys of k per scale; the kernels' key tiles lie inside one
 MIN_HEAD_DIM = 32  # q·kᵀ reduces over the head: 8-bit tensor-core products take 32 at a time
 KEY_ALIGN = 16  # the transposed v's rows are padded to this many keys (16-byte aligned FP8 rows)
 
@@ -47,8 +50,8 @@ KEY_ALIGN = 16  # the transposed v's rows are padded to this many keys (16-byte 
 @dataclass(frozen=True)
 class QuantizedHeads:
     """q, k and v in the layouts the kernel reads: q8, k8 [B, H, S, D] e4m3; vt8 [B, H, D, S_k padded to
-    KEY_ALIGN] e4m3; q_scale [B, H, query blocks] (softmax scale and log2 e folded in), k_scale [B, H, S_k],
-    v_scale [B, H, D], all float32."""
+    KEY_ALIGN] e4m3; q_scale [B, H, query blocks] (softmax scale and log2 e folded in), k_scale [B, H, key
+    blocks], v_scale [B, H, D], all float32."""
 
     q8: torch.Tensor
     q_scale: torch.Tensor
@@ -66,17 +69,23 @@ def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def _block_scales(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, S, D] → [B, H, ⌈S / block⌉]: the scale of each run of `block` rows (the last shorter)."""
+    b, h, n, d = x.shape
+    blocks = -(-n // block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - n))
+    return _scale_of(padded.view(b, h, blocks, block, d).abs().amax(dim=(-1, -2)))
+
+
 def quantize_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> QuantizedHeads:
     """The FP8 operands of q, k, v [B, S, H, D] (see the module's docstring), in torch."""
     b, n, h, d = q.shape
     nk = k.shape[1]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-    blocks = -(-n // QUERY_BLOCK)
-    padded = torch.nn.functional.pad(qf, (0, 0, 0, blocks * QUERY_BLOCK - n))
-    q_block_scale = _scale_of(padded.view(b, h, blocks, QUERY_BLOCK, d).abs().amax(dim=(-1, -2)))  # [B, H, blocks]
+    q_block_scale = _block_scales(qf, QUERY_BLOCK)  # [B, H, query blocks]
     q8 = _to_fp8(qf, q_block_scale.repeat_interleave(QUERY_BLOCK, dim=-1)[..., :n, None])
-    k_scale = _scale_of(kf.abs().amax(dim=-1))  # [B, H, S_k]
-    k8 = _to_fp8(kf, k_scale[..., None])
+    k_scale = _block_scales(kf, KEY_BLOCK)  # [B, H, key blocks]
+    k8 = _to_fp8(kf, k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :nk, None])
     v_scale = _scale_of(vf.abs().amax(dim=-2))  # [B, H, D]
     vt8 = torch.zeros(b, h, d, -(-nk // KEY_ALIGN) * KEY_ALIGN, dtype=FP8, device=q.device)
     vt8[..., :nk] = _to_fp8(vf, v_scale[:, :, None, :]).transpose(-1, -2)
@@ -87,7 +96,7 @@ def dequantized(quantized: QuantizedHeads, n: int, nk: int, sm_scale: float):
     """(q, k, v) [B, H, S, D] float32 as the FP8 operands hold them (q without the folded softmax scale)."""
     qs = quantized.q_scale / (sm_scale * LOG2E)
     q = quantized.q8.float() * qs.repeat_interleave(QUERY_BLOCK, dim=-1)[..., :n, None]
-    k = quantized.k8.float() * quantized.k_scale[..., None]
+    k = quantized.k8.float() * quantized.k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :nk, None]
     v = quantized.vt8[..., :nk].float().transpose(-1, -2) * quantized.v_scale[:, :, None, :]
     return q, k, v
 
@@ -120,21 +129,10 @@ if triton is not None:
 
     @triton.jit
     def _quantize_qk_kernel(
-        X,
-        X8,
-        SCALE,
-        heads,
-        n,
-        sxb,
-        sxn,
-        sxh,
-        scale_mul,
-        D: tl.constexpr,
-        BLOCK: tl.constexpr,
-        PER_ROW: tl.constexpr,
-    ):
-        """A tile of BLOCK rows of one head of x [B, S, H, D] (any strides, unit in D) into x8 [B, H, S, D]: one
-        scale per row (k) or per tile (q), times scale_mul."""
+        X, X8, SCALE, heads, n, sxb, sxn, sxh, scale_mul, D: tl.constexpr, BLOCK: tl.constexpr
+    ):  # fmt: skip
+        """A tile of BLOCK rows of one head of x [B, S, H, D] (any strides, unit in D) into x8 [B, H, S, D], with
+        one scale for the tile, times scale_mul."""
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // heads
@@ -145,14 +143,9 @@ if triton is not None:
         x = tl.load(
             X + b * sxb + h * sxh + rows.to(tl.int64)[:, None] * sxn + offs_d[None, :], mask=row_ok[:, None], other=0.0
         ).to(tl.float32)
-        if PER_ROW:
-            scale = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
-            x8 = tl.clamp(x / scale[:, None], -448.0, 448.0)
-            tl.store(SCALE + bh.to(tl.int64) * n + rows, scale * scale_mul, mask=row_ok)
-        else:
-            scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 448.0, 1e-12)
-            x8 = tl.clamp(x / scale, -448.0, 448.0)
-            tl.store(SCALE + bh * tl.num_programs(0) + blk, scale * scale_mul)
+        scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 448.0, 1e-12)
+        x8 = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(SCALE + bh * tl.num_programs(0) + blk, scale * scale_mul)
         out = X8 + bh.to(tl.int64) * n * D + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.store(out, x8.to(X8.dtype.element_ty), mask=row_ok[:, None])
 
@@ -179,8 +172,10 @@ if triton is not None:
     def _fp8_attention_step(
         q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, start, q_scale,
         N_KEYS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WIDEN: tl.constexpr,
+        KB: tl.constexpr,
     ):  # fmt: skip
-        """One key tile [start, start + BLOCK_N) of the online softmax; MASKED: the last tile, partly past N_KEYS."""
+        """One key tile [start, start + BLOCK_N) of the online softmax (inside one block of KB keys, k's scale
+        block); MASKED: the last tile, partly past N_KEYS."""
         cols = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         k_ptrs = k_head + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
@@ -188,18 +183,20 @@ if triton is not None:
         if MASKED:
             col_ok = cols < N_KEYS
             k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            ks = tl.load(ks_head + cols, mask=col_ok, other=0.0)
             vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
-            ks = tl.load(ks_head + cols)
             vt = tl.load(vt_ptrs)
-        s = tl.dot(q, tl.trans(k)) * (ks * q_scale)[None, :]
+        # The tile's scores share one scale (q's block times k's block, log2 e and softmax's scale folded in,
+        # > 0): the row maxima are taken over the raw products and the scale goes into exp2's argument, one
+        # multiply-add per score.
+        scale = tl.load(ks_head + start // KB) * q_scale
+        s = tl.dot(q, tl.trans(k))
         if MASKED:
             s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
         # P times 448 (e4m3's largest value) straight from exp2: the numerators ≤ 448, the row sums scaled alike
-        p = tl.math.exp2(s - (m_new - 8.807354922057604)[:, None])  # log2(448)
+        p = tl.math.exp2(s * scale - (m_new - 8.807354922057604)[:, None])  # log2(448)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if WIDEN:  # Triton's CPU interpreter rounds some values to e4m3 wrongly: there P stays float32
@@ -227,6 +224,7 @@ if triton is not None:
         D: tl.constexpr,
         WIDEN: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        KB: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         m = tl.program_id(0)
@@ -246,19 +244,19 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         k_head = K8 + bh.to(tl.int64) * N_KEYS * D
-        ks_head = KS + bh.to(tl.int64) * N_KEYS
+        ks_head = KS + bh * ((N_KEYS + KB - 1) // KB)
         vt_head = VT8 + bh.to(tl.int64) * D * n_pad
         # Whole key tiles unmasked (the loop Triton pipelines), then the last, partial one masked. The key count is
         # a compile-time constant: one kernel per sequence length, as a server sees a few (and Triton 3.6's
         # interpreter, which the CPU tests run, takes no loop bound known only at run time).
         for start in range(0, N_KEYS // BLOCK_N * BLOCK_N, BLOCK_N):
             acc, m_i, l_i = _fp8_attention_step(
-                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, start, q_scale, N_KEYS, D, BLOCK_N, False, WIDEN
+                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, start, q_scale, N_KEYS, D, BLOCK_N, False, WIDEN, KB
             )
         if N_KEYS % BLOCK_N != 0:
             last = N_KEYS // BLOCK_N * BLOCK_N
             acc, m_i, l_i = _fp8_attention_step(
-                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, last, q_scale, N_KEYS, D, BLOCK_N, True, WIDEN
+                q, acc, m_i, l_i, k_head, ks_head, vt_head, n_pad, last, q_scale, N_KEYS, D, BLOCK_N, True, WIDEN, KB
             )
         v_scale = tl.load(VS + bh * D + offs_d)
         out = acc * v_scale[None, :] / l_i[:, None]
@@ -268,18 +266,19 @@ if triton is not None:
             mask=row_ok[:, None],
         )
 
-    # Key tile, warps and stages tried per (head dim, key count); the query tile is
-    # QUERY_BLOCK (the q scales' block). 128 query rows take two warpgroups on Hopper.
+    # Key tile (≤ KEY_BLOCK), warps and stages tried per (head dim, key count); the query tile is QUERY_BLOCK (the
+    # q scales' block). Timed at Wan 480p × 81 on an H200: 64 keys on one warpgroup fastest (28.7 ms, 767 TFLOP/s),
+    # 128 keys on two 29.6 ms; 128 keys on one warpgroup spills (55 ms) and is not tried.
     TUNE_CONFIGS = [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4), (64, 4, 3), (128, 4, 3))
+        for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4), (64, 8, 3))
     ]
     _tuned_kernel = triton.autotune(TUNE_CONFIGS, key=["D", "N_KEYS"])(_fp8_attention_kernel)
 
 
 # Launches of fewer programs than this run the default config: timing configs costs more than it saves there.
 TUNE_MIN_PROGRAMS = 2048
-DEFAULT_CONFIG = dict(BLOCK_N=64, num_warps=8, num_stages=3)
+DEFAULT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def quantize_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> QuantizedHeads:
@@ -291,12 +290,12 @@ def quantize_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
     q_scale = torch.empty(b, h, blocks, dtype=torch.float32, device=q.device)
     _quantize_qk_kernel[(blocks, b * h)](
         q, q8, q_scale, h, n, q.stride(0), q.stride(1), q.stride(2), sm_scale * LOG2E, D=d, BLOCK=QUERY_BLOCK,
-        PER_ROW=False,
     )  # fmt: skip
+    k_blocks = -(-nk // KEY_BLOCK)
     k8 = torch.empty(b, h, nk, d, dtype=FP8, device=q.device)
-    k_scale = torch.empty(b, h, nk, dtype=torch.float32, device=q.device)
-    _quantize_qk_kernel[(-(-nk // 64), b * h)](
-        k, k8, k_scale, h, nk, k.stride(0), k.stride(1), k.stride(2), 1.0, D=d, BLOCK=64, PER_ROW=True
+    k_scale = torch.empty(b, h, k_blocks, dtype=torch.float32, device=q.device)
+    _quantize_qk_kernel[(k_blocks, b * h)](
+        k, k8, k_scale, h, nk, k.stride(0), k.stride(1), k.stride(2), 1.0, D=d, BLOCK=KEY_BLOCK
     )
     # max |v| over the keys in one read (no |v| temporary): [B, H, D]
     v_scale = _scale_of(torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float()).contiguous()
@@ -319,6 +318,8 @@ def fp8_attention(
     sm_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not fp8_attention_can_take(q, k, v):
         return fp8_attention_reference(q, k, v, sm_scale)
+    if config is not None and KEY_BLOCK % config.get("BLOCK_N", KEY_BLOCK):
+        raise ValueError(f"fp8 attention: key tile {config['BLOCK_N']} must divide k's scale block of {KEY_BLOCK}")
     b, n, h, d = q.shape
     nk = k.shape[1]
     ops = quantize_heads(q, k, v, sm_scale)
@@ -333,9 +334,9 @@ def fp8_attention(
         and not torch.are_deterministic_algorithms_enabled()
     )
     if tune:
-        _tuned_kernel[grid](*args, N_KEYS=nk, D=d, WIDEN=False, BLOCK_M=QUERY_BLOCK)
+        _tuned_kernel[grid](*args, N_KEYS=nk, D=d, WIDEN=False, BLOCK_M=QUERY_BLOCK, KB=KEY_BLOCK)
     else:
-        launch = dict(N_KEYS=nk, D=d, WIDEN=not q.is_cuda, BLOCK_M=QUERY_BLOCK)
+        launch = dict(N_KEYS=nk, D=d, WIDEN=not q.is_cuda, BLOCK_M=QUERY_BLOCK, KB=KEY_BLOCK)
         _fp8_attention_kernel[grid](*args, **launch, **(config or DEFAULT_CONFIG))
     return out
 

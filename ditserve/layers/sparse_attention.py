@@ -13,8 +13,8 @@ Three patterns, chosen by the attention backend's name (config.py `parse_attenti
   pooled scores, and a linear attention over all keys (softmax feature maps over the head dimension), through the
   checkpoint's learned projection `proj_l` (head_dim → head_dim, per block of the model), is added. This is what
   TurboDiffusion's published SLA module computes (its linear branch spans every key, not only the unselected ones).
-  The linear branch's key side is two reductions ([B, H, D, D], [B, H, D]) with proj_l folded in; its query side
-  runs in the kernel's epilogue.
+  The linear branch's key side is two reductions ([B, H, D, D], [B, H, D]) in one pass over k and v
+  (kernels/key_statistics.py), proj_l folded in; its query side runs in the kernel's epilogue.
 - `vsa[:sparsity]`: video sparse attention (Zhang et al. 2025, arXiv:2505.13389), for checkpoints trained with it
   (FastVideo's FastWan). The grid is cut into cubes of 4 × 4 × 4 tokens; the cube means attend densely (the coarse
   stage), each query cube keeps the ⌈(1 − sparsity) · cubes⌉ key cubes of highest coarse score and attends to their
@@ -36,9 +36,11 @@ import torch
 from ditserve.kernels.block_sparse_attention import (
     GatedCoarse,
     LinearBranch,
+    _runs,
     block_sparse_attention,
     block_sparse_attention_reference,
 )
+from ditserve.kernels.key_statistics import key_statistics
 
 # Tokens of one tile: 2 frames × 8 rows × 8 columns = 128, the kernel's query block.
 TILE = (2, 8, 8)
@@ -156,11 +158,6 @@ def sliding_tile_density(grid: tuple[int, int, int], window: tuple[int, int, int
 
 
 # ---- SLA ---------------------------------------------------------------------------------------------------------
-def _runs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.arange(0, n, size, device=device, dtype=torch.int32)
-    return starts, (n - starts).clamp(max=size)
-
-
 def _run_sums(x: torch.Tensor, size: int, axis: int = 1) -> torch.Tensor:
     """Float32 sums of each run of `size` entries along `axis` (the last run shorter): [B, N, H, D] →
     [B, ceil(N/size), H, D] for the default axis. Reduced from x as it is (no float copy, no padding)."""
@@ -182,12 +179,12 @@ def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float) -> tuple[torch.
     query block, those of highest pooled score (pooled queries · pooled keys centred on the keys' mean). The
     means are float32 (TurboDiffusion centres the keys in their own dtype first: the same up to rounding); the
     centred pooled keys are the pooled keys less the mean, so the keys are never copied."""
-    n = q.shape[1]
+    n, nk = q.shape[1], k.shape[1]
     pooled_q = _run_sums(q, SLA_QUERY_BLOCK) / _run_lengths(n, SLA_QUERY_BLOCK, q.device)[None, :, None, None]
-    k_sums = _run_sums(k, SLA_KEY_BLOCK)
-    k_mean = k_sums.sum(1, keepdim=True) / k.shape[1]
-    pooled_k = k_sums / _run_lengths(k.shape[1], SLA_KEY_BLOCK, q.device)[None, :, None, None] - k_mean
-    scores = pooled_q.transpose(1, 2) @ pooled_k.permute(0, 2, 3, 1)  # [B, H, Mq, Mk]
+    key_block_sums = _run_sums(k, SLA_KEY_BLOCK).transpose(1, 2)  # [B, H, Mk, D]
+    k_mean = key_block_sums.sum(2, keepdim=True) / nk
+    pooled_k = key_block_sums / _run_lengths(nk, SLA_KEY_BLOCK, q.device)[None, None, :, None] - k_mean
+    scores = pooled_q.transpose(1, 2) @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk]
     mk = scores.shape[-1]
     chosen = max(1, min(mk, int(topk * mk)))
     lut = torch.topk(scores, chosen, dim=-1, sorted=False).indices.to(torch.int32)
@@ -209,16 +206,13 @@ def sla_key_statistics(
     k: torch.Tensor, v: torch.Tensor, projection: torch.nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The key side of SLA's linear branch with the projection folded in (kernels' `LinearBranch`): (Σ φ(k) vᵀ) Wᵀ
-    [B, H, D, D] in k's dtype, Σ φ(k) [B, H, D] float32, the bias [D] float32. φ(k) is k's dtype (its softmax
-    computed in float32); the [D, N] × [N, D] products are one batched matmul per batch entry, reading k and v
-    in place. W is applied through the module itself (W x = proj(x) − proj(0)), so a LoRA or FP8 projection
-    folds the same way."""
-    phi_k = torch.softmax(k, dim=-1)
-    kv = torch.stack([phi_k[i].permute(1, 2, 0) @ v[i].transpose(0, 1) for i in range(k.shape[0])])
-    k_sum = phi_k.sum(dim=1, dtype=torch.float32)
+    [B, H, D, D] in k's dtype, Σ φ(k) [B, H, D] float32, the bias [D] float32; the sums in one pass over k and v
+    (kernels/key_statistics.py). W is applied through the module itself (W x = proj(x) − proj(0)), so a LoRA or
+    FP8 projection folds the same way."""
+    statistics = key_statistics(k, v)
     bias = projection(torch.zeros(1, k.shape[-1], device=k.device, dtype=k.dtype)).float()[0]
-    kv_w = projection(kv).float() - bias
-    return kv_w.to(k.dtype), k_sum, bias
+    kv_w = projection(statistics.kv.to(k.dtype)).float() - bias
+    return kv_w.to(k.dtype), statistics.k_sum, bias
 
 
 @torch.compiler.disable
@@ -233,23 +227,24 @@ def sla_attention(
     """SLA over the whole sequence: block-sparse attention over the chosen key blocks plus `projection` (the
     checkpoint's proj_l) of the linear branch. The fast path is one kernel launch, the linear branch's query side
     in its epilogue; `reference` computes the published formula in plain torch (float32)."""
-    lut, counts = sla_block_map(q, k, pattern.topk)
     q_blocks = _runs(q.shape[1], SLA_QUERY_BLOCK, q.device)
-    kv_blocks = _runs(k.shape[1], SLA_KEY_BLOCK, q.device)
     if reference:
+        lut, counts = sla_block_map(q, k, pattern.topk)
+        kv_blocks = _runs(k.shape[1], SLA_KEY_BLOCK, q.device)
         sparse = block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, fp8=pattern.fp8)
         linear = projection(sla_linear_branch(q, k, v).to(projection.weight.dtype))
         return (sparse.float() + linear.float()).to(q.dtype)
-    kv, k_sum, bias = sla_key_statistics(k, v, projection)
-    linear = LinearBranch(kv, k_sum, bias, LINEAR_EPS)
+    lut, _ = sla_block_map(q, k, pattern.topk)
+    linear = LinearBranch(*sla_key_statistics(k, v, projection), LINEAR_EPS)
+    # key blocks: runs of SLA_KEY_BLOCK from the first (no tables); counts: every query block lists as many
     return block_sparse_attention(
         q,
         k,
         v,
         q_blocks,
-        kv_blocks,
+        None,
         lut,
-        counts,
+        None,
         block_m=SLA_QUERY_BLOCK,
         max_kv_len=SLA_KEY_BLOCK,
         epilogue=linear,
