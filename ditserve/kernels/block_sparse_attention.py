@@ -330,14 +330,12 @@ if triton is not None:
                 if WIDEN:
                     kb = kb.to(tl.float32)
                     vb = vb.to(tl.float32)
-                # Columns outside the listed blocks get −inf through an added bias, so that scaling and masking
-                # are one multiply-add per score.
-                bias = tl.where(col_ok, 0.0, float("-inf"))
                 if FP8:
                     k_scale = tl.load(ks_head + k_tok // KS_BLOCK, mask=col_ok, other=0.0)
-                    s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :] + bias[None, :]
+                    s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :]
                 else:
-                    s = tl.dot(q, tl.trans(kb)) * qk_scale + bias[None, :]
+                    s = tl.dot(q, tl.trans(kb)) * qk_scale
+                s = tl.where(col_ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN from −inf − −inf
                 if FP8:  # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
