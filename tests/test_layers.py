@@ -128,12 +128,12 @@ def test_row_parallel_column_pieces_match_unsharded():
     """A row-parallel product summed over column pieces on two ranks (its input parts, or smaller pieces, in any
     order), with a LoRA adapter, equals the unsharded layer, as does forward on the concatenated parts."""
     import numpy as np
-    import torch.multiprocessing as mp
+    import ranks
 
     from ditserve.engine.distributed import free_port
 
-    queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_column_pieces_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    queue = ranks.queue()
+    ranks.start(_column_pieces_worker, (free_port(), queue), 2)
     in_order, pieces, concatenated, reference = queue.get(timeout=60)
     assert reference.shape == (1, 7, 6)
     for out in (in_order, pieces, concatenated):
@@ -239,14 +239,14 @@ def test_two_shot_all_reduce_matches_nccl():
     exact float64 sum: written into the buffer by the GEMM or copied in (LoRA), for a part started earlier, a
     larger message, two sums finished in the other order than started, a sum after one dropped unfinished, a CUDA
     graph, and float16 (which falls back to NCCL)."""
-    import torch.multiprocessing as mp
+    import ranks
 
     from ditserve.engine.distributed import free_port
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
-    queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_symmetric_all_reduce_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    queue = ranks.queue()
+    ranks.start(_symmetric_all_reduce_worker, (free_port(), queue), 2)
     kind, report, released = queue.get(timeout=120)
     assert kind == "SymmetricAllReduce"
     assert len(report) == 24

@@ -38,14 +38,12 @@ def single_process(tiny_4_heads):
 @pytest.mark.parametrize(
     "mode",
     [
-        # Ulysses alone is not listed: three of the combinations below run it, and test_sequence_parallel.py holds
-        # its exchange at every degree.
+        # One run per mode, Ulysses inside its combination with Ring (4 ranks); test_sequence_parallel.py holds the
+        # exchange at each degree and Ulysses on tensor-parallel heads, tests/test_cache.py Ulysses with CFG.
         dict(num_gpus=2, ring_degree=2),
         dict(num_gpus=2, cfg_parallel=True),
         dict(num_gpus=2, tp_size=2),
         dict(num_gpus=4, ulysses_degree=2, ring_degree=2),
-        dict(num_gpus=4, ulysses_degree=2, cfg_parallel=True),
-        dict(num_gpus=4, tp_size=2, ulysses_degree=2),
         dict(num_gpus=3, ring_degree=3),
     ],
     ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items() if k != "num_gpus"),

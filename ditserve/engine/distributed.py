@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 INIT_TIMEOUT = datetime.timedelta(minutes=15)
 
@@ -86,6 +87,24 @@ def all_gather_json(obj, group) -> list:
     out = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
     return [json.loads(bytes(t[: int(n.item())].numpy()).decode()) for t, n in zip(out, sizes)]
+
+
+# What a CPU engine's fork server imports once, before it forks each rank (rank_main imports the rest).
+RANK_PRELOAD = ["torch", "torch.distributed", "ditserve.engine.engine"]
+
+
+def rank_start_context(device: torch.device):
+    """How this node's other ranks are started. CUDA engines spawn them: each a fresh interpreter, the only safe way
+    beside a driver that has touched CUDA. CPU engines (gloo ranks, as in tests and on machines without GPUs) fork
+    them from a fork server that imported torch and ditserve once, when the first such engine started it: a spawned
+    rank re-imports them (4.5 s on a 2-core machine, most of a small engine's start). The fork server has imported
+    modules and done nothing else (no threads, no CUDA), so forking it is safe; its ranks see the environment of
+    the moment it started, not the driver's later changes."""
+    if device.type == "cuda":
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(RANK_PRELOAD)
+    return context
 
 
 def rank_main(engine_args: dict, placement: dict) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ditserve.accel.cache_config import CacheConfig
 from ditserve.accel.compile import compile_repeated_blocks
@@ -35,6 +34,7 @@ from ditserve.engine.distributed import (
     free_port,
     init_process_group,
     rank_main,
+    rank_start_context,
     torchrun_placement,
 )
 from ditserve.layers.attention import needs_fp8_tensor_cores, set_attention_backend
@@ -248,7 +248,7 @@ class Engine:
         else:
             init_method = f"tcp://{args.dist_init_addr}"
         base = args.node_rank * local_world
-        context = mp.get_context("spawn")
+        context = rank_start_context(self.device)
         for local in range(1, local_world):
             placement = RankPlacement(base + local, self.parallel.world_size, local, init_method)
             process = context.Process(target=rank_main, args=(args.to_dict(), dataclasses.asdict(placement)))
