@@ -100,6 +100,7 @@ if triton is not None:
 
 
 def key_statistics_can_take(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel runs these [B, N, H, D] inputs (else `key_statistics` runs the reference)."""
     d = k.shape[-1]
     return (
         _use_triton(k)
