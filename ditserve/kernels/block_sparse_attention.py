@@ -509,12 +509,12 @@ def block_sparse_attention(
                 f"fp8 block-sparse attention: key tile {config.block_n} neither inside a key block of {max_kv_len} "
                 "nor two of them"
             )
-    runs, full = kv_blocks is None, counts is None
-    if runs:
-        kv_blocks = _runs(k.shape[1], max_kv_len, k.device)
-    if full:
-        counts = torch.full(lut.shape[:-1], lut.shape[-1], dtype=torch.int32, device=lut.device)
-    if not usable:
+    kv_runs, full = kv_blocks is None, counts is None
+    if not usable:  # the reference reads tables: made here for the cases the kernel computes instead
+        if kv_runs:
+            kv_blocks = _runs(k.shape[1], max_kv_len, k.device)
+        if full:
+            counts = torch.full(lut.shape[:-1], lut.shape[-1], dtype=torch.int32, device=lut.device)
         return block_sparse_attention_reference(q, k, v, q_blocks, kv_blocks, lut, counts, order, scale, epilogue, fp8)
     if max_kv_len & (max_kv_len - 1) or block_m & (block_m - 1):
         raise ValueError(f"block_m ({block_m}) and max_kv_len ({max_kv_len}) must be powers of two")
@@ -533,9 +533,10 @@ def block_sparse_attention(
         v_d_stride = operands.vt8.stride(2)
         fp8_args = [operands.q_scale, operands.k_scale, operands.v_scale]
     q_start, q_len = (t.to(torch.int32).contiguous() for t in q_blocks)
-    kv_start, kv_len = (t.to(torch.int32).contiguous() for t in kv_blocks)
+    # tables the kernel does not read (key blocks as runs, full LUT rows) are passed as placeholders
+    kv_start, kv_len = (q_start, q_len) if kv_runs else (t.to(torch.int32).contiguous() for t in kv_blocks)
     lut = lut.to(torch.int32).contiguous()  # the kernel steps through a LUT row with unit stride
-    counts = counts.to(torch.int32)
+    counts = q_start if full else counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
     if isinstance(epilogue, LinearBranch):
@@ -584,7 +585,7 @@ def block_sparse_attention(
         out.stride(1),
         out.stride(2),
         *_lut_strides(lut, 4),
-        *_lut_strides(counts, 3),
+        *([0, 0] if full else _lut_strides(counts, 3)),
         *extra_strides,
         given.stride(0),
         given.stride(1),
@@ -598,7 +599,7 @@ def block_sparse_attention(
         MAX_COUNT=lut.shape[-1],
         MAX_KV_LEN=max_kv_len,
         HAS_ORDER=order is not None,
-        RUNS=runs,
+        RUNS=kv_runs,
         FULL=full,
         # Triton 3.6's interpreter multiplies 16-bit operands of tl.dot wrongly (it reads their bits as garbage):
         # on the CPU the operands are widened to float32 first; compiled kernels multiply them as they are.
