@@ -1,28 +1,20 @@
-"""Processes for the tests' own multi-rank checks (gloo on the CPU), started from one fork server.
+"""Processes for the tests' own multi-rank checks (gloo on the CPU), started as a CPU engine starts its ranks.
 
-Each spawned rank imports torch and ditserve anew: about 4.5 s on the 2-core CI machine, most of a small check's
-time (a 4-rank check paid it four times over two cores). A fork server imports them once, when the first check
-starts it, and forks every later rank from that state. It has imported modules and nothing more (no thread pool,
-no CUDA), which is what a fork needs to be safe. Ranks see the fork server's environment, not the test's at the
-time of the call: these checks set none. The engine's own ranks (Engine(num_gpus=N)) are spawned as in production.
+A spawned rank imports torch and ditserve anew: about 4.5 s on the 2-core CI machine, most of a small check's time
+(a 4-rank check paid it four times over two cores). These checks take their processes from the fork server of
+`ditserve.engine.distributed.rank_start_context` (the one CPU engines fork their ranks from: one per process, its
+imports made once), so a check costs its own work. Ranks see the fork server's environment, not the test's at the
+time of the call: these checks set none.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-
+import torch
 import torch.multiprocessing as mp
 
-PRELOAD = [
-    "torch",
-    "torch.distributed",
-    "ditserve.loader.weights",
-    "ditserve.models.flux",
-    "ditserve.parallel.sequence",
-    "ditserve.parallel.groups",
-]
-_context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(PRELOAD)
+from ditserve.engine.distributed import rank_start_context
+
+_context = rank_start_context(torch.device("cpu"))
 
 
 def queue():
@@ -32,4 +24,4 @@ def queue():
 
 def start(fn, args: tuple, nprocs: int) -> None:
     """`fn(rank, *args)` in `nprocs` processes; returns when all have ended (raises if one failed)."""
-    mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method=_context.get_start_method())
