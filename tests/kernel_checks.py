@@ -145,6 +145,35 @@ def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, s
         assert not got[1].float().any()
 
 
+def check_quantized_outputs(device: str, dtype: torch.dtype, b: int, s: int, d: int, ffn: int, seed: int) -> None:
+    """The LayerNorms and GELU asked for rows quantised for an FP8 linear write the bytes and scales that writing
+    their rows and quantising them afterwards (`quantize_rows`) gives: rounded to the activation dtype first."""
+    from ditserve.kernels import fp8_quant as q
+    from ditserve.kernels.gelu import gelu_tanh
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]  # rows strided in the batch dimension
+    mod = torch.randn(b, 3 * d, generator=g).to(device, torch.float32)
+    shift, scale, _ = mod.chunk(3, dim=-1)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    bias = (0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    up = (2 * torch.randn(b, s, ffn + 8, generator=g)).to(device, dtype)[..., 8:]  # strided rows, as GEMM slices
+    up[0, 0] = 0  # an all-zero row: scale at its floor, zeros
+    cases = {
+        "layer_norm_modulate": lambda quantize: k.layer_norm_modulate(x, shift, scale, 1e-6, quantize),
+        "layer_norm_affine": lambda quantize: k.layer_norm_affine(x, w, bias, 1e-6, quantize),
+        "gelu_tanh": lambda quantize: gelu_tanh(up, quantize),
+    }
+    for name, run in cases.items():
+        fused = run(True)
+        plain = run(False).to(dtype)
+        want, want_scale = q.quantize_rows(plain.reshape(-1, plain.shape[-1]))
+        assert isinstance(fused, q.QuantizedRows) and fused.dtype == dtype and fused.shape == plain.shape, name
+        assert fused.data.dtype == q.FP8 and fused.data.is_contiguous() and fused.scale.shape == want_scale.shape
+        assert torch.equal(fused.scale, want_scale), name
+        assert torch.equal(fused.data.reshape(want.shape).view(torch.uint8), want.view(torch.uint8)), name
+
+
 def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int, h: int, d: int, seed: int) -> None:
     """FP8 attention: the quantising kernels against the reference (scales exactly; e4m3 bytes but for rounding
     boundaries, and on the CPU the interpreter's round-ups, as for check_quantize_rows), and the attention kernel
@@ -394,6 +423,10 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         check_rms_norm_rope(device, dtype, b, st, si, h, d, tol, seed)
     for seed, (rows, cols) in enumerate([(3, 48), (17, 3072)] if sizes == "small" else [(4608, 3072), (4096, 15360)]):
         check_quantize_rows(device, dtype, rows, cols, seed)
+    for seed, (b, s, d, ffn) in enumerate(
+        [(1, 3, 48, 96), (2, 5, 5120, 13824)] if sizes == "small" else [(1, 4096, 5120, 13824)]
+    ):
+        check_quantized_outputs(device, dtype, b, s, d, ffn, seed)
     check_layer_norm_affine(device, dtype, 2, 3 if sizes == "small" else 4096, 5120, tol, 0)  # Wan 14B's width
     wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]
     for seed, (b, s, h, d) in enumerate(wan_shapes):

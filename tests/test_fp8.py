@@ -141,3 +141,50 @@ def test_fp8_on_cuda_keeps_digit_accuracy_within_two_points():
         pytest.skip("needs FP8 tensor cores")
     scores = {quantization: cuda_digit_accuracy(quantization=quantization) for quantization in (None, "fp8")}
     assert scores["fp8"] >= scores[None] - 0.02, scores
+
+
+def test_norms_and_gelu_hand_fp8_linears_their_input_quantised(monkeypatch):
+    """Wan's norms and GELU write their rows quantised for the FP8 linear that reads them (`QuantizedRows`); the
+    forward is bit for bit the one where each linear quantises its own input. A linear with a dynamic LoRA
+    adapter takes its input unquantised, and refuses a quantised one by name."""
+    from ditserve.accel.fp8 import quantize_dit
+    from ditserve.kernels.fp8_quant import QuantizedRows
+    from ditserve.layers.linear import LinearLoRA
+    from ditserve.loader.weights import build_on_meta, materialize
+    from ditserve.models.wan import WanTransformer, video_position_ids
+
+    config = dict(
+        patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )  # fmt: skip
+    model = materialize(build_on_meta(lambda: WanTransformer.from_config(config), torch.float32), "cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    assert quantize_dit(model) == 2 * 7
+    inputs = dict(
+        video_tokens=torch.randn(1, 2 * 3 * 4, 16, generator=g),
+        timestep=torch.tensor([500.0]),
+        text_states=torch.randn(1, 5, 32, generator=g),
+        video_ids=video_position_ids(2, 3, 4, "cpu"),
+    )
+    block = model.blocks[0]
+    consumers = {"qkv": block.qkv, "cross_q": block.cross_q, "ff_up": block.ff_up, "ff_down": block.ff_down}
+    seen = {}
+    for name, layer in consumers.items():
+        layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, type(args[0])))
+    with torch.no_grad():
+        fused = model(**inputs)
+        assert seen == {name: QuantizedRows for name in consumers}
+        with monkeypatch.context() as m:
+            m.setattr(LinearBase, "takes_quantized_input", property(lambda self: False))
+            separate = model(**inputs)
+        assert seen == {name: torch.Tensor for name in consumers}
+        assert torch.equal(fused, separate)
+
+        block.ff_up.lora = [LinearLoRA(torch.randn(2, 32, generator=g), torch.randn(64, 2, generator=g), 0.5)]
+        model(**inputs)
+        assert seen["ff_up"] is torch.Tensor and seen["ff_down"] is QuantizedRows
+        with pytest.raises(TypeError, match="takes_quantized_input"):
+            block.ff_up(QuantizedRows(*quantize_weight(torch.randn(3, 32)), torch.float32))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditserve.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_rows
+from ditserve.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, QuantizedRows, quantize_rows
 
 
 class FP8Unsupported(ValueError):
@@ -78,14 +78,20 @@ def scaled_mm_reference(
     return y.to(out_dtype)
 
 
-def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ + b for an e4m3 W [N, K] (possibly a column slice of a wider one) with per-row scales w_scale [N]."""
+def fp8_linear(
+    x: torch.Tensor | QuantizedRows, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x Wᵀ + b for an e4m3 W [N, K] (possibly a column slice of a wider one) with per-row scales w_scale [N]; x
+    is quantised per token here unless the kernel that produced it did (`QuantizedRows`)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    xq, x_scale = quantize_rows(x2)
-    if x.is_cuda:
+    if isinstance(x, QuantizedRows):
+        xq, x_scale = x.data.view(-1, shape[-1]), x.scale
+    else:
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xq, x_scale = quantize_rows(x2)
+    if xq.is_cuda:
         b = wq.t()  # [K, N], column-major: what _scaled_mm wants as its second operand
         if b.stride(0) != 1 or b.data_ptr() % 16:
             b = wq.contiguous().t()

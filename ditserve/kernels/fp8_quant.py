@@ -7,9 +7,11 @@ divide, cast); the kernel reads each row once and writes the e4m3 row and its sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ditserve.kernels.fused_norm import _use_triton
+from ditserve.kernels.dispatch import use_triton as _use_triton
 
 try:
     import triton
@@ -23,6 +25,34 @@ FP8_MAX = 448.0
 MIN_SCALE = 1e-12
 
 
+@dataclass(frozen=True)
+class QuantizedRows:
+    """An activation already quantised per row for an FP8 linear, by the kernel that produced it (a norm, an
+    activation function: `store_row_quantized`), so that the linear skips its own quantising pass. data e4m3
+    [..., K] contiguous, scale float32 [rows, 1], dtype the activation's (the product's output dtype)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.data.reshape(-1, self.data.shape[-1]).float() * self.scale
+        return rows.view(self.data.shape).to(self.dtype)
+
+
+def quantized(x: torch.Tensor) -> QuantizedRows:
+    """x [..., K] quantised per row: what a producer whose kernel cannot run hands an FP8 linear instead."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q, scale = quantize_rows(rows)
+    return QuantizedRows(q.view(x.shape), scale, x.dtype)
+
+
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (e4m3 [M, K], float32 scales [M, 1]) with x ≈ q · scale, each row scaled to e4m3's range."""
     xf = x.float()
@@ -33,15 +63,22 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 if triton is not None:
 
     @triton.jit
+    def store_row_quantized(q_ptr, scale_ptr, row, offs, mask, value, q_stride):
+        """Store row `row` of float32 values (zero where masked) as e4m3 at q_ptr + row·q_stride with its scale, as
+        `quantize_rows_reference` computes them. A producer that rounds `value` to the activation dtype first
+        stores the bytes that storing the activation and quantising it afterwards would give."""
+        scale = tl.maximum(tl.max(tl.abs(value), axis=0) / 448.0, 1e-12)
+        q = tl.clamp(value / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_stride, q_stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < cols
         x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
-        q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        store_row_quantized(q_ptr, scale_ptr, row, offs, mask, x, q_stride)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,4 +96,4 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-__all__ = ["FP8", "FP8_MAX", "quantize_rows", "quantize_rows_reference"]
+__all__ = ["FP8", "FP8_MAX", "QuantizedRows", "quantize_rows", "quantize_rows_reference", "quantized"]

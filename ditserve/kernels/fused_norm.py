@@ -15,30 +15,29 @@ here reads its input once and writes its output once.
   k over the whole inner width, before splitting heads); under tensor parallelism the mean square is summed over
   the ranks' heads.
 
+The two LayerNorms can also write their rows quantised for an FP8 linear (`quantize=True`: `QuantizedRows`, the
+same bytes as writing them and quantising them afterwards), which saves that linear a pass over its input.
+
 The references are what the models ran before these kernels existed; they stay the semantics.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ditserve.kernels.dispatch import use_triton as _use_triton
+from ditserve.kernels.fp8_quant import FP8, QuantizedRows, quantized
+
 try:
     import triton
     import triton.language as tl
+
+    from ditserve.kernels.fp8_quant import store_row_quantized
 except ImportError:  # CPU-only installs: the torch references serve
     triton = None
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if triton is None or os.environ.get("DITSERVE_DISABLE_TRITON") == "1":
-        return False
-    if torch.compiler.is_compiling():  # under torch.compile, Inductor fuses the reference itself
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---- Row norms: one program per token row of x [B, S, D] ------------------------------------------------------
@@ -58,15 +57,36 @@ def _rows_kernel_fits(x: torch.Tensor) -> bool:
     return _use_triton(x) and x.dim() == 3 and x.numel() > 0 and x.stride(-1) == 1
 
 
-def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
-    """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype."""
+def _launch_per_row(kernel, x: torch.Tensor, *operands, quantize: bool | None = None):
+    """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype.
+
+    `quantize` (kernels that take a QUANT flag and a row-scale pointer after their operands: not None): True
+    writes the rows in e4m3 with a scale each (`QuantizedRows`, what an FP8 linear reads) instead."""
     b, s, d = x.shape
-    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
+    out = torch.empty((b, s, d), device=x.device, dtype=FP8 if quantize else x.dtype)
+    flags = {}
+    if quantize is not None:
+        row_scales = torch.empty((b * s, 1), device=x.device, dtype=torch.float32) if quantize else out
+        operands = (*operands, row_scales)
+        flags["QUANT"] = quantize
     block = triton.next_power_of_2(d)
     kernel[(b * s,)](
-        x, out, s, d, x.stride(0), x.stride(1), *operands, BLOCK=block, num_warps=8 if block >= 2048 else 4
+        x, out, s, d, x.stride(0), x.stride(1), *operands, BLOCK=block, num_warps=8 if block >= 2048 else 4, **flags
     )
-    return out
+    return QuantizedRows(out, row_scales, x.dtype) if quantize else out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_row(out_ptr, row_scales, row, dim, offs, mask, value, QUANT: tl.constexpr, x_dtype: tl.constexpr):
+        """Store a row of float32 values in the output's dtype, or (QUANT) rounded to the input's dtype and then
+        quantised to e4m3 with its scale: the same bytes as storing it and running `quantize_rows`."""
+        if QUANT:
+            value = tl.where(mask, value.to(x_dtype).to(tl.float32), 0.0)
+            store_row_quantized(out_ptr, row_scales, row, offs, mask, value, dim)
+        else:
+            tl.store(out_ptr + row * dim + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # LayerNorm + modulation
@@ -90,7 +110,9 @@ if triton is not None:
         scale_ptr,
         mod_batch_stride,
         eps,
+        row_scales,
         BLOCK: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         batch = row // seq_len
@@ -104,17 +126,21 @@ if triton is not None:
         centered = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
         out = centered * rstd * (1.0 + scale) + shift
-        tl.store(out_ptr + row * dim + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_row(out_ptr, row_scales, row, dim, offs, mask, out, QUANT, x_ptr.dtype.element_ty)
 
 
-def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]."""
+def layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, quantize: bool = False
+) -> torch.Tensor | QuantizedRows:
+    """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]. `quantize`:
+    the result rounded to x's dtype and quantised per row for an FP8 linear, in the same pass."""
     usable = (
         _rows_kernel_fits(x) and shift.stride(-1) == 1 and scale.stride(-1) == 1 and shift.stride(0) == scale.stride(0)
     )
     if not usable:
-        return layer_norm_modulate_reference(x, shift, scale, eps)
-    return _launch_per_row(_layer_norm_modulate_kernel, x, shift, scale, shift.stride(0), eps)
+        out = layer_norm_modulate_reference(x, shift, scale, eps)
+        return quantized(out.to(x.dtype)) if quantize else out
+    return _launch_per_row(_layer_norm_modulate_kernel, x, shift, scale, shift.stride(0), eps, quantize=quantize)
 
 
 # LayerNorm with scale and bias, in float32
@@ -135,7 +161,9 @@ if triton is not None:
         w_ptr,
         b_ptr,
         eps,
+        row_scales,
         BLOCK: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -153,12 +181,14 @@ if triton is not None:
         centered = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
         out = centered * rstd * w.to(tl.float32) + b.to(tl.float32)
-        tl.store(out_ptr + row * dim + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_row(out_ptr, row_scales, row, dim, offs, mask, out, QUANT, x_ptr.dtype.element_ty)
 
 
-def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, quantize: bool = False
+) -> torch.Tensor | QuantizedRows:
     """LayerNorm(x) · weight + bias computed in float32, in x's dtype; x [B, S, D] (rows may be strided), weight
-    and bias [D]."""
+    and bias [D]. `quantize`: quantised per row for an FP8 linear, in the same pass."""
     usable = (
         _rows_kernel_fits(x)
         and weight.is_contiguous()
@@ -166,8 +196,9 @@ def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         and weight.shape == bias.shape == (x.shape[-1],)
     )
     if not usable:
-        return layer_norm_affine_reference(x, weight, bias, eps)
-    return _launch_per_row(_layer_norm_affine_kernel, x, weight, bias, eps)
+        out = layer_norm_affine_reference(x, weight, bias, eps)
+        return quantized(out) if quantize else out
+    return _launch_per_row(_layer_norm_affine_kernel, x, weight, bias, eps, quantize=quantize)
 
 
 # RMS norm + scale

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.kernels.gelu import gelu_tanh as _gelu_tanh_kernel
 from ditserve.kernels.swiglu import silu_and_mul as _silu_and_mul_kernel
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (a Triton kernel on CUDA, see `ditserve.kernels.gelu`)."""
-    return _gelu_tanh_kernel(x)
+def gelu_tanh(x: torch.Tensor, quantize: bool = False) -> torch.Tensor | QuantizedRows:
+    """GELU with the tanh approximation (a Triton kernel on CUDA, see `ditserve.kernels.gelu`); `quantize`: its rows
+    quantised for the FP8 linear that reads them (`LinearBase.takes_quantized_input`)."""
+    return _gelu_tanh_kernel(x, quantize)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

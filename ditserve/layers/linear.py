@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.parallel.state import tp_group
 
 
@@ -104,8 +105,23 @@ class LinearBase(nn.Module):
         """How many checkpoint tensors fill each parameter of this layer (1 unless fused)."""
         return 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        self.check_input(x)
         return self.apply_lora(x, self.matmul(x, self.bias))
+
+    @property
+    def takes_quantized_input(self) -> bool:
+        """Whether this layer's input may come quantised per row by the kernel that produces it (`QuantizedRows`:
+        a norm or an activation asked for `quantize=`): an FP8 layer without dynamic LoRA adapters (those read the
+        input in its own dtype). The producer then writes e4m3 and the layer skips its own quantising pass."""
+        return self.weight_scale is not None and not self.lora
+
+    def check_input(self, x: torch.Tensor | QuantizedRows) -> None:
+        if isinstance(x, QuantizedRows) and not self.takes_quantized_input:
+            raise TypeError(
+                f"{type(self).__name__} got an input quantised for FP8 but takes it in its own dtype (not FP8, or "
+                "with dynamic LoRA): its producer must ask `takes_quantized_input`"
+            )
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, start: int = 0, width: int | None = None):
         """x Wᵀ (+ bias) over this rank's input columns [start, start + width) (all of them by default), in the
@@ -363,6 +379,7 @@ class RowParallelLinear(LinearBase):
         """Add the product of x, this rank's input columns [start, start + x.shape[-1]), to `partial` (None: start
         the sum, with the bias). `finish` completes it. The pieces may come in any order; each GEMM accumulates in
         float32 and the sum is rounded once per piece."""
+        self.check_input(x)
         width = x.shape[-1]
         if start < 0 or start + width > self.in_features:
             raise ValueError(f"columns [{start}, {start + width}) outside this rank's {self.in_features} inputs")
@@ -389,7 +406,8 @@ class RowParallelLinear(LinearBase):
             y = y + F.linear(hidden, a.up) * a.scale
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        self.check_input(x)
         y = self.apply_lora(x, self._product(x, self.weight))
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 

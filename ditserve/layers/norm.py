@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.kernels.fused_norm import (
     layer_norm_affine,
     layer_norm_modulate,
@@ -75,9 +76,10 @@ class FP32LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
 
-    def rounded(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x) rounded to x's dtype, as the next layer takes it: one fused pass on CUDA."""
-        return layer_norm_affine(x, self.weight, self.bias, self.eps)
+    def rounded(self, x: torch.Tensor, quantize: bool = False) -> torch.Tensor | QuantizedRows:
+        """forward(x) rounded to x's dtype, as the next layer takes it: one fused pass on CUDA; `quantize`: its rows
+        quantised for the FP8 linear that reads them (`LinearBase.takes_quantized_input`)."""
+        return layer_norm_affine(x, self.weight, self.bias, self.eps, quantize)
 
 
 class HeadsRMSNorm(nn.Module):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention, write_heads
@@ -85,8 +86,8 @@ class FeedForward(nn.Module):
         self.fc1 = ColumnParallelLinear(dim, hidden)
         self.fc2 = RowParallelLinear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        return self.fc2(gelu_tanh(self.fc1(x), self.fc2.takes_quantized_input))
 
 
 class StreamAttention(nn.Module):
@@ -99,7 +100,7 @@ class StreamAttention(nn.Module):
         self.norm = QKNorm(head_dim)
         self.proj = RowParallelLinear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor | QuantizedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, S, H, D] views of one fused projection (q and k not yet normed)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
         return q, k, v
@@ -130,8 +131,13 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(temb)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, txt_shift1, txt_scale1))
+        # The norms (and the MLPs' GELU) write their rows quantised when the FP8 linear that reads them takes that.
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            layer_norm_modulate(img, img_shift1, img_scale1, quantize=self.img_attn.qkv.takes_quantized_input)
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            layer_norm_modulate(txt, txt_shift1, txt_scale1, quantize=self.txt_attn.qkv.takes_quantized_input)
+        )
         # Joint sequence is [text, image], the order the RoPE ids were built in. Norm and RoPE write straight
         # into the joint q and k (wherever attention wants them), so the concatenation costs no extra pass.
         txt_len = txt.shape[1]
@@ -161,9 +167,11 @@ class DoubleStreamBlock(nn.Module):
         img_attn_out = self.img_attn.proj.finish(img_sum)
 
         img = gated_residual(img, img_gate1, img_attn_out)
-        img = gated_residual(img, img_gate2, self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2)))
+        img_mlp_in = layer_norm_modulate(img, img_shift2, img_scale2, quantize=self.img_mlp.fc1.takes_quantized_input)
+        img = gated_residual(img, img_gate2, self.img_mlp(img_mlp_in))
         txt = gated_residual(txt, txt_gate1, txt_attn_out)
-        txt = gated_residual(txt, txt_gate2, self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2)))
+        txt_mlp_in = layer_norm_modulate(txt, txt_shift2, txt_scale2, quantize=self.txt_mlp.fc1.takes_quantized_input)
+        txt = gated_residual(txt, txt_gate2, self.txt_mlp(txt_mlp_in))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -184,7 +192,9 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift, scale, gate = self.mod(temb)
-        q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(layer_norm_modulate(x, shift, scale)))
+        # The norm and the GELU write their rows quantised when the FP8 linear that reads them takes that.
+        h = layer_norm_modulate(x, shift, scale, quantize=self.qkv_mlp.takes_quantized_input)
+        q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(h))
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
         q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
@@ -198,7 +208,7 @@ class SingleStreamBlock(nn.Module):
             q_roped,
             k_roped,
             v_in,
-            alongside=lambda: self.proj_out.add_columns(gelu_tanh(mlp), mlp_start),
+            alongside=lambda: self.proj_out.add_columns(gelu_tanh(mlp, self.proj_out.takes_quantized_input), mlp_start),
             project=lambda out, first_head, partial: self.proj_out.add_columns(
                 out.flatten(2), first_head * head_dim, partial
             ),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows, quantized
 from ditserve.kernels.fused_norm import layer_norm_modulate
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
@@ -127,12 +128,17 @@ class WanConfig:
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, quantize: bool = False
+) -> torch.Tensor | QuantizedRows:
     """LayerNorm(x)·(1 + scale) + shift in float32, rounded to x's dtype; shift and scale [B, D] per sample, or
-    [B, S, D] per token (Wan2.2 TI2V's per-token timesteps)."""
+    [B, S, D] per token (Wan2.2 TI2V's per-token timesteps). `quantize`: its rows quantised for the FP8 linear
+    that reads them, in the same pass where the kernel runs."""
     if shift.dim() == 2:
-        return layer_norm_modulate(x, shift, scale, eps).to(x.dtype)
-    return (F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(x.dtype)
+        out = layer_norm_modulate(x, shift, scale, eps, quantize)
+        return out if quantize else out.to(x.dtype)
+    out = (F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(x.dtype)
+    return quantized(out) if quantize else out
 
 
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -178,7 +184,7 @@ class WanBlock(nn.Module):
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (-1, self.head_dim))
 
-    def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def self_attention(self, x: torch.Tensor | QuantizedRows, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v, *gate = (self.heads(t) for t in self.qkv.split(self.qkv(x)))
         q_in, k_in, v_in = self.self_attn.input_buffers(q, q.shape, value=v)
         self.norm_q.norm_rope_into(q_in, q, rope)
@@ -197,7 +203,9 @@ class WanBlock(nn.Module):
         )
         return self.self_out.finish(projected)
 
-    def cross_attention(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    def cross_attention(
+        self, x: torch.Tensor | QuantizedRows, text: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
         q = self.cross_norm_q(self.heads(self.cross_q(x)))
         k, v = (self.heads(t) for t in self.cross_kv.split(self.cross_kv(text)))
         out = self.cross_attn(q, self.cross_norm_k(k), v)
@@ -225,10 +233,13 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, dim]; text [B, L, dim] (embedded); timestep_proj [B, 6, dim] or [B, S, 6, dim] (per token)."""
         shift, scale, gate, c_shift, c_scale, c_gate = self.modulations(timestep_proj)
-        x = gated_add(x, gate, self.self_attention(modulate(x, shift, scale, self.eps), rope))
-        h = self.norm2.rounded(x) if self.norm2 is not None else x
+        # Each norm and the GELU write their rows quantised when the FP8 linear that reads them takes that.
+        h = modulate(x, shift, scale, self.eps, self.qkv.takes_quantized_input)
+        x = gated_add(x, gate, self.self_attention(h, rope))
+        h = self.norm2.rounded(x, self.cross_q.takes_quantized_input) if self.norm2 is not None else x
         x = x + self.cross_attention(h, text, image)
-        ff = self.ff_down(gelu_tanh(self.ff_up(modulate(x, c_shift, c_scale, self.eps))))
+        h = modulate(x, c_shift, c_scale, self.eps, self.ff_up.takes_quantized_input)
+        ff = self.ff_down(gelu_tanh(self.ff_up(h), self.ff_down.takes_quantized_input))
         return gated_add(x, c_gate, ff)
 
 
