@@ -95,6 +95,9 @@ def check_sla_fp8(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d
     paired = kernel.KernelConfig(2 * SLA_KEY_BLOCK, 8, 2)
     two = kernel.block_sparse_attention(q, k, v, q_blocks, None, lut, None, fp8=True, config=paired)
     assert rel(two, exact) < bound, ("sla-fp8 kernel, paired key blocks", rel(two, exact), lut.shape[-1])
+    # the same pairs read from the tables, every step masked
+    tables = kernel.block_sparse_attention(q, k, v, q_blocks, kv_blocks, lut, counts, fp8=True, config=paired)
+    assert rel(tables, exact) < bound, ("sla-fp8 kernel, paired key blocks from tables", rel(tables, exact))
 
 
 def check_key_statistics(device: str, dtype: torch.dtype, b: int, n: int, heads: int, d: int, tol: float, seed: int):
@@ -212,6 +215,8 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
             check_key_statistics(device, dtype, 1 + seed, n, 2, 16, 1e-5 if dtype == torch.float32 else 1e-2, seed)
             check_sla(device, dtype, 1 + seed, n, 1, 16, topk, tol, seed)
             check_sla_fp8(device, dtype, 1 + seed, n, 2, 32, topk, seed)
+        # key-block pairs: an even count (two unmasked pairs, then the last pair with the partial block)
+        check_sla_fp8(device, dtype, 1, 600, 1, 32, 0.6, 2)
         for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
             check_vsa(device, dtype, 1 + seed, grid, 2, 16, sparsity, tol, seed)
         if dtype == torch.float32:

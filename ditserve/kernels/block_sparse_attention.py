@@ -145,22 +145,72 @@ if triton is not None:
     @triton.jit
     def _fp8_key_tile(
         q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start, length, qk_scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr, MASKED: tl.constexpr,
     ):  # fmt: skip
-        """One key block of `length` ≤ BLOCK_N consecutive keys from `start` under FP8: its vᵀ tile (read as [keys, D],
-        keys contiguous) and its scores in exp2's domain, −inf past the block's length."""
+        """One key block of `length` ≤ BLOCK_N consecutive keys from `start` under FP8: its vᵀ tile (read as [keys,
+        D], keys contiguous), its raw products q·kᵀ (−inf past the block's length where MASKED; unmasked, the block
+        must be whole) and their one scale (the block lies inside one of k's scale blocks; > 0), which the caller
+        folds into exp2's multiply-add."""
         cols = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        col_ok = cols < length
         k_tok = (tl.multiple_of(start, 16) + cols).to(tl.int64)
-        kb = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        vb = tl.load(V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        k_scale = tl.load(ks_head + k_tok // KS_BLOCK, mask=col_ok, other=0.0)
+        k_ptrs = K + b * skb + h * skh + k_tok[:, None] * skn + offs_d[None, :]
+        v_ptrs = V + b * svb + h * svh + k_tok[:, None] + offs_d[None, :] * svd
+        if MASKED:
+            col_ok = cols < length
+            kb = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            vb = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            kb = tl.load(k_ptrs)
+            vb = tl.load(v_ptrs)
+        scale = tl.load(ks_head + start // KS_BLOCK) * qk_scale
         if WIDEN:  # the interpreter's widened operands
             kb = kb.to(tl.float32)
-        bias = tl.where(col_ok, 0.0, float("-inf"))
-        s = tl.dot(q, tl.trans(kb)) * (k_scale * qk_scale)[None, :] + bias[None, :]
-        return vb, s
+        s = tl.dot(q, tl.trans(kb))
+        if MASKED:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        return vb, s, scale
+
+    @triton.jit
+    def _fp8_pair_step(
+        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START, KV_LEN, slot, count,
+        n_keys, qk_scale,
+        D: tl.constexpr, MAX_KV_LEN: tl.constexpr, RUNS: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):  # fmt: skip
+        """The key blocks of LUT slots `slot` and `slot` + 1, each a run of consecutive keys read as its own tile
+        (the loads of vᵀ, keys contiguous, stay vector loads), in one step of the online softmax: one rescale and
+        one running-max update for the pair. Unmasked (MASKED False), both slots must be listed and whole."""
+        start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, slot, count, n_keys, RUNS, MAX_KV_LEN)
+        start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, slot + 1, count, n_keys, RUNS, MAX_KV_LEN)
+        vb_a, s_a, c_a = _fp8_key_tile(
+            q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, qk_scale,
+            D, MAX_KV_LEN, WIDEN, KS_BLOCK, MASKED,
+        )  # fmt: skip
+        vb_b, s_b, c_b = _fp8_key_tile(
+            q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_b, len_b, qk_scale,
+            D, MAX_KV_LEN, WIDEN, KS_BLOCK, MASKED,
+        )  # fmt: skip
+        # Each tile's scores share one positive scale: row maxima over the raw products, the scale into exp2's
+        # argument (one multiply-add per score).
+        m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1) * c_a, tl.max(s_b, 1) * c_b))
+        if MASKED:
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        else:
+            m_new_safe = m_new
+        # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
+        shift = (m_new_safe - 8.807354922057604)[:, None]  # log2(448)
+        p_a = tl.math.exp2(s_a * c_a - shift)
+        p_b = tl.math.exp2(s_b * c_b - shift)
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
+        if WIDEN:
+            acc = tl.dot(p_a, vb_a.to(tl.float32), acc * alpha[:, None])
+            acc = tl.dot(p_b, vb_b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p_a.to(vb_a.dtype), vb_a, acc * alpha[:, None])
+            acc = tl.dot(p_b.to(vb_b.dtype), vb_b, acc)
+        return acc, m_new, l_i
 
     @triton.jit
     def _block_sparse_attention_kernel(
@@ -260,33 +310,25 @@ if triton is not None:
             count = tl.load(COUNT + b * scb + h * sch + m)
         ks_head = KS + bh.to(tl.int64) * n_key_scales  # FP8: k's scales, one per KS_BLOCK keys
         if FP8 and BLOCK_N == 2 * MAX_KV_LEN:
-            # Two key blocks a step, each a run of consecutive keys read as its own tile (the loads of vᵀ, keys
-            # contiguous, stay vector loads); one softmax rescale and one running-max update per pair.
-            for step in range(0, (MAX_COUNT + 1) // 2):
-                start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, 2 * step, count, n_keys, RUNS, MAX_KV_LEN)
-                start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, 2 * step + 1, count, n_keys, RUNS, MAX_KV_LEN)
-                vb_a, s_a = _fp8_key_tile(
-                    q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, qk_scale,
-                    D, MAX_KV_LEN, WIDEN, KS_BLOCK,
+            # Two key blocks a step (`_fp8_pair_step`). SLA's case (key blocks as runs, full LUT rows, rows sorted
+            # by the launcher): every slot is listed and only the last can hold the sequence's partial last block,
+            # so every pair but the last runs unmasked.
+            if RUNS and FULL:
+                for step in range(0, (MAX_COUNT - 1) // 2):
+                    acc, m_i, l_i = _fp8_pair_step(
+                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START,
+                        KV_LEN, 2 * step, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, False,
+                    )  # fmt: skip
+                acc, m_i, l_i = _fp8_pair_step(
+                    q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START, KV_LEN,
+                    (MAX_COUNT - 1) // 2 * 2, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, True,
                 )  # fmt: skip
-                vb_b, s_b = _fp8_key_tile(
-                    q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_b, len_b, qk_scale,
-                    D, MAX_KV_LEN, WIDEN, KS_BLOCK,
-                )  # fmt: skip
-                m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1), tl.max(s_b, 1)))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
-                # P times 448 (≤ e4m3's largest value) straight from exp2; the row sums scale alike
-                p_a = tl.math.exp2(s_a - (m_safe - 8.807354922057604)[:, None])  # log2(448)
-                p_b = tl.math.exp2(s_b - (m_safe - 8.807354922057604)[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
-                if WIDEN:
-                    acc = tl.dot(p_a, vb_a.to(tl.float32), acc * alpha[:, None])
-                    acc = tl.dot(p_b, vb_b.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(p_a.to(vb_a.dtype), vb_a, acc * alpha[:, None])
-                    acc = tl.dot(p_b.to(vb_b.dtype), vb_b, acc)
-                m_i = m_new
+            else:
+                for step in range(0, (MAX_COUNT + 1) // 2):
+                    acc, m_i, l_i = _fp8_pair_step(
+                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START,
+                        KV_LEN, 2 * step, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, True,
+                    )  # fmt: skip
         else:
             cols = tl.arange(0, BLOCK_N)
             # One flat loop (the only loop: Triton software-pipelines innermost loops) over the key columns of the
@@ -536,6 +578,9 @@ def block_sparse_attention(
     # tables the kernel does not read (key blocks as runs, full LUT rows) are passed as placeholders
     kv_start, kv_len = (q_start, q_len) if kv_runs else (t.to(torch.int32).contiguous() for t in kv_blocks)
     lut = lut.to(torch.int32).contiguous()  # the kernel steps through a LUT row with unit stride
+    if fp8 and kv_runs and full:
+        # FP8 key-block pairs then run unmasked but for the last: only the last slot can name the partial block
+        lut = lut.sort(dim=-1).values
     counts = q_start if full else counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
