@@ -146,10 +146,11 @@ def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, s
 
 
 def check_quantized_outputs(device: str, dtype: torch.dtype, b: int, s: int, d: int, ffn: int, seed: int) -> None:
-    """The LayerNorms and GELU asked for rows quantised for an FP8 linear write the bytes and scales that writing
-    their rows and quantising them afterwards (`quantize_rows`) gives: rounded to the activation dtype first."""
+    """The LayerNorms and GELU asked for rows quantised for an FP8 linear: scales and e4m3 values those of
+    quantising the float32 reference's rows (`quantize_rows_reference`), but for values on a rounding boundary
+    (and, on the CPU, the interpreter's round-ups: see check_quantize_rows)."""
     from ditserve.kernels import fp8_quant as q
-    from ditserve.kernels.gelu import gelu_tanh
+    from ditserve.kernels.gelu import gelu_tanh, gelu_tanh_reference
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]  # rows strided in the batch dimension
@@ -160,18 +161,26 @@ def check_quantized_outputs(device: str, dtype: torch.dtype, b: int, s: int, d: 
     up = (2 * torch.randn(b, s, ffn + 8, generator=g)).to(device, dtype)[..., 8:]  # strided rows, as GEMM slices
     up[0, 0] = 0  # an all-zero row: scale at its floor, zeros
     cases = {
-        "layer_norm_modulate": lambda quantize: k.layer_norm_modulate(x, shift, scale, 1e-6, quantize),
-        "layer_norm_affine": lambda quantize: k.layer_norm_affine(x, w, bias, 1e-6, quantize),
-        "gelu_tanh": lambda quantize: gelu_tanh(up, quantize),
+        "layer_norm_modulate": (
+            k.layer_norm_modulate(x, shift, scale, 1e-6, True),
+            k.layer_norm_modulate_reference(x.float(), shift, scale, 1e-6),
+        ),
+        "layer_norm_affine": (
+            k.layer_norm_affine(x, w, bias, 1e-6, True),
+            k.layer_norm_affine_reference(x.float(), w.float(), bias.float(), 1e-6),
+        ),
+        "gelu_tanh": (gelu_tanh(up, True), gelu_tanh_reference(up.float())),
     }
-    for name, run in cases.items():
-        fused = run(True)
-        plain = run(False).to(dtype)
-        want, want_scale = q.quantize_rows(plain.reshape(-1, plain.shape[-1]))
-        assert isinstance(fused, q.QuantizedRows) and fused.dtype == dtype and fused.shape == plain.shape, name
+    for name, (fused, reference) in cases.items():
+        want, want_scale = q.quantize_rows_reference(reference.reshape(-1, reference.shape[-1]))
+        assert isinstance(fused, q.QuantizedRows) and fused.dtype == dtype and fused.shape == reference.shape, name
         assert fused.data.dtype == q.FP8 and fused.data.is_contiguous() and fused.scale.shape == want_scale.shape
-        assert torch.equal(fused.scale, want_scale), name
-        assert torch.equal(fused.data.reshape(want.shape).view(torch.uint8), want.view(torch.uint8)), name
+        torch.testing.assert_close(fused.scale, want_scale, rtol=1e-5, atol=0, msg=name)
+        got = fused.data.reshape(want.shape)
+        differ = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
+        assert differ < (1e-2 if got.is_cuda else 0.05), (name, differ)
+        if got.is_cuda:
+            assert rel(fused.dequantize().float(), reference) < 0.05, name  # e4m3's own rounding: ~2%
 
 
 def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int, h: int, d: int, seed: int) -> None:

@@ -27,9 +27,9 @@ MIN_SCALE = 1e-12
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """An activation already quantised per row for an FP8 linear, by the kernel that produced it (a norm, an
-    activation function: `store_row_quantized`), so that the linear skips its own quantising pass. data e4m3
-    [..., K] contiguous, scale float32 [rows, 1], dtype the activation's (the product's output dtype)."""
+    """An activation already quantised per row for an FP8 linear by the kernel that produced it (a LayerNorm, GELU:
+    `quantize=True`), as `quantize_rows` would, from float32, so that the linear skips its own quantising pass.
+    data e4m3 [..., K] contiguous, scale float32 [rows, 1], dtype the activation's (the product's output dtype)."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -63,22 +63,15 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def store_row_quantized(q_ptr, scale_ptr, row, offs, mask, value, q_stride):
-        """Store row `row` of float32 values (zero where masked) as e4m3 at q_ptr + row·q_stride with its scale, as
-        `quantize_rows_reference` computes them. A producer that rounds `value` to the activation dtype first
-        stores the bytes that storing the activation and quantising it afterwards would give."""
-        scale = tl.maximum(tl.max(tl.abs(value), axis=0) / 448.0, 1e-12)
-        q = tl.clamp(value / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
-
-    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_stride, q_stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < cols
         x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        store_row_quantized(q_ptr, scale_ptr, row, offs, mask, x, q_stride)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

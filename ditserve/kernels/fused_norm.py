@@ -15,8 +15,9 @@ here reads its input once and writes its output once.
   k over the whole inner width, before splitting heads); under tensor parallelism the mean square is summed over
   the ranks' heads.
 
-The two LayerNorms can also write their rows quantised for an FP8 linear (`quantize=True`: `QuantizedRows`, the
-same bytes as writing them and quantising them afterwards), which saves that linear a pass over its input.
+The two LayerNorms can also write their rows quantised for an FP8 linear (`quantize=True`: `QuantizedRows`,
+quantised from float32, one rounding fewer than writing the rows and quantising them afterwards), which saves that
+linear a pass over its input.
 
 The references are what the models ran before these kernels existed; they stay the semantics.
 """
@@ -34,16 +35,14 @@ from ditserve.kernels.fp8_quant import FP8, QuantizedRows, quantized
 try:
     import triton
     import triton.language as tl
-
-    from ditserve.kernels.fp8_quant import store_row_quantized
 except ImportError:  # CPU-only installs: the torch references serve
     triton = None
 
 
 # ---- Row norms: one program per token row of x [B, S, D] ------------------------------------------------------
-# The three kernels below share their addressing (rows of x may be strided views, e.g. a slice of a fused
-# projection; the output is contiguous) and their launch: the row kernels take (x, out, seq_len, dim, x's batch and
-# sequence strides) first, then their own operands.
+# The row kernels below share their addressing (rows of x may be strided views, e.g. a slice of a fused
+# projection; the output is contiguous) and take (x, out, seq_len, dim, x's batch and sequence strides) first, then
+# their own operands.
 if triton is not None:
 
     @triton.jit
@@ -57,36 +56,112 @@ def _rows_kernel_fits(x: torch.Tensor) -> bool:
     return _use_triton(x) and x.dim() == 3 and x.numel() > 0 and x.stride(-1) == 1
 
 
-def _launch_per_row(kernel, x: torch.Tensor, *operands, quantize: bool | None = None):
-    """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype.
-
-    `quantize` (kernels that take a QUANT flag and a row-scale pointer after their operands: not None): True
-    writes the rows in e4m3 with a scale each (`QuantizedRows`, what an FP8 linear reads) instead."""
+def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
+    """Run a row kernel over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape/dtype."""
     b, s, d = x.shape
-    out = torch.empty((b, s, d), device=x.device, dtype=FP8 if quantize else x.dtype)
-    flags = {}
-    if quantize is not None:
-        row_scales = torch.empty((b * s, 1), device=x.device, dtype=torch.float32) if quantize else out
-        operands = (*operands, row_scales)
-        flags["QUANT"] = quantize
+    out = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
     block = triton.next_power_of_2(d)
     kernel[(b * s,)](
-        x, out, s, d, x.stride(0), x.stride(1), *operands, BLOCK=block, num_warps=8 if block >= 2048 else 4, **flags
+        x, out, s, d, x.stride(0), x.stride(1), *operands, BLOCK=block, num_warps=8 if block >= 2048 else 4
     )
-    return QuantizedRows(out, row_scales, x.dtype) if quantize else out
+    return out
 
+
+# ---- LayerNorms: one program per row, the row read in chunks -------------------------------------------------
+# A whole row in registers (BLOCK = the row's width rounded up to a power of two, as the kernels above) leaves few
+# programs on an SM, and each waits out its reductions: at Wan's width (5120) such a LayerNorm ran at half the
+# memory bandwidth. Here a row is read in chunks of LN_CHUNK by 4 warps, partial sums kept per lane (one reduction
+# per statistic), and read again from cache for each later pass: mean, variance, (the quantised output's row
+# maximum,) output.
+LN_CHUNK = 1024
 
 if triton is not None:
 
     @triton.jit
-    def _store_row(out_ptr, row_scales, row, dim, offs, mask, value, QUANT: tl.constexpr, x_dtype: tl.constexpr):
-        """Store a row of float32 values in the output's dtype, or (QUANT) rounded to the input's dtype and then
-        quantised to e4m3 with its scale: the same bytes as storing it and running `quantize_rows`."""
-        if QUANT:
-            value = tl.where(mask, value.to(x_dtype).to(tl.float32), 0.0)
-            store_row_quantized(out_ptr, row_scales, row, offs, mask, value, dim)
+    def _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE: tl.constexpr):
+        """Columns `cols` of the normalised row in float32: ·(1 + scale) + shift (MODULATE: p0 shift, p1 scale) or
+        ·weight + bias (p0 weight, p1 bias); zero where masked."""
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        p0 = tl.load(p0_row + cols, mask=mask, other=0.0).to(tl.float32)
+        p1 = tl.load(p1_row + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = (x - mean) * rstd
+        if MODULATE:
+            out = normed * (1.0 + p1) + p0
         else:
-            tl.store(out_ptr + row * dim + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+            out = normed * p0 + p1
+        return tl.where(mask, out, 0.0)
+
+    @triton.jit
+    def _layer_norm_kernel(
+        x_ptr,
+        out_ptr,
+        seq_len,
+        dim,
+        x_stride_b,
+        x_stride_s,
+        p0_ptr,
+        p1_ptr,
+        p_batch_stride,
+        eps,
+        row_scales,
+        CHUNK: tl.constexpr,
+        CHUNKS: tl.constexpr,
+        MODULATE: tl.constexpr,
+        QUANT: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s)
+        p0_row = p0_ptr + (row // seq_len) * p_batch_stride
+        p1_row = p1_ptr + (row // seq_len) * p_batch_stride
+        offs = tl.arange(0, CHUNK)
+        total = tl.zeros([CHUNK], dtype=tl.float32)
+        for c in range(CHUNKS):
+            cols = c * CHUNK + offs
+            total += tl.load(x_row + cols, mask=cols < dim, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / dim
+        squares = tl.zeros([CHUNK], dtype=tl.float32)
+        for c in range(CHUNKS):
+            cols = c * CHUNK + offs
+            mask = cols < dim
+            centered = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            squares += centered * centered
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / dim + eps)
+        out_row = out_ptr + row * dim
+        if QUANT:  # e4m3 from float32, scaled by the row's largest value (as `quantize_rows`)
+            largest = tl.zeros([CHUNK], dtype=tl.float32)
+            for c in range(CHUNKS):
+                cols = c * CHUNK + offs
+                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, cols < dim, mean, rstd, MODULATE)
+                largest = tl.maximum(largest, tl.abs(out))
+            scale = tl.maximum(tl.max(largest, axis=0) / 448.0, 1e-12)
+            tl.store(row_scales + row, scale)
+            for c in range(CHUNKS):
+                cols = c * CHUNK + offs
+                mask = cols < dim
+                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
+                tl.store(out_row + cols, tl.clamp(out / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            for c in range(CHUNKS):
+                cols = c * CHUNK + offs
+                mask = cols < dim
+                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
+                tl.store(out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_layer_norm(
+    x: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, p_batch_stride: int, eps: float, modulate: bool, quantize: bool
+) -> torch.Tensor | QuantizedRows:
+    """`_layer_norm_kernel` over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape and
+    dtype, or (quantize) e4m3 rows with their scales."""
+    b, s, d = x.shape
+    out = torch.empty((b, s, d), device=x.device, dtype=FP8 if quantize else x.dtype)
+    row_scales = torch.empty((b * s, 1), device=x.device, dtype=torch.float32) if quantize else out
+    chunk = min(LN_CHUNK, triton.next_power_of_2(d))
+    _layer_norm_kernel[(b * s,)](
+        x, out, s, d, x.stride(0), x.stride(1), p0, p1, p_batch_stride, eps, row_scales,
+        CHUNK=chunk, CHUNKS=triton.cdiv(d, chunk), MODULATE=modulate, QUANT=quantize, num_warps=4,
+    )  # fmt: skip
+    return QuantizedRows(out, row_scales, x.dtype) if quantize else out
 
 
 # LayerNorm + modulation
@@ -96,92 +171,24 @@ def layer_norm_modulate_reference(
     return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
 
 
-if triton is not None:
-
-    @triton.jit
-    def _layer_norm_modulate_kernel(
-        x_ptr,
-        out_ptr,
-        seq_len,
-        dim,
-        x_stride_b,
-        x_stride_s,
-        shift_ptr,
-        scale_ptr,
-        mod_batch_stride,
-        eps,
-        row_scales,
-        BLOCK: tl.constexpr,
-        QUANT: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        batch = row // seq_len
-        offs = tl.arange(0, BLOCK)
-        mask = offs < dim
-        x = tl.load(x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s) + offs, mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + batch * mod_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x.to(tl.float32)
-        mean = tl.sum(x, axis=0) / dim
-        centered = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
-        out = centered * rstd * (1.0 + scale) + shift
-        _store_row(out_ptr, row_scales, row, dim, offs, mask, out, QUANT, x_ptr.dtype.element_ty)
-
-
 def layer_norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, quantize: bool = False
 ) -> torch.Tensor | QuantizedRows:
     """LayerNorm(x) · (1 + scale) + shift; x [B, S, D] (rows may be strided), shift and scale [B, D]. `quantize`:
-    the result rounded to x's dtype and quantised per row for an FP8 linear, in the same pass."""
+    the result quantised per row for an FP8 linear in the same pass (from float32 where the kernel runs; the torch
+    fallback quantises it rounded to x's dtype)."""
     usable = (
         _rows_kernel_fits(x) and shift.stride(-1) == 1 and scale.stride(-1) == 1 and shift.stride(0) == scale.stride(0)
     )
     if not usable:
         out = layer_norm_modulate_reference(x, shift, scale, eps)
         return quantized(out.to(x.dtype)) if quantize else out
-    return _launch_per_row(_layer_norm_modulate_kernel, x, shift, scale, shift.stride(0), eps, quantize=quantize)
+    return _launch_layer_norm(x, shift, scale, shift.stride(0), eps, True, quantize)
 
 
 # LayerNorm with scale and bias, in float32
 def layer_norm_affine_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _layer_norm_affine_kernel(
-        x_ptr,
-        out_ptr,
-        seq_len,
-        dim,
-        x_stride_b,
-        x_stride_s,
-        w_ptr,
-        b_ptr,
-        eps,
-        row_scales,
-        BLOCK: tl.constexpr,
-        QUANT: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < dim
-        x = tl.load(
-            x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s) + offs,
-            mask=mask,
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
-        x = x.to(tl.float32)
-        mean = tl.sum(x, axis=0) / dim
-        centered = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
-        out = centered * rstd * w.to(tl.float32) + b.to(tl.float32)
-        _store_row(out_ptr, row_scales, row, dim, offs, mask, out, QUANT, x_ptr.dtype.element_ty)
 
 
 def layer_norm_affine(
@@ -198,7 +205,7 @@ def layer_norm_affine(
     if not usable:
         out = layer_norm_affine_reference(x, weight, bias, eps)
         return quantized(out) if quantize else out
-    return _launch_per_row(_layer_norm_affine_kernel, x, weight, bias, eps, quantize=quantize)
+    return _launch_layer_norm(x, weight, bias, 0, eps, False, quantize)
 
 
 # RMS norm + scale
