@@ -433,10 +433,13 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     for seed, (rows, cols) in enumerate([(3, 48), (17, 3072)] if sizes == "small" else [(4608, 3072), (4096, 15360)]):
         check_quantize_rows(device, dtype, rows, cols, seed)
     for seed, (b, s, d, ffn) in enumerate(
-        [(1, 3, 48, 96), (2, 5, 5120, 13824)] if sizes == "small" else [(1, 4096, 5120, 13824)]
+        # on CUDA 2 × 8,200 rows: the LayerNorms' launch for many rows (LN_MANY_ROWS), 4,096: for few
+        [(1, 3, 48, 96), (2, 5, 5120, 13824)] if sizes == "small" else [(1, 4096, 5120, 13824), (2, 8200, 5120, 3072)]
     ):
         check_quantized_outputs(device, dtype, b, s, d, ffn, seed)
-    check_layer_norm_affine(device, dtype, 2, 3 if sizes == "small" else 4096, 5120, tol, 0)  # Wan 14B's width
+    check_layer_norm_affine(device, dtype, 2, 3 if sizes == "small" else 8200, 5120, tol, 0)  # Wan 14B's width
+    if sizes != "small":
+        check_layer_norm_modulate(device, dtype, 1, 16400, 5120, tol, 0)  # the launch for many rows
     wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]
     for seed, (b, s, h, d) in enumerate(wan_shapes):
         check_rms_norm_across_heads_rope(device, dtype, b, s, h, d, tol, seed)
