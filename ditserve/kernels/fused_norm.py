@@ -71,9 +71,9 @@ def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
 # A whole row in registers (BLOCK = the row's width rounded up to a power of two, as the kernels above) leaves few
 # programs on an SM, and each waits out its reductions. Here a row is read in chunks, partial sums kept per lane
 # (one reduction per statistic), and read again from cache for each later pass: mean, variance, (the quantised
-# output's row maximum,) output. Measured on an H200 (docs/fp8.md), LayerNorm+modulation of 32,760 × 5,120 bf16
-# rows: 0.35 → 0.25 ms, quantised 0.49 → 0.30 ms, with chunks of 1,024 on 4 warps; with few rows (FLUX's 4,096 ×
-# 3,072) chunks of 2,048 on 8 warps, which are as fast as a whole row there.
+# output's row maximum,) output. Chunks of 1,024 on 4 warps where there are many rows (Wan: 1.4–1.6× faster than a
+# whole row at 32,760 × 5,120 on an H200), of 2,048 on 8 warps where there are few (FLUX's 4,096 × 3,072: as fast
+# as a whole row, where the narrow chunks are slower); benchmarks/RESULTS.md, 2026-12-03.
 LN_MANY_ROWS = 16384
 
 if triton is not None:

@@ -37,9 +37,9 @@ if triton is not None:
 
     @triton.jit
     def _gelu_tanh_quantized_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_row_stride, BLOCK: tl.constexpr):
-        """A whole row per program: GELU, quantised per row from float32 (as `quantize_rows`). (Read in chunks
-        twice instead, as the LayerNorms are, it ran 1.5× slower at Wan's 13,824 columns: GELU's arithmetic is
-        not hidden under a second read.)"""
+        """GELU quantised per row from float32 (as `quantize_rows`), a whole row per program: not chunks read
+        twice as the LayerNorms are, since GELU's arithmetic is not hidden under a second read (1.5× slower at
+        Wan's 13,824 columns on an H200; benchmarks/RESULTS.md)."""
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
         mask = col < cols
