@@ -193,3 +193,12 @@ def test_bfl_names_convert_to_diffusers_modules(prefix):
     }
     swapped = by_target[("norm_out.linear",)].up
     assert torch.equal(swapped, torch.cat([up(64)[32:], up(64)[:32]]))
+
+
+def test_fp8_linears_take_their_inputs_quantised_by_norms(dev):
+    from fp8_wiring import check_producers_quantize_for_fp8_linears
+
+    consumers = [f"double_blocks.0.{name}" for name in ("img_attn.qkv", "txt_attn.qkv", "img_mlp.w13", "txt_mlp.w13")]
+    check_producers_quantize_for_fp8_linears(
+        dev.c.transformer, dev.forward_inputs(32, 48), [*consumers, "single_blocks.0.qkv_mlp"]
+    )

@@ -143,10 +143,12 @@ def test_fp8_on_cuda_keeps_digit_accuracy_within_two_points():
     assert scores["fp8"] >= scores[None] - 0.02, scores
 
 
-def test_norms_and_gelu_hand_fp8_linears_their_input_quantised(monkeypatch):
+def test_norms_and_gelu_hand_fp8_linears_their_input_quantised():
     """Wan's norms and GELU write their rows quantised for the FP8 linear that reads them (`QuantizedRows`); the
     forward is bit for bit the one where each linear quantises its own input. A linear with a dynamic LoRA
     adapter takes its input unquantised, and refuses a quantised one by name."""
+    from fp8_wiring import check_producers_quantize_for_fp8_linears
+
     from ditserve.accel.fp8 import quantize_dit
     from ditserve.kernels.fp8_quant import QuantizedRows
     from ditserve.layers.linear import LinearLoRA
@@ -162,29 +164,25 @@ def test_norms_and_gelu_hand_fp8_linears_their_input_quantised(monkeypatch):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    assert quantize_dit(model) == 2 * 7
     inputs = dict(
         video_tokens=torch.randn(1, 2 * 3 * 4, 16, generator=g),
         timestep=torch.tensor([500.0]),
         text_states=torch.randn(1, 5, 32, generator=g),
         video_ids=video_position_ids(2, 3, 4, "cpu"),
     )
-    block = model.blocks[0]
-    consumers = {"qkv": block.qkv, "cross_q": block.cross_q, "ff_up": block.ff_up, "ff_down": block.ff_down}
-    seen = {}
-    for name, layer in consumers.items():
-        layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, type(args[0])))
-    with torch.no_grad():
-        fused = model(**inputs)
-        assert seen == {name: QuantizedRows for name in consumers}
-        with monkeypatch.context() as m:
-            m.setattr(LinearBase, "takes_quantized_input", property(lambda self: False))
-            separate = model(**inputs)
-        assert seen == {name: torch.Tensor for name in consumers}
-        assert torch.equal(fused, separate)
+    consumers = [f"blocks.0.{name}" for name in ("qkv", "cross_q", "ff_up", "ff_down")]
+    check_producers_quantize_for_fp8_linears(model, inputs, consumers)
 
-        block.ff_up.lora = [LinearLoRA(torch.randn(2, 32, generator=g), torch.randn(64, 2, generator=g), 0.5)]
+    assert quantize_dit(model) == 2 * 7
+    block = model.blocks[0]
+    seen = {}
+    for name in ("ff_up", "ff_down"):
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, type(args[0]))
+        )
+    block.ff_up.lora = [LinearLoRA(torch.randn(2, 32, generator=g), torch.randn(64, 2, generator=g), 0.5)]
+    with torch.no_grad():
         model(**inputs)
-        assert seen["ff_up"] is torch.Tensor and seen["ff_down"] is QuantizedRows
-        with pytest.raises(TypeError, match="takes_quantized_input"):
-            block.ff_up(QuantizedRows(*quantize_weight(torch.randn(3, 32)), torch.float32))
+    assert seen == {"ff_up": torch.Tensor, "ff_down": QuantizedRows}
+    with pytest.raises(TypeError, match="takes_quantized_input"):
+        block.ff_up(QuantizedRows(*quantize_weight(torch.randn(3, 32)), torch.float32))

@@ -265,3 +265,14 @@ def test_presets_build_diffusers_architecture(name):
     expected = {name: t.shape for name, t in ref.state_dict().items()}
     assert {name: t.shape for name, t in to_diffusers_state_dict(ours).items()} == expected
     assert 20.0e9 < sum(p.numel() for p in ours.parameters()) < 20.6e9  # "20B parameters"
+
+
+def test_fp8_linears_take_their_inputs_quantised_by_norms_and_gelu(ours):
+    from fp8_wiring import check_producers_quantize_for_fp8_linears
+
+    inputs = ours.forward_inputs(32, 48, prompt="a red fox")
+    consumers = [
+        f"transformer_blocks.0.{name}" for name in ("img_attn.qkv", "txt_attn.qkv", "img_mlp.fc1", "img_mlp.fc2")
+    ]
+    consumers += ["transformer_blocks.0.txt_mlp.fc1", "transformer_blocks.0.txt_mlp.fc2"]
+    check_producers_quantize_for_fp8_linears(ours.c.transformer, inputs, consumers)

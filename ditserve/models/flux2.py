@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import silu_and_mul
 from ditserve.layers.attention import Attention, write_heads
@@ -99,7 +100,7 @@ class SwiGLUFeedForward(nn.Module):
         self.w13 = PackedColumnParallelLinear(dim, [hidden, hidden], bias=False)
         self.w2 = RowParallelLinear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.w2(silu_and_mul(self.w13(x)))
 
 
@@ -113,7 +114,7 @@ class StreamAttention(nn.Module):
         self.norm = QKNorm(head_dim, eps)
         self.proj = RowParallelLinear(dim, dim, bias=False)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor | QuantizedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, S, H, D] views of one fused projection (q and k not yet normed)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
         return q, k, v
@@ -144,8 +145,13 @@ class DoubleStreamBlock(nn.Module):
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
         eps = self.eps
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, img_shift1, img_scale1, eps))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, txt_shift1, txt_scale1, eps))
+        # The norms write their rows quantised when the FP8 linear that reads them takes that.
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            layer_norm_modulate(img, img_shift1, img_scale1, eps, self.img_attn.qkv.takes_quantized_input)
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            layer_norm_modulate(txt, txt_shift1, txt_scale1, eps, self.txt_attn.qkv.takes_quantized_input)
+        )
         # The joint sequence is [text, image], the order of the RoPE ids; norm and RoPE write straight into it.
         txt_len, img_len = txt.shape[1], img.shape[1]
         joint_shape = (img.shape[0], txt_len + img_len, *img_q.shape[2:])
@@ -171,9 +177,11 @@ class DoubleStreamBlock(nn.Module):
         img_attn_out = self.img_attn.proj.finish(img_sum)
 
         img = gated_residual(img, img_gate1, img_attn_out)
-        img = gated_residual(img, img_gate2, self.img_mlp(layer_norm_modulate(img, img_shift2, img_scale2, eps)))
+        img_mlp_in = layer_norm_modulate(img, img_shift2, img_scale2, eps, self.img_mlp.w13.takes_quantized_input)
+        img = gated_residual(img, img_gate2, self.img_mlp(img_mlp_in))
         txt = gated_residual(txt, txt_gate1, txt_attn_out)
-        txt = gated_residual(txt, txt_gate2, self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2, eps)))
+        txt_mlp_in = layer_norm_modulate(txt, txt_shift2, txt_scale2, eps, self.txt_mlp.w13.takes_quantized_input)
+        txt = gated_residual(txt, txt_gate2, self.txt_mlp(txt_mlp_in))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 text activations finite
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -196,7 +204,7 @@ class SingleStreamBlock(nn.Module):
         self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         shift, scale, gate = mod
-        projected_in = self.qkv_mlp(layer_norm_modulate(x, shift, scale, self.eps))
+        projected_in = self.qkv_mlp(layer_norm_modulate(x, shift, scale, self.eps, self.qkv_mlp.takes_quantized_input))
         q, k, v, gate_part, up_part = self.qkv_mlp.split(projected_in)
         # [gate | up] of this rank lie side by side: one strided view for the SwiGLU kernel.
         mlp = projected_in.narrow(-1, 3 * q.shape[-1], gate_part.shape[-1] + up_part.shape[-1])

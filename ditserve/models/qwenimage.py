@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.kernels.fp8_quant import QuantizedRows, quantized
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention, write_heads
@@ -131,8 +132,8 @@ class FeedForward(nn.Module):
         self.fc1 = ColumnParallelLinear(dim, hidden)
         self.fc2 = RowParallelLinear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        return self.fc2(gelu_tanh(self.fc1(x), self.fc2.takes_quantized_input))
 
 
 class StreamAttention(nn.Module):
@@ -145,7 +146,7 @@ class StreamAttention(nn.Module):
         self.norm = QKNorm(head_dim, NORM_EPS)
         self.proj = RowParallelLinear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor | QuantizedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, S, H, D] views of one fused projection (q and k not yet normed)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
         return q, k, v
@@ -167,10 +168,12 @@ class ImageModulation:
 
             self.shift, self.scale, self.gate, self.per_token = pick(shift), pick(scale), pick(gate), True
 
-    def modulate(self, x: torch.Tensor) -> torch.Tensor:
+    def modulate(self, x: torch.Tensor, quantize: bool = False) -> torch.Tensor | QuantizedRows:
+        """LayerNorm(x)·(1 + scale) + shift; `quantize`: its rows quantised for the FP8 linear that reads them."""
         if not self.per_token:
-            return layer_norm_modulate(x, self.shift, self.scale, NORM_EPS)
-        return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS) * (1 + self.scale) + self.shift
+            return layer_norm_modulate(x, self.shift, self.scale, NORM_EPS, quantize)
+        out = F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS) * (1 + self.scale) + self.shift
+        return quantized(out.to(x.dtype)) if quantize else out
 
     def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + self.gate * y if self.per_token else gated_residual(x, self.gate, y)
@@ -206,8 +209,11 @@ class QwenImageBlock(nn.Module):
         img_mod1 = ImageModulation(*img_params[:3], reference_tokens)
         img_mod2 = ImageModulation(*img_params[3:], reference_tokens)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(img))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, txt_shift1, txt_scale1, NORM_EPS))
+        # The norms (and the MLPs' GELU) write their rows quantised when the FP8 linear that reads them takes that.
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(img, self.img_attn.qkv.takes_quantized_input))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            layer_norm_modulate(txt, txt_shift1, txt_scale1, NORM_EPS, self.txt_attn.qkv.takes_quantized_input)
+        )
         # The joint sequence is [text, image], the order of the RoPE tables; norm and RoPE write straight into it.
         txt_len, img_len = txt.shape[1], img.shape[1]
         joint_shape = (img.shape[0], txt_len + img_len, *img_q.shape[2:])
@@ -233,9 +239,10 @@ class QwenImageBlock(nn.Module):
         img_attn_out = self.img_attn.proj.finish(img_sum)
 
         img = img_mod1.residual(img, img_attn_out)
-        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(img)))
+        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(img, self.img_mlp.fc1.takes_quantized_input)))
         txt = gated_residual(txt, txt_gate1, txt_attn_out)
-        txt = gated_residual(txt, txt_gate2, self.txt_mlp(layer_norm_modulate(txt, txt_shift2, txt_scale2, NORM_EPS)))
+        txt_mlp_in = layer_norm_modulate(txt, txt_shift2, txt_scale2, NORM_EPS, self.txt_mlp.fc1.takes_quantized_input)
+        txt = gated_residual(txt, txt_gate2, self.txt_mlp(txt_mlp_in))
         if txt.dtype == torch.float16:  # as the reference: keep fp16 activations finite
             txt = txt.clip(-65504, 65504)
             img = img.clip(-65504, 65504)
