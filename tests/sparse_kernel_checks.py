@@ -215,8 +215,8 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
             check_key_statistics(device, dtype, 1 + seed, n, 2, 16, 1e-5 if dtype == torch.float32 else 1e-2, seed)
             check_sla(device, dtype, 1 + seed, n, 1, 16, topk, tol, seed)
             check_sla_fp8(device, dtype, 1 + seed, n, 2, 32, topk, seed)
-        # key-block pairs: an even count (two unmasked pairs, then the last pair with the partial block)
-        check_sla_fp8(device, dtype, 1, 600, 1, 32, 0.6, 2)
+        if dtype == torch.float32:  # key-block pairs: an even count (two unmasked pairs, then the partial one)
+            check_sla_fp8(device, dtype, 1, 600, 1, 32, 0.6, 2)
         for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
             check_vsa(device, dtype, 1 + seed, grid, 2, 16, sparsity, tol, seed)
         if dtype == torch.float32:

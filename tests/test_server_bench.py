@@ -28,19 +28,19 @@ def test_bench_serve_reports_throughput_and_latency(tiny_dev, tmp_path):
             out = tmp_path / f"bench-{n}.json"
             proc = subprocess.run(
                 [
-                    sys.executable, "-m", "ditserve", "bench-serve", "--url", server.url, "--num-requests", "12",
+                    sys.executable, "-m", "ditserve", "bench-serve", "--url", server.url, "--num-requests", "6",
                     "--size", "32x32", "--num-inference-steps", "2", "--label", "cpu-tiny", "--json", str(out), *load,
                 ],
                 capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             report = json.loads(out.read_text())
-            assert report["succeeded"] == 12 and report["failed"] == 0, load
+            assert report["succeeded"] == 6 and report["failed"] == 0, load
             assert report["throughput_rps"] > 0
             assert 0 < report["latency_p50_s"] <= report["latency_p90_s"] <= report["latency_p99_s"]
             assert "| cpu-tiny |" in proc.stdout and "p99 s" in proc.stdout
             # the requests plus one warm-up per run, none lost or repeated
-            assert server.info()["completed"] == n * (12 + 1), load
+            assert server.info()["completed"] == n * (6 + 1), load
     finally:
         server.stop()
 
