@@ -27,7 +27,7 @@ SHAPES = {
     "wan-480p-81": (1, 32760, 40, 128),
     "wan-720p-81": (1, 75600, 40, 128),
 }
-BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "sage", "fp8")
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "sage", "fp8", "cudnn-fp8")
 REFERENCE_QUERIES = 512
 
 

@@ -33,7 +33,8 @@ LOAD_FORMATS = ("auto", "dummy")
 BACKENDS = ("auto", "native", "diffusers")  # registry.BACKENDS (this module imports no registry)
 OUTPUT_TYPES = ("pil", "np", "latent")
 ATTENTION_BACKENDS = (
-    "auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "fp8", "sliding-tile", "sla", "sla-fp8", "vsa"
+    "auto", "sdpa", "cudnn", "flash", "efficient", "math", "sage", "fp8", "cudnn-fp8", "sliding-tile", "sla",
+    "sla-fp8", "vsa",
 )  # fmt: skip
 # Sparse backends (layers/sparse_attention.py) take one argument after a colon: sliding-tile's window in tiles
 # (frames,rows,columns; odd counts), SLA's share of key blocks each query block attends to, VSA's share of key cubes
@@ -45,7 +46,7 @@ SPARSE_ATTENTION_ARGUMENTS = {
     "vsa": "a sparsity in [0, 1)",
 }
 # What Ring attention (--ring-degree > 1) runs: its own kernel, which merges the blocks' partial results through
-# their log-sum-exp, whatever dense backend is named; the others (sage, fp8, the sparse ones) it cannot run.
+# their log-sum-exp, whatever dense backend is named; the others (sage, fp8, cudnn-fp8, the sparse ones) it cannot run.
 RING_ATTENTIONS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
 
 

@@ -219,6 +219,41 @@ def check_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int
     assert rel(wide, own) < bound, ("key tiles of", fa.KEY_BLOCK, rel(wide, own), b, n, nk, h, d)
 
 
+def check_cudnn_fp8_attention(device: str, dtype: torch.dtype, b: int, n: int, nk: int, h: int, d: int, seed: int):
+    """cudnn-fp8: the per-tensor quantising kernels against their reference (the descale exactly, e4m3 bytes but for
+    rounding boundaries), v's output scale; on CUDA with the cuDNN frontend installed, cuDNN's kernel against
+    float32 attention over its own FP8 operands (what is left: P's rounding, the output's e4m3)."""
+    from ditserve.kernels import cudnn_fp8_attention as ca
+
+    g = torch.Generator().manual_seed(seed)
+    fused = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype)
+    q = fused[:, :, 0] * 3  # a strided view of a fused projection, as models hand it over
+    k = (torch.randn(b, nk, h, d, generator=g) * 2 + 0.5).to(device, dtype)
+    v = fused[:, :nk, 2] if nk <= n else torch.randn(b, nk, h, d, generator=g).to(device, dtype)
+    scalars = torch.zeros(len(ca.SCALARS), ca.ROW, device=device)
+    quantized = ca.quantize_operands(q, k, v, scalars)
+    for i, (x, x8) in enumerate(zip((q, k, v), quantized, strict=True)):
+        want8, want_descale = ca.quantize_per_tensor_reference(x)
+        assert x8.shape == x.shape and x8.dtype == ca.FP8 and x8.is_contiguous()
+        torch.testing.assert_close(scalars[3 + i, 0], want_descale, rtol=1e-6, atol=0)
+        differ = (x8.view(torch.uint8) != want8.view(torch.uint8)).float().mean().item()
+        assert differ < (1e-3 if device != "cpu" else 0.05), ("per-tensor e4m3", "qkv"[i], differ)
+    torch.testing.assert_close(scalars[ca.SCALARS.index("scale_o"), 0], 1 / want_descale, rtol=1e-6, atol=0)
+    if device == "cpu" or dtype == torch.float32 or not ca.cudnn_frontend_available():
+        return  # cuDNN's kernel takes 16-bit inputs on CUDA (float32 ones run the reference)
+    assert ca.cudnn_fp8_can_take(q, k, v), "the cuDNN path is not taken"
+    out = ca.cudnn_fp8_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    want = ca.cudnn_fp8_attention_reference(q, k, v)
+    assert rel(out, want) < 5e-2, ("cudnn-fp8 against its reference", rel(out, want), b, n, nk, h, d)
+    graph = torch.cuda.CUDAGraph()  # captured on a side stream, as the engine's CUDA graphs are
+    with torch.cuda.graph(graph):
+        replayed = ca.cudnn_fp8_attention(q, k, v)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out), ("cudnn-fp8 replayed from a CUDA graph", b, n, nk, h, d)
+
+
 def check_gated_residual(device: str, dtype: torch.dtype, b: int, s: int, d: int, tol: float, seed: int) -> None:
     from ditserve.kernels import fused_residual as r
 
@@ -457,6 +492,7 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     )
     for seed, shape in enumerate(attentions):
         check_fp8_attention(device, dtype, *shape, seed)
+        check_cudnn_fp8_attention(device, dtype, *shape, seed)
 
 
 if __name__ == "__main__":

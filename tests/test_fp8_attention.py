@@ -1,6 +1,6 @@
-"""The fp8 attention backend: its reference, its place in `attention`, the engine and the request field, the refusal
-of GPUs without FP8 tensor cores. The kernels themselves are checked in tests/kernel_checks.py (CPU interpreter and
-CUDA)."""
+"""The fp8 and cudnn-fp8 attention backends: their references, their place in `attention`, the engine and the request
+field, the refusal of GPUs without FP8 tensor cores (and of cudnn-fp8 without its package). The kernels themselves
+are checked in tests/kernel_checks.py (CPU interpreter and CUDA)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from digit_gate import cuda_digit_accuracy
 
 from ditserve.accel.fp8 import has_fp8_tensor_cores
 from ditserve.config import ConfigError
+from ditserve.kernels import cudnn_fp8_attention as ca
 from ditserve.kernels import fp8_attention as fa
 from ditserve.layers.attention import attention, attention_reference
 
@@ -91,12 +92,49 @@ def test_engines_and_video_requests_take_fp8_attention(tiny_dev, tiny_wan):
     assert not np.array_equal(fp8, dense) and np.abs(fp8 - dense).mean() < 0.05
 
 
+def test_the_cudnn_reference_rounds_each_tensor_to_e4m3_with_one_scale():
+    g = torch.Generator().manual_seed(2)
+    b, n, h, d = 2, 70, 3, 32
+    q, k, v = (torch.randn(b, n, h, d, generator=g) * torch.logspace(-2, 2, d) for _ in range(3))
+    q8, descale = ca.quantize_per_tensor_reference(q)
+    assert q8.dtype == ca.FP8 and descale.dim() == 0
+    assert q8.float().abs().amax() == ca.FP8_MAX  # the largest value lands on e4m3's largest
+    back = q8.float() * descale
+    assert ((back - q).abs() <= q.abs() * 2**-4 + 2**-9 * descale).all()  # relative 2⁻⁴, subnormals absolute
+    zeros, zero_descale = ca.quantize_per_tensor_reference(torch.zeros(4, 8))
+    assert not zeros.float().any() and zero_descale > 0
+    # on unscaled inputs: the operands' rounding and the output's (e4m3 as well, on Hopper) cost about 5%
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for _ in range(3))
+    assert rel(ca.cudnn_fp8_attention_reference(q, k, v), attention_reference(q, k, v)) < 0.08
+
+
+def test_cudnn_fp8_runs_its_reference_on_the_cpu_and_is_refused_without_its_package(monkeypatch, tiny_dev):
+    from ditserve import Engine
+    from ditserve.layers.attention import check_attention_backend
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=g) for _ in range(3))
+    assert not ca.cudnn_fp8_can_take(q, k, v)
+    torch.testing.assert_close(attention(q, k, v, "cudnn-fp8"), ca.cudnn_fp8_attention_reference(q, k, v))
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    mask[:, 30:] = False
+    torch.testing.assert_close(attention(q, k, v, "cudnn-fp8", mask), attention(q, k, v, "sdpa", mask))
+    monkeypatch.setitem(__import__("sys").modules, "cudnn", None)  # as without the package
+    with pytest.raises(ca.CudnnFrontendUnavailable, match="pip install nvidia-cudnn-frontend==1.32.0"):
+        check_attention_backend("cudnn-fp8", (), "FLUX.1")
+    with pytest.raises(ConfigError) as info:
+        Engine.from_pretrained(str(tiny_dev), device="cpu", attention_backend="cudnn-fp8")
+    assert info.value.field == "attention_backend" and "nvidia-cudnn-frontend" in info.value.message
+
+
 @pytest.mark.gpu
 def test_fp8_attention_keeps_digit_accuracy_within_two_points():
     if not has_fp8_tensor_cores(torch.device("cuda")):
         pytest.skip("FP8 attention needs FP8 tensor cores")
-    scores = {backend: cuda_digit_accuracy(attention_backend=backend) for backend in ("auto", "fp8")}
-    assert scores["fp8"] >= scores["auto"] - 0.02, scores
+    backends = ("auto", "fp8", "cudnn-fp8") if ca.cudnn_frontend_available() else ("auto", "fp8")
+    scores = {backend: cuda_digit_accuracy(attention_backend=backend) for backend in backends}
+    for backend in backends[1:]:
+        assert scores[backend] >= scores["auto"] - 0.02, scores
 
 
 def test_ring_attention_refuses_fp8_and_sage():
@@ -104,7 +142,7 @@ def test_ring_attention_refuses_fp8_and_sage():
     ignored."""
     from ditserve.config import EngineArgs
 
-    for backend in ("fp8", "sage"):
+    for backend in ("fp8", "cudnn-fp8", "sage"):
         with pytest.raises(ConfigError) as info:
             EngineArgs(attention_backend=backend, num_gpus=2, ring_degree=2)
         assert info.value.field == "attention_backend" and "--ring-degree 1" in info.value.message

@@ -17,6 +17,9 @@ to SDPA for inputs it cannot take, and is refused by name when the package does 
 `fp8` runs both products of flash attention in float8 e4m3 on FP8 tensor cores (kernels/fp8_attention.py: our Triton
 kernels); the engine refuses it on GPUs without them, the CPU runs its torch reference (the same rounding of q, k
 and v, float32 attention), and masked attentions (a padded text batch) run the device's default kernel.
+`cudnn-fp8` (optional: the `nvidia-cudnn-frontend` package) is the same idea through cuDNN's fused FP8 kernel, with
+one scale per tensor (kernels/cudnn_fp8_attention.py); it runs its reference on the CPU, masks as `fp8` does, and is
+refused by name when the package does not import.
 
 Sparse backends (`sliding-tile`, `sla`, `vsa`: layers/sparse_attention.py) apply to self-attentions over one
 video's token grid. A model that offers them says which (`sparse_attention_backends` on its class) and, on each
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ditserve.kernels.cudnn_fp8_attention import cudnn_fp8_attention, load_cudnn_frontend
 from ditserve.kernels.fp8_attention import fp8_attention
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.linear import ReplicatedLinear
@@ -91,9 +95,9 @@ def attention(
         load_sageattn()  # refused by name without the package, wherever these inputs would run
         if key_mask is None and sage_can_take(q, k, v):
             return sage_attention(q, k, v)
-    if backend == "fp8":
+    if backend in ("fp8", "cudnn-fp8"):
         if key_mask is None:
-            return fp8_attention(q, k, v)
+            return fp8_attention(q, k, v) if backend == "fp8" else cudnn_fp8_attention(q, k, v)
         backend = resolve_attention_backend("auto", q.device)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_mask is not None:
@@ -258,15 +262,18 @@ def sparse_attention_backends(model_cls, config: dict) -> tuple[str, ...]:
 
 
 def needs_fp8_tensor_cores(backend: str | None) -> bool:
-    """Whether an attention backend runs its products in FP8 (`fp8`, `sla-fp8`): GPUs without FP8 tensor cores
-    refuse it."""
-    return backend is not None and backend.partition(":")[0] in ("fp8", "sla-fp8")
+    """Whether an attention backend runs its products in FP8 (`fp8`, `cudnn-fp8`, `sla-fp8`): GPUs without FP8
+    tensor cores refuse it."""
+    return backend is not None and backend.partition(":")[0] in ("fp8", "cudnn-fp8", "sla-fp8")
 
 
 def check_attention_backend(backend: str | None, offered: tuple[str, ...], model_name: str) -> None:
-    """Refuse (ValueError) a sparse backend that the model does not offer, and `sage` without its package."""
+    """Refuse (ValueError) a sparse backend that the model does not offer, and `sage` or `cudnn-fp8` without its
+    package."""
     if backend == "sage":
         load_sageattn()
+    if backend == "cudnn-fp8":
+        load_cudnn_frontend()
     if backend is None or parse_sparse_backend(backend) is None:
         return
     kind = backend.partition(":")[0].removesuffix("-fp8")  # sla-fp8: a model that offers sla
