@@ -72,6 +72,7 @@ def check_rms_norm_rope(
     ref = torch.cat(parts, dim=1)
     assert not joint.isnan().any(), "some outputs were never written"
     assert rel(joint, ref) < tol, (rel(joint, ref), b, s_txt, s_img, h, d)
+    check_fp8_heads(device, dtype, b, s_txt, s_img, h, d, cos, sin, g)
     # Heads in groups elsewhere in memory, as Ulysses's message layout [chunks, ranks, S, 3, B, h, D] holds them.
     if h % 2 == 0:
         chunks, ranks = (2, h // 2) if h % 4 else (2, 2)
@@ -84,6 +85,38 @@ def check_rms_norm_rope(
         k.rms_norm_rope_into(plain, x, w, 1e-6, cos, sin, 0)
         assert torch.equal(grouped.reshape(plain.shape), plain), ("head groups", b, h, d)
         assert message[:, :, :, 0].isnan().all() and message[:, :, :, 2].isnan().all(), "wrote outside its heads"
+
+
+def assert_fp8_heads(heads, bf16: torch.Tensor, weights: list[torch.Tensor], width: int, what: tuple) -> None:
+    """`heads` (FP8Heads) holds `bf16` (the same norm written in the activations' dtype) in e4m3 with the descale
+    bound by `weights` over `width`: within e4m3's rounding of each value (2⁻⁴ relative; subnormals absolute). On
+    the CPU, Triton's interpreter halves some round-ups into the next power of two (see check_quantize_rows): there
+    up to 5% of the values may be off; on CUDA a value on a rounding boundary may rarely land one step apart (2 in
+    28 million at FLUX's size)."""
+    from ditserve.kernels.fused_norm import fp8_heads_descale_reference
+
+    want = fp8_heads_descale_reference(weights, width)
+    torch.testing.assert_close(heads.descale.view(()), want.to(heads.descale.device), rtol=1e-6, atol=0)
+    got = heads.data.float() * heads.descale
+    ref = bf16.float()
+    assert got.abs().max() <= 448 * want, what  # the bound holds
+    slack = ref.abs() * (2**-4 + 2**-7) + want * 2**-9
+    outside = ((got - ref).abs() > slack).float().mean().item()
+    assert outside <= (1e-6 if heads.data.is_cuda else 0.05), (what, outside)
+
+
+def check_fp8_heads(device, dtype, b, s_txt, s_img, h, d, cos, sin, g) -> None:
+    """q written by two norms into one joint tensor in e4m3 (`FP8Heads`), each bounded by both weights."""
+    from ditserve.kernels.cudnn_fp8_attention import FP8Heads
+
+    heads, _ = FP8Heads.empty((b, s_txt + s_img, h, d), torch.device(device))
+    plain = torch.empty(b, s_txt + s_img, h, d, device=device, dtype=dtype)
+    ws = [(1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype) * scale for scale in (1.0, 3.0)]
+    for i, (offset, s) in enumerate(((0, s_txt), (s_txt, s_img))):
+        x = torch.randn(b, s, 3 * h * d, generator=g).to(device, dtype)[..., : h * d].unflatten(-1, (h, d))
+        k.rms_norm_rope_into(heads, x, ws[i], 1e-6, cos, sin, offset, joint_weight=ws[1 - i])
+        k.rms_norm_rope_into(plain, x, ws[i], 1e-6, cos, sin, offset)
+    assert_fp8_heads(heads, plain, ws, d, ("fp8 heads", b, s_txt, s_img, h, d))
 
 
 def check_rms_norm_across_heads_rope(
@@ -118,6 +151,14 @@ def check_rms_norm_across_heads_rope(
         k.rms_norm_across_heads_rope_into(plain, x, w, 1e-6, cos[3:], sin[3:], 0)
         assert torch.equal(grouped.reshape(plain.shape), plain), ("head groups", b, h, d)
         assert message[:, :, :, 0].isnan().all() and message[:, :, :, 2].isnan().all(), "wrote outside its heads"
+    from ditserve.kernels.cudnn_fp8_attention import FP8Heads
+
+    heads, _ = FP8Heads.empty((b, s, h, d), torch.device(device))  # in e4m3, bounded over the whole width
+    for reduce, width in ((None, None), (lambda t: 2 * t, 2 * h * d)):
+        k.rms_norm_across_heads_rope_into(heads, x, w, 1e-6, cos[3:], sin[3:], 0, reduce, width)
+        plain = torch.empty(b, s, h, d, device=device, dtype=dtype)
+        k.rms_norm_across_heads_rope_into(plain, x, w, 1e-6, cos[3:], sin[3:], 0, reduce, width)
+        assert_fp8_heads(heads, plain, [w], width or h * d, ("fp8 heads across heads", b, s, h, d))
 
 
 def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, cols: int, seed: int) -> None:

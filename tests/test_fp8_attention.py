@@ -127,6 +127,80 @@ def test_cudnn_fp8_runs_its_reference_on_the_cpu_and_is_refused_without_its_pack
     assert info.value.field == "attention_backend" and "nvidia-cudnn-frontend" in info.value.message
 
 
+def _fp8_heads_forwards(model, inputs, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """`model` on cudnn-fp8 twice, as the CPU runs it (q and k quantised per tensor by the reference) and as a
+    GPU that takes cuDNN's kernel does (q and k handed out as FP8Heads and written by the norms); the second
+    forward's attention calls are recorded."""
+    import ditserve.layers.attention as attention_module
+    from ditserve.layers.attention import set_attention_backend
+
+    set_attention_backend(model, "cudnn-fp8", torch.device("cpu"))
+    with torch.no_grad():
+        plain = model(**inputs)
+    calls = []
+
+    def recorded(q, k, v, scale=None):
+        calls.append((type(q), type(k)))
+        return ca.cudnn_fp8_attention_reference(q, k, v, scale)
+
+    with monkeypatch.context() as m:  # as on a GPU with the package: FP8Heads handed out, the kernel replaced
+        m.setattr(attention_module, "cudnn_frontend_available", lambda: True)
+        m.setattr(attention_module, "cudnn_fp8_can_take", lambda q, k, v: True)
+        m.setattr(attention_module, "cudnn_fp8_attention", recorded)
+        with torch.no_grad():
+            fp8_heads = model(**inputs)
+    return plain, fp8_heads, calls
+
+
+def test_norms_write_q_and_k_in_fp8_for_cudnn_fp8(monkeypatch):
+    """FLUX.1 and Wan write q and k through their norms straight into e4m3 (`FP8Heads`, scaled by the norms'
+    bound) for cudnn-fp8: every joint or self attention takes them, cross-attentions take bf16, and the forward
+    stays within FP8 rounding of the one quantising q and k per tensor."""
+    from ditserve.loader.weights import build_on_meta, materialize
+    from ditserve.models.flux import FluxConfig, FluxTransformer
+    from ditserve.models.wan import WanTransformer, video_position_ids
+
+    g = torch.Generator().manual_seed(4)
+    flux_config = dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=False,
+        axes_dims_rope=[4, 6, 6],
+    )  # fmt: skip
+    wan_config = dict(
+        patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )  # fmt: skip
+    flux = materialize(build_on_meta(lambda: FluxTransformer(FluxConfig.from_dict(flux_config)), torch.float32), "cpu")
+    wan = materialize(build_on_meta(lambda: WanTransformer.from_config(wan_config), torch.float32), "cpu")
+    for model in (flux, wan):
+        model.eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    flux_inputs = dict(
+        hidden_states=torch.randn(1, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+        pooled_projections=torch.randn(1, 24, generator=g),
+        timestep=torch.tensor([0.6]),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(6, 3),
+    )
+    wan_inputs = dict(
+        video_tokens=torch.randn(1, 2 * 3 * 4, 16, generator=g),
+        timestep=torch.tensor([500.0]),
+        text_states=torch.randn(1, 5, 32, generator=g),
+        video_ids=video_position_ids(2, 3, 4, "cpu"),
+    )
+    for model, inputs, expected in (
+        (flux, flux_inputs, [(ca.FP8Heads, ca.FP8Heads)] * 4),  # two double blocks, two single ones
+        (wan, wan_inputs, [(ca.FP8Heads, ca.FP8Heads), (torch.Tensor, torch.Tensor)] * 2),  # self, cross
+    ):
+        plain, fp8_heads, calls = _fp8_heads_forwards(model, inputs, monkeypatch)
+        assert calls == expected, calls
+        assert not torch.equal(plain, fp8_heads) and rel(fp8_heads, plain) < 0.05, rel(fp8_heads, plain)
+
+
 @pytest.mark.gpu
 def test_fp8_attention_keeps_digit_accuracy_within_two_points():
     if not has_fp8_tensor_cores(torch.device("cuda")):

@@ -67,23 +67,52 @@ def quantize_per_tensor_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale
 
 
+@dataclass(frozen=True)
+class FP8Heads:
+    """q or k [B, S, H, D] already in e4m3 with one scale for the tensor: the values are data · descale. Written by
+    the kernel that produced them (the q/k norm + RoPE kernels, whose output is bounded by their weights: see
+    `rms_norm_rope_into`) so that `cudnn_fp8_attention` skips both passes over them; descale is a one-element
+    float32 tensor at a 16-byte aligned address (cuDNN's scalar operand), filled by that kernel."""
+
+    data: torch.Tensor
+    descale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], device: torch.device) -> tuple[FP8Heads, FP8Heads]:
+        """Two of them (q's and k's) to be written, their descales in one small buffer."""
+        descales = torch.empty(2, ROW, dtype=torch.float32, device=device)
+        return tuple(FP8Heads(torch.empty(shape, dtype=FP8, device=device), descales[i, :1]) for i in range(2))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.data.float() * self.descale).to(dtype)
+
+
 def cudnn_fp8_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale) v in float32 over q, k, v [B, S, H, D] rounded to their per-tensor e4m3 operands, the
     result rounded to e4m3 with the scale 448 / max |v| as cuDNN writes it, returned in q's dtype."""
     sm_scale = q.shape[-1] ** -0.5 if scale is None else scale
-    (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor_reference(t) for t in (q, k, v))
+    (q8, dq), (k8, dk) = (
+        (t.data, t.descale.view(())) if isinstance(t, FP8Heads) else quantize_per_tensor_reference(t) for t in (q, k)
+    )
+    v8, dv = quantize_per_tensor_reference(v)
     qf, kf, vf = ((t8.float() * d).transpose(1, 2) for t8, d in ((q8, dq), (k8, dk), (v8, dv)))
     out = torch.softmax(qf @ kf.transpose(-1, -2) * sm_scale, dim=-1) @ vf
     out8 = (out / dv).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return (out8.float() * dv).transpose(1, 2).to(q.dtype)
+    return (out8.float() * dv).transpose(1, 2).to(v.dtype)
 
 
 def cudnn_fp8_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether cuDNN's kernel runs these [B, S, H, D] inputs (else `cudnn_fp8_attention` runs the reference): an
     FP8-capable GPU (Hopper or newer), a head of 16…256 channels in steps of 16, the same heads and head size in
-    q, k and v, unit stride along the head."""
+    q, k and v, unit stride along the head; q and k may be `FP8Heads` (both or neither)."""
+    if isinstance(q, FP8Heads) or isinstance(k, FP8Heads):
+        return isinstance(q, FP8Heads) and isinstance(k, FP8Heads) and cudnn_fp8_can_take(q.data, k.data, v)
     d = q.shape[-1]
     return (
         q.is_cuda
@@ -95,7 +124,8 @@ def cudnn_fp8_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
         and v.shape[-1] == d
         and q.shape[2] == k.shape[2] == v.shape[2]
         and all(t.stride(-1) == 1 for t in (q, k, v))
-        and q.dtype in (torch.bfloat16, torch.float16)
+        and v.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype in (v.dtype, FP8)
     )
 
 
@@ -131,11 +161,12 @@ if triton is not None:
     @triton.jit
     def _abs_max_kernel(
         Q, K, V, SCALARS, n_q, n_kv, sq0, sq1, sk0, sk1, sv0, sv1, q_tokens, kv_tokens, WIDTH: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+        FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
-        """The maxima of q, k and v (program_id(1) picks the tensor) into SCALARS' first three rows."""
+        """The maxima of q, k and v (program_id(1) + FIRST picks the tensor: FIRST 2 takes v alone) into SCALARS'
+        first three rows."""
         pid = tl.program_id(0)
-        which = tl.program_id(1)
+        which = tl.program_id(1) + FIRST
         if which == 0:
             _abs_max_rows(Q, SCALARS, pid, n_q, sq0, sq1, q_tokens, WIDTH, BLOCK_R, BLOCK_W)
         elif which == 1:
@@ -171,10 +202,10 @@ if triton is not None:
     @triton.jit
     def _quantize_kernel(
         Q, K, V, Q8, K8, V8, SCALARS, n_q, n_kv, sq0, sq1, sk0, sk1, sv0, sv1, q_tokens, kv_tokens,
-        WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+        WIDTH: tl.constexpr, FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        which = tl.program_id(1)
+        which = tl.program_id(1) + FIRST
         if which == 0:
             _quantize_rows_per_tensor(Q, Q8, SCALARS, 0, pid, n_q, sq0, sq1, q_tokens, WIDTH, BLOCK_R, BLOCK_W)
         elif which == 1:
@@ -199,20 +230,25 @@ BLOCK_R, BLOCK_W = 16, 1024
 
 
 def quantize_operands(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor
+    q: torch.Tensor | FP8Heads, k: torch.Tensor | FP8Heads, v: torch.Tensor, scalars: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [B, S, H, D] (k and v of one length, heads and head size of q's) → contiguous e4m3 copies, each
-    `quantize_per_tensor_reference` of its tensor, in two Triton launches (the three maxima, then the three
-    writes). `scalars` [len(SCALARS), ROW] float32 with zeros in the maxima' rows takes the maxima, the descales
-    and the output's scale."""
-    q, k, v = (_token_rows(t) for t in (q, k, v))
+    `quantize_per_tensor_reference` of its tensor, in two Triton launches (the maxima, then the writes). `scalars`
+    [len(SCALARS), ROW] float32 with zeros in the maxima' rows takes the maxima, the descales and the output's
+    scale. q and k as `FP8Heads` (both) are taken as they are: then only v is read, twice."""
+    given = isinstance(q, FP8Heads)
+    v = _token_rows(v)
+    q, k = (q.data, k.data) if given else (_token_rows(q), _token_rows(k))
     b, n_q, h, d = q.shape
     n_kv = k.shape[1]
-    q8, k8, v8 = (torch.empty(t.shape, dtype=FP8, device=t.device) for t in (q, k, v))
+    q8, k8 = (q, k) if given else (torch.empty(t.shape, dtype=FP8, device=t.device) for t in (q, k))
+    v8 = torch.empty(v.shape, dtype=FP8, device=v.device)
     rows_q, rows_kv, width = b * n_q, b * n_kv, h * d
-    grid = (triton.cdiv(max(rows_q, rows_kv), BLOCK_R), 3)
+    first = 2 if given else 0
+    grid = (triton.cdiv(rows_kv if given else max(rows_q, rows_kv), BLOCK_R), 3 - first)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-    launch = dict(WIDTH=width, BLOCK_R=BLOCK_R, BLOCK_W=min(BLOCK_W, triton.next_power_of_2(width)), num_warps=8)
+    block_w = min(BLOCK_W, triton.next_power_of_2(width))
+    launch = dict(WIDTH=width, FIRST=first, BLOCK_R=BLOCK_R, BLOCK_W=block_w, num_warps=8)
     _abs_max_kernel[grid](q, k, v, scalars, rows_q, rows_kv, *strides, n_q, n_kv, **launch)
     _quantize_kernel[grid](q, k, v, q8, k8, v8, scalars, rows_q, rows_kv, *strides, n_q, n_kv, **launch)
     return q8, k8, v8
@@ -298,23 +334,28 @@ def _plan(b: int, n_q: int, n_k: int, h: int, d: int, scale: float, device: torc
 
 # torch.compile leaves these launches as they are (one graph break per attention).
 @torch.compiler.disable
-def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Non-causal attention of [B, S, H, D] q, k, v through cuDNN's FP8 kernel; the result [B, S_q, H, D] in q's
-    dtype. `cudnn_fp8_attention_reference` where the kernel cannot run (`cudnn_fp8_can_take`)."""
+def cudnn_fp8_attention(
+    q: torch.Tensor | FP8Heads, k: torch.Tensor | FP8Heads, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Non-causal attention of [B, S, H, D] q, k, v through cuDNN's FP8 kernel; the result [B, S_q, H, D] in v's
+    dtype. q and k may come quantised already (`FP8Heads`, both). `cudnn_fp8_attention_reference` where the kernel
+    cannot run (`cudnn_fp8_can_take`)."""
     sm_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not cudnn_fp8_can_take(q, k, v):
         return cudnn_fp8_attention_reference(q, k, v, sm_scale)
     cudnn = load_cudnn_frontend()
     b, n, h, d = q.shape
-    plan = _plan(b, n, k.shape[1], h, d, float(sm_scale), q.device)
-    scalars = _scalars(q.device).clone()
+    plan = _plan(b, n, k.shape[1], h, d, float(sm_scale), v.device)
+    scalars = _scalars(v.device).clone()
     q8, k8, v8 = quantize_operands(q, k, v, scalars)
-    out8 = torch.empty(q.shape, dtype=FP8, device=q.device)
+    out8 = torch.empty(q.shape, dtype=FP8, device=v.device)
     t = plan.tensors
-    cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(v.device).cuda_stream)
     bound = {t[name]: scalars[i, :1].view(1, 1, 1, 1) for i, name in enumerate(SCALARS) if name in t}
+    if isinstance(q, FP8Heads):
+        bound[t["descale_q"]], bound[t["descale_k"]] = q.descale.view(1, 1, 1, 1), k.descale.view(1, 1, 1, 1)
     plan.graph.execute({t["q"]: q8, t["k"]: k8, t["v"]: v8, t["o"]: out8, **bound}, plan.workspace, handle=plan.handle)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(q.shape, dtype=v.dtype, device=v.device)
     numel = out.numel()
     descale_o = scalars[SCALARS.index("descale_v"), :1]
     _dequantize_kernel[(triton.cdiv(numel, 4096),)](out8, descale_o, out, numel, BLOCK=4096)
@@ -323,6 +364,7 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 __all__ = [
     "CudnnFrontendUnavailable",
+    "FP8Heads",
     "cudnn_fp8_attention",
     "cudnn_fp8_attention_reference",
     "cudnn_fp8_can_take",

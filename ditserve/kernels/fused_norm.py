@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ditserve.kernels.cudnn_fp8_attention import FP8Heads
 from ditserve.kernels.dispatch import use_triton as _use_triton
 from ditserve.kernels.fp8_quant import FP8, QuantizedRows, quantized
 
@@ -274,6 +275,33 @@ def rms_norm_scale(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: tor
 
 
 # ---- RMS norm per head + rotary embedding -----------------------------------------------------------------------
+# Written in e4m3 for cuDNN's FP8 attention (`FP8Heads`), the result needs no pass to find its largest value: a
+# token's normed values square-sum to at most the norm's width W (x / rms(x) before the weight γ), so each is at most
+# √W · max |γ|, and the rotation keeps each pair's length, so its parts stay below it too. With descale = √W · max |γ|
+# / 448 nothing overflows, and typical values (about |γ|) land √W below e4m3's largest value, far above its smallest
+# normal one (2¹⁵ below it): e4m3's rounding stays relative (2⁻⁴), as with a scale from the actual maximum. Where
+# two norms write one tensor (a joint [text, image] sequence), both use the larger bound of the two.
+def fp8_heads_descale_reference(weights: list[torch.Tensor], width: int) -> torch.Tensor:
+    """The descale a norm writing FP8 heads uses: √width · max |γ| over the weights writing the tensor, / 448."""
+    top = torch.stack([w.float().abs().amax() for w in weights]).amax()
+    return (top * math.sqrt(width) / 448.0).clamp(min=1e-12)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_bounded(out, w, joint_w_ptrs, descale_ptr, token, width, JOINT: tl.constexpr):
+        """out / descale in e4m3's range (see `fp8_heads_descale_reference`; w: the norm's weight as loaded, width:
+        the norm's); the first token stores descale."""
+        top = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+        if JOINT:
+            top = tl.maximum(top, tl.max(tl.max(tl.abs(tl.load(joint_w_ptrs).to(tl.float32)), axis=1), axis=0))
+        descale = tl.maximum(top * tl.sqrt(width * 1.0) / 448.0, 1e-12)
+        if token == 0:
+            tl.store(descale_ptr, descale)
+        return tl.clamp(out / descale, -448.0, 448.0)
+
+
 def rms_norm_rope_reference(
     x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -306,8 +334,12 @@ if triton is not None:
         group2,
         per_group,
         eps,
+        descale_ptr,
+        joint_w_ptr,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        QUANT: tl.constexpr,
+        JOINT: tl.constexpr,
     ):
         # One program per token: a [heads, D] tile loaded with contiguous (vectorised) rows; the interleaved
         # pairs are separated in registers (reshape + split) rather than by strided loads.
@@ -322,13 +354,15 @@ if triton is not None:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
         w = tl.load(w_ptr + d).to(tl.float32)
         # Round the normed values to the activation dtype, as the reference's separate norm does.
-        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
         pos = (seq_offset + s) * D  # row of the [S_total, D] cos/sin tables
         cos = tl.load(cos_ptr + pos + d)
         sin = tl.load(sin_ptr + pos + d)
         y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
         rotated = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, D))  # (x0, x1) → (-x1, x0) per pair
         out = y * cos + rotated * sin
+        if QUANT:
+            out = _quantize_bounded(out, w, joint_w_ptr + d, descale_ptr, token, D, JOINT)
         # Output heads may lie in groups (head = (g1 · group2 + g2) · per_group + i), as in a message per rank.
         head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
         head += (h % per_group) * o_stride_h
@@ -337,22 +371,26 @@ if triton is not None:
 
 
 def rms_norm_rope_into(
-    out: torch.Tensor,
+    out: torch.Tensor | FP8Heads,
     x: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
     seq_offset: int = 0,
-) -> torch.Tensor:
+    joint_weight: torch.Tensor | None = None,
+) -> torch.Tensor | FP8Heads:
     """out[:, seq_offset : seq_offset + S] = rope(rms_norm(x)), positions taken from cos/sin rows seq_offset + s.
 
     x [B, S, H, D] may be a strided view (a part of a fused QKV output); `out` is the joint [B, S_total, H, D],
     or [B, S_total, *groups, h, D] with up to three head dimensions (H = their product, in order) when the heads
-    lie in groups elsewhere in memory (sequence parallelism's message to each rank).
+    lie in groups elsewhere in memory (sequence parallelism's message to each rank). `out` as `FP8Heads`: written
+    in e4m3 with the descale `fp8_heads_descale_reference` gives for this norm's weight and `joint_weight` (the
+    other norm writing the same joint tensor, if any).
     """
     b, s, h, d = x.shape
-    target = out[:, seq_offset : seq_offset + s]
+    quant = isinstance(out, FP8Heads)
+    target = (out.data if quant else out)[:, seq_offset : seq_offset + s]
     head_dims = list(target.shape[2:-1])
     if math.prod(head_dims) != h or not 1 <= len(head_dims) <= 3:
         raise ValueError(f"output heads {head_dims} do not hold the input's {h} heads")
@@ -370,6 +408,10 @@ def rms_norm_rope_into(
         ref = rms_norm_rope_reference(
             x, weight, eps, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s]
         )
+        if quant:
+            descale = fp8_heads_descale_reference([weight] + ([joint_weight] if joint_weight is not None else []), d)
+            out.descale.copy_(descale.view(1))
+            ref = (ref.float() / descale).clamp(-448.0, 448.0)
         target.copy_(ref.reshape(target.shape))
         return out
     pad = 3 - len(head_dims)
@@ -393,8 +435,12 @@ def rms_norm_rope_into(
         head_sizes[1],
         head_sizes[2],
         eps,
+        out.descale if quant else x,
+        joint_weight if joint_weight is not None else weight,
         D=d,
         BLOCK_H=triton.next_power_of_2(h),
+        QUANT=quant,
+        JOINT=quant and joint_weight is not None,
         num_warps=4,
     )
     return out
@@ -442,10 +488,12 @@ if triton is not None:
         per_group,
         width,
         eps,
+        descale_ptr,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         ROPE: tl.constexpr,
         GIVEN_SQUARE_SUM: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
         # One program per token, as `_rms_norm_rope_kernel`, but one mean square over the whole [heads, D] tile
         # (or over every rank's heads: then summed beforehand and given per token).
@@ -464,7 +512,7 @@ if triton is not None:
         rstd = tl.rsqrt(square_sum / width + eps)
         w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
         # Rounded to the activation dtype, as the reference's separate norm is, before the rotation.
-        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
         if ROPE:
             pos = (seq_offset + s) * D
             cos = tl.load(cos_ptr + pos + d)
@@ -472,6 +520,8 @@ if triton is not None:
             y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
             rotated = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, D))
             y = y * cos + rotated * sin
+        if QUANT:  # this rank's heads, bounded by the whole width's norm (see `fp8_heads_descale_reference`)
+            y = _quantize_bounded(y, w, w_ptr, descale_ptr, token, width, False)
         head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
         head += (h % per_group) * o_stride_h
         o_ptrs = out_ptr + b * o_stride_b + (seq_offset + s) * o_stride_s + head + d
@@ -479,7 +529,7 @@ if triton is not None:
 
 
 def rms_norm_across_heads_rope_into(
-    out: torch.Tensor,
+    out: torch.Tensor | FP8Heads,
     x: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
@@ -488,14 +538,18 @@ def rms_norm_across_heads_rope_into(
     seq_offset: int = 0,
     reduce=None,
     total_width: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | FP8Heads:
     """out[:, seq_offset : seq_offset + S] = rope(rms_norm_across_heads(x)); cos/sin None: no rotation.
 
     Shapes as `rms_norm_rope_into`: x [B, S, H, D] (a strided view is fine), out [B, S_total, H, D] or with the
-    heads in up to three groups. `reduce` and `total_width` as `rms_norm_across_heads_reference`."""
+    heads in up to three groups; out as `FP8Heads`: in e4m3 as there (the bound: this rank's weight, the whole
+    width). `reduce` and `total_width` as `rms_norm_across_heads_reference`."""
     from ditserve.layers.rotary import apply_rope
 
     b, s, h, d = x.shape
+    quant = isinstance(out, FP8Heads)
+    whole = out
+    out = out.data if quant else out
     target = out[:, seq_offset : seq_offset + s]
     head_dims = list(target.shape[2:-1])
     if math.prod(head_dims) != h or not 1 <= len(head_dims) <= 3:
@@ -514,8 +568,12 @@ def rms_norm_across_heads_rope_into(
         y = rms_norm_across_heads_reference(x, weight, eps, reduce, total_width)
         if rope:
             y = apply_rope(y, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
+        if quant:
+            descale = fp8_heads_descale_reference([weight], total_width or h * d)
+            whole.descale.copy_(descale.view(1))
+            y = (y.float() / descale).clamp(-448.0, 448.0)
         target.copy_(y.reshape(target.shape))
-        return out
+        return whole
     square_sum = None
     if reduce is not None:  # every rank's heads count: the sums of squares are exchanged first
         square_sum = reduce(x.float().square().sum((-2, -1))).contiguous()
@@ -543,10 +601,12 @@ def rms_norm_across_heads_rope_into(
         head_sizes[2],
         total_width or h * d,
         eps,
+        whole.descale if quant else x,
         D=d,
         BLOCK_H=block_h,
         ROPE=rope,
         GIVEN_SQUARE_SUM=square_sum is not None,
+        QUANT=quant,
         num_warps=8 if block_h * d >= 4096 else 4,
     )
-    return out
+    return whole

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditserve.kernels.cudnn_fp8_attention import cudnn_fp8_attention, load_cudnn_frontend
+from ditserve.kernels.cudnn_fp8_attention import (
+    FP8Heads,
+    cudnn_fp8_attention,
+    cudnn_fp8_can_take,
+    cudnn_frontend_available,
+    load_cudnn_frontend,
+)
 from ditserve.kernels.fp8_attention import fp8_attention
 from ditserve.kernels.row_copy import copy_rows
 from ditserve.layers.linear import ReplicatedLinear
@@ -89,6 +95,8 @@ def attention(
 ) -> torch.Tensor:
     """Non-causal attention; q, k, v and the result are [B, S, H, D]. `key_mask` [B, S_k] bool (True = attend; None:
     every key) leaves out padded keys (a padded text of a batch); every query must keep at least one key."""
+    if isinstance(q, FP8Heads) and (backend != "cudnn-fp8" or key_mask is not None):
+        q, k = q.dequantize(v.dtype), k.dequantize(v.dtype)  # handed out for cudnn-fp8 (`input_buffers`)
     if backend == "reference":
         return attention_reference(q, k, v, key_mask)
     if backend == "sage":
@@ -195,7 +203,7 @@ class Attention(nn.Module):
         backend = self.effective_backend
         pattern = parse_sparse_backend(backend)
         if pattern is None:
-            return attention(q, k, v, resolve_attention_backend(backend, q.device), key_mask)
+            return attention(q, k, v, resolve_attention_backend(backend, v.device), key_mask)
         if key_mask is not None:
             raise ValueError(f"the {backend} attention backend takes no key mask (masked text is dense attention)")
         if isinstance(pattern, SLA):
@@ -211,13 +219,22 @@ class Attention(nn.Module):
         return sliding_tile_attention(q, k, v, self.token_grid, pattern)
 
     def input_buffers(
-        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None, fp8_qk: bool = False
+    ) -> tuple[torch.Tensor | FP8Heads, torch.Tensor | FP8Heads, torch.Tensor]:
         """Where a model writes this attention's q, k and v of `shape` [B, S, H, D] (with `rms_norm_rope_into` and
         `write_heads`) before calling it with them. Here: new tensors, and `value` itself for v when the model
         has v whole already. A sequence-parallel attention hands out views of its outgoing message instead, so
         nothing is copied into the message afterwards; its views may hold the heads as groups
-        ([B, S, *groups, h, D]), which is why models write through those two functions."""
+        ([B, S, *groups, h, D]), which is why models write through those two functions.
+
+        `fp8_qk`: the model writes q and k through norm kernels that can write e4m3 (their output is bounded by
+        their weights, kernels/fused_norm.py); with `cudnn-fp8` running on these inputs, q and k are then handed
+        out as `FP8Heads`, and cuDNN's kernel takes them without a pass of its own over them."""
+        if fp8_qk and self.effective_backend == "cudnn-fp8" and cudnn_frontend_available():
+            probe = like.new_empty((1, 1, *shape[2:]))
+            if cudnn_fp8_can_take(probe, probe, probe):
+                q, k = FP8Heads.empty(shape, like.device)
+                return q, k, value if value is not None else like.new_empty(shape)
         q, k = like.new_empty(shape), like.new_empty(shape)
         return q, k, value if value is not None else like.new_empty(shape)
 

@@ -57,10 +57,14 @@ class QKNorm(nn.Module):
         k: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         seq_offset: int = 0,
+        joint: QKNorm | None = None,
     ) -> None:
-        """q_out/k_out[:, seq_offset : seq_offset + S] = rope(norm(q/k)); outputs are joint [B, S_total, H, D]."""
-        rms_norm_rope_into(q_out, q, self.norm_q.weight, self.norm_q.eps, *rope, seq_offset)
-        rms_norm_rope_into(k_out, k, self.norm_k.weight, self.norm_k.eps, *rope, seq_offset)
+        """q_out/k_out[:, seq_offset : seq_offset + S] = rope(norm(q/k)); outputs are joint [B, S_total, H, D]
+        (or `FP8Heads`, see `Attention.input_buffers`). `joint`: the other stream's norm writing the same joint
+        outputs, whose weights bound them too (`rms_norm_rope_into`)."""
+        joint_q, joint_k = (joint.norm_q.weight, joint.norm_k.weight) if joint is not None else (None, None)
+        rms_norm_rope_into(q_out, q, self.norm_q.weight, self.norm_q.eps, *rope, seq_offset, joint_q)
+        rms_norm_rope_into(k_out, k, self.norm_k.weight, self.norm_k.eps, *rope, seq_offset, joint_k)
 
 
 class FP32LayerNorm(nn.Module):

@@ -142,9 +142,9 @@ class DoubleStreamBlock(nn.Module):
         # into the joint q and k (wherever attention wants them), so the concatenation costs no extra pass.
         txt_len = txt.shape[1]
         joint_shape = (img.shape[0], txt_len + img.shape[1], *img_q.shape[2:])
-        q, k, v = self.attn.input_buffers(img_q, joint_shape)
-        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0)
-        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
+        q, k, v = self.attn.input_buffers(img_q, joint_shape, fp8_qk=True)
+        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0, joint=self.img_attn.norm)
+        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len, joint=self.txt_attn.norm)
         write_heads(v, txt_v, 0)
         write_heads(v, img_v, txt_len)
         img_len, head_dim = img.shape[1], self.img_attn.head_dim
@@ -196,7 +196,7 @@ class SingleStreamBlock(nn.Module):
         h = layer_norm_modulate(x, shift, scale, quantize=self.qkv_mlp.takes_quantized_input)
         q, k, v, mlp = self.qkv_mlp.split(self.qkv_mlp(h))
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v)
+        q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v, fp8_qk=True)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
         write_heads(v_in, v)
         # proj_out reads [attention | gelu(mlp)], taken in column pieces: no concatenation, and the mlp part (GELU

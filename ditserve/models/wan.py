@@ -186,7 +186,7 @@ class WanBlock(nn.Module):
 
     def self_attention(self, x: torch.Tensor | QuantizedRows, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v, *gate = (self.heads(t) for t in self.qkv.split(self.qkv(x)))
-        q_in, k_in, v_in = self.self_attn.input_buffers(q, q.shape, value=v)
+        q_in, k_in, v_in = self.self_attn.input_buffers(q, q.shape, value=v, fp8_qk=True)
         self.norm_q.norm_rope_into(q_in, q, rope)
         self.norm_k.norm_rope_into(k_in, k, rope)
         write_heads(v_in, v)

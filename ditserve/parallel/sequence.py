@@ -509,10 +509,11 @@ class SequenceParallelAttention(nn.Module):
 
     @torch.compiler.disable
     def input_buffers(
-        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None
+        self, like: torch.Tensor, shape: tuple[int, ...], value: torch.Tensor | None = None, fp8_qk: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """With Ulysses: q, k and v as views of the outgoing messages (see `Attention.input_buffers`), so that the
-        model's writes are the packing; kept until forward sends them."""
+        model's writes are the packing; kept until forward sends them. q and k are never handed out in FP8 here
+        (`fp8_qk`): the exchanges and Ring's kernel move and read them in the model's dtype."""
         b, s, h, d = shape
         if self.groups.ulysses_size == 1 or h % self.groups.ulysses_size:
             return self.inner.input_buffers(like, shape, value)
