@@ -299,7 +299,7 @@ if triton is not None:
         descale = tl.maximum(top * tl.sqrt(width * 1.0) / 448.0, 1e-12)
         if token == 0:
             tl.store(descale_ptr, descale)
-        return tl.clamp(out / descale, -448.0, 448.0)
+        return tl.clamp(out * (1.0 / descale), -448.0, 448.0)  # one division a token, not one a value
 
 
 def rms_norm_rope_reference(
