@@ -1,5 +1,6 @@
 """A DiT's norms and activations hand its FP8 linears their input quantised (`QuantizedRows`) and the forward equals
-the one where each linear quantises its own input: shared by the families' tests."""
+the one where each linear quantises its own input; its q/k norms write q and k in e4m3 for cudnn-fp8 (`FP8Heads`):
+shared by the families' tests."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 
 from ditserve.accel.fp8 import quantize_dit
+from ditserve.kernels import cudnn_fp8_attention as ca
 from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.layers.linear import LinearBase
+
+FP8_HEADS = (ca.FP8Heads, ca.FP8Heads)  # what an attention that takes q and k from the norms in e4m3 receives
 
 
 def check_producers_quantize_for_fp8_linears(dit: nn.Module, inputs: dict, consumers: list[str]) -> None:
@@ -32,3 +36,44 @@ def check_producers_quantize_for_fp8_linears(dit: nn.Module, inputs: dict, consu
             separate = model(**inputs)
         assert seen == {name: torch.Tensor for name in consumers}
     assert torch.equal(fused, separate)
+
+
+def check_norms_write_fp8_heads(model: nn.Module, inputs: dict, expected: list[tuple[type, type]]) -> None:
+    """`model` on cudnn-fp8 as the CPU runs it (q and k quantised per tensor by the reference) and as a GPU that
+    takes cuDNN's kernel does (q and k handed out as `FP8Heads` and written by the q/k norms, the kernel replaced by
+    its reference): the attentions receive the `expected` types of q and k, in order, and the two forwards differ
+    by FP8 rounding only: the one with the norms' e4m3 q and k is as close to dense attention in float32 as the
+    one quantising them per tensor (within 1.5 times its distance: two roundings of the same size)."""
+    import ditserve.layers.attention as attention_module
+    from ditserve.layers.attention import Attention, set_attention_backend
+
+    calls = []
+
+    def recorded(q, k, v, scale=None):
+        calls.append((type(q), type(k)))
+        return ca.cudnn_fp8_attention_reference(q, k, v, scale)
+
+    backends = [(module, module.backend) for module in model.modules() if isinstance(module, Attention)]
+    try:
+        set_attention_backend(model, "sdpa", torch.device("cpu"))
+        with torch.no_grad():
+            dense = model(**inputs)
+        set_attention_backend(model, "cudnn-fp8", torch.device("cpu"))
+        with torch.no_grad():
+            plain = model(**inputs)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(attention_module, "cudnn_frontend_available", lambda: True)
+            m.setattr(attention_module, "cudnn_fp8_can_take", lambda q, k, v: True)
+            m.setattr(attention_module, "cudnn_fp8_attention", recorded)
+            with torch.no_grad():
+                fp8_heads = model(**inputs)
+    finally:
+        for module, backend in backends:
+            module.backend = backend
+    assert calls == expected, calls
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert not torch.equal(plain, fp8_heads), "the norms' e4m3 q and k changed nothing"
+    assert rel(fp8_heads, dense) < 1.5 * rel(plain, dense), (rel(fp8_heads, dense), rel(plain, dense))

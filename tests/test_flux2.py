@@ -202,3 +202,12 @@ def test_fp8_linears_take_their_inputs_quantised_by_norms(dev):
     check_producers_quantize_for_fp8_linears(
         dev.c.transformer, dev.forward_inputs(32, 48), [*consumers, "single_blocks.0.qkv_mlp"]
     )
+
+
+def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(dev):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads
+
+    dit = dev.c.transformer
+    check_norms_write_fp8_heads(
+        dit, dev.forward_inputs(32, 48), [FP8_HEADS] * (len(dit.double_blocks) + len(dit.single_blocks))
+    )

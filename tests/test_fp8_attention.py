@@ -127,35 +127,12 @@ def test_cudnn_fp8_runs_its_reference_on_the_cpu_and_is_refused_without_its_pack
     assert info.value.field == "attention_backend" and "nvidia-cudnn-frontend" in info.value.message
 
 
-def _fp8_heads_forwards(model, inputs, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """`model` on cudnn-fp8 twice, as the CPU runs it (q and k quantised per tensor by the reference) and as a
-    GPU that takes cuDNN's kernel does (q and k handed out as FP8Heads and written by the norms); the second
-    forward's attention calls are recorded."""
-    import ditserve.layers.attention as attention_module
-    from ditserve.layers.attention import set_attention_backend
-
-    set_attention_backend(model, "cudnn-fp8", torch.device("cpu"))
-    with torch.no_grad():
-        plain = model(**inputs)
-    calls = []
-
-    def recorded(q, k, v, scale=None):
-        calls.append((type(q), type(k)))
-        return ca.cudnn_fp8_attention_reference(q, k, v, scale)
-
-    with monkeypatch.context() as m:  # as on a GPU with the package: FP8Heads handed out, the kernel replaced
-        m.setattr(attention_module, "cudnn_frontend_available", lambda: True)
-        m.setattr(attention_module, "cudnn_fp8_can_take", lambda q, k, v: True)
-        m.setattr(attention_module, "cudnn_fp8_attention", recorded)
-        with torch.no_grad():
-            fp8_heads = model(**inputs)
-    return plain, fp8_heads, calls
-
-
-def test_norms_write_q_and_k_in_fp8_for_cudnn_fp8(monkeypatch):
+def test_norms_write_q_and_k_in_fp8_for_cudnn_fp8():
     """FLUX.1 and Wan write q and k through their norms straight into e4m3 (`FP8Heads`, scaled by the norms'
     bound) for cudnn-fp8: every joint or self attention takes them, cross-attentions take bf16, and the forward
     stays within FP8 rounding of the one quantising q and k per tensor."""
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads
+
     from ditserve.loader.weights import build_on_meta, materialize
     from ditserve.models.flux import FluxConfig, FluxTransformer
     from ditserve.models.wan import WanTransformer, video_position_ids
@@ -192,13 +169,8 @@ def test_norms_write_q_and_k_in_fp8_for_cudnn_fp8(monkeypatch):
         text_states=torch.randn(1, 5, 32, generator=g),
         video_ids=video_position_ids(2, 3, 4, "cpu"),
     )
-    for model, inputs, expected in (
-        (flux, flux_inputs, [(ca.FP8Heads, ca.FP8Heads)] * 4),  # two double blocks, two single ones
-        (wan, wan_inputs, [(ca.FP8Heads, ca.FP8Heads), (torch.Tensor, torch.Tensor)] * 2),  # self, cross
-    ):
-        plain, fp8_heads, calls = _fp8_heads_forwards(model, inputs, monkeypatch)
-        assert calls == expected, calls
-        assert not torch.equal(plain, fp8_heads) and rel(fp8_heads, plain) < 0.05, rel(fp8_heads, plain)
+    check_norms_write_fp8_heads(flux, flux_inputs, [FP8_HEADS] * 4)  # two double blocks, two single ones
+    check_norms_write_fp8_heads(wan, wan_inputs, [FP8_HEADS, (torch.Tensor, torch.Tensor)] * 2)  # self, cross
 
 
 @pytest.mark.gpu

@@ -276,3 +276,10 @@ def test_fp8_linears_take_their_inputs_quantised_by_norms_and_gelu(ours):
     ]
     consumers += ["transformer_blocks.0.txt_mlp.fc1", "transformer_blocks.0.txt_mlp.fc2"]
     check_producers_quantize_for_fp8_linears(ours.c.transformer, inputs, consumers)
+
+
+def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(ours):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads
+
+    inputs = ours.forward_inputs(32, 48, prompt="a red fox")
+    check_norms_write_fp8_heads(ours.c.transformer, inputs, [FP8_HEADS] * len(ours.c.transformer.transformer_blocks))

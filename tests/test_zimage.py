@@ -132,6 +132,16 @@ def test_dit_matches_diffusers_other_shape():
     assert (got[0] - expected).abs().max().item() <= 1e-4
 
 
+def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(ours):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads
+
+    from ditserve.layers.attention import Attention
+
+    dit = ours.c.transformer
+    attentions = sum(isinstance(m, Attention) for m in dit.modules())
+    check_norms_write_fp8_heads(dit, ours.forward_inputs(40, 56, prompt="a red fox"), [FP8_HEADS] * attentions)
+
+
 def test_sharding_declaration_names_forward_inputs():
     names = set(inspect.signature(ZImageTransformer.forward).parameters) - {"self"}
     declared = ZImageTransformer.sequence_sharding

@@ -155,9 +155,9 @@ class DoubleStreamBlock(nn.Module):
         # The joint sequence is [text, image], the order of the RoPE ids; norm and RoPE write straight into it.
         txt_len, img_len = txt.shape[1], img.shape[1]
         joint_shape = (img.shape[0], txt_len + img_len, *img_q.shape[2:])
-        q, k, v = self.attn.input_buffers(img_q, joint_shape)
-        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0)
-        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
+        q, k, v = self.attn.input_buffers(img_q, joint_shape, fp8_qk=True)
+        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0, joint=self.img_attn.norm)
+        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len, joint=self.txt_attn.norm)
         write_heads(v, txt_v, 0)
         write_heads(v, img_v, txt_len)
         head_dim = self.img_attn.head_dim
@@ -209,7 +209,7 @@ class SingleStreamBlock(nn.Module):
         # [gate | up] of this rank lie side by side: one strided view for the SwiGLU kernel.
         mlp = projected_in.narrow(-1, 3 * q.shape[-1], gate_part.shape[-1] + up_part.shape[-1])
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v)
+        q_roped, k_roped, v_in = self.attn.input_buffers(q, q.shape, value=v, fp8_qk=True)
         self.norm.norm_rope_into(q_roped, k_roped, q, k, rope)
         write_heads(v_in, v)
         # proj_out reads [attention | swiglu(mlp)] in column pieces: the mlp part needs no attention, so it runs

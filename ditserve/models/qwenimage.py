@@ -217,9 +217,10 @@ class QwenImageBlock(nn.Module):
         # The joint sequence is [text, image], the order of the RoPE tables; norm and RoPE write straight into it.
         txt_len, img_len = txt.shape[1], img.shape[1]
         joint_shape = (img.shape[0], txt_len + img_len, *img_q.shape[2:])
-        q, k, v = self.attn.input_buffers(img_q, joint_shape)
-        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0)
-        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len)
+        # q and k in e4m3 from the norms only where cudnn-fp8 then runs (a masked text batch runs SDPA in bf16)
+        q, k, v = self.attn.input_buffers(img_q, joint_shape, fp8_qk=key_mask is None)
+        self.txt_attn.norm.norm_rope_into(q, k, txt_q, txt_k, rope, 0, joint=self.img_attn.norm)
+        self.img_attn.norm.norm_rope_into(q, k, img_q, img_k, rope, txt_len, joint=self.txt_attn.norm)
         write_heads(v, txt_v, 0)
         write_heads(v, img_v, txt_len)
         head_dim = self.img_attn.head_dim

@@ -158,7 +158,7 @@ class ZImageBlock(nn.Module):
 
     def attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv.split(self.qkv(x)))
-        q_in, k_in, v_in = self.attn.input_buffers(q, q.shape, value=v)
+        q_in, k_in, v_in = self.attn.input_buffers(q, q.shape, value=v, fp8_qk=True)
         self.qk_norm.norm_rope_into(q_in, k_in, q, k, rope)
         write_heads(v_in, v)
         head_dim = self.head_dim
