@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ditserve.kernels.dispatch import use_triton
+from ditserve.kernels.fp8_quant import FP8, FP8_MAX
 
 try:
     import triton
@@ -31,8 +32,6 @@ try:
 except ImportError:  # CPU-only installs: the torch reference serves
     triton = None
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 MIN_AMAX = 1e-12  # an all-zero tensor quantises to zeros instead of dividing by zero
 REQUIREMENT = "nvidia-cudnn-frontend==1.32.0"
 
