@@ -287,6 +287,13 @@ def fp8_heads_descale_reference(weights: list[torch.Tensor], width: int) -> torc
     return (top * math.sqrt(width) / 448.0).clamp(min=1e-12)
 
 
+def _fp8_heads_reference(heads: FP8Heads, y: torch.Tensor, weights: list[torch.Tensor], width: int) -> torch.Tensor:
+    """The torch path's e4m3 write: stores the descale in `heads` and returns y scaled into e4m3's range."""
+    descale = fp8_heads_descale_reference(weights, width)
+    heads.descale.copy_(descale.view(1))
+    return (y.float() / descale).clamp(-448.0, 448.0)
+
+
 if triton is not None:
 
     @triton.jit
@@ -409,9 +416,7 @@ def rms_norm_rope_into(
             x, weight, eps, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s]
         )
         if quant:
-            descale = fp8_heads_descale_reference([weight] + ([joint_weight] if joint_weight is not None else []), d)
-            out.descale.copy_(descale.view(1))
-            ref = (ref.float() / descale).clamp(-448.0, 448.0)
+            ref = _fp8_heads_reference(out, ref, [weight] + ([joint_weight] if joint_weight is not None else []), d)
         target.copy_(ref.reshape(target.shape))
         return out
     pad = 3 - len(head_dims)
@@ -569,9 +574,7 @@ def rms_norm_across_heads_rope_into(
         if rope:
             y = apply_rope(y, cos[seq_offset : seq_offset + s], sin[seq_offset : seq_offset + s])
         if quant:
-            descale = fp8_heads_descale_reference([weight], total_width or h * d)
-            whole.descale.copy_(descale.view(1))
-            y = (y.float() / descale).clamp(-448.0, 448.0)
+            y = _fp8_heads_reference(whole, y, [weight], total_width or h * d)
         target.copy_(y.reshape(target.shape))
         return whole
     square_sum = None
