@@ -28,6 +28,12 @@ class FP8Unsupported(ValueError):
 
 FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 tensor cores (Ada)
 
+# `_scaled_mm`'s use_fast_accum: Hopper's FP8 tensor cores then accumulate the whole K loop at their own precision
+# (about 22 mantissa bits) instead of promoting to float32 every few steps. Measured on an H200 at Wan 720p and FLUX
+# 1024² shapes (docs/fp8.md): 5-12% faster GEMMs, error against the float32 product of the same FP8 values 2.0-3.4e-3
+# instead of 1.7e-3, both far below e4m3's own rounding of the inputs (about 3e-2).
+FAST_ACCUMULATION = True
+
 
 def has_fp8_tensor_cores(device: torch.device) -> bool:
     """Whether `device` is a GPU with FP8 tensor cores."""
@@ -102,6 +108,7 @@ def fp8_linear(
             scale_b=w_scale.view(1, -1),
             bias=None if bias is None else bias.to(x.dtype),
             out_dtype=x.dtype,
+            use_fast_accum=FAST_ACCUMULATION,
         )
     else:
         y = scaled_mm_reference(xq, x_scale, wq, w_scale, bias, x.dtype)
