@@ -63,7 +63,7 @@ def check_norms_write_fp8_heads(model: nn.Module, inputs: dict, expected: list[t
             plain = model(**inputs)
         with pytest.MonkeyPatch.context() as m:
             m.setattr(attention_module, "cudnn_frontend_available", lambda: True)
-            m.setattr(attention_module, "cudnn_fp8_can_take", lambda q, k, v: True)
+            m.setattr(attention_module, "cudnn_fp8_takes_heads", lambda like, head_dim: True)
             m.setattr(attention_module, "cudnn_fp8_attention", recorded)
             with torch.no_grad():
                 fp8_heads = model(**inputs)
@@ -77,3 +77,53 @@ def check_norms_write_fp8_heads(model: nn.Module, inputs: dict, expected: list[t
 
     assert not torch.equal(plain, fp8_heads), "the norms' e4m3 q and k changed nothing"
     assert rel(fp8_heads, dense) < 1.5 * rel(plain, dense), (rel(fp8_heads, dense), rel(plain, dense))
+
+
+def check_norms_write_fp8_heads_on_cuda(model: nn.Module, inputs: dict, expected: list[tuple[type, type]]) -> None:
+    """`check_norms_write_fp8_heads` with the real kernels: a bf16 copy of `model` on the GPU runs cudnn-fp8, its q/k
+    norm kernels writing q and k in e4m3 for cuDNN's FP8 attention. The attentions receive the `expected` types,
+    and the output is as close to the float32 dense forward on the CPU as the CPU's per-tensor reference rounding
+    is (within 1.5 times its distance, plus twice bf16's own distance: the dense bf16 GPU forward's)."""
+    import ditserve.layers.attention as attention_module
+    from ditserve.accel.fp8 import has_fp8_tensor_cores
+    from ditserve.layers.attention import set_attention_backend
+
+    if not torch.cuda.is_available() or not has_fp8_tensor_cores(torch.device("cuda")):
+        pytest.skip("needs a GPU with FP8 tensor cores")
+    if not ca.cudnn_frontend_available():
+        pytest.skip("needs nvidia-cudnn-frontend (ditserve[cudnn])")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def rel(a, b):
+        return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
+
+    def run(m: nn.Module, backend: str, device: torch.device, given: dict) -> torch.Tensor:
+        set_attention_backend(m, backend, device)
+        with torch.no_grad():
+            return m(**given)
+
+    reference = copy.deepcopy(model)
+    dense, plain = run(reference, "sdpa", cpu, inputs), run(reference, "cudnn-fp8", cpu, inputs)
+    gpu = copy.deepcopy(model).to(cuda, torch.bfloat16)
+    gpu_inputs = {
+        name: value.to(cuda, torch.bfloat16 if value.is_floating_point() else value.dtype)
+        if isinstance(value, torch.Tensor)
+        else value
+        for name, value in inputs.items()
+    }
+    gpu_dense = run(gpu, "sdpa", cuda, gpu_inputs)
+    calls = []
+    real = attention_module.cudnn_fp8_attention
+
+    def recorded(q, k, v, scale=None):
+        calls.append((type(q), type(k)))
+        assert ca.cudnn_fp8_can_take(q, k, v), "cuDNN's kernel would not take these inputs"
+        return real(q, k, v, scale)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(attention_module, "cudnn_fp8_attention", recorded)
+        gpu_fp8 = run(gpu, "cudnn-fp8", cuda, gpu_inputs)
+    assert calls == expected, calls
+    assert torch.isfinite(gpu_fp8).all()
+    bound = 1.5 * rel(plain, dense) + 2 * rel(gpu_dense, dense)
+    assert rel(gpu_fp8, dense) < bound, (rel(gpu_fp8, dense), rel(plain, dense), rel(gpu_dense, dense))

@@ -211,3 +211,13 @@ def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(dev):
     check_norms_write_fp8_heads(
         dit, dev.forward_inputs(32, 48), [FP8_HEADS] * (len(dit.double_blocks) + len(dit.single_blocks))
     )
+
+
+@pytest.mark.gpu
+def test_qk_norms_hand_cudnn_fp8_e4m3_on_the_gpu(dev):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads_on_cuda
+
+    dit = dev.c.transformer
+    check_norms_write_fp8_heads_on_cuda(
+        dit, dev.forward_inputs(32, 48), [FP8_HEADS] * (len(dit.double_blocks) + len(dit.single_blocks))
+    )

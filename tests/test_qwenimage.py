@@ -283,3 +283,12 @@ def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(ours):
 
     inputs = ours.forward_inputs(32, 48, prompt="a red fox")
     check_norms_write_fp8_heads(ours.c.transformer, inputs, [FP8_HEADS] * len(ours.c.transformer.transformer_blocks))
+
+
+@pytest.mark.gpu
+def test_qk_norms_hand_cudnn_fp8_e4m3_on_the_gpu(ours):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads_on_cuda
+
+    inputs = ours.forward_inputs(32, 48, prompt="a red fox")
+    blocks = len(ours.c.transformer.transformer_blocks)
+    check_norms_write_fp8_heads_on_cuda(ours.c.transformer, inputs, [FP8_HEADS] * blocks)

@@ -142,6 +142,17 @@ def test_qk_norms_write_q_and_k_in_fp8_for_cudnn_fp8(ours):
     check_norms_write_fp8_heads(dit, ours.forward_inputs(40, 56, prompt="a red fox"), [FP8_HEADS] * attentions)
 
 
+@pytest.mark.gpu
+def test_qk_norms_hand_cudnn_fp8_e4m3_on_the_gpu(ours):
+    from fp8_wiring import FP8_HEADS, check_norms_write_fp8_heads_on_cuda
+
+    from ditserve.layers.attention import Attention
+
+    dit = ours.c.transformer
+    attentions = sum(isinstance(m, Attention) for m in dit.modules())
+    check_norms_write_fp8_heads_on_cuda(dit, ours.forward_inputs(40, 56, prompt="a red fox"), [FP8_HEADS] * attentions)
+
+
 def test_sharding_declaration_names_forward_inputs():
     names = set(inspect.signature(ZImageTransformer.forward).parameters) - {"self"}
     declared = ZImageTransformer.sequence_sharding

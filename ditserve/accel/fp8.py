@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditserve.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, QuantizedRows, quantize_rows
+from ditserve.kernels.fp8_quant import FP8, QuantizedRows, fp8_scale, quantize_rows, to_fp8
 
 
 class FP8Unsupported(ValueError):
@@ -61,8 +61,8 @@ def quantize_weight(weight: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor
     amax = w.abs().amax(dim=-1, keepdim=True)
     if reduce_max is not None:
         amax = reduce_max(amax)
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.squeeze(1)
+    scale = fp8_scale(amax)
+    return to_fp8(w, scale), scale.squeeze(1)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ditserve.kernels.dispatch import use_triton
-from ditserve.kernels.fp8_quant import FP8, FP8_MAX
+from ditserve.kernels.fp8_quant import FP8, FP8_MAX, to_fp8
 
 try:
     import triton
@@ -63,7 +63,7 @@ def cudnn_frontend_available() -> bool:
 def quantize_per_tensor_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x → (e4m3 x / descale, float32 descale), descale = max |x| / 448 (a 0-dim tensor)."""
     descale = (x.float().abs().amax().clamp(min=MIN_AMAX) / FP8_MAX).float()
-    return (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale
+    return to_fp8(x.float(), descale), descale
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def cudnn_fp8_attention_reference(
     v8, dv = quantize_per_tensor_reference(v)
     qf, kf, vf = ((t8.float() * d).transpose(1, 2) for t8, d in ((q8, dq), (k8, dk), (v8, dv)))
     out = torch.softmax(qf @ kf.transpose(-1, -2) * sm_scale, dim=-1) @ vf
-    out8 = (out / dv).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    out8 = to_fp8(out, dv)
     return (out8.float() * dv).transpose(1, 2).to(v.dtype)
 
 
@@ -114,17 +114,25 @@ def cudnn_fp8_can_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
         return isinstance(q, FP8Heads) and isinstance(k, FP8Heads) and cudnn_fp8_can_take(q.data, k.data, v)
     d = q.shape[-1]
     return (
-        q.is_cuda
-        and use_triton(q)
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
-        and d % 16 == 0
-        and d <= 256
+        cudnn_fp8_takes_heads(v, d)
         and k.shape[-1] == d
         and v.shape[-1] == d
         and q.shape[2] == k.shape[2] == v.shape[2]
         and all(t.stride(-1) == 1 for t in (q, k, v))
-        and v.dtype in (torch.bfloat16, torch.float16)
         and q.dtype in (v.dtype, FP8)
+    )
+
+
+def cudnn_fp8_takes_heads(like: torch.Tensor, head_dim: int) -> bool:
+    """Whether cuDNN's kernel runs heads of `head_dim` channels in `like`'s dtype on `like`'s device: an FP8-capable
+    GPU (Hopper or newer) and a head of 16…256 channels in steps of 16 in bf16 or fp16."""
+    return (
+        like.is_cuda
+        and use_triton(like)
+        and torch.cuda.get_device_capability(like.device) >= (9, 0)
+        and head_dim % 16 == 0
+        and head_dim <= 256
+        and like.dtype in (torch.bfloat16, torch.float16)
     )
 
 
@@ -367,6 +375,7 @@ __all__ = [
     "cudnn_fp8_attention",
     "cudnn_fp8_attention_reference",
     "cudnn_fp8_can_take",
+    "cudnn_fp8_takes_heads",
     "cudnn_frontend_available",
     "load_cudnn_frontend",
     "quantize_operands",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditserve.kernels.fp8_quant import FP8, fp8_scale, to_fp8
 from ditserve.kernels.fused_norm import _use_triton
 
 try:
@@ -37,9 +38,6 @@ try:
 except ImportError:  # CPU-only installs: the torch reference serves
     triton = None
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-MIN_SCALE = 1e-12  # an all-zero block quantises to zeros instead of dividing by zero
 LOG2E = 1.4426950408889634
 QUERY_BLOCK = 128  # rows of q per scale, and the attention kernel's query tile
 KEY_BLOCK = 128  # keys of k per scale; the kernels' key tiles lie inside one
@@ -61,20 +59,12 @@ class QuantizedHeads:
     v_scale: torch.Tensor
 
 
-def _scale_of(amax: torch.Tensor) -> torch.Tensor:
-    return (amax / FP8_MAX).clamp(min=MIN_SCALE)
-
-
-def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
 def _block_scales(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] → [B, H, ⌈S / block⌉]: the scale of each run of `block` rows (the last shorter)."""
     b, h, n, d = x.shape
     blocks = -(-n // block)
     padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - n))
-    return _scale_of(padded.view(b, h, blocks, block, d).abs().amax(dim=(-1, -2)))
+    return fp8_scale(padded.view(b, h, blocks, block, d).abs().amax(dim=(-1, -2)))
 
 
 def quantize_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> QuantizedHeads:
@@ -83,12 +73,12 @@ def quantize_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     nk = k.shape[1]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     q_block_scale = _block_scales(qf, QUERY_BLOCK)  # [B, H, query blocks]
-    q8 = _to_fp8(qf, q_block_scale.repeat_interleave(QUERY_BLOCK, dim=-1)[..., :n, None])
+    q8 = to_fp8(qf, q_block_scale.repeat_interleave(QUERY_BLOCK, dim=-1)[..., :n, None])
     k_scale = _block_scales(kf, KEY_BLOCK)  # [B, H, key blocks]
-    k8 = _to_fp8(kf, k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :nk, None])
-    v_scale = _scale_of(vf.abs().amax(dim=-2))  # [B, H, D]
+    k8 = to_fp8(kf, k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :nk, None])
+    v_scale = fp8_scale(vf.abs().amax(dim=-2))  # [B, H, D]
     vt8 = torch.zeros(b, h, d, -(-nk // KEY_ALIGN) * KEY_ALIGN, dtype=FP8, device=q.device)
-    vt8[..., :nk] = _to_fp8(vf, v_scale[:, :, None, :]).transpose(-1, -2)
+    vt8[..., :nk] = to_fp8(vf, v_scale[:, :, None, :]).transpose(-1, -2)
     return QuantizedHeads(q8, q_block_scale * (sm_scale * LOG2E), k8, k_scale, vt8, v_scale)
 
 
@@ -298,7 +288,7 @@ def quantize_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
         k, k8, k_scale, h, nk, k.stride(0), k.stride(1), k.stride(2), 1.0, D=d, BLOCK=KEY_BLOCK
     )
     # max |v| over the keys in one read (no |v| temporary): [B, H, D]
-    v_scale = _scale_of(torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float()).contiguous()
+    v_scale = fp8_scale(torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float()).contiguous()
     n_pad = -(-nk // KEY_ALIGN) * KEY_ALIGN
     vt8 = torch.empty(b, h, d, n_pad, dtype=FP8, device=q.device)
     _quantize_v_kernel[(-(-n_pad // 64), b * h)](

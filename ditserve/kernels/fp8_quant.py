@@ -25,6 +25,16 @@ FP8_MAX = 448.0
 MIN_SCALE = 1e-12
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale that maps values of at most `amax` onto e4m3's range (amax / 448, at least MIN_SCALE)."""
+    return (amax / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3 (clamped to its range): the rounding every FP8 reference here does."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 @dataclass(frozen=True)
 class QuantizedRows:
     """An activation already quantised per row for an FP8 linear by the kernel that produced it (a LayerNorm, GELU:
@@ -56,8 +66,8 @@ def quantized(x: torch.Tensor) -> QuantizedRows:
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (e4m3 [M, K], float32 scales [M, 1]) with x ≈ q · scale, each row scaled to e4m3's range."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = fp8_scale(xf.abs().amax(dim=-1, keepdim=True))
+    return to_fp8(xf, scale), scale
 
 
 if triton is not None:

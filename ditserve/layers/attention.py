@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ditserve.kernels.cudnn_fp8_attention import (
     FP8Heads,
     cudnn_fp8_attention,
-    cudnn_fp8_can_take,
+    cudnn_fp8_takes_heads,
     cudnn_frontend_available,
     load_cudnn_frontend,
 )
@@ -230,11 +230,14 @@ class Attention(nn.Module):
         `fp8_qk`: the model writes q and k through norm kernels that can write e4m3 (their output is bounded by
         their weights, kernels/fused_norm.py); with `cudnn-fp8` running on these inputs, q and k are then handed
         out as `FP8Heads`, and cuDNN's kernel takes them without a pass of its own over them."""
-        if fp8_qk and self.effective_backend == "cudnn-fp8" and cudnn_frontend_available():
-            probe = like.new_empty((1, 1, *shape[2:]))
-            if cudnn_fp8_can_take(probe, probe, probe):
-                q, k = FP8Heads.empty(shape, like.device)
-                return q, k, value if value is not None else like.new_empty(shape)
+        if (
+            fp8_qk
+            and self.effective_backend == "cudnn-fp8"
+            and cudnn_fp8_takes_heads(like, shape[-1])
+            and cudnn_frontend_available()
+        ):
+            q, k = FP8Heads.empty(shape, like.device)
+            return q, k, value if value is not None else like.new_empty(shape)
         q, k = like.new_empty(shape), like.new_empty(shape)
         return q, k, value if value is not None else like.new_empty(shape)
 
