@@ -173,16 +173,12 @@ if triton is not None:
 
     @triton.jit
     def _fp8_pair_step(
-        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START, KV_LEN, slot, count,
-        n_keys, qk_scale,
-        D: tl.constexpr, MAX_KV_LEN: tl.constexpr, RUNS: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr,
-        MASKED: tl.constexpr,
+        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, start_b, len_b, qk_scale,
+        D: tl.constexpr, MAX_KV_LEN: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr, MASKED: tl.constexpr,
     ):  # fmt: skip
-        """The key blocks of LUT slots `slot` and `slot` + 1, each a run of consecutive keys read as its own tile
-        (the loads of vᵀ, keys contiguous, stay vector loads), in one step of the online softmax: one rescale and
-        one running-max update for the pair. Unmasked (MASKED False), both slots must be listed and whole."""
-        start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, slot, count, n_keys, RUNS, MAX_KV_LEN)
-        start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, slot + 1, count, n_keys, RUNS, MAX_KV_LEN)
+        """Two key blocks (`start`, `len` each; a length of 0: no block), each a run of consecutive keys read as its
+        own tile (the loads of vᵀ, keys contiguous, stay vector loads), in one step of the online softmax: one
+        rescale and one running-max update for the pair. Unmasked (MASKED False), both must be whole."""
         vb_a, s_a, c_a = _fp8_key_tile(
             q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, qk_scale,
             D, MAX_KV_LEN, WIDEN, KS_BLOCK, MASKED,
@@ -277,6 +273,7 @@ if triton is not None:
         KS_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        LUT_WIDTH: tl.constexpr,
     ):
         m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -314,20 +311,37 @@ if triton is not None:
             # by the launcher): every slot is listed and only the last can hold the sequence's partial last block,
             # so every pair but the last runs unmasked.
             if RUNS and FULL:
+                # The LUT row is held in registers and each pair's blocks taken from it: tile addresses that come
+                # from a load in the loop would hold Triton's software pipelining to one step ahead, every step
+                # then waiting for its own tiles.
+                slots = tl.arange(0, LUT_WIDTH)
+                lut_vec = tl.load(lut_row + slots, mask=slots < MAX_COUNT, other=0)
                 for step in range(0, (MAX_COUNT - 1) // 2):
+                    # both blocks' indices in one reduction (fewer than 2¹⁶ key blocks: the launcher checks)
+                    pair = tl.where(slots == 2 * step, lut_vec, 0) + tl.where(slots == 2 * step + 1, lut_vec << 16, 0)
+                    pair = tl.sum(pair, 0)
+                    start_a = (pair & 0xFFFF) * MAX_KV_LEN
+                    start_b = (pair >> 16) * MAX_KV_LEN
                     acc, m_i, l_i = _fp8_pair_step(
-                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START,
-                        KV_LEN, 2 * step, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, False,
+                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, MAX_KV_LEN,
+                        start_b, MAX_KV_LEN, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, False,
                     )  # fmt: skip
+                last = (MAX_COUNT - 1) // 2 * 2
+                start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, last, count, n_keys, RUNS, MAX_KV_LEN)
+                start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, last + 1, count, n_keys, RUNS, MAX_KV_LEN)
                 acc, m_i, l_i = _fp8_pair_step(
-                    q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START, KV_LEN,
-                    (MAX_COUNT - 1) // 2 * 2, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, True,
+                    q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, start_b,
+                    len_b, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, True,
                 )  # fmt: skip
             else:
                 for step in range(0, (MAX_COUNT + 1) // 2):
+                    start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, 2 * step, count, n_keys, RUNS, MAX_KV_LEN)
+                    start_b, len_b = _listed_block(
+                        lut_row, KV_START, KV_LEN, 2 * step + 1, count, n_keys, RUNS, MAX_KV_LEN
+                    )
                     acc, m_i, l_i = _fp8_pair_step(
-                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, lut_row, KV_START,
-                        KV_LEN, 2 * step, count, n_keys, qk_scale, D, MAX_KV_LEN, RUNS, WIDEN, KS_BLOCK, True,
+                        q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a,
+                        start_b, len_b, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, True,
                     )  # fmt: skip
         else:
             cols = tl.arange(0, BLOCK_N)
@@ -581,6 +595,8 @@ def block_sparse_attention(
     if fp8 and kv_runs and full:
         # FP8 key-block pairs then run unmasked but for the last: only the last slot can name the partial block
         lut = lut.sort(dim=-1).values
+        if -(-k.shape[1] // max_kv_len) > 0xFFFF:
+            raise ValueError(f"fp8 block-sparse attention takes fewer than 65,536 key blocks of {max_kv_len} keys")
     counts = q_start if full else counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
@@ -642,6 +658,7 @@ def block_sparse_attention(
     constants = dict(
         D=d,
         MAX_COUNT=lut.shape[-1],
+        LUT_WIDTH=triton.next_power_of_2(lut.shape[-1]),
         MAX_KV_LEN=max_kv_len,
         HAS_ORDER=order is not None,
         RUNS=kv_runs,
