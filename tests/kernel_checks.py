@@ -519,6 +519,14 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]
     for seed, (b, s, h, d) in enumerate(wan_shapes):
         check_rms_norm_across_heads_rope(device, dtype, b, s, h, d, tol, seed)
+    # the launch for many tokens, heads in chunks of 8 (40: five whole; 12: the second half empty), forced small
+    many_tokens = k.ACROSS_HEADS_MANY_TOKENS
+    k.ACROSS_HEADS_MANY_TOKENS = 1
+    try:
+        for seed, (b, s, h, d) in enumerate([(1, 3, 40, 128), (2, 5, 12, 128)]):
+            check_rms_norm_across_heads_rope(device, dtype, b, s, h, d, tol, seed + 7)
+    finally:
+        k.ACROSS_HEADS_MANY_TOKENS = many_tokens
     copies = (
         [(1, 5, 2, 1, 3, 16), (2, 6, 4, 2, 1, 32), (1, 3, 3, 2, 2, 128)]
         if sizes == "small"

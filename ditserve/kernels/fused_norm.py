@@ -72,7 +72,8 @@ def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
 # A whole row in registers (BLOCK = the row's width rounded up to a power of two, as the kernels above) leaves few
 # programs on an SM, and each waits out its reductions. Here a row is read in chunks, partial sums kept per lane
 # (one reduction per statistic), and read again from cache for each later pass: mean, variance, (the quantised
-# output's row maximum,) output. Chunks of 1,024 on 4 warps where there are many rows (Wan: 1.4–1.6× faster than a
+# output's row maximum,) output. The passes are unrolled, so that each issues all its chunks' loads at once (Wan's
+# 75,600 × 5,120 quantised: 0.55 against 0.64 ms looping; benchmarks/RESULTS.md, 2026-12-04). Chunks of 1,024 on 4 warps where there are many rows (Wan: 1.4–1.6× faster than a
 # whole row at 32,760 × 5,120 on an H200), of 2,048 on 8 warps where there are few (FLUX's 4,096 × 3,072: as fast
 # as a whole row, where the narrow chunks are slower); benchmarks/RESULTS.md, 2026-12-03.
 LN_MANY_ROWS = 16384
@@ -117,12 +118,12 @@ if triton is not None:
         p1_row = p1_ptr + (row // seq_len) * p_batch_stride
         offs = tl.arange(0, CHUNK)
         total = tl.zeros([CHUNK], dtype=tl.float32)
-        for c in range(CHUNKS):
+        for c in tl.static_range(CHUNKS):
             cols = c * CHUNK + offs
             total += tl.load(x_row + cols, mask=cols < dim, other=0.0).to(tl.float32)
         mean = tl.sum(total, axis=0) / dim
         squares = tl.zeros([CHUNK], dtype=tl.float32)
-        for c in range(CHUNKS):
+        for c in tl.static_range(CHUNKS):
             cols = c * CHUNK + offs
             mask = cols < dim
             centered = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
@@ -131,19 +132,19 @@ if triton is not None:
         out_row = out_ptr + row * dim
         if QUANT:  # e4m3 from float32, scaled by the row's largest value (as `quantize_rows`)
             largest = tl.zeros([CHUNK], dtype=tl.float32)
-            for c in range(CHUNKS):
+            for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
                 out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, cols < dim, mean, rstd, MODULATE)
                 largest = tl.maximum(largest, tl.abs(out))
             scale = tl.maximum(tl.max(largest, axis=0) / 448.0, 1e-12)
             tl.store(row_scales + row, scale)
-            for c in range(CHUNKS):
+            for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
                 mask = cols < dim
                 out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
                 tl.store(out_row + cols, tl.clamp(out / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            for c in range(CHUNKS):
+            for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
                 mask = cols < dim
                 out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
@@ -297,15 +298,21 @@ def _fp8_heads_reference(heads: FP8Heads, y: torch.Tensor, weights: list[torch.T
 if triton is not None:
 
     @triton.jit
+    def _bounded_descale(top, descale_ptr, token, width):
+        """The descale of `fp8_heads_descale_reference` from top = max |γ|; the first token stores it."""
+        descale = tl.maximum(top * tl.sqrt(width * 1.0) / 448.0, 1e-12)
+        if token == 0:
+            tl.store(descale_ptr, descale)
+        return descale
+
+    @triton.jit
     def _quantize_bounded(out, w, joint_w_ptrs, descale_ptr, token, width, JOINT: tl.constexpr):
         """out / descale in e4m3's range (see `fp8_heads_descale_reference`; w: the norm's weight as loaded, width:
         the norm's); the first token stores descale."""
         top = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
         if JOINT:
             top = tl.maximum(top, tl.max(tl.max(tl.abs(tl.load(joint_w_ptrs).to(tl.float32)), axis=1), axis=0))
-        descale = tl.maximum(top * tl.sqrt(width * 1.0) / 448.0, 1e-12)
-        if token == 0:
-            tl.store(descale_ptr, descale)
+        descale = _bounded_descale(top, descale_ptr, token, width)
         return tl.clamp(out * (1.0 / descale), -448.0, 448.0)  # one division a token, not one a value
 
 
@@ -495,42 +502,65 @@ if triton is not None:
         eps,
         descale_ptr,
         D: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        CHUNK_H: tl.constexpr,
+        CHUNKS: tl.constexpr,
         ROPE: tl.constexpr,
         GIVEN_SQUARE_SUM: tl.constexpr,
         QUANT: tl.constexpr,
     ):
-        # One program per token, as `_rms_norm_rope_kernel`, but one mean square over the whole [heads, D] tile
-        # (or over every rank's heads: then summed beforehand and given per token).
+        # One program per token, one mean square over all its heads (or over every rank's heads: then summed
+        # beforehand and given per token). The heads are taken CHUNK_H at a time in two unrolled passes, the
+        # second reading them again from cache: every load of a pass is in flight at once and a program holds
+        # a chunk, not the whole token, so many programs share an SM (Wan's 40 × 128: 1.5× faster than the
+        # whole token as one [64, 128] tile on an H200; benchmarks/RESULTS.md).
         token = tl.program_id(0)
         b = token // seq_len
         s = token % seq_len
-        h = tl.arange(0, BLOCK_H)[:, None]
+        hc = tl.arange(0, CHUNK_H)[:, None]
         d = tl.arange(0, D)[None, :]
-        mask = h < heads
-        x = tl.load(x_ptr + b * x_stride_b + s * x_stride_s + h * x_stride_h + d, mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        x_token = x_ptr + b * x_stride_b + s * x_stride_s
+        squares = tl.zeros([CHUNK_H, D], dtype=tl.float32)
+        top = 0.0
+        for c in tl.static_range(CHUNKS):
+            h = c * CHUNK_H + hc
+            if not GIVEN_SQUARE_SUM:
+                x = tl.load(x_token + h * x_stride_h + d, mask=h < heads, other=0.0).to(tl.float32)
+                squares += x * x
+            if QUANT:
+                w = tl.load(w_ptr + h * D + d, mask=h < heads, other=0.0).to(tl.float32)
+                top = tl.maximum(top, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
         if GIVEN_SQUARE_SUM:
             square_sum = tl.load(square_sum_ptr + token)
         else:
-            square_sum = tl.sum(tl.sum(x * x, axis=1), axis=0)
+            square_sum = tl.sum(tl.sum(squares, axis=1), axis=0)
         rstd = tl.rsqrt(square_sum / width + eps)
-        w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
-        # Rounded to the activation dtype, as the reference's separate norm is, before the rotation.
-        y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+        if QUANT:  # this rank's heads, bounded by the whole width's norm (see `fp8_heads_descale_reference`)
+            inverse_descale = 1.0 / _bounded_descale(top, descale_ptr, token, width)
         if ROPE:
             pos = (seq_offset + s) * D
             cos = tl.load(cos_ptr + pos + d)
             sin = tl.load(sin_ptr + pos + d)
-            y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
-            rotated = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, D))
-            y = y * cos + rotated * sin
-        if QUANT:  # this rank's heads, bounded by the whole width's norm (see `fp8_heads_descale_reference`)
-            y = _quantize_bounded(y, w, w_ptr, descale_ptr, token, width, False)
-        head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
-        head += (h % per_group) * o_stride_h
-        o_ptrs = out_ptr + b * o_stride_b + (seq_offset + s) * o_stride_s + head + d
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        out_token = out_ptr + b * o_stride_b + (seq_offset + s) * o_stride_s
+        for c in tl.static_range(CHUNKS):
+            h = c * CHUNK_H + hc
+            mask = h < heads
+            x = tl.load(x_token + h * x_stride_h + d, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+            # Rounded to the activation dtype, as the reference's separate norm is, before the rotation.
+            y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if ROPE:
+                y_even, y_odd = tl.split(tl.reshape(y, (CHUNK_H, D // 2, 2)))
+                rotated = tl.reshape(tl.join(-y_odd, y_even), (CHUNK_H, D))
+                y = y * cos + rotated * sin
+            if QUANT:
+                y = tl.clamp(y * inverse_descale, -448.0, 448.0)
+            head = (h // (group2 * per_group)) * o_stride_g1 + ((h // per_group) % group2) * o_stride_g2
+            head += (h % per_group) * o_stride_h
+            tl.store(out_token + head + d, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Token counts from which the heads are taken in chunks (below: the whole token as one tile)
+ACROSS_HEADS_MANY_TOKENS = LN_MANY_ROWS
 
 
 def rms_norm_across_heads_rope_into(
@@ -583,7 +613,11 @@ def rms_norm_across_heads_rope_into(
     pad = 3 - len(head_dims)
     head_strides = [0] * pad + [out.stride(i) for i in range(2, out.dim() - 1)]
     head_sizes = [1] * pad + head_dims
-    block_h = triton.next_power_of_2(h)
+    # Many tokens: chunks of up to 8 heads (1,024 values at head dim 128) on 4 warps. Few (FLUX-sized sequences of
+    # 4,096): the whole token as one chunk, which fills the SMs better there (0.049 against 0.081 ms at 24 × 128).
+    all_heads = triton.next_power_of_2(h)
+    chunk_h = min(all_heads, max(1, 1024 // d)) if b * s >= ACROSS_HEADS_MANY_TOKENS else all_heads
+    warps = 8 if chunk_h * d >= 4096 else 4
     _rms_norm_across_heads_rope_kernel[(b * s,)](
         x,
         weight,
@@ -606,10 +640,11 @@ def rms_norm_across_heads_rope_into(
         eps,
         whole.descale if quant else x,
         D=d,
-        BLOCK_H=block_h,
+        CHUNK_H=chunk_h,
+        CHUNKS=triton.cdiv(h, chunk_h),
         ROPE=rope,
         GIVEN_SQUARE_SUM=square_sum is not None,
         QUANT=quant,
-        num_warps=8 if block_h * d >= 4096 else 4,
+        num_warps=warps,
     )
     return whole
