@@ -143,6 +143,13 @@ if triton is not None:
         return start, tl.where(listed, length, 0)
 
     @triton.jit
+    def _listed_pair(lut_row, KV_START, KV_LEN, slot, count, n_keys, RUNS: tl.constexpr, MAX_KV_LEN: tl.constexpr):
+        """`_listed_block` of LUT slots `slot` and `slot` + 1: (start, length) of each."""
+        start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, slot, count, n_keys, RUNS, MAX_KV_LEN)
+        start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, slot + 1, count, n_keys, RUNS, MAX_KV_LEN)
+        return start_a, len_a, start_b, len_b
+
+    @triton.jit
     def _fp8_key_tile(
         q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start, length, qk_scale,
         D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr, MASKED: tl.constexpr,
@@ -326,18 +333,17 @@ if triton is not None:
                         q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, MAX_KV_LEN,
                         start_b, MAX_KV_LEN, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, False,
                     )  # fmt: skip
-                last = (MAX_COUNT - 1) // 2 * 2
-                start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, last, count, n_keys, RUNS, MAX_KV_LEN)
-                start_b, len_b = _listed_block(lut_row, KV_START, KV_LEN, last + 1, count, n_keys, RUNS, MAX_KV_LEN)
+                start_a, len_a, start_b, len_b = _listed_pair(
+                    lut_row, KV_START, KV_LEN, (MAX_COUNT - 1) // 2 * 2, count, n_keys, RUNS, MAX_KV_LEN
+                )
                 acc, m_i, l_i = _fp8_pair_step(
                     q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a, start_b,
                     len_b, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, True,
                 )  # fmt: skip
             else:
                 for step in range(0, (MAX_COUNT + 1) // 2):
-                    start_a, len_a = _listed_block(lut_row, KV_START, KV_LEN, 2 * step, count, n_keys, RUNS, MAX_KV_LEN)
-                    start_b, len_b = _listed_block(
-                        lut_row, KV_START, KV_LEN, 2 * step + 1, count, n_keys, RUNS, MAX_KV_LEN
+                    start_a, len_a, start_b, len_b = _listed_pair(
+                        lut_row, KV_START, KV_LEN, 2 * step, count, n_keys, RUNS, MAX_KV_LEN
                     )
                     acc, m_i, l_i = _fp8_pair_step(
                         q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, len_a,

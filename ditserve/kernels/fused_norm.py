@@ -73,9 +73,10 @@ def _launch_per_row(kernel, x: torch.Tensor, *operands) -> torch.Tensor:
 # programs on an SM, and each waits out its reductions. Here a row is read in chunks, partial sums kept per lane
 # (one reduction per statistic), and read again from cache for each later pass: mean, variance, (the quantised
 # output's row maximum,) output. The passes are unrolled, so that each issues all its chunks' loads at once (Wan's
-# 75,600 × 5,120 quantised: 0.55 against 0.64 ms looping; benchmarks/RESULTS.md, 2026-12-04). Chunks of 1,024 on 4 warps where there are many rows (Wan: 1.4–1.6× faster than a
-# whole row at 32,760 × 5,120 on an H200), of 2,048 on 8 warps where there are few (FLUX's 4,096 × 3,072: as fast
-# as a whole row, where the narrow chunks are slower); benchmarks/RESULTS.md, 2026-12-03.
+# 75,600 × 5,120 quantised: 0.55 against 0.64 ms looping; benchmarks/RESULTS.md, 2026-12-04). Chunks of 1,024 on 4
+# warps where there are many rows (Wan: 1.4–1.6× faster than a whole row at 32,760 × 5,120 on an H200), of 2,048 on
+# 8 warps where there are few (FLUX's 4,096 × 3,072: as fast as a whole row, where the narrow chunks are slower);
+# benchmarks/RESULTS.md, 2026-12-03.
 LN_MANY_ROWS = 16384
 
 if triton is not None:
