@@ -220,7 +220,8 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
         for seed, (grid, sparsity) in enumerate([((5, 6, 9), 0.5), ((4, 8, 4), 0.0)]):
             check_vsa(device, dtype, 1 + seed, grid, 2, 16, sparsity, tol, seed)
         if dtype == torch.float32:
-            check_configs(device, dtype, [kernel.KernelConfig(32, 4, 1), kernel.KernelConfig(256, 4, 1)], tol)
+            configs = [kernel.KernelConfig(32, 4, 1), kernel.KernelConfig(128, 4, 1), kernel.KernelConfig(256, 4, 1)]
+            check_configs(device, dtype, configs, tol)
     else:
         check_sliding_tile(device, dtype, (6, 30, 52), 4, 128, (3, 3, 5), tol, 0)
         check_key_statistics(device, dtype, 2, 75600 // 8, 3, 128, 1e-2, 3)

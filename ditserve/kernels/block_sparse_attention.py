@@ -356,8 +356,24 @@ if triton is not None:
             # covers part of one key block (BLOCK_N < MAX_KV_LEN) or several (BLOCK_N > MAX_KV_LEN). Both are
             # powers of two. The trip count is known when compiling (the LUT's width); columns past a block's
             # length or the query block's count are masked.
+            # SLA's runs with full LUT rows, steps of at most two key blocks: the block indices come from the row
+            # held in registers (as the FP8 pairs above), so that the tiles' addresses need no load in the loop.
+            LUT_IN_REGISTERS: tl.constexpr = RUNS and FULL and not FP8 and BLOCK_N <= 2 * MAX_KV_LEN
+            if LUT_IN_REGISTERS:
+                slots = tl.arange(0, LUT_WIDTH)
+                lut_vec = tl.load(lut_row + slots, mask=slots < MAX_COUNT, other=0)
             for step in range(0, (MAX_COUNT * MAX_KV_LEN + BLOCK_N - 1) // BLOCK_N):
-                if FP8:
+                if LUT_IN_REGISTERS:
+                    column = step * BLOCK_N + cols
+                    within = column % MAX_KV_LEN
+                    first = step * BLOCK_N // MAX_KV_LEN  # the step's first slot; a second is first + 1
+                    # both slots' block indices in one reduction (fewer than 2¹⁶ key blocks: the launcher checks)
+                    pair = tl.where(slots == first, lut_vec, 0) + tl.where(slots == first + 1, lut_vec << 16, 0)
+                    pair = tl.sum(pair, 0)
+                    slot = column // MAX_KV_LEN
+                    kv_start = tl.where(slot == first, pair & 0xFFFF, pair >> 16) * MAX_KV_LEN
+                    kv_len = tl.where(slot < MAX_COUNT, tl.minimum(n_keys - kv_start, MAX_KV_LEN), 0)
+                elif FP8:
                     # A step lies inside one key block (BLOCK_N ≤ MAX_KV_LEN): its block is looked up once and its
                     # keys are consecutive, so the loads of vᵀ (keys contiguous) are vector loads rather than a
                     # gather of single bytes.
@@ -601,8 +617,8 @@ def block_sparse_attention(
     if fp8 and kv_runs and full:
         # FP8 key-block pairs then run unmasked but for the last: only the last slot can name the partial block
         lut = lut.sort(dim=-1).values
-        if -(-k.shape[1] // max_kv_len) > 0xFFFF:
-            raise ValueError(f"fp8 block-sparse attention takes fewer than 65,536 key blocks of {max_kv_len} keys")
+    if kv_runs and full and -(-k.shape[1] // max_kv_len) > 0xFFFF:
+        raise ValueError(f"block-sparse attention over runs takes fewer than 65,536 key blocks of {max_kv_len} keys")
     counts = q_start if full else counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
