@@ -51,6 +51,42 @@ def check_layer_norm_affine(device: str, dtype: torch.dtype, b: int, s: int, d: 
     assert_rounds_like(out, today, size, ("layer_norm_affine", b, s, d))
 
 
+def check_residual_layer_norms(device: str, dtype: torch.dtype, b: int, s: int, d: int, seed: int) -> None:
+    """The residual add in the norm's pass (Wan's block): the sum equals the separate add (rounded to x's dtype; in
+    Triton's CPU interpreter, which rounds to 16-bit types toward zero, within one step), and the norm equals, bit
+    for bit, the norm's own kernel over that sum; with and without a gate, quantised or not."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s + 3, d, generator=g).to(device, dtype)[:, 3:]  # rows strided in the batch dimension
+    y = torch.randn(b, s, d, generator=g).to(device, dtype)
+    mod = torch.randn(b, 3 * d, generator=g).to(device)  # float32, as Wan's modulation
+    shift, scale, gate = mod.chunk(3, dim=-1)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    bias = (0.1 * torch.randn(d, generator=g)).to(device, dtype)
+    for quantize in (False, True):
+        for branch_gate in (None, gate):
+            total = k.residual_sum_reference(x, y, branch_gate)
+            fused = (
+                k.residual_layer_norm_modulate(x, y, branch_gate, shift, scale, 1e-6, quantize),
+                k.residual_layer_norm_affine(x, y, branch_gate, w, bias, 1e-6, quantize),
+            )
+            for which, (fused_total, out) in enumerate(fused):
+                what = ("residual norm", which, quantize, branch_gate is not None, b, s, d)
+                assert fused_total.dtype == dtype and fused_total.is_contiguous(), what
+                if device != "cpu" or dtype == torch.float32:
+                    assert torch.equal(fused_total, total), what
+                else:
+                    step = total.float().abs() * torch.finfo(dtype).eps + 1e-30
+                    assert ((fused_total.float() - total.float()).abs() <= step).all(), what
+                if which == 0:
+                    alone = k.layer_norm_modulate(fused_total, shift, scale, 1e-6, quantize)
+                else:
+                    alone = k.layer_norm_affine(fused_total, w, bias, 1e-6, quantize)
+                if quantize:
+                    assert torch.equal(out.data, alone.data) and torch.equal(out.scale, alone.scale), what
+                else:
+                    assert out.dtype == dtype and torch.equal(out, alone), what
+
+
 def check_rms_norm_rope(
     device: str, dtype: torch.dtype, b: int, s_txt: int, s_img: int, h: int, d: int, tol: float, seed: int
 ) -> None:
@@ -514,6 +550,8 @@ def run_all(device: str, dtype: torch.dtype, tol: float, sizes: str = "small") -
     ):
         check_quantized_outputs(device, dtype, b, s, d, ffn, seed)
     check_layer_norm_affine(device, dtype, 2, 3 if sizes == "small" else 8200, 5120, tol, 0)  # Wan 14B's width
+    check_residual_layer_norms(device, dtype, 2, 3 if sizes == "small" else 8200, 5120 if sizes == "small" else 1536, 0)
+    check_residual_layer_norms(device, dtype, 1, 5, 96, 1)
     if sizes != "small":
         check_layer_norm_modulate(device, dtype, 1, 16400, 5120, tol, 0)  # the launch for many rows
     wan_shapes = [(1, 5, 4, 16), (2, 9, 12, 32), (1, 3, 40, 128)] if sizes == "small" else [(1, 4096, 40, 128)]

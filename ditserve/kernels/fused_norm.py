@@ -82,10 +82,22 @@ LN_MANY_ROWS = 16384
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE: tl.constexpr):
-        """Columns `cols` of the normalised row in float32: ·(1 + scale) + shift (MODULATE: p0 shift, p1 scale) or
-        ·weight + bias (p0 weight, p1 bias); zero where masked."""
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    def _row_chunk(x_row, y_row, g_row, cols, mask, RESIDUAL: tl.constexpr):
+        """Columns `cols` of the row the norm reads, in float32 (zero where masked): x, or the residual sum x + y
+        (RESIDUAL 1) or x + gate·y (RESIDUAL 2) computed in float32 and rounded to x's dtype, as the separate add
+        stores it."""
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        if RESIDUAL == 0:
+            return x.to(tl.float32)
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            y = y * tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+        return (x.to(tl.float32) + y).to(x_row.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _layer_norm_chunk(x, p0_row, p1_row, cols, mask, mean, rstd, MODULATE: tl.constexpr):
+        """Columns `cols` of the normalised row (x: those of the row, float32): ·(1 + scale) + shift (MODULATE: p0
+        shift, p1 scale) or ·weight + bias (p0 weight, p1 bias); zero where masked."""
         p0 = tl.load(p0_row + cols, mask=mask, other=0.0).to(tl.float32)
         p1 = tl.load(p1_row + cols, mask=mask, other=0.0).to(tl.float32)
         normed = (x - mean) * rstd
@@ -108,26 +120,38 @@ if triton is not None:
         p_batch_stride,
         eps,
         row_scales,
+        y_ptr,
+        gate_ptr,
+        gate_batch_stride,
+        sum_ptr,
         CHUNK: tl.constexpr,
         CHUNKS: tl.constexpr,
         MODULATE: tl.constexpr,
         QUANT: tl.constexpr,
+        RESIDUAL: tl.constexpr,
     ):
+        # RESIDUAL: the row normalised is x + (gate ·) y, stored to sum_ptr in the first pass (y and the sum
+        # contiguous [B·S, D]) and recomputed from x and y, in cache, by the later passes.
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + _x_row_offset(row, seq_len, x_stride_b, x_stride_s)
+        y_row = y_ptr + row * dim
+        g_row = gate_ptr + (row // seq_len) * gate_batch_stride
         p0_row = p0_ptr + (row // seq_len) * p_batch_stride
         p1_row = p1_ptr + (row // seq_len) * p_batch_stride
         offs = tl.arange(0, CHUNK)
         total = tl.zeros([CHUNK], dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             cols = c * CHUNK + offs
-            total += tl.load(x_row + cols, mask=cols < dim, other=0.0).to(tl.float32)
+            x = _row_chunk(x_row, y_row, g_row, cols, cols < dim, RESIDUAL)
+            if RESIDUAL != 0:
+                tl.store(sum_ptr + row * dim + cols, x.to(sum_ptr.dtype.element_ty), mask=cols < dim)
+            total += x
         mean = tl.sum(total, axis=0) / dim
         squares = tl.zeros([CHUNK], dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             cols = c * CHUNK + offs
             mask = cols < dim
-            centered = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            centered = tl.where(mask, _row_chunk(x_row, y_row, g_row, cols, mask, RESIDUAL) - mean, 0.0)
             squares += centered * centered
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / dim + eps)
         out_row = out_ptr + row * dim
@@ -135,38 +159,59 @@ if triton is not None:
             largest = tl.zeros([CHUNK], dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
-                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, cols < dim, mean, rstd, MODULATE)
+                mask = cols < dim
+                x = _row_chunk(x_row, y_row, g_row, cols, mask, RESIDUAL)
+                out = _layer_norm_chunk(x, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
                 largest = tl.maximum(largest, tl.abs(out))
             scale = tl.maximum(tl.max(largest, axis=0) / 448.0, 1e-12)
             tl.store(row_scales + row, scale)
             for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
                 mask = cols < dim
-                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
+                x = _row_chunk(x_row, y_row, g_row, cols, mask, RESIDUAL)
+                out = _layer_norm_chunk(x, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
                 tl.store(out_row + cols, tl.clamp(out / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             for c in tl.static_range(CHUNKS):
                 cols = c * CHUNK + offs
                 mask = cols < dim
-                out = _layer_norm_chunk(x_row, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
+                x = _row_chunk(x_row, y_row, g_row, cols, mask, RESIDUAL)
+                out = _layer_norm_chunk(x, p0_row, p1_row, cols, mask, mean, rstd, MODULATE)
                 tl.store(out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_layer_norm(
-    x: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, p_batch_stride: int, eps: float, modulate: bool, quantize: bool
-) -> torch.Tensor | QuantizedRows:
+    x: torch.Tensor,
+    p0: torch.Tensor,
+    p1: torch.Tensor,
+    p_batch_stride: int,
+    eps: float,
+    modulate: bool,
+    quantize: bool,
+    residual: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> torch.Tensor | QuantizedRows | tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
     """`_layer_norm_kernel` over x [B, S, D] (last dim contiguous) into a new contiguous tensor of x's shape and
-    dtype, or (quantize) e4m3 rows with their scales."""
+    dtype, or (quantize) e4m3 rows with their scales. `residual` (y, gate or None): the norm of x + (gate ·) y,
+    returned after that sum (a new contiguous tensor of x's shape and dtype)."""
     b, s, d = x.shape
     out = torch.empty((b, s, d), device=x.device, dtype=FP8 if quantize else x.dtype)
     row_scales = torch.empty((b * s, 1), device=x.device, dtype=torch.float32) if quantize else out
     chunk, warps = (1024, 4) if b * s >= LN_MANY_ROWS else (2048, 8)
     chunk = min(chunk, triton.next_power_of_2(d))
+    if residual is None:
+        kind, y, gate, gate_stride, total = 0, x, x, 0, x
+    else:
+        y, gate = residual
+        kind, gate_stride = (1, 0) if gate is None else (2, gate.stride(0))
+        gate = y if gate is None else gate
+        total = torch.empty((b, s, d), device=x.device, dtype=x.dtype)
     _layer_norm_kernel[(b * s,)](
-        x, out, s, d, x.stride(0), x.stride(1), p0, p1, p_batch_stride, eps, row_scales,
-        CHUNK=chunk, CHUNKS=triton.cdiv(d, chunk), MODULATE=modulate, QUANT=quantize, num_warps=warps,
+        x, out, s, d, x.stride(0), x.stride(1), p0, p1, p_batch_stride, eps, row_scales, y, gate, gate_stride, total,
+        CHUNK=chunk, CHUNKS=triton.cdiv(d, chunk), MODULATE=modulate, QUANT=quantize, RESIDUAL=kind,
+        num_warps=warps,
     )  # fmt: skip
-    return QuantizedRows(out, row_scales, x.dtype) if quantize else out
+    normed = QuantizedRows(out, row_scales, x.dtype) if quantize else out
+    return normed if residual is None else (total, normed)
 
 
 # LayerNorm + modulation
@@ -211,6 +256,67 @@ def layer_norm_affine(
         out = layer_norm_affine_reference(x, weight, bias, eps)
         return quantized(out) if quantize else out
     return _launch_layer_norm(x, weight, bias, 0, eps, False, quantize)
+
+
+# The residual add before a LayerNorm, in the norm's pass
+def residual_sum_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """x + y, or x + gate[:, None] · y, computed in float32 and rounded to x's dtype."""
+    branch = y.float() if gate is None else gate[:, None].float() * y.float()
+    return (x.float() + branch).to(x.dtype)
+
+
+def _residual_fits(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> bool:
+    return (
+        _rows_kernel_fits(x)
+        and y.shape == x.shape
+        and y.is_contiguous()
+        and (gate is None or (gate.dim() == 2 and gate.shape == (x.shape[0], x.shape[2]) and gate.stride(-1) == 1))
+    )
+
+
+def residual_layer_norm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
+    """(r, layer_norm_modulate(r)) for r = x + (gate ·) y (`residual_sum_reference`): the residual stream after a
+    branch's output is added, and the next norm of it, in one pass where the kernel runs (r is written once and
+    not read back). The norm's output in x's dtype, or quantised as `layer_norm_modulate`'s."""
+    if (
+        _residual_fits(x, y, gate)
+        and shift.stride(-1) == 1
+        and scale.stride(-1) == 1
+        and shift.stride(0) == scale.stride(0)
+    ):
+        return _launch_layer_norm(x, shift, scale, shift.stride(0), eps, True, quantize, (y, gate))
+    total = residual_sum_reference(x, y, gate)
+    out = layer_norm_modulate(total, shift, scale, eps, quantize)
+    return total, out if quantize else out.to(x.dtype)
+
+
+def residual_layer_norm_affine(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
+    """(r, layer_norm_affine(r)) for r = x + (gate ·) y, in one pass where the kernel runs."""
+    if (
+        _residual_fits(x, y, gate)
+        and weight.is_contiguous()
+        and bias.is_contiguous()
+        and weight.shape == bias.shape == (x.shape[-1],)
+    ):
+        return _launch_layer_norm(x, weight, bias, 0, eps, False, quantize, (y, gate))
+    total = residual_sum_reference(x, y, gate)
+    return total, layer_norm_affine(total, weight, bias, eps, quantize)
 
 
 # RMS norm + scale

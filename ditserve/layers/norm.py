@@ -10,6 +10,7 @@ from ditserve.kernels.fp8_quant import QuantizedRows
 from ditserve.kernels.fused_norm import (
     layer_norm_affine,
     layer_norm_modulate,
+    residual_layer_norm_affine,
     rms_norm_across_heads_rope_into,
     rms_norm_rope_into,
     rms_norm_scale,
@@ -84,6 +85,13 @@ class FP32LayerNorm(nn.Module):
         """forward(x) rounded to x's dtype, as the next layer takes it: one fused pass on CUDA; `quantize`: its rows
         quantised for the FP8 linear that reads them (`LinearBase.takes_quantized_input`)."""
         return layer_norm_affine(x, self.weight, self.bias, self.eps, quantize)
+
+    def rounded_after_residual(
+        self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None, quantize: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
+        """(r, rounded(r)) for the residual stream r = x + (gate[:, None] ·) y rounded to x's dtype: the add and the
+        norm in one pass on CUDA, r written once and not read back."""
+        return residual_layer_norm_affine(x, y, gate, self.weight, self.bias, self.eps, quantize)
 
 
 class HeadsRMSNorm(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.kernels.fp8_quant import QuantizedRows, quantized
-from ditserve.kernels.fused_norm import layer_norm_modulate
+from ditserve.kernels.fused_norm import layer_norm_modulate, residual_layer_norm_modulate
 from ditserve.kernels.fused_residual import gated_residual
 from ditserve.layers.activation import gelu_tanh
 from ditserve.layers.attention import Attention, attention_request, self_attentions, write_heads
@@ -141,6 +141,16 @@ def modulate(
     return quantized(out) if quantize else out
 
 
+def add_then_modulate(
+    x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, quantize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
+    """(x + y, `modulate` of that sum): the residual add and the next norm in one pass where the kernel runs."""
+    if shift.dim() == 2:
+        return residual_layer_norm_modulate(x, y, None, shift, scale, eps, quantize)
+    x = x + y
+    return x, modulate(x, shift, scale, eps, quantize)
+
+
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate·y in float32, rounded to x's dtype; gate [B, D] per sample or [B, S, D] per token."""
     if gate.dim() == 2:
@@ -235,10 +245,16 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = self.modulations(timestep_proj)
         # Each norm and the GELU write their rows quantised when the FP8 linear that reads them takes that.
         h = modulate(x, shift, scale, self.eps, self.qkv.takes_quantized_input)
-        x = gated_add(x, gate, self.self_attention(h, rope))
-        h = self.norm2.rounded(x, self.cross_q.takes_quantized_input) if self.norm2 is not None else x
-        x = x + self.cross_attention(h, text, image)
-        h = modulate(x, c_shift, c_scale, self.eps, self.ff_up.takes_quantized_input)
+        attended = self.self_attention(h, rope)
+        # Each residual add that a norm follows runs in that norm's pass.
+        if self.norm2 is not None and gate.dim() == 2:
+            x, h = self.norm2.rounded_after_residual(x, attended, gate, self.cross_q.takes_quantized_input)
+        else:
+            x = gated_add(x, gate, attended)
+            h = self.norm2.rounded(x, self.cross_q.takes_quantized_input) if self.norm2 is not None else x
+        x, h = add_then_modulate(
+            x, self.cross_attention(h, text, image), c_shift, c_scale, self.eps, self.ff_up.takes_quantized_input
+        )
         ff = self.ff_down(gelu_tanh(self.ff_up(h), self.ff_down.takes_quantized_input))
         return gated_add(x, c_gate, ff)
 
