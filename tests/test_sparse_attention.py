@@ -60,6 +60,104 @@ def test_kernel_matches_reference_cuda(sizes):
     run_all("cuda", torch.bfloat16, 2e-2, sizes)
 
 
+def test_hopper_sla_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(tmp_path):
+    """The Gluon SLA kernel (kernels/sla_fp8_hopper.py) compiled here for sm_90 (no GPU needed): no register spills,
+    and ptxas keeps its wgmmas asynchronous (warning C7514 says it serialised them, which undoes the kernel's
+    overlap of products and softmax)."""
+    sla = pytest.importorskip("ditserve.kernels.sla_fp8_hopper")
+    if sla.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gl, desc = sla.gl, sla.TensorDescriptor
+
+    def descriptor(dtype, block):
+        base = torch.zeros(4096, 128, dtype=dtype)
+        return desc.from_tensor(base, block, gl.NVMMASharedLayout.get_default_for(block, sla._gluon_dtype(dtype)))
+
+    descriptors = dict(
+        q_desc=descriptor(torch.float8_e4m3fn, [128, 128]),
+        k_desc=descriptor(torch.float8_e4m3fn, [64, 128]),
+        v_desc=descriptor(torch.float8_e4m3fn, [128, 64]),
+        kvw_desc=descriptor(torch.bfloat16, [128, 128]),
+    )
+    kernel = sla._sla_fp8_ws_kernel
+    constants = dict(D=128, MAX_COUNT=118, KV=64, STAGES=sla.STAGES, EPILOGUE=1, KS_BLOCK=128, CONSUMER_REGS=240)
+    pointers = dict(OUT="*bf16", LUT="*i32", QS="*fp32", KS="*fp32", VS="*fp32", QE="*bf16", E1="*fp32", E2="*fp32")
+    signature, constexprs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name], constexprs[(i,)] = "constexpr", constants[name]
+        elif name in descriptors:
+            signature[name] = native_specialize_impl(BaseBackend, descriptors[name], False, True, True)[0]
+        else:
+            signature[name] = pointers.get(name, "fp32" if name == "lin_eps" else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in pointers}
+    compiled = triton.compile(
+        GluonASTSource(kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", 90, 128),
+        options={"num_warps": 4},
+    )
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run(
+        [get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "C7514" not in report.stderr, report.stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in report.stderr, report.stderr
+    assert "setmaxnreg" in compiled.asm["ptx"]  # the consumers' registers come from the producer's
+
+
+@pytest.mark.gpu
+def test_hopper_sla_kernel_matches_triton_kernel_and_reference():
+    """On Hopper, SLA's FP8 launches take the Gluon kernel: odd LUT widths (a last pair of one block), partial last
+    blocks, two batch entries, with and without the linear epilogue, against the Triton kernel (a `config` keeps
+    it) and the float reference over the same e4m3 operands."""
+    from ditserve.kernels import block_sparse_attention as kernel
+    from ditserve.kernels import sla_fp8_hopper
+    from ditserve.layers.sparse_attention import (
+        SLA_KEY_BLOCK,
+        SLA_QUERY_BLOCK,
+        _runs,
+        sla_block_map,
+        sla_key_statistics,
+    )
+
+    if not torch.cuda.is_available() or not sla_fp8_hopper.usable(
+        torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16), SLA_KEY_BLOCK
+    ):
+        pytest.skip("needs a Hopper GPU and Gluon")
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for b, n, heads, topk in ((1, 1000, 2, 0.5), (2, 2500, 3, 0.3), (1, 4096, 2, 0.21), (1, 3000, 1, 0.07)):
+        q, k, v = (torch.randn(b, n, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        projection = torch.nn.Linear(128, 128, device="cuda", dtype=torch.bfloat16)
+        lut, _ = sla_block_map(q, k, topk)
+        q_blocks, kv_blocks = _runs(n, SLA_QUERY_BLOCK, q.device), _runs(n, SLA_KEY_BLOCK, q.device)
+        counts = torch.full(lut.shape[:-1], lut.shape[-1], dtype=torch.int32, device="cuda")
+        for linear in (None, kernel.LinearBranch(*sla_key_statistics(k, v, projection))):
+            blocks = (q, k, v, q_blocks, None, lut, None)
+            gluon = kernel.block_sparse_attention(*blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear, fp8=True)
+            paired = kernel.KernelConfig(128, 8, 3)
+            triton = kernel.block_sparse_attention(
+                *blocks, max_kv_len=SLA_KEY_BLOCK, epilogue=linear, fp8=True, config=paired
+            )
+            exact = kernel.block_sparse_attention_reference(
+                q, k, v, q_blocks, kv_blocks, lut, counts, None, 128**-0.5, linear, True
+            )
+            case = (b, n, heads, lut.shape[-1], linear is not None)
+            assert rel(gluon, triton) < 1e-3, (case, rel(gluon, triton))
+            assert rel(gluon, exact) < 5e-2, (case, rel(gluon, exact))
+            assert rel(gluon, exact) < 1.1 * rel(triton, exact) + 1e-3, (case, rel(gluon, exact), rel(triton, exact))
+
+
 @pytest.mark.gpu
 def test_autotuned_launch_matches_default_config():
     """A launch large enough to be autotuned (SLA's, with its linear epilogue) gives what the default config gives,

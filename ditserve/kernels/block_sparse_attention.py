@@ -18,6 +18,8 @@ branch costs no pass of its own over [B, N, H, D] tensors:
 - `GatedCoarse` (VSA): a per-token gate times the coarse (pooled) attention's output of the row's query block.
 
 The kernel's key tile, warps and stages are autotuned (`KernelConfig`, `tuned_configs`) on CUDA for large launches.
+On Hopper, SLA's FP8 launches (key blocks as runs, full LUT rows, head dim 128) run a warp-specialised Gluon kernel
+instead (kernels/sla_fp8_hopper.py), unless a `config` is given.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditserve.kernels import sla_fp8_hopper
 from ditserve.kernels.fp8_attention import KEY_BLOCK
 from ditserve.kernels.fused_norm import _use_triton
 
@@ -619,6 +622,16 @@ def block_sparse_attention(
         lut = lut.sort(dim=-1).values
     if kv_runs and full and -(-k.shape[1] // max_kv_len) > 0xFFFF:
         raise ValueError(f"block-sparse attention over runs takes fewer than 65,536 key blocks of {max_kv_len} keys")
+    if (
+        fp8
+        and kv_runs
+        and full
+        and config is None
+        and not isinstance(epilogue, GatedCoarse)
+        and sla_fp8_hopper.usable(given, max_kv_len)
+    ):
+        # SLA's case on Hopper: the warp-specialised Gluon kernel (a `config` keeps the Triton kernel)
+        return sla_fp8_hopper.sla_fp8_attention(operands, given, lut, out, epilogue)
     counts = q_start if full else counts.to(torch.int32)
     order_arg = order.to(torch.int32).contiguous() if order is not None else q_start  # unused without an order
     extras, extra_strides, kind, eps = [q_start] * 3, [0] * 6, 0, 0.0  # placeholders: no epilogue
