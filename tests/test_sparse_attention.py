@@ -86,7 +86,7 @@ def test_hopper_sla_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(
         kvw_desc=descriptor(torch.bfloat16, [128, 128]),
     )
     kernel = sla._sla_fp8_ws_kernel
-    constants = dict(D=128, MAX_COUNT=118, KV=64, STAGES=sla.STAGES, EPILOGUE=1, KS_BLOCK=128, CONSUMER_REGS=240)
+    constants = dict(D=128, MAX_COUNT=118, KV=64, STAGES=sla.STAGES, EPILOGUE=1, CONSUMER_REGS=240)
     pointers = dict(OUT="*bf16", LUT="*i32", QS="*fp32", KS="*fp32", VS="*fp32", QE="*bf16", E1="*fp32", E2="*fp32")
     signature, constexprs = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -153,6 +153,14 @@ if triton is not None:
         return start_a, len_a, start_b, len_b
 
     @triton.jit
+    def _pair_from_row(lut_vec, slots, first):
+        """The block indices in slots `first` and `first` + 1 of a LUT row held in registers (`lut_vec` over
+        `slots`), taken in one reduction: both packed in one int32 (fewer than 2¹⁶ key blocks, the launcher
+        checks)."""
+        pair = tl.sum(tl.where(slots == first, lut_vec, 0) + tl.where(slots == first + 1, lut_vec << 16, 0), 0)
+        return pair & 0xFFFF, pair >> 16
+
+    @triton.jit
     def _fp8_key_tile(
         q, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start, length, qk_scale,
         D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, KS_BLOCK: tl.constexpr, MASKED: tl.constexpr,
@@ -327,11 +335,9 @@ if triton is not None:
                 slots = tl.arange(0, LUT_WIDTH)
                 lut_vec = tl.load(lut_row + slots, mask=slots < MAX_COUNT, other=0)
                 for step in range(0, (MAX_COUNT - 1) // 2):
-                    # both blocks' indices in one reduction (fewer than 2¹⁶ key blocks: the launcher checks)
-                    pair = tl.where(slots == 2 * step, lut_vec, 0) + tl.where(slots == 2 * step + 1, lut_vec << 16, 0)
-                    pair = tl.sum(pair, 0)
-                    start_a = (pair & 0xFFFF) * MAX_KV_LEN
-                    start_b = (pair >> 16) * MAX_KV_LEN
+                    j_a, j_b = _pair_from_row(lut_vec, slots, 2 * step)
+                    start_a = j_a * MAX_KV_LEN
+                    start_b = j_b * MAX_KV_LEN
                     acc, m_i, l_i = _fp8_pair_step(
                         q, acc, m_i, l_i, K, V, b, h, ks_head, skb, skh, skn, svb, svh, svd, start_a, MAX_KV_LEN,
                         start_b, MAX_KV_LEN, qk_scale, D, MAX_KV_LEN, WIDEN, KS_BLOCK, False,
@@ -370,11 +376,9 @@ if triton is not None:
                     column = step * BLOCK_N + cols
                     within = column % MAX_KV_LEN
                     first = step * BLOCK_N // MAX_KV_LEN  # the step's first slot; a second is first + 1
-                    # both slots' block indices in one reduction (fewer than 2¹⁶ key blocks: the launcher checks)
-                    pair = tl.where(slots == first, lut_vec, 0) + tl.where(slots == first + 1, lut_vec << 16, 0)
-                    pair = tl.sum(pair, 0)
+                    j_first, j_second = _pair_from_row(lut_vec, slots, first)
                     slot = column // MAX_KV_LEN
-                    kv_start = tl.where(slot == first, pair & 0xFFFF, pair >> 16) * MAX_KV_LEN
+                    kv_start = tl.where(slot == first, j_first, j_second) * MAX_KV_LEN
                     kv_len = tl.where(slot < MAX_COUNT, tl.minimum(n_keys - kv_start, MAX_KV_LEN), 0)
                 elif FP8:
                     # A step lies inside one key block (BLOCK_N ≤ MAX_KV_LEN): its block is looked up once and its

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from ditserve.kernels.fp8_attention import KEY_BLOCK as K_SCALE_BLOCK
+from ditserve.kernels.fp8_attention import QUERY_BLOCK
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -40,8 +43,7 @@ except ImportError:  # no Triton, or one without Gluon: the Triton kernel serves
     gluon = None
 
 HEAD_DIM = 128
-KEY_BLOCK = 64  # SLA's key blocks
-QUERY_BLOCK = 128  # SLA's query blocks, and fp8_attention's q scale blocks
+KV_BLOCK = 64  # SLA's key blocks; its query blocks are fp8_attention's QUERY_BLOCK, q's scale blocks
 STAGES = 4  # pairs in the ring: 3, 4 and 5 timed alike at Wan 720p
 CONSUMER_REGISTERS = 240  # per consumer thread (setmaxnreg); the producer drops to 24
 
@@ -59,13 +61,14 @@ def usable(q: torch.Tensor, max_kv_len: int) -> bool:
         and q.is_cuda
         and q.dtype == torch.bfloat16
         and q.shape[-1] == HEAD_DIM
-        and max_kv_len == KEY_BLOCK
+        and max_kv_len == KV_BLOCK
         and torch.cuda.get_device_capability(q.device) == (9, 0)
     )
 
 
 if gluon is not None:
     LOG2_448 = gl.constexpr(8.807354922057604)  # P is scaled by 448, e4m3's largest value
+    KS_BLOCK = gl.constexpr(K_SCALE_BLOCK)  # keys per scale of k
 
     @gluon.jit
     def _producer(
@@ -100,7 +103,7 @@ if gluon is not None:
             tma.async_copy_global_to_shared(kvw_desc, [kvw_row0, 0], kvw_bar, kvw_smem)
 
     @gluon.jit
-    def _pair_scales(lut_row, ks_head, pair, qk_scale, max_count, KV: gl.constexpr, KS_BLOCK: gl.constexpr):
+    def _pair_scales(lut_row, ks_head, pair, qk_scale, max_count, KV: gl.constexpr):
         j_a = gl.load(lut_row + 2 * pair)
         j_b = gl.load(lut_row + gl.minimum(2 * pair + 1, max_count - 1))
         c_a = gl.load(ks_head + j_a * KV // KS_BLOCK) * qk_scale
@@ -125,11 +128,10 @@ if gluon is not None:
         query block, then the epilogue and the store."""
         # worker partitions take no constexpr arguments: the tile sizes come from the ring's shape, the LUT's width
         # and the epilogue's kind at run time
-        ROWS: gl.constexpr = 64
+        ROWS: gl.constexpr = q_smem.shape[0] // 2  # each consumer warpgroup owns half the query block
         STAGES: gl.constexpr = k_smem.shape[0] // 2
         KV: gl.constexpr = k_smem.shape[1]
         D: gl.constexpr = k_smem.shape[2]
-        KS_BLOCK: gl.constexpr = 128
         npairs = (max_count + 1) // 2
         mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KV, 32])
         mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
@@ -145,10 +147,8 @@ if gluon is not None:
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         acc = gl.zeros([ROWS, D], gl.float32, mma_o)
 
-        c_a, c_b, j_a, j_b = _pair_scales(lut_row, ks_head, 0, qk_scale, max_count, KV, KS_BLOCK)
-        cn_a, cn_b, jn_a, jn_b = _pair_scales(
-            lut_row, ks_head, gl.minimum(1, npairs - 1), qk_scale, max_count, KV, KS_BLOCK
-        )
+        c_a, c_b, j_a, j_b = _pair_scales(lut_row, ks_head, 0, qk_scale, max_count, KV)
+        cn_a, cn_b, jn_a, jn_b = _pair_scales(lut_row, ks_head, gl.minimum(1, npairs - 1), qk_scale, max_count, KV)
         mbarrier.wait(q_bar, 0)
         s_a, s_b = _scores(q, k_smem, full, 0, zero_s, STAGES)
         s_a, s_b = warpgroup_mma_wait(0, deps=(s_a, s_b))
@@ -157,7 +157,7 @@ if gluon is not None:
             sn_a, sn_b = _scores(q, k_smem, full, pair + 1, zero_s, STAGES)
             # scales two pairs ahead: their loads have a whole step to arrive
             cnn_a, cnn_b, jnn_a, jnn_b = _pair_scales(
-                lut_row, ks_head, gl.minimum(pair + 2, npairs - 1), qk_scale, max_count, KV, KS_BLOCK
+                lut_row, ks_head, gl.minimum(pair + 2, npairs - 1), qk_scale, max_count, KV
             )
             m_new = gl.maximum(m_i, gl.maximum(gl.max(s_a, 1) * c_a, gl.max(s_b, 1) * c_b))
             shift = (m_new - LOG2_448)[:, None]
@@ -257,9 +257,9 @@ if gluon is not None:
         q_desc, k_desc, v_desc, kvw_desc, OUT, LUT, QS, KS, VS, QE, E1, E2, heads, n_keys, n_q, n_q_blocks,
         n_key_scales, lin_eps, max_count, epilogue, sob, son, soh, slb, slh, slm, sqeb, sqen, sqeh, se1b, se1h,
         D: gl.constexpr, MAX_COUNT: gl.constexpr, KV: gl.constexpr, STAGES: gl.constexpr, EPILOGUE: gl.constexpr,
-        KS_BLOCK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
     ):  # fmt: skip
-        BLOCK_M: gl.constexpr = 128
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // heads
@@ -363,8 +363,8 @@ def sla_fp8_attention(operands, given_q: torch.Tensor, lut_sorted: torch.Tensor,
     # q8, k8 [B, H, S, D] and vt8 [B, H, D, S_pad] as 2-D tables; a tile past a head's end reads the next head's
     # rows (masked: the last key block's scores, the last query block's stores) or TMA's zeros
     q_desc = descriptor(operands.q8.reshape(b * h * n, d), [QUERY_BLOCK, d], e4m3)
-    k_desc = descriptor(operands.k8.reshape(b * h * nk, d), [KEY_BLOCK, d], e4m3)
-    v_desc = descriptor(operands.vt8.reshape(b * h * d, operands.vt8.shape[-1]), [d, KEY_BLOCK], e4m3)
+    k_desc = descriptor(operands.k8.reshape(b * h * nk, d), [KV_BLOCK, d], e4m3)
+    v_desc = descriptor(operands.vt8.reshape(b * h * d, operands.vt8.shape[-1]), [d, KV_BLOCK], e4m3)
     lut = lut_sorted.to(torch.int32).contiguous()
     n_q_blocks = -(-n // QUERY_BLOCK)
     if epilogue is not None:
@@ -383,7 +383,7 @@ def sla_fp8_attention(operands, given_q: torch.Tensor, lut_sorted: torch.Tensor,
         *extras, h, nk, n, n_q_blocks, operands.k_scale.shape[-1], eps, lut.shape[-1], kind,
         out.stride(0), out.stride(1), out.stride(2), *lut_strides,
         given_q.stride(0), given_q.stride(1), given_q.stride(2), *e1_strides,
-        D=d, MAX_COUNT=lut.shape[-1], KV=KEY_BLOCK, STAGES=STAGES, EPILOGUE=kind, KS_BLOCK=128,
+        D=d, MAX_COUNT=lut.shape[-1], KV=KV_BLOCK, STAGES=STAGES, EPILOGUE=kind,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4,
     )  # fmt: skip
     return out
